@@ -1,0 +1,1 @@
+"""peftreg library: manifests, digests, formats, SDK and CLI shared with the service."""

@@ -1,0 +1,1 @@
+"""The `peftreg` command line (click)."""

@@ -1,0 +1,81 @@
+"""Server-side commands: `peftreg serve` and `peftreg db ...`.
+
+The registry package is imported inside each command, so the client half
+of the CLI works where only the library is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+
+@click.command()
+@click.option("--host", default=None, help="Address to bind (default PEFTREG_HOST or 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default PEFTREG_PORT or 8750).")
+@click.option("--log-level", default="info", show_default=True)
+def serve(host: str | None, port: int | None, log_level: str) -> None:
+    """Run the registry (uvicorn). Defaults: SQLite and files under PEFTREG_HOME."""
+    import uvicorn
+
+    from registry.app import create_app
+    from registry.settings import Settings
+
+    overrides: dict[str, object] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    if settings.anonymous_scope() == "none" and settings.admin_token is None:
+        click.echo(
+            "peftreg: anonymous access is off and no PEFTREG_ADMIN_TOKEN is set; "
+            "only existing API tokens can use this registry",
+            err=True,
+        )
+    app = create_app(settings)
+    click.echo(
+        f"peftreg serving on http://{settings.host}:{settings.port} "
+        f"(database {settings.resolved_database_url().split('://')[0]}, "
+        f"storage {settings.storage}, anonymous access: {settings.anonymous_scope()})",
+        err=True,
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@click.group()
+def db() -> None:
+    """Database schema migrations."""
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True)
+def db_upgrade(revision: str) -> None:
+    """Migrate the database named by PEFTREG_DATABASE_URL (or the embedded one)."""
+    from registry.db.migrate import upgrade
+    from registry.settings import Settings
+
+    settings = Settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url(), revision)
+    click.echo(f"database at {revision}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+def db_downgrade(revision: str) -> None:
+    """Migrate the database down to REVISION (`base` removes every table)."""
+    from registry.db.migrate import downgrade
+    from registry.settings import Settings
+
+    downgrade(Settings().resolved_database_url(), revision)
+    click.echo(f"database at {revision}")

@@ -1,0 +1,1 @@
+"""peftreg registry service: OCI Distribution API plus a JSON management API."""

@@ -1,0 +1,99 @@
+"""FastAPI dependencies as `Annotated` aliases: services, caller, authorization."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from registry.auth import tokens
+from registry.auth.scopes import Principal, Scope, anonymous_principal
+from registry.errors import Denied, Unauthorized
+from registry.state import Services
+
+T = TypeVar("T")
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def presented_token(authorization: str | None) -> str | None:
+    """The token in `Bearer <token>` or in HTTP Basic's password (OCI clients)."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer" and value.strip():
+        return value.strip()
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise Unauthorized("malformed Basic credentials") from None
+        _user, sep, password = decoded.partition(":")
+        if not sep or not password:
+            raise Unauthorized("Basic credentials need the token as password")
+        return password
+    raise Unauthorized(f"unsupported authorization scheme {scheme!r}")
+
+
+def identify(services: Services, authorization: str | None) -> Principal:
+    presented = presented_token(authorization)
+    if presented is None:
+        return anonymous_principal(services.settings.anonymous_scope())
+    admin = services.settings.admin_token
+    if admin is not None:
+        principal = tokens.bootstrap_admin(presented, admin.get_secret_value())
+        if principal is not None:
+            return principal
+    with services.transaction() as session:
+        return tokens.authenticate(session, presented=presented)
+
+
+async def get_principal(request: Request, services: ServicesDep) -> Principal:
+    authorization = request.headers.get("authorization")
+    return await run_in_threadpool(identify, services, authorization)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def authorize(principal: Principal, scope: Scope, repository: str) -> None:
+    """Raise unless the principal holds `scope` on `repository`.
+
+    Anonymous callers get 401 (with the challenge, so clients send
+    credentials); authenticated ones lacking the grant get 403.
+    """
+    if principal.can(scope, repository):
+        return
+    if principal.anonymous:
+        raise Unauthorized(f"authentication required for {scope} access to {repository}")
+    raise Denied(f"{principal.name} lacks {scope} access to {repository}")
+
+
+def authorize_global_admin(principal: Principal) -> None:
+    if principal.is_global_admin():
+        return
+    if principal.anonymous:
+        raise Unauthorized("authentication required")
+    raise Denied(f"{principal.name} is not an administrator")
+
+
+async def in_transaction(services: Services, work: Callable[[Session], T]) -> T:
+    """Run `work(session)` in one transaction on a worker thread."""
+
+    def run() -> T:
+        with services.transaction() as session:
+            return work(session)
+
+    return await run_in_threadpool(run)

@@ -1,0 +1,95 @@
+"""The one table from domain error to HTTP status and OCI error code.
+
+Bodies use the OCI error shape on every route, `/api/v1` included:
+`{"errors": [{"code": ..., "message": ..., "detail": ...}]}`, and carry
+the request id so a user can quote it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from registry import errors
+from registry.context import current_request_id
+from registry.storage.errors import StorageUnavailable
+
+ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
+    errors.NameInvalid: (400, "NAME_INVALID"),
+    errors.NameUnknown: (404, "NAME_UNKNOWN"),
+    errors.TagInvalid: (400, "TAG_INVALID"),
+    errors.DigestInvalid: (400, "DIGEST_INVALID"),
+    errors.SizeInvalid: (400, "SIZE_INVALID"),
+    errors.BlobUnknown: (404, "BLOB_UNKNOWN"),
+    errors.BlobUploadUnknown: (404, "BLOB_UPLOAD_UNKNOWN"),
+    errors.BlobUploadInvalid: (400, "BLOB_UPLOAD_INVALID"),
+    errors.RangeInvalid: (416, "RANGE_INVALID"),
+    errors.ManifestInvalid: (400, "MANIFEST_INVALID"),
+    errors.ManifestUnknown: (404, "MANIFEST_UNKNOWN"),
+    errors.ManifestBlobUnknown: (400, "MANIFEST_BLOB_UNKNOWN"),
+    errors.ManifestTooLarge: (413, "MANIFEST_TOO_LARGE"),
+    errors.TagImmutable: (409, "TAG_IMMUTABLE"),
+    errors.VersionInUse: (409, "VERSION_IN_USE"),
+    errors.Unauthorized: (401, "UNAUTHORIZED"),
+    errors.Denied: (403, "DENIED"),
+    errors.TokenUnknown: (404, "TOKEN_UNKNOWN"),
+    errors.InvalidRequest: (400, "INVALID_REQUEST"),
+    errors.BackendUnavailable: (503, "UNAVAILABLE"),
+}
+
+CHALLENGE = 'Basic realm="peftreg", charset="UTF-8"'
+
+
+def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"code": code, "message": message}
+    if detail is not None:
+        entry["detail"] = detail
+    body: dict[str, Any] = {"errors": [entry]}
+    request_id = current_request_id()
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def status_and_code(error: errors.RegistryError) -> tuple[int, str]:
+    for cls in type(error).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return 500, "UNKNOWN"
+
+
+def error_response(error: errors.RegistryError) -> JSONResponse:
+    status, code = status_and_code(error)
+    headers = {"WWW-Authenticate": CHALLENGE} if status == 401 else None
+    return JSONResponse(error_body(code, error.message, error.detail), status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_registry_error(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, errors.RegistryError)
+        return error_response(exc)
+
+    async def on_storage_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body("UNAVAILABLE", f"blob store unavailable: {exc}"), 503)
+
+    async def on_validation(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return JSONResponse(
+            error_body("INVALID_REQUEST", f"{where}: {first.get('msg')}", exc.errors()), 400
+        )
+
+    async def on_http(_request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "NOT_FOUND", 405: "UNSUPPORTED"}.get(exc.status_code, "UNKNOWN")
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
+
+    app.add_exception_handler(errors.RegistryError, on_registry_error)
+    app.add_exception_handler(StorageUnavailable, on_storage_unavailable)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)

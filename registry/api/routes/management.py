@@ -1,0 +1,340 @@
+"""The JSON management API under `/api/v1`."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from client.digest import Digest
+from registry.api.deps import (
+    PrincipalDep,
+    ServicesDep,
+    authorize,
+    authorize_global_admin,
+    in_transaction,
+)
+from registry.api.schemas import (
+    AuditEventOut,
+    DeletedVersionOut,
+    IssuedTokenOut,
+    PolicyIn,
+    RepositoryOut,
+    RepositoryPage,
+    TagEventOut,
+    TagOut,
+    TokenIn,
+    TokenOut,
+    VersionDetail,
+    VersionOut,
+    VersionPage,
+)
+from registry.auth import tokens
+from registry.catalog import audit, manifests, search, tags
+from registry.catalog.repositories import find_repository, is_immutable_tag, valid_name
+from registry.db.models import AuditEvent, Manifest, Tag
+
+from registry.state import Services
+from registry.storage.errors import BlobNotFound
+
+router = APIRouter(prefix="/api/v1", tags=["management"])
+MAX_DECODED_CONFIG = 1024 * 1024
+Limit = Annotated[int, Query(ge=1, le=1000)]
+
+
+def _version_out(manifest: Manifest, repository: str, tag_names: list[str]) -> VersionOut:
+    return VersionOut(
+        repository=repository,
+        digest=manifest.digest,
+        media_type=manifest.media_type,
+        artifact_type=manifest.artifact_type,
+        size=manifest.size,
+        annotations=manifest.annotations or {},
+        subject=manifest.subject_digest,
+        tags=tag_names,
+        pushed_by=manifest.pushed_by,
+        created_at=manifest.created_at,
+    )
+
+
+@router.get("/repositories", response_model=RepositoryPage)
+async def list_repositories(
+    services: ServicesDep,
+    principal: PrincipalDep,
+    q: str | None = None,
+    cursor: str | None = None,
+    limit: Limit = 100,
+) -> RepositoryPage:
+    page = await in_transaction(
+        services,
+        partial(search.list_repositories, principal=principal, query=q, cursor=cursor, limit=limit),
+    )
+    return RepositoryPage(
+        items=[RepositoryOut(**vars(item)) for item in page.items], next_cursor=page.next_cursor
+    )
+
+
+async def _versions(
+    services: Services,
+    principal: PrincipalDep,
+    repository: str | None,
+    artifact_type: str | None,
+    annotation: list[str],
+    cursor: str | None,
+    limit: int,
+) -> VersionPage:
+    filters = search.parse_annotation_filters(annotation)
+    page = await in_transaction(
+        services,
+        partial(
+            search.list_versions,
+            principal=principal,
+            repository=repository,
+            artifact_type=artifact_type,
+            annotations=filters,
+            cursor=cursor,
+            limit=limit,
+        ),
+    )
+    return VersionPage(
+        items=[_version_out(*item) for item in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get("/versions", response_model=VersionPage)
+async def search_versions(
+    services: ServicesDep,
+    principal: PrincipalDep,
+    artifact_type: str | None = None,
+    annotation: Annotated[list[str], Query()] = [],  # noqa: B006 - FastAPI query list
+    cursor: str | None = None,
+    limit: Limit = 100,
+) -> VersionPage:
+    """Versions across every repository the caller may read, newest first."""
+    return await _versions(services, principal, None, artifact_type, annotation, cursor, limit)
+
+
+@router.get("/repositories/{name:path}/versions", response_model=VersionPage)
+async def list_versions(
+    name: str,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    artifact_type: str | None = None,
+    annotation: Annotated[list[str], Query()] = [],  # noqa: B006
+    cursor: str | None = None,
+    limit: Limit = 100,
+) -> VersionPage:
+    valid_name(name)
+    authorize(principal, "read", name)
+    await in_transaction(services, partial(find_repository, name=name))
+    return await _versions(services, principal, name, artifact_type, annotation, cursor, limit)
+
+
+@router.get("/repositories/{name:path}/versions/{reference}", response_model=VersionDetail)
+async def get_version(
+    name: str, reference: str, services: ServicesDep, principal: PrincipalDep
+) -> VersionDetail:
+    valid_name(name)
+    authorize(principal, "read", name)
+
+    def work(session: Session) -> tuple[Manifest, list[str]]:
+        row = manifests.get_manifest(session, repository=name, reference=reference)
+        return row, tags.tags_of(session, repository_id=row.repository_id, digest=row.digest)
+
+    row, tag_names = await in_transaction(services, work)
+    document = json.loads(row.content)
+    config = _decoded_config(services, row.config_digest, document)
+    summary = _version_out(row, name, tag_names)
+    return VersionDetail(**summary.model_dump(), manifest=document, config=config)
+
+
+def _decoded_config(services: Services, digest: str | None, document: dict[str, Any]) -> Any:
+    if digest is None:
+        return None
+    size = int(document.get("config", {}).get("size", 0))
+    media_type = str(document.get("config", {}).get("mediaType", ""))
+    if size > MAX_DECODED_CONFIG or "json" not in media_type:
+        return None
+    try:
+        data = b"".join(services.store.read(Digest.parse(digest)))
+        return json.loads(data)
+    except (BlobNotFound, ValueError):
+        return None
+
+
+@router.delete("/repositories/{name:path}/versions/{digest}", response_model=DeletedVersionOut)
+async def delete_version(
+    name: str, digest: str, services: ServicesDep, principal: PrincipalDep, force: bool = False
+) -> DeletedVersionOut:
+    """Delete a version; refused (409) while a tag points at it unless `force`."""
+    valid_name(name)
+    authorize(principal, "admin", name)
+    removed = await in_transaction(
+        services,
+        partial(
+            manifests.delete_manifest,
+            principal=principal,
+            repository=name,
+            digest=digest,
+            force=force,
+        ),
+    )
+    return DeletedVersionOut(digest=digest, tags_removed=removed)
+
+
+@router.get("/repositories/{name:path}/tags", response_model=list[TagOut])
+async def list_tags(name: str, services: ServicesDep, principal: PrincipalDep) -> list[TagOut]:
+    valid_name(name)
+    authorize(principal, "read", name)
+
+    def work(session: Session) -> list[TagOut]:
+        repo = find_repository(session, name=name)
+        rows = session.scalars(select(Tag).where(Tag.repository_id == repo.id).order_by(Tag.name))
+        return [
+            TagOut(
+                name=row.name,
+                digest=row.manifest_digest,
+                immutable=is_immutable_tag(repo, row.name),
+                updated_at=row.updated_at,
+            )
+            for row in rows
+        ]
+
+    return await in_transaction(services, work)
+
+
+@router.get("/repositories/{name:path}/tags/{tag}/history", response_model=list[TagEventOut])
+async def tag_history(
+    name: str, tag: str, services: ServicesDep, principal: PrincipalDep
+) -> list[TagEventOut]:
+    valid_name(name)
+    authorize(principal, "read", name)
+
+    def work(session: Session) -> list[TagEventOut]:
+        repo = find_repository(session, name=name)
+        return [
+            TagEventOut(
+                tag=event.tag,
+                from_digest=event.from_digest,
+                to_digest=event.to_digest,
+                actor=event.actor,
+                at=event.at,
+            )
+            for event in tags.tag_history(session, repository=repo, tag=tag)
+        ]
+
+    return await in_transaction(services, work)
+
+
+@router.put("/repositories/{name:path}/policy", response_model=RepositoryOut)
+async def set_policy(
+    name: str, policy: PolicyIn, services: ServicesDep, principal: PrincipalDep
+) -> RepositoryOut:
+    valid_name(name)
+    authorize(principal, "admin", name)
+
+    def work(session: Session) -> RepositoryOut:
+        repo = find_repository(session, name=name)
+        repo.immutable_tags = list(policy.immutable_tags)
+        audit.record(
+            session,
+            actor=principal.name,
+            action="repository.policy",
+            repository=name,
+            detail={"immutable_tags": policy.immutable_tags},
+        )
+        page = search.list_repositories(
+            session, principal=principal, query=name, cursor=None, limit=1000
+        )
+        match = next(item for item in page.items if item.name == name)
+        return RepositoryOut(**vars(match))
+
+    return await in_transaction(services, work)
+
+
+@router.post("/tokens", response_model=IssuedTokenOut, status_code=201)
+async def create_token(
+    body: TokenIn, services: ServicesDep, principal: PrincipalDep
+) -> IssuedTokenOut:
+    authorize_global_admin(principal)
+
+    def work(session: Session) -> IssuedTokenOut:
+        issued = tokens.create_token(
+            session,
+            name=body.name,
+            grants=[grant.model_dump() for grant in body.grants],
+            created_by=principal.name,
+            expires_at=body.expires_at,
+        )
+        audit.record(session, actor=principal.name, action="token.create", target=issued.id)
+        return IssuedTokenOut(
+            id=issued.id, name=issued.name, grants=issued.grants, token=issued.secret
+        )
+
+    return await in_transaction(services, work)
+
+
+def _token_out(row: Any) -> TokenOut:
+    return TokenOut(
+        id=row.id,
+        name=row.name,
+        grants=row.grants,
+        created_by=row.created_by,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+@router.get("/tokens", response_model=list[TokenOut])
+async def list_tokens(services: ServicesDep, principal: PrincipalDep) -> list[TokenOut]:
+    authorize_global_admin(principal)
+    rows = await in_transaction(services, tokens.list_tokens)
+    return [_token_out(row) for row in rows]
+
+
+@router.delete("/tokens/{token_id}", response_model=TokenOut)
+async def revoke_token(token_id: str, services: ServicesDep, principal: PrincipalDep) -> TokenOut:
+    authorize_global_admin(principal)
+
+    def work(session: Session) -> TokenOut:
+        row = tokens.revoke_token(session, token_id=token_id)
+        audit.record(session, actor=principal.name, action="token.revoke", target=token_id)
+        return _token_out(row)
+
+    return await in_transaction(services, work)
+
+
+@router.get("/audit", response_model=list[AuditEventOut])
+async def audit_log(
+    services: ServicesDep,
+    principal: PrincipalDep,
+    repository: str | None = None,
+    limit: Limit = 100,
+) -> list[AuditEventOut]:
+    authorize_global_admin(principal)
+
+    def work(session: Session) -> list[AuditEventOut]:
+        query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+        if repository is not None:
+            query = query.where(AuditEvent.repository == repository)
+        return [
+            AuditEventOut(
+                at=row.at,
+                actor=row.actor,
+                action=row.action,
+                repository=row.repository,
+                target=row.target,
+                detail=row.detail,
+                request_id=row.request_id,
+            )
+            for row in session.scalars(query)
+        ]
+
+    return await in_transaction(services, work)
+
+

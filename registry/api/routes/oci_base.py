@@ -1,0 +1,52 @@
+"""OCI API root (`/v2/`) and the repository catalog."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from registry.api.deps import PrincipalDep, ServicesDep, in_transaction
+from registry.db.models import Repository
+from registry.errors import Unauthorized
+
+router = APIRouter()
+
+
+@router.get("/v2/")
+async def ping(principal: PrincipalDep) -> Response:
+    if principal.anonymous and not principal.grants:
+        raise Unauthorized("authentication required")
+    return JSONResponse({}, headers={"Docker-Distribution-API-Version": "registry/2.0"})
+
+
+@router.get("/v2/_catalog")
+async def catalog(
+    services: ServicesDep, principal: PrincipalDep, n: int = 100, last: str | None = None
+) -> Response:
+    if principal.anonymous and not principal.grants:
+        raise Unauthorized("authentication required")
+
+    def work(session: Session) -> list[str]:
+        names: list[str] = []
+        cursor = last
+        while len(names) <= n:
+            query = select(Repository.name).order_by(Repository.name).limit(500)
+            if cursor:
+                query = query.where(Repository.name > cursor)
+            batch = list(session.scalars(query))
+            if not batch:
+                break
+            names += [name for name in batch if principal.can("read", name)]
+            cursor = batch[-1]
+        return names
+
+    names = await in_transaction(services, work)
+    headers = {}
+    if len(names) > n:
+        names = names[:n]
+        headers["Link"] = f'</v2/_catalog?{urlencode({"n": n, "last": names[-1]})}>; rel="next"'
+    return JSONResponse({"repositories": names}, headers=headers)

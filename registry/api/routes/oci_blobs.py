@@ -1,0 +1,80 @@
+"""OCI blobs: HEAD/GET (with Range, or a redirect to the store) and DELETE."""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import RedirectResponse, StreamingResponse
+
+from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from registry.catalog import blobs
+from registry.catalog.repositories import valid_name
+from registry.errors import RangeInvalid
+
+router = APIRouter()
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """`[start, end)` of a single-range `Range` header, or None for the whole blob."""
+    if not header:
+        return None
+    match = _RANGE_RE.match(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        raise RangeInvalid(f"unsupported Range header {header!r}", current_size=size)
+    first, last = match.group(1), match.group(2)
+    if first == "":
+        start, end = max(0, size - int(last)), size
+    else:
+        start = int(first)
+        end = min(size, int(last) + 1) if last else size
+    if start >= size or start >= end:
+        raise RangeInvalid(f"range {header!r} is outside the blob's {size} bytes", current_size=size)
+    return start, end
+
+
+@router.api_route("/v2/{name:path}/blobs/{digest}", methods=["GET", "HEAD"])
+async def get_blob(
+    name: str, digest: str, request: Request, services: ServicesDep, principal: PrincipalDep
+) -> Response:
+    valid_name(name)
+    authorize(principal, "read", name)
+    parsed = blobs.parse_digest(digest)
+    size = await in_transaction(
+        services, partial(blobs.linked_size, repository=name, digest=parsed)
+    )
+    headers = {
+        "Docker-Content-Digest": str(parsed),
+        "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+    }
+    byte_range = parse_range(request.headers.get("range"), size)
+    redirect = services.store.redirect_url(parsed) if request.method == "GET" else None
+    if redirect is not None:
+        return RedirectResponse(redirect, status_code=307, headers=headers)
+    if request.method == "HEAD":
+        return Response(status_code=200, headers={**headers, "Content-Length": str(size)})
+    start, end = byte_range if byte_range is not None else (0, size)
+    headers["Content-Length"] = str(end - start)
+    status = 200
+    if byte_range is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    chunks = services.store.read(parsed, start, end)
+    return StreamingResponse(chunks, status_code=status, headers=headers)
+
+
+@router.delete("/v2/{name:path}/blobs/{digest}")
+async def delete_blob(
+    name: str, digest: str, services: ServicesDep, principal: PrincipalDep
+) -> Response:
+    valid_name(name)
+    authorize(principal, "admin", name)
+    parsed = blobs.parse_digest(digest)
+    await in_transaction(
+        services,
+        partial(blobs.delete_blob_link, principal=principal, repository=name, digest=parsed),
+    )
+    return Response(status_code=202)

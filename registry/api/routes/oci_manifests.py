@@ -1,0 +1,160 @@
+"""OCI manifests (PUT/GET/HEAD/DELETE by tag or digest), tags list, referrers."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from client.manifest import OCI_INDEX
+from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from registry.catalog import manifests, tags
+from registry.catalog.repositories import find_repository, valid_name
+from registry.errors import ManifestTooLarge
+
+router = APIRouter()
+
+
+async def read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ManifestTooLarge(
+            f"manifest is {declared} bytes; the limit is {limit}", detail={"limit": limit}
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ManifestTooLarge(
+                f"manifest exceeds the {limit}-byte limit", detail={"limit": limit}
+            )
+    return bytes(body)
+
+
+@router.put("/v2/{name:path}/manifests/{reference}")
+async def put_manifest(
+    name: str, reference: str, request: Request, services: ServicesDep, principal: PrincipalDep
+) -> Response:
+    valid_name(name)
+    authorize(principal, "write", name)
+    content = await read_limited(request, services.settings.max_manifest_bytes)
+    result = await in_transaction(
+        services,
+        partial(
+            manifests.put_manifest,
+            principal=principal,
+            repository=name,
+            reference=reference,
+            content=content,
+            content_type=request.headers.get("content-type"),
+            extra_tags=request.query_params.getlist("tag"),
+        ),
+    )
+    headers = {
+        "Location": f"/v2/{name}/manifests/{result.digest}",
+        "Docker-Content-Digest": result.digest,
+        "Content-Length": "0",
+    }
+    if result.subject:
+        headers["OCI-Subject"] = result.subject
+    return Response(status_code=201, headers=headers)
+
+
+@router.api_route("/v2/{name:path}/manifests/{reference}", methods=["GET", "HEAD"])
+async def get_manifest(
+    name: str, reference: str, request: Request, services: ServicesDep, principal: PrincipalDep
+) -> Response:
+    valid_name(name)
+    authorize(principal, "read", name)
+    row = await in_transaction(
+        services, partial(manifests.get_manifest, repository=name, reference=reference)
+    )
+    headers = {
+        "Docker-Content-Digest": row.digest,
+        "Content-Type": row.media_type,
+        "Content-Length": str(row.size),
+    }
+    if request.method == "HEAD":
+        return Response(status_code=200, headers=headers)
+    return Response(content=row.content, status_code=200, headers=headers, media_type=None)
+
+
+@router.delete("/v2/{name:path}/manifests/{reference}")
+async def delete_manifest(
+    name: str, reference: str, services: ServicesDep, principal: PrincipalDep
+) -> Response:
+    """By digest: delete the version (refused while tagged). By tag: untag."""
+    valid_name(name)
+    if manifests.is_digest(reference):
+        authorize(principal, "admin", name)
+        await in_transaction(
+            services,
+            partial(
+                manifests.delete_manifest,
+                principal=principal,
+                repository=name,
+                digest=reference,
+                force=False,
+            ),
+        )
+    else:
+        authorize(principal, "write", name)
+
+        def untag(session: Session) -> None:
+            repo = find_repository(session, name=name)
+            tags.delete_tag(session, principal=principal, repository=repo, tag=reference)
+
+        await in_transaction(services, untag)
+    return Response(status_code=202)
+
+
+@router.get("/v2/{name:path}/tags/list")
+async def list_tags(
+    name: str,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    n: int | None = None,
+    last: str | None = None,
+) -> Response:
+    valid_name(name)
+    authorize(principal, "read", name)
+
+    def work(session: Session) -> list[str]:
+        repo = find_repository(session, name=name)
+        limit = None if n is None else n + 1
+        return tags.list_tags(session, repository=repo, limit=limit, last=last)
+
+    names = await in_transaction(services, work)
+    headers = {}
+    if n is not None and len(names) > n:
+        names = names[:n]
+        query = urlencode({"n": n, "last": names[-1]})
+        headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
+    return JSONResponse({"name": name, "tags": names}, headers=headers)
+
+
+@router.get("/v2/{name:path}/referrers/{digest}")
+async def referrers(
+    name: str,
+    digest: str,
+    services: ServicesDep,
+    principal: PrincipalDep,
+    artifact_type: str | None = None,
+    artifactType: str | None = None,  # noqa: N803 - the OCI query parameter's name
+) -> Response:
+    valid_name(name)
+    authorize(principal, "read", name)
+    wanted = artifactType or artifact_type
+    index = await in_transaction(
+        services,
+        partial(manifests.referrers, repository=name, digest=digest, artifact_type=wanted),
+    )
+    headers = {"OCI-Filters-Applied": "artifactType"} if wanted else {}
+    return Response(
+        content=json.dumps(index), media_type=OCI_INDEX, headers=headers, status_code=200
+    )
+

@@ -1,0 +1,220 @@
+"""OCI upload sessions: POST (start, monolithic, mount), PATCH, PUT, GET, DELETE."""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from registry.catalog import blobs
+from registry.catalog.repositories import valid_name
+from registry.errors import BlobUploadInvalid, BlobUploadUnknown, RangeInvalid
+from registry.state import Services
+from registry.storage.errors import UploadNotFound, UploadOffsetMismatch
+
+router = APIRouter()
+WRITE_BUFFER = 4 * 1024 * 1024
+_CONTENT_RANGE_RE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/\S+)?$")
+
+
+def _location(name: str, upload_id: str) -> str:
+    return f"/v2/{name}/blobs/uploads/{upload_id}"
+
+
+def _progress_headers(name: str, upload_id: str, size: int) -> dict[str, str]:
+    return {
+        "Location": _location(name, upload_id),
+        "Range": f"0-{max(size - 1, 0)}",
+        "Docker-Upload-UUID": upload_id,
+        "Content-Length": "0",
+    }
+
+
+def _created(name: str, digest: str) -> Response:
+    return Response(
+        status_code=201,
+        headers={
+            "Location": f"/v2/{name}/blobs/{digest}",
+            "Docker-Content-Digest": digest,
+            "Content-Length": "0",
+        },
+    )
+
+
+async def receive_body(
+    services: Services, request: Request, upload_id: str, offset: int | None
+) -> int:
+    """Append the request body to an upload session; returns the new size.
+
+    Bytes are buffered and written on a worker thread, so the event loop only
+    moves memory. If the client disconnects, what arrived stays in the
+    session (a client can ask for the offset and resume) but nothing becomes
+    visible as a blob.
+    """
+    store = services.store
+    current = await run_in_threadpool(_size_or_unknown, services, upload_id)
+    start = current if offset is None else offset
+    try:
+        writer = await run_in_threadpool(store.open_writer, upload_id, start)
+    except UploadOffsetMismatch as exc:
+        raise RangeInvalid(
+            f"chunk starts at {exc.given} but upload {upload_id} holds {exc.expected} bytes",
+            current_size=exc.expected,
+        ) from None
+    buffer = bytearray()
+    try:
+        async for chunk in request.stream():
+            buffer += chunk
+            if len(buffer) >= WRITE_BUFFER:
+                await run_in_threadpool(writer.write, bytes(buffer))
+                buffer.clear()
+        if buffer:
+            await run_in_threadpool(writer.write, bytes(buffer))
+    except ClientDisconnect:
+        await run_in_threadpool(writer.close)
+        raise
+    except BaseException:
+        await run_in_threadpool(writer.cancel)
+        raise
+    return await run_in_threadpool(writer.close)
+
+
+def _size_or_unknown(services: Services, upload_id: str) -> int:
+    try:
+        return services.store.upload_size(upload_id)
+    except UploadNotFound:
+        raise BlobUploadUnknown(
+            f"upload {upload_id} does not exist", detail={"upload": upload_id}
+        ) from None
+
+
+def _chunk_offset(request: Request) -> int | None:
+    header = request.headers.get("content-range")
+    if not header:
+        return None
+    match = _CONTENT_RANGE_RE.match(header.strip())
+    if match is None:
+        raise BlobUploadInvalid(f"malformed Content-Range {header!r}; expected <start>-<end>")
+    return int(match.group(1))
+
+
+@router.post("/v2/{name:path}/blobs/uploads/")
+async def start_upload(
+    name: str, request: Request, services: ServicesDep, principal: PrincipalDep
+) -> Response:
+    valid_name(name)
+    authorize(principal, "write", name)
+    mount, source = request.query_params.get("mount"), request.query_params.get("from")
+    if mount and source and principal.can("read", source):
+        digest = blobs.parse_digest(mount)
+        mounted = await in_transaction(
+            services,
+            partial(
+                blobs.mount_blob,
+                principal=principal,
+                repository=name,
+                digest=digest,
+                source=source,
+            ),
+        )
+        if mounted is not None:
+            return _created(name, str(digest))
+    upload_id = await in_transaction(
+        services, partial(blobs.start_upload, store=services.store, principal=principal, repository=name)
+    )
+    digest_param = request.query_params.get("digest")
+    if digest_param is None:
+        return Response(status_code=202, headers=_progress_headers(name, upload_id, 0))
+    digest = blobs.parse_digest(digest_param)
+    try:
+        await receive_body(services, request, upload_id, 0)
+    except BaseException:
+        await in_transaction(
+            services,
+            partial(blobs.cancel_upload, store=services.store, repository=name, upload_id=upload_id),
+        )
+        raise
+    await in_transaction(
+        services,
+        partial(
+            blobs.finish_upload,
+            store=services.store,
+            principal=principal,
+            repository=name,
+            upload_id=upload_id,
+            digest=digest,
+        ),
+    )
+    return _created(name, str(digest))
+
+
+@router.patch("/v2/{name:path}/blobs/uploads/{upload_id}")
+async def patch_upload(
+    name: str, upload_id: str, request: Request, services: ServicesDep, principal: PrincipalDep
+) -> Response:
+    valid_name(name)
+    authorize(principal, "write", name)
+    await in_transaction(
+        services, partial(blobs.check_upload, repository=name, upload_id=upload_id)
+    )
+    size = await receive_body(services, request, upload_id, _chunk_offset(request))
+    await in_transaction(services, partial(blobs.touch_upload, upload_id=upload_id))
+    return Response(status_code=202, headers=_progress_headers(name, upload_id, size))
+
+
+@router.put("/v2/{name:path}/blobs/uploads/{upload_id}")
+async def finish_upload(
+    name: str, upload_id: str, request: Request, services: ServicesDep, principal: PrincipalDep
+) -> Response:
+    valid_name(name)
+    authorize(principal, "write", name)
+    digest_param = request.query_params.get("digest")
+    if digest_param is None:
+        raise BlobUploadInvalid("completing an upload needs the 'digest' query parameter")
+    digest = blobs.parse_digest(digest_param)
+    await in_transaction(
+        services, partial(blobs.check_upload, repository=name, upload_id=upload_id)
+    )
+    await receive_body(services, request, upload_id, _chunk_offset(request))
+    await in_transaction(
+        services,
+        partial(
+            blobs.finish_upload,
+            store=services.store,
+            principal=principal,
+            repository=name,
+            upload_id=upload_id,
+            digest=digest,
+        ),
+    )
+    return _created(name, str(digest))
+
+
+@router.get("/v2/{name:path}/blobs/uploads/{upload_id}")
+async def upload_status(
+    name: str, upload_id: str, services: ServicesDep, principal: PrincipalDep
+) -> Response:
+    valid_name(name)
+    authorize(principal, "write", name)
+    await in_transaction(
+        services, partial(blobs.check_upload, repository=name, upload_id=upload_id)
+    )
+    size = await run_in_threadpool(_size_or_unknown, services, upload_id)
+    return Response(status_code=204, headers=_progress_headers(name, upload_id, size))
+
+
+@router.delete("/v2/{name:path}/blobs/uploads/{upload_id}")
+async def cancel_upload(
+    name: str, upload_id: str, services: ServicesDep, principal: PrincipalDep
+) -> Response:
+    valid_name(name)
+    authorize(principal, "write", name)
+    await in_transaction(
+        services,
+        partial(blobs.cancel_upload, store=services.store, repository=name, upload_id=upload_id),
+    )
+    return Response(status_code=204)

@@ -1,0 +1,1 @@
+"""Who is calling (principals, tokens) and what they may do (scopes)."""

@@ -1,0 +1,1 @@
+"""Domain services over metadata and blobs: repositories, uploads, manifests, tags."""

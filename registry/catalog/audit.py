@@ -1,0 +1,33 @@
+"""The audit log: one row per write, in the same transaction as the write."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from registry.context import current_request_id
+from registry.db.models import AuditEvent
+
+
+def record(
+    session: Session,
+    *,
+    actor: str,
+    action: str,
+    repository: str | None = None,
+    target: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    session.add(
+        AuditEvent(
+            at=datetime.now(UTC),
+            actor=actor,
+            action=action,
+            repository=repository,
+            target=target,
+            detail=detail or {},
+            request_id=current_request_id(),
+        )
+    )

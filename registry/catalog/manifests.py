@@ -1,0 +1,232 @@
+"""Manifests: validated against the blobs they name, stored with their exact bytes."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from client.digest import Digest, InvalidDigest
+from client.manifest import (
+    OCI_INDEX,
+    ImageIndex,
+    ImageManifest,
+    InvalidManifest,
+    parse_manifest,
+)
+from registry.auth.scopes import Principal
+from registry.catalog import audit, tags
+from registry.catalog.repositories import ensure_repository, find_repository
+from registry.db.models import Manifest, ManifestReference, Repository, RepositoryBlob
+from registry.errors import (
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestUnknown,
+    VersionInUse,
+)
+
+
+@dataclass(frozen=True)
+class PutResult:
+    digest: str
+    subject: str | None
+    tags_moved: list[str]
+
+
+def is_digest(reference: str) -> bool:
+    return ":" in reference
+
+
+def put_manifest(
+    session: Session,
+    *,
+    principal: Principal,
+    repository: str,
+    reference: str,
+    content: bytes,
+    content_type: str | None,
+    extra_tags: list[str] | None = None,
+) -> PutResult:
+    """Store a manifest and point its tags at it.
+
+    Every blob the manifest names (config, layers; child manifests of an
+    index) must already be in the repository, so a manifest never refers to
+    bytes that are not there.
+    """
+    digest = str(Digest.of_bytes(content))
+    tag_names = list(extra_tags or [])
+    if is_digest(reference):
+        try:
+            claimed = Digest.parse(reference)
+        except InvalidDigest as exc:
+            raise DigestInvalid(str(exc)) from None
+        actual = Digest(claimed.algorithm, hashlib.new(claimed.algorithm, content).hexdigest())
+        if actual != claimed:
+            raise DigestInvalid(
+                f"manifest content hashes to {actual}, not {reference}",
+                detail={"expected": reference, "actual": str(actual)},
+            )
+        digest = str(claimed)
+    else:
+        tag_names.insert(0, tags.valid_tag(reference))
+    for name in tag_names:
+        tags.valid_tag(name)
+    try:
+        parsed = parse_manifest(content, content_type)
+    except InvalidManifest as exc:
+        raise ManifestInvalid(str(exc)) from None
+
+    repo = ensure_repository(session, name=repository)
+    references = _references(parsed)
+    _check_references(session, repo, references)
+
+    subject = parsed.subject.digest if parsed.subject is not None else None
+    existing = session.scalar(
+        select(Manifest).where(Manifest.repository_id == repo.id, Manifest.digest == digest)
+    )
+    if existing is None:
+        row = Manifest(
+            repository_id=repo.id,
+            digest=digest,
+            media_type=parsed.media_type or OCI_INDEX,
+            artifact_type=_artifact_type(parsed),
+            config_digest=parsed.config.digest if isinstance(parsed, ImageManifest) else None,
+            subject_digest=subject,
+            annotations=parsed.annotations or {},
+            size=len(content),
+            content=content,
+            pushed_by=principal.name,
+        )
+        session.add(row)
+        session.flush()
+        for ref_digest, kind in references.items():
+            session.add(ManifestReference(manifest_id=row.id, digest=ref_digest, kind=kind))
+        audit.record(
+            session,
+            actor=principal.name,
+            action="manifest.put",
+            repository=repository,
+            target=digest,
+            detail={"artifact_type": row.artifact_type, "size": len(content)},
+        )
+    moved = [
+        name
+        for name in tag_names
+        if tags.set_tag(session, principal=principal, repository=repo, tag=name, digest=digest)
+    ]
+    return PutResult(digest=digest, subject=subject, tags_moved=moved)
+
+
+def get_manifest(session: Session, *, repository: str, reference: str) -> Manifest:
+    repo = find_repository(session, name=repository)
+    digest = (
+        reference
+        if is_digest(reference)
+        else tags.resolve_tag(session, repository=repo, tag=tags.valid_tag(reference))
+    )
+    row = session.scalar(
+        select(Manifest).where(Manifest.repository_id == repo.id, Manifest.digest == digest)
+    )
+    if row is None:
+        raise ManifestUnknown(
+            f"manifest {reference} is not in {repository}", detail={"reference": reference}
+        )
+    return row
+
+
+def delete_manifest(
+    session: Session, *, principal: Principal, repository: str, digest: str, force: bool
+) -> list[str]:
+    """Delete a version; refused while tags point at it unless `force`.
+
+    Returns the tags removed. Blobs stay until garbage collection finds them
+    unreferenced.
+    """
+    repo = find_repository(session, name=repository)
+    row = get_manifest(session, repository=repository, reference=digest)
+    pointing = tags.tags_of(session, repository_id=repo.id, digest=row.digest)
+    if pointing and not force:
+        raise VersionInUse(
+            f"{repository}@{digest} is tagged {', '.join(pointing)}; untag it or force the delete",
+            detail={"tags": pointing},
+        )
+    removed = tags.untag_digest(session, principal=principal, repository=repo, digest=row.digest)
+    session.delete(row)
+    audit.record(
+        session,
+        actor=principal.name,
+        action="manifest.delete",
+        repository=repository,
+        target=digest,
+        detail={"tags_removed": removed, "forced": force},
+    )
+    return removed
+
+
+def referrers(
+    session: Session, *, repository: str, digest: str, artifact_type: str | None
+) -> dict[str, Any]:
+    """The OCI referrers index: manifests in the repository whose subject is `digest`."""
+    repo = find_repository(session, name=repository)
+    query = select(Manifest).where(
+        Manifest.repository_id == repo.id, Manifest.subject_digest == digest
+    )
+    if artifact_type:
+        query = query.where(Manifest.artifact_type == artifact_type)
+    descriptors = []
+    for row in session.scalars(query.order_by(Manifest.id)):
+        descriptor: dict[str, Any] = {
+            "mediaType": row.media_type,
+            "digest": row.digest,
+            "size": row.size,
+        }
+        if row.artifact_type:
+            descriptor["artifactType"] = row.artifact_type
+        if row.annotations:
+            descriptor["annotations"] = row.annotations
+        descriptors.append(descriptor)
+    return {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+
+
+def _artifact_type(parsed: ImageManifest | ImageIndex) -> str | None:
+    if isinstance(parsed, ImageManifest):
+        return parsed.resolved_artifact_type()
+    return parsed.artifact_type
+
+
+def _references(parsed: ImageManifest | ImageIndex) -> dict[str, str]:
+    if isinstance(parsed, ImageManifest):
+        found = {parsed.config.digest: "config"}
+        for layer in parsed.layers:
+            found.setdefault(layer.digest, "layer")
+        return found
+    return {child.digest: "manifest" for child in parsed.manifests}
+
+
+def _check_references(session: Session, repo: Repository, references: dict[str, str]) -> None:
+    blobs = [d for d, kind in references.items() if kind != "manifest"]
+    children = [d for d, kind in references.items() if kind == "manifest"]
+    present = set(
+        session.scalars(
+            select(RepositoryBlob.digest).where(
+                RepositoryBlob.repository_id == repo.id, RepositoryBlob.digest.in_(blobs)
+            )
+        )
+    ) if blobs else set()
+    present |= set(
+        session.scalars(
+            select(Manifest.digest).where(
+                Manifest.repository_id == repo.id, Manifest.digest.in_(children)
+            )
+        )
+    ) if children else set()
+    missing = [d for d in references if d not in present]
+    if missing:
+        raise ManifestBlobUnknown(
+            f"manifest references {len(missing)} blob(s) not in {repo.name}: {', '.join(missing)}",
+            detail={"missing": missing},
+        )

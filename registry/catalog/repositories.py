@@ -1,0 +1,42 @@
+"""Repositories: created on first push, each with its tag policy."""
+
+from __future__ import annotations
+
+import fnmatch
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from client.names import InvalidName, check_repository_name
+from registry.db.models import Repository
+from registry.db.upsert import insert_ignore
+from registry.errors import NameInvalid, NameUnknown
+
+DEFAULT_IMMUTABLE_TAGS = ["v*"]
+
+
+def valid_name(name: str) -> str:
+    try:
+        return check_repository_name(name)
+    except InvalidName as exc:
+        raise NameInvalid(str(exc), detail={"name": name}) from None
+
+
+def find_repository(session: Session, *, name: str) -> Repository:
+    repository = session.scalar(select(Repository).where(Repository.name == valid_name(name)))
+    if repository is None:
+        raise NameUnknown(f"repository {name!r} does not exist", detail={"name": name})
+    return repository
+
+
+def ensure_repository(session: Session, *, name: str) -> Repository:
+    """The repository, created with the default tag policy if new (race-safe)."""
+    valid_name(name)
+    insert_ignore(session, Repository, name=name, immutable_tags=DEFAULT_IMMUTABLE_TAGS)
+    repository = session.scalar(select(Repository).where(Repository.name == name))
+    assert repository is not None
+    return repository
+
+
+def is_immutable_tag(repository: Repository, tag: str) -> bool:
+    return any(fnmatch.fnmatchcase(tag, pattern) for pattern in repository.immutable_tags)

@@ -1,0 +1,144 @@
+"""Listing and searching repositories and versions, with opaque cursors."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from registry.auth.scopes import Principal
+from registry.db.models import Manifest, Repository, Tag
+from registry.errors import InvalidRequest
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_cursor: str | None
+
+
+def encode_cursor(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> Any:
+    if not cursor:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return json.loads(base64.urlsafe_b64decode(padded.encode()))
+    except (ValueError, json.JSONDecodeError):
+        raise InvalidRequest(f"invalid cursor {cursor!r}") from None
+
+
+def parse_annotation_filters(raw: list[str]) -> dict[str, str]:
+    filters = {}
+    for item in raw:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"annotation filter {item!r} must look like key=value")
+        filters[key] = value
+    return filters
+
+
+@dataclass(frozen=True)
+class RepositorySummary:
+    name: str
+    created_at: str
+    immutable_tags: list[str]
+    versions: int
+    tags: int
+
+
+def list_repositories(
+    session: Session, *, principal: Principal, query: str | None, cursor: str | None, limit: int
+) -> Page[RepositorySummary]:
+    after = decode_cursor(cursor)
+    found: list[Repository] = []
+    last_seen = after
+    while len(found) <= limit:
+        statement = select(Repository).order_by(Repository.name).limit(200)
+        if last_seen:
+            statement = statement.where(Repository.name > last_seen)
+        if query:
+            statement = statement.where(Repository.name.contains(query, autoescape=True))
+        batch = list(session.scalars(statement))
+        if not batch:
+            break
+        found += [repo for repo in batch if principal.can("read", repo.name)]
+        last_seen = batch[-1].name
+    page, more = found[:limit], len(found) > limit
+    ids = [repo.id for repo in page]
+    versions = _counts(session, Manifest.repository_id, ids)
+    tag_counts = _counts(session, Tag.repository_id, ids)
+    items = [
+        RepositorySummary(
+            name=repo.name,
+            created_at=repo.created_at.isoformat(),
+            immutable_tags=list(repo.immutable_tags),
+            versions=versions.get(repo.id, 0),
+            tags=tag_counts.get(repo.id, 0),
+        )
+        for repo in page
+    ]
+    return Page(items, encode_cursor(page[-1].name) if more and page else None)
+
+
+def _counts(session: Session, column: Any, ids: list[int]) -> dict[int, int]:
+    statement = select(column, func.count()).where(column.in_(ids)).group_by(column)
+    return {key: count for key, count in session.execute(statement).tuples()}
+
+
+def list_versions(
+    session: Session,
+    *,
+    principal: Principal,
+    repository: str | None,
+    artifact_type: str | None,
+    annotations: dict[str, str],
+    cursor: str | None,
+    limit: int,
+) -> Page[tuple[Manifest, str, list[str]]]:
+    """Versions (manifests), newest first; each with its repository name and tags."""
+    after = decode_cursor(cursor)
+    results: list[tuple[Manifest, str]] = []
+    last_id = after
+    while len(results) <= limit:
+        statement = (
+            select(Manifest, Repository.name)
+            .join(Repository, Repository.id == Manifest.repository_id)
+            .order_by(Manifest.id.desc())
+            .limit(200)
+        )
+        if last_id is not None:
+            statement = statement.where(Manifest.id < int(last_id))
+        if repository is not None:
+            statement = statement.where(Repository.name == repository)
+        if artifact_type is not None:
+            statement = statement.where(Manifest.artifact_type == artifact_type)
+        for key, value in annotations.items():
+            statement = statement.where(Manifest.annotations[key].as_string() == value)
+        batch = list(session.execute(statement).tuples())
+        if not batch:
+            break
+        results += [(m, name) for m, name in batch if principal.can("read", name)]
+        last_id = batch[-1][0].id
+    page, more = results[:limit], len(results) > limit
+    items = []
+    for manifest, name in page:
+        tag_names = list(
+            session.scalars(
+                select(Tag.name)
+                .where(Tag.repository_id == manifest.repository_id)
+                .where(Tag.manifest_digest == manifest.digest)
+                .order_by(Tag.name)
+            )
+        )
+        items.append((manifest, name, tag_names))
+    return Page(items, encode_cursor(page[-1][0].id) if more and page else None)

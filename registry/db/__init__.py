@@ -1,0 +1,1 @@
+"""Metadata: SQLAlchemy 2 models, engine set-up and keyword-only queries."""

@@ -1,0 +1,102 @@
+"""Errors of the registry's domain layer.
+
+Each names its cause; `registry.api.errors` maps every class once to an
+HTTP status and an OCI error code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RegistryError(Exception):
+    """Base class: a request the registry refuses, with a message for the user."""
+
+    def __init__(self, message: str, *, detail: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+class NameInvalid(RegistryError):
+    pass
+
+
+class NameUnknown(RegistryError):
+    pass
+
+
+class TagInvalid(RegistryError):
+    pass
+
+
+class DigestInvalid(RegistryError):
+    pass
+
+
+class SizeInvalid(RegistryError):
+    pass
+
+
+class BlobUnknown(RegistryError):
+    pass
+
+
+class BlobUploadUnknown(RegistryError):
+    pass
+
+
+class BlobUploadInvalid(RegistryError):
+    pass
+
+
+class RangeInvalid(RegistryError):
+    """A chunk that does not start at the upload's current offset."""
+
+    def __init__(self, message: str, *, current_size: int) -> None:
+        super().__init__(message, detail={"offset": current_size})
+        self.current_size = current_size
+
+
+class ManifestInvalid(RegistryError):
+    pass
+
+
+class ManifestUnknown(RegistryError):
+    pass
+
+
+class ManifestBlobUnknown(RegistryError):
+    pass
+
+
+class ManifestTooLarge(RegistryError):
+    pass
+
+
+class TagImmutable(RegistryError):
+    pass
+
+
+class VersionInUse(RegistryError):
+    """A manifest that tags still point at, deleted without `force`."""
+
+
+class Unauthorized(RegistryError):
+    pass
+
+
+class Denied(RegistryError):
+    pass
+
+
+class TokenUnknown(RegistryError):
+    pass
+
+
+class InvalidRequest(RegistryError):
+    pass
+
+
+class BackendUnavailable(RegistryError):
+    pass

@@ -1,0 +1,86 @@
+"""Service settings: one pydantic-settings class, read only when constructed."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+import platformdirs
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+AnonymousAccess = Literal["auto", "none", "read", "write", "admin"]
+StorageKind = Literal["filesystem", "s3"]
+
+
+def default_home() -> Path:
+    return platformdirs.user_data_path("peftreg", appauthor=False)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Everything the service needs, from `PEFTREG_*` variables or arguments.
+
+    Nothing here is read at import time: `Settings()` reads the environment
+    when it is called, and `create_app(settings)` takes the result.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PEFTREG_", extra="ignore")
+
+    home: Path = Field(default_factory=default_home)
+    host: str = "127.0.0.1"
+    port: int = 8750
+
+    database_url: str | None = None
+    database_echo: bool = False
+    auto_migrate: bool | None = None
+
+    storage: StorageKind = "filesystem"
+    storage_path: Path | None = None
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_redirect: bool = False
+    s3_presign_seconds: int = 900
+
+    anonymous: AnonymousAccess = "auto"
+    admin_token: SecretStr | None = None
+
+    max_manifest_bytes: int = 4 * 1024 * 1024
+    upload_expiry_seconds: int = 24 * 3600
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.home / 'peftreg.db'}"
+
+    def resolved_storage_path(self) -> Path:
+        return self.storage_path or self.home / "storage"
+
+    def should_auto_migrate(self) -> bool:
+        if self.auto_migrate is not None:
+            return self.auto_migrate
+        return self.resolved_database_url().startswith("sqlite")
+
+    def anonymous_scope(self) -> Literal["none", "read", "write", "admin"]:
+        """What an unauthenticated caller may do.
+
+        `auto` grants everything on a loopback bind (a laptop) and nothing
+        elsewhere: exposing the registry on a network needs tokens unless the
+        operator explicitly names another level.
+        """
+        if self.anonymous == "auto":
+            return "admin" if is_loopback(self.host) else "none"
+        return self.anonymous

@@ -1,0 +1,1 @@
+"""Blob storage: the `BlobStore` protocol and one module per backend."""

@@ -1,0 +1,101 @@
+"""The `BlobStore` protocol every backend implements.
+
+Split by capability, as in distribution/distribution: reading, ingesting
+(upload sessions) and administration (delete, listing, readiness). The
+service only ever sees `BlobStore`; backends are chosen from settings by
+`registry.storage.factory.open_blob_store`.
+
+Invariant shared by every backend and checked by the conformance suite in
+`tests/storage/`: a blob is visible under its digest only after its bytes
+were verified against that digest. An interrupted or mismatched upload
+leaves nothing visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Protocol
+
+from client.digest import Digest
+
+
+class UploadWriter(Protocol):
+    """Appends bytes to an upload session from a given offset."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> int:
+        """Make the written bytes durable; returns the upload's new size."""
+        ...
+
+    def cancel(self) -> None:
+        """Drop what this writer wrote; the upload keeps its previous size."""
+        ...
+
+
+class BlobReader(Protocol):
+    def stat(self, digest: Digest) -> int:
+        """Size of a visible blob; raises `BlobNotFound`."""
+        ...
+
+    def read(self, digest: Digest, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """Bytes `[start, end)` of a blob (to the end when `end` is None).
+
+        Raises `BlobNotFound` before yielding anything when the blob is absent.
+        """
+        ...
+
+    def redirect_url(self, digest: Digest) -> str | None:
+        """A URL clients may fetch the blob from directly, or None to proxy."""
+        ...
+
+
+class BlobIngester(Protocol):
+    def create_upload(self) -> str:
+        """Start an upload session; returns its id."""
+        ...
+
+    def upload_size(self, upload_id: str) -> int:
+        """Bytes received so far; raises `UploadNotFound`."""
+        ...
+
+    def open_writer(self, upload_id: str, offset: int) -> UploadWriter:
+        """A writer appending at `offset`, which must equal the current size.
+
+        Raises `UploadNotFound` or `UploadOffsetMismatch`.
+        """
+        ...
+
+    def commit_upload(self, upload_id: str, digest: Digest) -> int:
+        """Verify the upload hashes to `digest` and make it visible under it.
+
+        Returns the blob size. On `DigestMismatch` the upload is discarded and
+        nothing becomes visible. Committing content that is already stored is
+        a no-op apart from discarding the upload.
+        """
+        ...
+
+    def abort_upload(self, upload_id: str) -> None:
+        """Discard an upload session; absent sessions are ignored."""
+        ...
+
+    def list_uploads(self) -> Iterator[tuple[str, datetime]]:
+        """Upload ids with the time they were last written (for expiry)."""
+        ...
+
+
+class BlobAdmin(Protocol):
+    def delete(self, digest: Digest) -> None:
+        """Remove a blob; raises `BlobNotFound`."""
+        ...
+
+    def list_digests(self) -> Iterator[Digest]: ...
+
+    def ping(self) -> None:
+        """Raise `StorageUnavailable` when the backend cannot serve requests."""
+        ...
+
+
+class BlobStore(BlobReader, BlobIngester, BlobAdmin, Protocol):
+    """Everything the service needs from blob storage."""
