@@ -35,7 +35,9 @@ class Digest:
         if expected is None:
             raise InvalidDigest(f"unsupported digest algorithm {algorithm!r} in {text!r}")
         if len(hex_) != expected or not re.fullmatch(r"[0-9a-f]+", hex_):
-            raise InvalidDigest(f"{algorithm} digest must be {expected} lowercase hex digits: {text!r}")
+            raise InvalidDigest(
+                f"{algorithm} digest must be {expected} lowercase hex digits: {text!r}"
+            )
         return cls(algorithm, hex_)
 
     @classmethod

@@ -37,8 +37,7 @@ class Principal:
     def can(self, scope: Scope, repository: str) -> bool:
         needed = SCOPE_ORDER[scope]
         return any(
-            SCOPE_ORDER[grant.scope] >= needed and grant.covers(repository)
-            for grant in self.grants
+            SCOPE_ORDER[grant.scope] >= needed and grant.covers(repository) for grant in self.grants
         )
 
     def is_global_admin(self) -> bool:

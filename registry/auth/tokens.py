@@ -21,7 +21,7 @@ from registry.auth.scopes import SCOPE_ORDER, Grant, Principal
 from registry.db.models import ApiToken
 from registry.errors import InvalidRequest, TokenUnknown, Unauthorized
 
-TOKEN_PREFIX = "prt_"
+TOKEN_PREFIX = "prt_"  # noqa: S105 - a public prefix, not a secret
 
 
 @dataclass(frozen=True)

@@ -144,9 +144,7 @@ def finish_upload(
     return size
 
 
-def cancel_upload(
-    session: Session, *, store: BlobStore, repository: str, upload_id: str
-) -> None:
+def cancel_upload(session: Session, *, store: BlobStore, repository: str, upload_id: str) -> None:
     row = check_upload(session, repository=repository, upload_id=upload_id)
     store.abort_upload(upload_id)
     session.delete(row)
@@ -162,7 +160,11 @@ def delete_blob_link(
         raise BlobUnknown(f"blob {digest} is not in {repository}", detail={"digest": str(digest)})
     session.delete(link)
     audit.record(
-        session, actor=principal.name, action="blob.delete", repository=repository, target=str(digest)
+        session,
+        actor=principal.name,
+        action="blob.delete",
+        repository=repository,
+        target=str(digest),
     )
 
 

@@ -210,20 +210,28 @@ def _references(parsed: ImageManifest | ImageIndex) -> dict[str, str]:
 def _check_references(session: Session, repo: Repository, references: dict[str, str]) -> None:
     blobs = [d for d, kind in references.items() if kind != "manifest"]
     children = [d for d, kind in references.items() if kind == "manifest"]
-    present = set(
-        session.scalars(
-            select(RepositoryBlob.digest).where(
-                RepositoryBlob.repository_id == repo.id, RepositoryBlob.digest.in_(blobs)
+    present = (
+        set(
+            session.scalars(
+                select(RepositoryBlob.digest).where(
+                    RepositoryBlob.repository_id == repo.id, RepositoryBlob.digest.in_(blobs)
+                )
             )
         )
-    ) if blobs else set()
-    present |= set(
-        session.scalars(
-            select(Manifest.digest).where(
-                Manifest.repository_id == repo.id, Manifest.digest.in_(children)
+        if blobs
+        else set()
+    )
+    present |= (
+        set(
+            session.scalars(
+                select(Manifest.digest).where(
+                    Manifest.repository_id == repo.id, Manifest.digest.in_(children)
+                )
             )
         )
-    ) if children else set()
+        if children
+        else set()
+    )
     missing = [d for d in references if d not in present]
     if missing:
         raise ManifestBlobUnknown(

@@ -164,4 +164,3 @@ def _record_move(
         target=tag,
         detail={"from": previous, "to": digest},
     )
-

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from client.digest import Digest, digest_file
 from registry.storage.errors import (
@@ -108,10 +109,7 @@ class FilesystemBlobStore:
         return self._read_from(handle, start, end)
 
     @staticmethod
-    def _read_from(handle: object, start: int, end: int | None) -> Iterator[bytes]:
-        import io
-
-        assert isinstance(handle, io.BufferedReader)
+    def _read_from(handle: BinaryIO, start: int, end: int | None) -> Iterator[bytes]:
         with handle:
             handle.seek(start)
             remaining = None if end is None else end - start
@@ -205,5 +203,3 @@ class FilesystemBlobStore:
         probe = self.root / "uploads"
         if not (probe.is_dir() and os.access(probe, os.W_OK)):
             raise StorageUnavailable(f"{probe} is not a writable directory")
-
-

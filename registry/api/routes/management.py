@@ -37,7 +37,6 @@ from registry.auth import tokens
 from registry.catalog import audit, manifests, search, tags
 from registry.catalog.repositories import find_repository, is_immutable_tag, valid_name
 from registry.db.models import AuditEvent, Manifest, Tag
-
 from registry.state import Services
 from registry.storage.errors import BlobNotFound
 
@@ -336,5 +335,3 @@ async def audit_log(
         ]
 
     return await in_transaction(services, work)
-
-

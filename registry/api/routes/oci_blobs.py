@@ -31,7 +31,9 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         start = int(first)
         end = min(size, int(last) + 1) if last else size
     if start >= size or start >= end:
-        raise RangeInvalid(f"range {header!r} is outside the blob's {size} bytes", current_size=size)
+        raise RangeInvalid(
+            f"range {header!r} is outside the blob's {size} bytes", current_size=size
+        )
     return start, end
 
 

@@ -157,4 +157,3 @@ async def referrers(
     return Response(
         content=json.dumps(index), media_type=OCI_INDEX, headers=headers, status_code=200
     )
-

@@ -124,7 +124,8 @@ async def start_upload(
         if mounted is not None:
             return _created(name, str(digest))
     upload_id = await in_transaction(
-        services, partial(blobs.start_upload, store=services.store, principal=principal, repository=name)
+        services,
+        partial(blobs.start_upload, store=services.store, principal=principal, repository=name),
     )
     digest_param = request.query_params.get("digest")
     if digest_param is None:
@@ -135,7 +136,9 @@ async def start_upload(
     except BaseException:
         await in_transaction(
             services,
-            partial(blobs.cancel_upload, store=services.store, repository=name, upload_id=upload_id),
+            partial(
+                blobs.cancel_upload, store=services.store, repository=name, upload_id=upload_id
+            ),
         )
         raise
     await in_transaction(
