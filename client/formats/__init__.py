@@ -1,0 +1,1 @@
+"""File formats: safetensors headers, base-model fingerprints, PEFT directories."""
