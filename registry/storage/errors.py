@@ -41,12 +41,5 @@ class DigestMismatch(StorageError):
         self.size = size
 
 
-class SizeMismatch(StorageError):
-    def __init__(self, expected: int, actual: int) -> None:
-        super().__init__(f"content is {actual} bytes, expected {expected}")
-        self.expected = expected
-        self.actual = actual
-
-
 class StorageUnavailable(StorageError):
     """The backend cannot be reached (readiness fails on this)."""

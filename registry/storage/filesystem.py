@@ -51,10 +51,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _check_upload_id(upload_id: str) -> str:
+    """Only the canonical spelling of a UUID names a session (no path tricks)."""
     try:
-        return str(uuid.UUID(upload_id))
+        canonical = str(uuid.UUID(upload_id))
     except ValueError:
         raise UploadNotFound(upload_id) from None
+    if canonical != upload_id:
+        raise UploadNotFound(upload_id)
+    return canonical
 
 
 class FilesystemUploadWriter:
