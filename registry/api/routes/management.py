@@ -34,15 +34,23 @@ from registry.api.schemas import (
     VersionPage,
 )
 from registry.auth import tokens
+from registry.auth.scopes import Principal
 from registry.catalog import audit, manifests, search, tags
 from registry.catalog.repositories import find_repository, is_immutable_tag, valid_name
 from registry.db.models import AuditEvent, Manifest, Tag
+from registry.errors import Unauthorized
 from registry.state import Services
 from registry.storage.errors import BlobNotFound
 
 router = APIRouter(prefix="/api/v1", tags=["management"])
 MAX_DECODED_CONFIG = 1024 * 1024
 Limit = Annotated[int, Query(ge=1, le=1000)]
+
+
+def _require_some_access(principal: Principal) -> None:
+    """Listings filter by grants, but an anonymous caller with none gets the challenge."""
+    if principal.anonymous and not principal.grants:
+        raise Unauthorized("authentication required")
 
 
 def _version_out(manifest: Manifest, repository: str, tag_names: list[str]) -> VersionOut:
@@ -68,6 +76,7 @@ async def list_repositories(
     cursor: str | None = None,
     limit: Limit = 100,
 ) -> RepositoryPage:
+    _require_some_access(principal)
     page = await in_transaction(
         services,
         partial(search.list_repositories, principal=principal, query=q, cursor=cursor, limit=limit),
@@ -114,6 +123,7 @@ async def search_versions(
     limit: Limit = 100,
 ) -> VersionPage:
     """Versions across every repository the caller may read, newest first."""
+    _require_some_access(principal)
     return await _versions(services, principal, None, artifact_type, annotation, cursor, limit)
 
 
