@@ -34,10 +34,6 @@ class DigestInvalid(RegistryError):
     pass
 
 
-class SizeInvalid(RegistryError):
-    pass
-
-
 class BlobUnknown(RegistryError):
     pass
 
@@ -95,8 +91,4 @@ class TokenUnknown(RegistryError):
 
 
 class InvalidRequest(RegistryError):
-    pass
-
-
-class BackendUnavailable(RegistryError):
     pass

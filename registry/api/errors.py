@@ -23,7 +23,6 @@ ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
     errors.NameUnknown: (404, "NAME_UNKNOWN"),
     errors.TagInvalid: (400, "TAG_INVALID"),
     errors.DigestInvalid: (400, "DIGEST_INVALID"),
-    errors.SizeInvalid: (400, "SIZE_INVALID"),
     errors.BlobUnknown: (404, "BLOB_UNKNOWN"),
     errors.BlobUploadUnknown: (404, "BLOB_UPLOAD_UNKNOWN"),
     errors.BlobUploadInvalid: (400, "BLOB_UPLOAD_INVALID"),
@@ -38,7 +37,6 @@ ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
     errors.Denied: (403, "DENIED"),
     errors.TokenUnknown: (404, "TOKEN_UNKNOWN"),
     errors.InvalidRequest: (400, "INVALID_REQUEST"),
-    errors.BackendUnavailable: (503, "UNAVAILABLE"),
 }
 
 CHALLENGE = 'Basic realm="peftreg", charset="UTF-8"'

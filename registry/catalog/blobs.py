@@ -21,7 +21,7 @@ from registry.errors import (
     NameUnknown,
 )
 from registry.storage.base import BlobStore
-from registry.storage.errors import BlobNotFound, DigestMismatch, UploadNotFound
+from registry.storage.errors import DigestMismatch, UploadNotFound
 
 
 def parse_digest(text: str) -> Digest:
@@ -167,9 +167,3 @@ def delete_blob_link(
         target=str(digest),
     )
 
-
-def stored_size(store: BlobStore, digest: Digest) -> int:
-    try:
-        return store.stat(digest)
-    except BlobNotFound:
-        raise BlobUnknown(f"blob {digest} is missing from storage") from None
