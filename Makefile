@@ -46,6 +46,7 @@ test: lint typecheck
 
 bench: install-test
 	$(PY) benchmarks/bench_transfer.py
+	$(PY) benchmarks/bench_pull.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import click
 
+from client.cli.auth import login, logout
+from client.cli.cache import cache
+from client.cli.catalog import history, list_repositories, rm, show
+from client.cli.common import PeftregGroup
+from client.cli.fingerprint import fingerprint
 from client.cli.server import db, serve
+from client.cli.tokens import token
+from client.cli.transfer import pull, push, tag
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PeftregGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="peftreg")
 def cli() -> None:
     """peftreg: a registry for parameter-efficient fine-tuning adapters."""
@@ -15,6 +22,21 @@ def cli() -> None:
 
 cli.add_command(serve)
 cli.add_command(db)
+for command in (
+    login,
+    logout,
+    push,
+    pull,
+    list_repositories,
+    show,
+    tag,
+    history,
+    rm,
+    token,
+    cache,
+    fingerprint,
+):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from functools import partial
 
@@ -66,21 +67,45 @@ async def receive_body(
             current_size=exc.expected,
         ) from None
     buffer = bytearray()
+    in_flight: asyncio.Future[None] | None = None
     try:
         async for chunk in request.stream():
             buffer += chunk
             if len(buffer) >= WRITE_BUFFER:
-                await run_in_threadpool(writer.write, bytes(buffer))
+                # One write in flight while the next buffer fills: network
+                # input and disk output overlap, and writes stay in order.
+                if in_flight is not None:
+                    await in_flight
+                in_flight = asyncio.ensure_future(run_in_threadpool(writer.write, bytes(buffer)))
                 buffer.clear()
+        if in_flight is not None:
+            await in_flight
+            in_flight = None
         if buffer:
             await run_in_threadpool(writer.write, bytes(buffer))
     except ClientDisconnect:
-        await run_in_threadpool(writer.close)
+        # Keep what arrived so the client can resume, unless a write failed.
+        if await _settle(in_flight):
+            await run_in_threadpool(writer.close)
+        else:
+            await run_in_threadpool(writer.cancel)
         raise
     except BaseException:
+        await _settle(in_flight)
         await run_in_threadpool(writer.cancel)
         raise
     return await run_in_threadpool(writer.close)
+
+
+async def _settle(write: asyncio.Future[None] | None) -> bool:
+    """Wait for a pending write; returns whether it (or no write) succeeded."""
+    if write is None:
+        return True
+    try:
+        await write
+    except Exception:
+        return False
+    return True
 
 
 def _size_or_unknown(services: Services, upload_id: str) -> int:

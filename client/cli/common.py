@@ -1,0 +1,123 @@
+"""What every CLI command shares: the client, progress bars, output and errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import click
+from pydantic import BaseModel
+
+from client.cache import Cache
+from client.cli.config import resolve
+from client.reference import InvalidReference, Reference
+from client.sdk.client import Client
+from client.sdk.errors import InvalidReferenceError, PeftregError
+from client.transfer.progress import NullProgress, Progress
+
+ENV_RETRIES = "PEFTREG_RETRIES"
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def make_client(*, offline: bool | None = None) -> Client:
+    settings = resolve()
+    retries = int(os.environ.get(ENV_RETRIES, "4"))
+    return Client(settings.url, settings.token, retries=retries, cache=Cache(), offline=offline)
+
+
+def parse_reference(text: str, *, default_tag: str | None = "latest") -> Reference:
+    try:
+        return Reference.parse(text, default_tag=default_tag)
+    except InvalidReference as exc:
+        raise InvalidReferenceError(str(exc)) from None
+
+
+class BarProgress:
+    """A click progress bar on stderr, safe to advance from several threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bar: Any = None
+
+    def start(self, total: int, label: str) -> None:
+        with self._lock:
+            self._bar = click.progressbar(length=max(total, 1), label=label, file=sys.stderr)
+            self._bar.__enter__()
+
+    def advance(self, nbytes: int) -> None:
+        with self._lock:
+            if self._bar is not None and nbytes > 0:
+                self._bar.update(nbytes)
+
+    def finish(self) -> None:
+        with self._lock:
+            if self._bar is not None:
+                self._bar.__exit__(None, None, None)
+                self._bar = None
+
+
+def make_progress(quiet: bool) -> Progress:
+    if quiet or not sys.stderr.isatty():
+        return NullProgress()
+    return BarProgress()
+
+
+def to_jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {key: to_jsonable(item) for key, item in value.items()}
+    return value
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(to_jsonable(value), indent=2, sort_keys=True))
+
+
+def echo_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [
+        max([len(header)] + [len(row[index]) for row in cells])
+        for index, header in enumerate(headers)
+    ]
+    for row in [list(headers), *cells]:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+def human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> click.exceptions.Exit:
+    click.echo(f"peftreg: {message}", err=True)
+    return click.exceptions.Exit(code)
+
+
+class PeftregGroup(click.Group):
+    """Turns the SDK's errors into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InvalidReferenceError as exc:
+            raise fail(str(exc), EXIT_USAGE) from None
+        except PeftregError as exc:
+            raise fail(str(exc)) from None
+        except OSError as exc:
+            raise fail(str(exc)) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None

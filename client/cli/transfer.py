@@ -1,0 +1,101 @@
+"""`peftreg push`, `peftreg pull` and `peftreg tag`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from client.cli.common import make_client, make_progress, parse_reference
+from client.digest import Digest
+from client.manifest import parse_manifest
+from client.sdk.errors import InvalidRequest
+
+
+def _annotations(values: tuple[str, ...]) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"annotation {value!r} is not KEY=VALUE")
+        result[key] = text
+    return result
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("ref")
+@click.option("--artifact-type", help="The manifest's artifactType (guessed by default).")
+@click.option("--annotation", "-a", multiple=True, help="KEY=VALUE manifest annotation.")
+@click.option("--mount-from", help="Mount blobs the server has in this repository.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def push(
+    path: Path,
+    ref: str,
+    artifact_type: str | None,
+    annotation: tuple[str, ...],
+    mount_from: str | None,
+    quiet: bool,
+) -> None:
+    """Push a file or a directory (a layer per file) as REF (ns/name:tag)."""
+    reference = parse_reference(ref)
+    with make_client(offline=False) as client:
+        result = client.push(
+            path,
+            reference,
+            artifact_type=artifact_type,
+            annotations=_annotations(annotation),
+            mount_from=mount_from,
+            progress=make_progress(quiet),
+        )
+    if not quiet:
+        click.echo(
+            f"{result.uploaded_blobs} uploaded, {result.skipped_blobs} already present",
+            err=True,
+        )
+    click.echo(f"{reference} {result.digest}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write; without it, the path of the cache snapshot is printed.",
+)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
+@click.option("--offline", is_flag=True, help="Use the cache only (as PEFTREG_OFFLINE=1).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def pull(ref: str, output: Path | None, force: bool, offline: bool, quiet: bool) -> None:
+    """Pull REF (ns/name:tag or ns/name@sha256:...) through the cache."""
+    reference = parse_reference(ref)
+    with make_client(offline=True if offline else None) as client:
+        result = client.pull(reference, output, replace=force, progress=make_progress(quiet))
+    click.echo(str(result.path))
+
+
+@click.command()
+@click.argument("src_ref")
+@click.argument("dst_ref")
+def tag(src_ref: str, dst_ref: str) -> None:
+    """Point DST_REF at the version SRC_REF names (mounting blobs across repositories)."""
+    source = parse_reference(src_ref)
+    target = parse_reference(dst_ref)
+    if target.digest is not None:
+        raise InvalidRequest(f"{dst_ref} must name a tag")
+    with make_client(offline=False) as client:
+        manifest = client.get_manifest(source)
+        if target.repository != source.repository:
+            parsed = parse_manifest(manifest.content, manifest.media_type)
+            blobs = [getattr(parsed, "config", None), *getattr(parsed, "layers", [])]
+            for blob in blobs:
+                if blob is not None and not client.mount_blob(
+                    target.repository, Digest.parse(blob.digest), source.repository
+                ):
+                    raise InvalidRequest(
+                        f"cannot mount {blob.digest} from {source.repository} "
+                        f"into {target.repository}"
+                    )
+        digest = client.put_manifest(target, manifest.content, manifest.media_type)
+    click.echo(f"{target} {digest}")

@@ -1,0 +1,389 @@
+"""`Client`: typed methods for everything the registry's APIs offer."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from client.cache import Cache, offline_from_env
+from client.digest import Digest
+from client.manifest import MANIFEST_MEDIA_TYPES, OCI_MANIFEST
+from client.reference import Reference
+from client.sdk.errors import DigestMismatch
+from client.sdk.http import DEFAULT_TIMEOUT, HttpSession
+from client.sdk.models import (
+    AuditEvent,
+    DeletedVersion,
+    Grant,
+    IssuedToken,
+    ManifestResponse,
+    Repository,
+    TagEvent,
+    TagInfo,
+    TokenInfo,
+    Version,
+    VersionDetail,
+)
+from client.transfer import download, pull, push, upload
+from client.transfer.progress import Progress
+
+DEFAULT_URL = "http://127.0.0.1:8750"
+_LINK_RE = re.compile(r'<([^>]+)>;\s*rel="next"')
+M = TypeVar("M", bound=BaseModel)
+
+
+def _digest(value: Digest | str) -> Digest:
+    return value if isinstance(value, Digest) else Digest.parse(value)
+
+
+def _reference(value: Reference | str) -> Reference:
+    return value if isinstance(value, Reference) else Reference.parse(value)
+
+
+class Client:
+    """A registry client. Use as a context manager, or call `close()`.
+
+    `transport` replaces httpx's (tests); `cache` is where pulls land
+    (default `PEFTREG_CACHE`); `offline` (default `PEFTREG_OFFLINE`) makes
+    pulls use the cache only.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retries: int = 4,
+        backoff: float = 0.25,
+        cache: Cache | Path | None = None,
+        offline: bool | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.http = HttpSession(
+            self.url,
+            token=token,
+            transport=transport,
+            timeout=timeout,
+            retries=retries,
+            backoff=backoff,
+        )
+        self.cache = cache if isinstance(cache, Cache) else Cache(cache)
+        self.offline = offline_from_env() if offline is None else offline
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # OCI: base ----------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Check the registry answers and the credentials are accepted."""
+        self.http.request("GET", "/v2/")
+
+    def catalog(self) -> list[str]:
+        return [
+            str(name) for page in self._link_pages("/v2/_catalog") for name in page["repositories"]
+        ]
+
+    # OCI: blobs ---------------------------------------------------------------
+
+    def blob_exists(self, repository: str, digest: Digest | str) -> bool:
+        return upload.blob_size(self.http, repository, _digest(digest)) is not None
+
+    def blob_size(self, repository: str, digest: Digest | str) -> int | None:
+        return upload.blob_size(self.http, repository, _digest(digest))
+
+    def get_blob(self, repository: str, digest: Digest | str) -> bytes:
+        """A (small) blob's bytes in memory, verified."""
+        wanted = _digest(digest)
+        content = self.http.request("GET", download.blob_url(repository, wanted)).content
+        if hashlib.new(wanted.algorithm, content).hexdigest() != wanted.hex:
+            raise DigestMismatch(f"blob {wanted} from {repository} does not match its digest")
+        return content
+
+    def download_blob(
+        self,
+        repository: str,
+        digest: Digest | str,
+        size: int,
+        *,
+        progress: Progress | None = None,
+    ) -> Path:
+        """Download a blob into the cache (resumable, verified); its path there."""
+        return download.download_blob(
+            self.http, repository, _digest(digest), size, self.cache, progress=progress
+        ).path
+
+    def upload_blob(
+        self,
+        repository: str,
+        source: Path | bytes,
+        digest: Digest | str | None = None,
+        *,
+        mount_from: str | None = None,
+        chunk_size: int = upload.CHUNK_SIZE,
+        progress: Progress | None = None,
+    ) -> upload.UploadOutcome:
+        """Upload a file or bytes (resumable, skipped when present); how it went."""
+        if isinstance(source, bytes):
+            size = len(source)
+            computed = Digest.of_bytes(source)
+        else:
+            from client.digest import digest_file
+
+            computed, size = digest_file(source)
+        wanted = _digest(digest) if digest is not None else computed
+        if wanted != computed:
+            raise DigestMismatch(f"content is {computed}, not {wanted}")
+        return upload.upload_blob(
+            self.http,
+            repository,
+            wanted,
+            size,
+            source,
+            mount_from=mount_from,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
+
+    def mount_blob(self, repository: str, digest: Digest | str, source: str) -> bool:
+        """Mount a blob from another repository; False when the server would not."""
+        location = upload.mount_blob(self.http, repository, _digest(digest), source)
+        if location is None:
+            return True
+        self.http.request("DELETE", location, ok=(404,))
+        return False
+
+    def delete_blob(self, repository: str, digest: Digest | str) -> None:
+        self.http.request("DELETE", f"/v2/{repository}/blobs/{_digest(digest)}")
+
+    # OCI: manifests, tags, referrers -------------------------------------------
+
+    def get_manifest(self, reference: Reference | str) -> ManifestResponse:
+        ref = _reference(reference)
+        digest, content = pull.fetch_manifest(self.http, ref)
+        response_type = self.http.request(
+            "HEAD",
+            f"/v2/{ref.repository}/manifests/{digest}",
+            headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)},
+        ).headers.get("content-type", OCI_MANIFEST)
+        return ManifestResponse(digest=str(digest), media_type=response_type, content=content)
+
+    def resolve(self, reference: Reference | str) -> Digest:
+        """The digest a tag (or digest) reference names, by HEAD."""
+        ref = _reference(reference)
+        response = self.http.request(
+            "HEAD",
+            f"/v2/{ref.repository}/manifests/{ref.identifier}",
+            headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)},
+        )
+        return Digest.parse(response.headers["docker-content-digest"])
+
+    def put_manifest(
+        self,
+        reference: Reference | str,
+        content: bytes,
+        media_type: str = OCI_MANIFEST,
+        *,
+        tags: Sequence[str] = (),
+    ) -> Digest:
+        ref = _reference(reference)
+        response = self.http.request(
+            "PUT",
+            f"/v2/{ref.repository}/manifests/{ref.identifier}",
+            params=[("tag", tag) for tag in tags],
+            content=content,
+            headers={"Content-Type": media_type},
+        )
+        return Digest.parse(response.headers["docker-content-digest"])
+
+    def delete_manifest(self, reference: Reference | str) -> None:
+        """By digest: delete the version (refused while tagged). By tag: untag."""
+        ref = _reference(reference)
+        self.http.request("DELETE", f"/v2/{ref.repository}/manifests/{ref.identifier}")
+
+    def list_tags(self, repository: str) -> list[str]:
+        return [
+            str(tag)
+            for page in self._link_pages(f"/v2/{repository}/tags/list")
+            for tag in page.get("tags") or []
+        ]
+
+    def referrers(
+        self, repository: str, digest: Digest | str, artifact_type: str | None = None
+    ) -> list[dict[str, Any]]:
+        params = {"artifactType": artifact_type} if artifact_type else None
+        response = self.http.request(
+            "GET", f"/v2/{repository}/referrers/{_digest(digest)}", params=params
+        )
+        return list(response.json().get("manifests", []))
+
+    # management ---------------------------------------------------------------
+
+    def repositories(self, query: str | None = None) -> list[Repository]:
+        params = {"q": query} if query else {}
+        return list(self._cursor_pages("/api/v1/repositories", params, Repository))
+
+    def versions(
+        self,
+        repository: str | None = None,
+        *,
+        artifact_type: str | None = None,
+        annotations: Mapping[str, str] | None = None,
+    ) -> list[Version]:
+        params: dict[str, str | list[str]] = {}
+        if artifact_type:
+            params["artifact_type"] = artifact_type
+        if annotations:
+            params["annotation"] = [f"{k}={v}" for k, v in annotations.items()]
+        path = f"/api/v1/repositories/{repository}/versions" if repository else "/api/v1/versions"
+        return list(self._cursor_pages(path, params, Version))
+
+    def version(self, reference: Reference | str) -> VersionDetail:
+        ref = _reference(reference)
+        response = self.http.request(
+            "GET", f"/api/v1/repositories/{ref.repository}/versions/{ref.identifier}"
+        )
+        return VersionDetail.model_validate(response.json())
+
+    def tags(self, repository: str) -> list[TagInfo]:
+        response = self.http.request("GET", f"/api/v1/repositories/{repository}/tags")
+        return [TagInfo.model_validate(item) for item in response.json()]
+
+    def tag_history(self, repository: str, tag: str) -> list[TagEvent]:
+        response = self.http.request("GET", f"/api/v1/repositories/{repository}/tags/{tag}/history")
+        return [TagEvent.model_validate(item) for item in response.json()]
+
+    def delete_version(
+        self, repository: str, digest: Digest | str, *, force: bool = False
+    ) -> DeletedVersion:
+        response = self.http.request(
+            "DELETE",
+            f"/api/v1/repositories/{repository}/versions/{_digest(digest)}",
+            params={"force": "true" if force else "false"},
+        )
+        return DeletedVersion.model_validate(response.json())
+
+    def set_policy(self, repository: str, immutable_tags: Sequence[str]) -> Repository:
+        response = self.http.request(
+            "PUT",
+            f"/api/v1/repositories/{repository}/policy",
+            json_body={"immutable_tags": list(immutable_tags)},
+        )
+        return Repository.model_validate(response.json())
+
+    def create_token(
+        self,
+        name: str,
+        grants: Sequence[Grant | tuple[str, str]],
+        *,
+        expires_at: datetime | None = None,
+    ) -> IssuedToken:
+        body: dict[str, Any] = {
+            "name": name,
+            "grants": [
+                grant.model_dump()
+                if isinstance(grant, Grant)
+                else {"pattern": grant[0], "scope": grant[1]}
+                for grant in grants
+            ],
+        }
+        if expires_at is not None:
+            body["expires_at"] = expires_at.isoformat()
+        response = self.http.request("POST", "/api/v1/tokens", json_body=body)
+        return IssuedToken.model_validate(response.json())
+
+    def list_tokens(self) -> list[TokenInfo]:
+        response = self.http.request("GET", "/api/v1/tokens")
+        return [TokenInfo.model_validate(item) for item in response.json()]
+
+    def revoke_token(self, token_id: str) -> TokenInfo:
+        response = self.http.request("DELETE", f"/api/v1/tokens/{token_id}")
+        return TokenInfo.model_validate(response.json())
+
+    def audit(self, repository: str | None = None, limit: int = 100) -> list[AuditEvent]:
+        params: dict[str, str | list[str]] = {"limit": str(limit)}
+        if repository:
+            params["repository"] = repository
+        response = self.http.request("GET", "/api/v1/audit", params=params)
+        return [AuditEvent.model_validate(item) for item in response.json()]
+
+    # artifacts ----------------------------------------------------------------
+
+    def push(
+        self,
+        path: Path | str,
+        reference: Reference | str,
+        *,
+        artifact_type: str | None = None,
+        annotations: Mapping[str, str] | None = None,
+        mount_from: str | None = None,
+        progress: Progress | None = None,
+    ) -> push.PushResult:
+        """Push a file or directory as one artifact (a layer per file)."""
+        return push.push_path(
+            self.http,
+            Path(path),
+            _reference(reference),
+            artifact_type=artifact_type,
+            annotations=annotations,
+            mount_from=mount_from,
+            progress=progress,
+        )
+
+    def pull(
+        self,
+        reference: Reference | str,
+        output: Path | str | None = None,
+        *,
+        replace: bool = False,
+        progress: Progress | None = None,
+    ) -> pull.PullResult:
+        """Pull into the cache (and `output`); offline, from the cache only."""
+        return pull.pull(
+            None if self.offline else self.http,
+            self.cache,
+            _reference(reference),
+            output=Path(output) if output is not None else None,
+            replace=replace,
+            progress=progress,
+        )
+
+    # pagination ---------------------------------------------------------------
+
+    def _link_pages(self, path: str) -> Iterator[dict[str, Any]]:
+        next_path: str | None = path
+        while next_path:
+            response = self.http.request("GET", next_path)
+            yield dict(response.json())
+            match = _LINK_RE.search(response.headers.get("link", ""))
+            next_path = match.group(1) if match else None
+
+    def _cursor_pages(
+        self, path: str, params: Mapping[str, str | list[str]], model: type[M]
+    ) -> Iterator[M]:
+        cursor: str | None = None
+        while True:
+            page_params: dict[str, str | list[str]] = {**params, "limit": "1000"}
+            if cursor:
+                page_params["cursor"] = cursor
+            body = self.http.request("GET", path, params=page_params).json()
+            for item in body["items"]:
+                yield model.model_validate(item)
+            cursor = body.get("next_cursor")
+            if not cursor:
+                return

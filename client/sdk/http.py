@@ -1,0 +1,182 @@
+"""The one place every HTTP request of the SDK goes through.
+
+`HttpSession` adds the token, retries idempotent requests (and connection
+errors) with exponential backoff, follows redirects (a blob GET may answer
+307 to a presigned store URL) and turns every error response into a typed
+exception with `error_from_response`. The httpx transport is injectable so
+tests can put their own seam under it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urljoin
+
+import httpx
+
+from client.sdk.errors import PeftregError, TransportError, error_class
+
+Scalar = str | int | float | bool | None
+QueryParams = Mapping[str, Scalar | Sequence[Scalar]] | list[tuple[str, Scalar]]
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+USER_AGENT = "peftreg-sdk/0.1"
+
+
+def error_from_response(response: httpx.Response) -> PeftregError:
+    """The typed exception for an error response (OCI error shape or not)."""
+    request_id = response.headers.get("x-request-id")
+    code: str | None = None
+    message = ""
+    detail: Any = None
+    body: Any = None
+    if response.request.method != "HEAD":
+        try:
+            body = json.loads(response.read() or b"null")
+        except (ValueError, httpx.StreamError):
+            body = None
+    if isinstance(body, dict):
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+            first = errors[0]
+            code = str(first["code"]) if first.get("code") is not None else None
+            message = str(first.get("message") or "")
+            detail = first.get("detail")
+        if isinstance(body.get("request_id"), str):
+            request_id = request_id or body["request_id"]
+    if not message:
+        reason = response.reason_phrase or "error"
+        request = response.request
+        message = f"{request.method} {request.url.path}: {response.status_code} {reason}"
+    cls = error_class(code, response.status_code)
+    return cls(
+        message, code=code, status=response.status_code, request_id=request_id, detail=detail
+    )
+
+
+class HttpSession:
+    """An httpx client bound to one registry, with auth, retries and error mapping."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        token: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retries: int = 4,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retries = max(0, retries)
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        headers = {"User-Agent": USER_AGENT}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            headers=headers,
+            transport=transport,
+            timeout=timeout,
+            follow_redirects=True,
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def url(self, path: str) -> str:
+        """An absolute URL for a path or a `Location` header the server sent."""
+        return urljoin(self.base_url + "/", path)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (0-based)."""
+        return float(min(self.max_backoff, self.backoff * (2**attempt)))
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: QueryParams | None = None,
+        headers: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        json_body: Any = None,
+        idempotent: bool | None = None,
+        ok: tuple[int, ...] = (),
+    ) -> httpx.Response:
+        """Send a request; return the response or raise the typed error.
+
+        `ok` lists extra statuses to hand back instead of raising (e.g. 404
+        for an existence check). Idempotent requests are retried on
+        connection errors and 429/502/503/504; others are sent once.
+        """
+        retry = method.upper() in IDEMPOTENT_METHODS if idempotent is None else idempotent
+        if json_body is not None:
+            content = json.dumps(json_body).encode()
+            headers = {**(headers or {}), "Content-Type": "application/json"}
+        attempt = 0
+        while True:
+            try:
+                response = self._client.request(
+                    method, self.url(path), params=params, headers=headers, content=content
+                )
+            except httpx.TransportError as exc:
+                if retry and attempt < self.retries:
+                    time.sleep(self.delay(attempt))
+                    attempt += 1
+                    continue
+                raise TransportError(f"cannot reach {self.base_url}: {exc}") from exc
+            if response.status_code in RETRY_STATUSES and retry and attempt < self.retries:
+                response.close()
+                time.sleep(self.delay(attempt))
+                attempt += 1
+                continue
+            if response.is_success or response.status_code in ok:
+                return response
+            raise error_from_response(response)
+
+    @contextmanager
+    def stream(
+        self, method: str, path: str, *, headers: Mapping[str, str] | None = None
+    ) -> Iterator[httpx.Response]:
+        """A streamed response (body not read yet); errors raised before yielding.
+
+        Opening the stream is retried like an idempotent request; a break
+        in the middle of the body is for the caller to resume (with Range).
+        """
+        attempt = 0
+        while True:
+            try:
+                request = self._client.build_request(method, self.url(path), headers=headers)
+                response = self._client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                if attempt < self.retries:
+                    time.sleep(self.delay(attempt))
+                    attempt += 1
+                    continue
+                raise TransportError(f"cannot reach {self.base_url}: {exc}") from exc
+            if response.status_code in RETRY_STATUSES and attempt < self.retries:
+                response.close()
+                time.sleep(self.delay(attempt))
+                attempt += 1
+                continue
+            break
+        try:
+            if not response.is_success:
+                raise error_from_response(response)
+            yield response
+        finally:
+            response.close()
+
+    def __enter__(self) -> HttpSession:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Verified, resumable blob transfers and directory push/pull."""

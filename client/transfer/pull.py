@@ -1,0 +1,179 @@
+"""Pull an artifact: resolve, download blobs into the cache, materialize, export.
+
+Online, the manifest is fetched and verified, its blobs downloaded into the
+cache (skipping those already there) and the cache's snapshot built. Offline
+(`PEFTREG_OFFLINE=1`), references, manifests and blobs come from the cache
+only and a missing piece is an error. Everything is checked before any
+output is written, and an output directory is built next to its final
+place and renamed into it, so it is never left half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from client.cache import Cache, link_or_copy, remove_tree
+from client.digest import Digest, InvalidDigest
+from client.manifest import (
+    MANIFEST_MEDIA_TYPES,
+    TITLE_ANNOTATION,
+    ImageManifest,
+    InvalidManifest,
+    parse_manifest,
+)
+from client.reference import Reference
+from client.sdk.errors import CacheMiss, Conflict, DigestMismatch, InvalidRequest
+from client.sdk.http import HttpSession
+from client.transfer.download import download_blob
+from client.transfer.progress import NullProgress, Progress
+from client.transfer.titles import check_titles
+
+SnapshotFile = tuple[PurePosixPath, Digest, int]
+
+
+@dataclass(frozen=True)
+class PullResult:
+    reference: Reference
+    digest: Digest
+    path: Path  # the output directory, or the cache snapshot without one
+    files: list[SnapshotFile]
+    downloaded: int  # bytes received from the registry
+
+
+def fetch_manifest(http: HttpSession, reference: Reference) -> tuple[Digest, bytes]:
+    """GET a manifest and check its bytes against the digest asked for or announced."""
+    response = http.request(
+        "GET",
+        f"/v2/{reference.repository}/manifests/{reference.identifier}",
+        headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)},
+    )
+    content = response.content
+    actual = Digest("sha256", hashlib.sha256(content).hexdigest())
+    expected_text = str(reference.digest) if reference.digest else None
+    expected_text = expected_text or response.headers.get("docker-content-digest")
+    if expected_text is not None:
+        try:
+            expected = Digest.parse(expected_text)
+        except InvalidDigest as exc:
+            raise DigestMismatch(f"the registry announced an invalid digest: {exc}") from None
+        if hashlib.new(expected.algorithm, content).hexdigest() != expected.hex:
+            raise DigestMismatch(f"manifest of {reference} does not match {expected}")
+        return expected, content
+    return actual, content
+
+
+def resolve_offline(cache: Cache, reference: Reference) -> tuple[Digest, bytes]:
+    digest = reference.digest
+    if digest is None:
+        assert reference.tag is not None
+        digest = cache.get_ref(reference.repository, reference.tag)
+        if digest is None:
+            raise CacheMiss(f"offline: {reference} was never pulled into the cache {cache.root}")
+    content = cache.get_manifest(digest)
+    if content is None:
+        raise CacheMiss(f"offline: manifest {digest} of {reference} is not in the cache")
+    return digest, content
+
+
+def snapshot_files(reference: Reference, content: bytes) -> list[SnapshotFile]:
+    """The (title, digest, size) of every layer, titles checked for safety."""
+    try:
+        parsed = parse_manifest(content, None)
+    except InvalidManifest as exc:
+        raise InvalidRequest(f"{reference}: {exc}") from None
+    if not isinstance(parsed, ImageManifest):
+        raise InvalidRequest(f"{reference} is an index; pull one of its manifests by digest")
+    titles: list[str] = []
+    for layer in parsed.layers:
+        title = (layer.annotations or {}).get(TITLE_ANNOTATION)
+        titles.append(title or layer.digest.replace(":", "-"))
+    paths = check_titles(titles)
+    return [
+        (path, Digest.parse(layer.digest), layer.size)
+        for path, layer in zip(paths, parsed.layers, strict=True)
+    ]
+
+
+def pull(
+    http: HttpSession | None,
+    cache: Cache,
+    reference: Reference,
+    *,
+    output: Path | None = None,
+    replace: bool = False,
+    progress: Progress | None = None,
+) -> PullResult:
+    """Pull into the cache and, with `output`, into that directory.
+
+    `http` None means offline: the cache is the only source.
+    """
+    progress = progress or NullProgress()
+    if output is not None:
+        _check_output(output, replace)
+    if http is None:
+        digest, content = resolve_offline(cache, reference)
+    else:
+        digest, content = fetch_manifest(http, reference)
+    files = snapshot_files(reference, content)
+    missing = [item for item in files if not cache.has_blob(item[1], item[2])]
+    downloaded = 0
+    if missing and http is None:
+        first = missing[0]
+        raise CacheMiss(
+            f"offline: blob {first[1]} ({first[0]}) of {reference} is not in the cache; "
+            f"{len(missing)} of {len(files)} files missing"
+        )
+    if http is not None:
+        cache.put_manifest(digest, content)
+        progress.start(sum(size for _title, _digest, size in missing), f"pull {reference}")
+        try:
+            for _title, blob, size in missing:
+                downloaded += download_blob(
+                    http, reference.repository, blob, size, cache, progress=progress
+                ).downloaded
+        finally:
+            progress.finish()
+        if reference.tag is not None:
+            cache.set_ref(reference.repository, reference.tag, digest)
+    snapshot = cache.materialize(digest, files)
+    path = snapshot
+    if output is not None:
+        export(snapshot, files, output, replace=replace)
+        path = output
+    return PullResult(reference, digest, path, files, downloaded)
+
+
+def _check_output(output: Path, replace: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise Conflict(f"{output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not replace:
+        raise Conflict(f"{output} exists and is not empty; pass --force to replace it")
+
+
+def export(snapshot: Path, files: list[SnapshotFile], output: Path, *, replace: bool) -> None:
+    """Build the output directory next to its place, then rename it in."""
+    output = output.absolute()
+    _check_output(output, replace)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.peftreg-{uuid.uuid4().hex}"
+    retired = output.parent / f".{output.name}.peftreg-old-{uuid.uuid4().hex}"
+    try:
+        staging.mkdir()
+        for title, _digest, _size in files:
+            dest = staging / title
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(snapshot / title, dest)
+        if output.is_dir():
+            os.rename(output, retired)
+        os.rename(staging, output)
+    except BaseException:
+        if retired.exists() and not output.exists():
+            os.rename(retired, output)
+        raise
+    finally:
+        remove_tree(staging)
+        remove_tree(retired)

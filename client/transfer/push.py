@@ -1,0 +1,145 @@
+"""Push a file or a directory as one OCI artifact: a layer per file, then the manifest."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from client.digest import Digest, digest_file
+from client.manifest import (
+    ADAPTER_ARTIFACT,
+    EMPTY_JSON,
+    OCI_MANIFEST,
+    TITLE_ANNOTATION,
+    canonical_json,
+)
+from client.reference import Reference
+from client.sdk.errors import DigestMismatch, InvalidRequest
+from client.sdk.http import HttpSession
+from client.transfer.progress import NullProgress, Progress
+from client.transfer.titles import check_titles
+from client.transfer.upload import CHUNK_SIZE, upload_blob
+
+GENERIC_ARTIFACT = "application/vnd.peftreg.artifact.v1"
+LAYER_MEDIA_TYPE = "application/octet-stream"
+EMPTY_CONFIG = b"{}"
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    title: str
+    path: Path
+    digest: Digest
+    size: int
+
+
+@dataclass(frozen=True)
+class PushResult:
+    reference: Reference
+    digest: Digest
+    files: list[LocalFile]
+    uploaded_blobs: int
+    skipped_blobs: int
+
+
+def collect_files(path: Path) -> list[tuple[str, Path]]:
+    """(title, path) of a file, or of every regular file under a directory, sorted."""
+    if path.is_file():
+        return [(path.name, path)]
+    if not path.is_dir():
+        raise InvalidRequest(f"{path} is neither a file nor a directory")
+    found = [
+        (item.relative_to(path).as_posix(), item)
+        for item in sorted(path.rglob("*"))
+        if item.is_file()
+    ]
+    if not found:
+        raise InvalidRequest(f"{path} holds no files to push")
+    return found
+
+
+def guess_artifact_type(titles: list[str]) -> str:
+    return ADAPTER_ARTIFACT if "adapter_config.json" in titles else GENERIC_ARTIFACT
+
+
+def build_manifest(
+    files: list[LocalFile], artifact_type: str, annotations: Mapping[str, str] | None
+) -> bytes:
+    document: dict[str, object] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": {
+            "mediaType": EMPTY_JSON,
+            "digest": str(Digest.of_bytes(EMPTY_CONFIG)),
+            "size": len(EMPTY_CONFIG),
+        },
+        "layers": [
+            {
+                "mediaType": LAYER_MEDIA_TYPE,
+                "digest": str(item.digest),
+                "size": item.size,
+                "annotations": {TITLE_ANNOTATION: item.title},
+            }
+            for item in files
+        ],
+    }
+    if annotations:
+        document["annotations"] = dict(annotations)
+    return canonical_json(document)
+
+
+def push_path(
+    http: HttpSession,
+    path: Path,
+    reference: Reference,
+    *,
+    artifact_type: str | None = None,
+    annotations: Mapping[str, str] | None = None,
+    mount_from: str | None = None,
+    chunk_size: int = CHUNK_SIZE,
+    progress: Progress | None = None,
+) -> PushResult:
+    """Upload every file (skipping what the server has) and put the manifest."""
+    progress = progress or NullProgress()
+    entries = collect_files(path)
+    check_titles([title for title, _path in entries])
+    files = [LocalFile(title, item, *digest_file(item)) for title, item in entries]
+    repository = reference.repository
+    upload_blob(http, repository, Digest.of_bytes(EMPTY_CONFIG), 2, EMPTY_CONFIG)
+    progress.start(sum(item.size for item in files), f"push {reference}")
+    uploaded = skipped = 0
+    try:
+        for item in files:
+            outcome = upload_blob(
+                http,
+                repository,
+                item.digest,
+                item.size,
+                item.path,
+                mount_from=mount_from,
+                chunk_size=chunk_size,
+                progress=progress,
+            )
+            if outcome == "uploaded":
+                uploaded += 1
+            else:
+                skipped += 1
+    finally:
+        progress.finish()
+    kind = artifact_type or guess_artifact_type([item.title for item in files])
+    content = build_manifest(files, kind, annotations)
+    digest = Digest.of_bytes(content)
+    if reference.digest is not None and reference.digest != digest:
+        raise DigestMismatch(f"the manifest pushed is {digest}, not {reference.digest}")
+    response = http.request(
+        "PUT",
+        f"/v2/{repository}/manifests/{reference.identifier}",
+        content=content,
+        headers={"Content-Type": OCI_MANIFEST},
+    )
+    returned = response.headers.get("docker-content-digest")
+    if returned and returned != str(digest):
+        raise DigestMismatch(f"the registry stored the manifest as {returned}, not {digest}")
+    return PushResult(reference, digest, files, uploaded, skipped)

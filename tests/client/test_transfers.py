@@ -1,0 +1,179 @@
+"""Resumable, verified, cached pulls against a real registry (and a real proxy)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from client import Client
+from client.digest import Digest
+from tests.client.conftest import CliEnv, make_tree, tree_bytes
+from tests.client.proxy import cutting_proxy
+from tests.fixtures.server import RegistryProcess
+
+MiB = 1024 * 1024
+
+
+def _blob_file(server: RegistryProcess, digest: Digest) -> Path:
+    return server.home / "storage" / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+
+
+def _flip_byte(path: Path, offset: int = 1000) -> None:
+    os.chmod(path, 0o644)
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("size", [30 * MiB, 80 * MiB], ids=["single-stream", "parallel"])
+def test_interrupted_pull_resumes_with_only_the_remainder(
+    registry_server: RegistryProcess,
+    make_env: Callable[[str], CliEnv],
+    tmp_path: Path,
+    size: int,
+) -> None:
+    data = os.urandom(size)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "weights.bin").write_bytes(data)
+    with Client(registry_server.url) as client:
+        client.push(tmp_path / "src", "acme/big:v1")
+
+    cut = size // 2
+    with cutting_proxy(registry_server.port, cut_after=cut) as proxy:
+        env = make_env(proxy.url)
+        first = env.run("pull", "acme/big:v1", "-o", str(tmp_path / "out"), "-q")
+        assert first.exit_code == 1, first.output
+        assert "interrupted" in first.stderr or "cannot reach" in first.stderr
+        assert not (tmp_path / "out").exists()
+        partial = list((env.cache / "blobs" / "sha256").glob("*.incomplete"))
+        assert len(partial) == 1
+
+        proxy.reset()
+        second = env.run("pull", "acme/big:v1", "-o", str(tmp_path / "out"), "-q")
+        assert second.exit_code == 0, second.output
+        assert (tmp_path / "out" / "weights.bin").read_bytes() == data
+        assert proxy.ranges, "the resumed pull must ask for a range"
+        assert all(not r.startswith("bytes=0-") for r in proxy.ranges)
+        # Only the remainder travelled (plus headers and at most a few unsaved MiB).
+        assert proxy.downstream < size - cut + 9 * MiB
+        assert not list((env.cache / "blobs" / "sha256").glob("*.incomplete*"))
+
+
+def test_corrupted_server_blob_fails_and_leaves_nothing(
+    registry_server: RegistryProcess, cli_env: CliEnv, tmp_path: Path
+) -> None:
+    source = make_tree(tmp_path / "src", big=3 * MiB)
+    with Client(registry_server.url) as client:
+        result = client.push(source, "acme/bad:v1")
+    target = next(f for f in result.files if f.size == 3 * MiB)
+    _flip_byte(_blob_file(registry_server, target.digest))
+
+    pulled = cli_env.subprocess("pull", "acme/bad:v1", "-o", str(tmp_path / "out"))
+    assert pulled.returncode == 1
+    assert "digest mismatch" in pulled.stderr
+    assert pulled.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    blobs = cli_env.cache / "blobs" / "sha256"
+    assert not list(blobs.glob(f"{target.digest.hex}*"))
+
+
+def test_cache_verify_names_a_corrupted_blob(cli_env: CliEnv, tmp_path: Path) -> None:
+    source = make_tree(tmp_path / "src", big=MiB)
+    assert cli_env.run("push", str(source), "acme/c:v1", "-q").exit_code == 0
+    assert cli_env.run("pull", "acme/c:v1", "-q").exit_code == 0
+    assert cli_env.run("cache", "verify").exit_code == 0
+
+    victim = Digest.of_bytes((source / "weights" / "adapter.safetensors").read_bytes())
+    _flip_byte(cli_env.cache / "blobs" / "sha256" / victim.hex)
+    result = cli_env.run("cache", "verify")
+    assert result.exit_code == 1
+    assert victim.hex in result.stdout
+    assert "corrupted" in result.stderr
+
+    listing = cli_env.run("cache", "ls", "--json")
+    assert listing.exit_code == 0
+    assert "acme/c" in listing.stdout
+    assert cli_env.run("cache", "prune", "--all").exit_code == 0
+    assert not (cli_env.cache / "blobs").exists()
+
+
+def test_offline_mode_uses_the_cache_only(
+    registry_server: RegistryProcess, cli_env: CliEnv, tmp_path: Path
+) -> None:
+    source = make_tree(tmp_path / "src", big=2 * MiB)
+    assert cli_env.run("push", str(source), "acme/off:v1", "-q").exit_code == 0
+    assert cli_env.run("pull", "acme/off:v1", "-q").exit_code == 0
+    registry_server.stop()
+
+    ok = cli_env.run("pull", "acme/off:v1", "-o", str(tmp_path / "a"), PEFTREG_OFFLINE="1")
+    assert ok.exit_code == 0, ok.output
+    assert tree_bytes(tmp_path / "a") == tree_bytes(source)
+
+    never = cli_env.subprocess("pull", "acme/off:v2", "--offline", "-o", str(tmp_path / "b"))
+    assert never.returncode == 1
+    assert "offline" in never.stderr
+    assert not (tmp_path / "b").exists()
+
+    victim = Digest.of_bytes((source / "README.md").read_bytes())
+    (cli_env.cache / "blobs" / "sha256" / victim.hex).unlink()
+    missing = cli_env.subprocess(
+        "pull", "acme/off:v1", "-o", str(tmp_path / "b"), PEFTREG_OFFLINE="1"
+    )
+    assert missing.returncode == 1
+    assert f"blob {victim}" in missing.stderr
+    assert "not in the cache" in missing.stderr
+    assert missing.stderr.count("\n") == 1
+    assert not (tmp_path / "b").exists()
+    assert not list(tmp_path.glob(".b.peftreg-*"))
+
+
+def test_eight_processes_download_a_200mb_artifact_once(
+    registry_server: RegistryProcess, make_env: Callable[[str], CliEnv], tmp_path: Path
+) -> None:
+    size = 200 * MiB
+    block = os.urandom(MiB)
+    (tmp_path / "src").mkdir()
+    with (tmp_path / "src" / "model.bin").open("wb") as handle:
+        for index in range(size // MiB):
+            handle.write(index.to_bytes(8, "big") + block[8:])
+    expected = hashlib.sha256((tmp_path / "src" / "model.bin").read_bytes()).hexdigest()
+    with Client(registry_server.url) as client:
+        client.push(tmp_path / "src", "acme/large:v1")
+
+    with cutting_proxy(registry_server.port) as proxy:
+        env = make_env(proxy.url)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("PEFTREG_")}
+        processes = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "client.cli.main",
+                    "pull",
+                    "acme/large:v1",
+                    "-q",
+                    "-o",
+                    str(tmp_path / f"out{index}"),
+                ],
+                env={**base, **env.env},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for index in range(8)
+        ]
+        for process in processes:
+            _out, err = process.communicate(timeout=240)
+            assert process.returncode == 0, err.decode()
+        assert size <= proxy.downstream < size + 4 * MiB
+
+    for index in range(8):
+        with (tmp_path / f"out{index}" / "model.bin").open("rb") as handle:
+            assert hashlib.file_digest(handle, "sha256").hexdigest() == expected
