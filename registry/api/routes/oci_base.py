@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -25,7 +26,10 @@ async def ping(principal: PrincipalDep) -> Response:
 
 @router.get("/v2/_catalog")
 async def catalog(
-    services: ServicesDep, principal: PrincipalDep, n: int = 100, last: str | None = None
+    services: ServicesDep,
+    principal: PrincipalDep,
+    n: Annotated[int, Query(ge=0)] = 100,
+    last: str | None = None,
 ) -> Response:
     if principal.anonymous and not principal.grants:
         raise Unauthorized("authentication required")
@@ -48,5 +52,7 @@ async def catalog(
     headers = {}
     if len(names) > n:
         names = names[:n]
-        headers["Link"] = f'</v2/_catalog?{urlencode({"n": n, "last": names[-1]})}>; rel="next"'
+        if names:  # n=0 asks for an empty page: there is no `last` to continue from
+            query = urlencode({"n": n, "last": names[-1]})
+            headers["Link"] = f'</v2/_catalog?{query}>; rel="next"'
     return JSONResponse({"repositories": names}, headers=headers)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 from functools import partial
+from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
@@ -117,7 +118,7 @@ async def list_tags(
     name: str,
     services: ServicesDep,
     principal: PrincipalDep,
-    n: int | None = None,
+    n: Annotated[int | None, Query(ge=0)] = None,
     last: str | None = None,
 ) -> Response:
     valid_name(name)
@@ -132,8 +133,9 @@ async def list_tags(
     headers = {}
     if n is not None and len(names) > n:
         names = names[:n]
-        query = urlencode({"n": n, "last": names[-1]})
-        headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
+        if names:  # n=0 asks for an empty page: there is no `last` to continue from
+            query = urlencode({"n": n, "last": names[-1]})
+            headers["Link"] = f'</v2/{name}/tags/list?{query}>; rel="next"'
     return JSONResponse({"name": name, "tags": names}, headers=headers)
 
 

@@ -1,0 +1,1 @@
+"""Acceptance tests: real OCI clients (oras) against a running registry."""

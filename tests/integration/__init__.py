@@ -1,0 +1,1 @@
+"""Integration tests: a real registry process (and real databases and stores)."""
