@@ -7,6 +7,7 @@ the request id so a user can quote it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,6 +40,7 @@ ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
     errors.InvalidRequest: (400, "INVALID_REQUEST"),
 }
 
+logger = logging.getLogger(__name__)
 CHALLENGE = 'Basic realm="peftreg", charset="UTF-8"'
 
 
@@ -87,6 +89,11 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "NOT_FOUND", 405: "UNSUPPORTED"}.get(exc.status_code, "UNKNOWN")
         return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
 
+    async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        return JSONResponse(error_body("UNKNOWN", "internal server error"), 500)
+
+    app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(errors.RegistryError, on_registry_error)
     app.add_exception_handler(StorageUnavailable, on_storage_unavailable)
     app.add_exception_handler(RequestValidationError, on_validation)

@@ -659,6 +659,8 @@ def test_referrers_api(client: httpx.Client) -> None:
     assert empty.status_code == 200
     assert empty.json()["manifests"] == []
 
+    assert_oci_error(client.get("/v2/acme/refs/referrers/sha256:nothex"), 400, "DIGEST_INVALID")
+
 
 def test_manifest_delete_rules(client: httpx.Client) -> None:
     content = manifest_bytes(client, "acme/deletes", layers=[b"release"])

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from client.manifest import OCI_INDEX
 from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
 from registry.catalog import manifests, tags
+from registry.catalog.blobs import parse_digest
 from registry.catalog.repositories import find_repository, valid_name
 from registry.errors import ManifestTooLarge
 
@@ -151,9 +152,10 @@ async def referrers(
     valid_name(name)
     authorize(principal, "read", name)
     wanted = artifactType or artifact_type
+    subject = str(parse_digest(digest))
     index = await in_transaction(
         services,
-        partial(manifests.referrers, repository=name, digest=digest, artifact_type=wanted),
+        partial(manifests.referrers, repository=name, digest=subject, artifact_type=wanted),
     )
     headers = {"OCI-Filters-Applied": "artifactType"} if wanted else {}
     return Response(
