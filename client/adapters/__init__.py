@@ -1,0 +1,1 @@
+"""Adapter artifacts: typed configs per kind, PEFT import/export, NOLA, validation."""

@@ -1,0 +1,103 @@
+"""The adapter and base-model config blobs: what an artifact's manifest records.
+
+These documents are the contract between the library (which builds them from
+a PEFT directory or a model directory), the registry (which validates and
+indexes them at push time) and every consumer (export, merge, hot-swap).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ADAPTER_CONFIG_MEDIA_TYPE = "application/vnd.peftreg.adapter.config.v1+json"
+BASE_CONFIG_MEDIA_TYPE = "application/vnd.peftreg.base.config.v1+json"
+SAFETENSORS_MEDIA_TYPE = "application/vnd.peftreg.safetensors"
+NOLA_SAFETENSORS_MEDIA_TYPE = "application/vnd.peftreg.nola.safetensors"
+JSON_FILE_MEDIA_TYPE = "application/json"
+FILE_MEDIA_TYPE = "application/octet-stream"
+
+AdapterKind = Literal["lora", "dora", "prompt_tuning", "prefix_tuning", "nola"]
+ScalingRule = Literal["alpha/r", "alpha/sqrt(r)", "none"]
+# The quantization of the base weights the adapter was trained against.
+BaseQuantization = Literal["none", "nf4", "fp4", "int8", "int4"]
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class BaseReference(BaseModel):
+    """Which base model an adapter belongs to."""
+
+    name: str | None = Field(default=None, description="base_model_name_or_path, free text")
+    fingerprint: str | None = Field(
+        default=None, description="sha256 over sorted (name, dtype, shape, data sha256)"
+    )
+    structure_hash: str | None = Field(default=None, description="the same without data hashes")
+    quantization: BaseQuantization = "none"
+
+
+class TargetModule(BaseModel):
+    """One module the adapter changes, with its resolved rank and scaling."""
+
+    module: str = Field(description="module path in the base model, e.g. model.layers.0.q_proj")
+    layer: Literal["linear", "conv1d", "embedding"] = "linear"
+    rank: int
+    alpha: float
+    scaling: float
+
+
+class NolaSpec(BaseModel):
+    """How NOLA factors are regenerated, and the digest they must hash to."""
+
+    generator: Literal["torch-cpu-mt19937"] = "torch-cpu-mt19937"
+    num_basis_a: int
+    num_basis_b: int
+    init_a: bool = Field(description="A includes a frozen init matrix (reference LLaMA code)")
+    factors_digest: str = Field(description="sha256 over the materialized A and B factors")
+    materialized_parameters: int
+    stored_parameters: int
+
+
+class AdapterConfig(BaseModel):
+    """Config blob of an `application/vnd.peftreg.adapter.v1` artifact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    kind: AdapterKind
+    base: BaseReference
+    rank: int | None = Field(default=None, description="largest rank over the targets")
+    alpha: float | None = None
+    scaling_rule: ScalingRule = "alpha/r"
+    targets: list[TargetModule] = Field(default_factory=list)
+    dtype: str
+    parameters: int
+    bytes: int
+    tensors: list[TensorSpec]
+    peft_config: dict[str, Any] = Field(
+        description="the PEFT adapter_config.json as imported, kept for export"
+    )
+    nola: NolaSpec | None = None
+    num_virtual_tokens: int | None = None
+
+
+class BaseConfig(BaseModel):
+    """Config blob of an `application/vnd.peftreg.base.v1` artifact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    fingerprint: str
+    structure_hash: str
+    architecture: str | None = None
+    model_type: str | None = None
+    dtype: str | None = None
+    parameters: int
+    tensors: list[TensorSpec]
