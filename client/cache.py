@@ -7,7 +7,9 @@ directory's `peftreg`):
     blobs/sha256/<hex>.incomplete         a download in progress (resumable)
     blobs/sha256/<hex>.incomplete.parts   progress of a parallel download
     manifests/sha256/<hex>                manifest bytes, verified
-    refs/<repository>/<tag>               the manifest digest a tag last resolved to
+    refs/<repository>/_tags/<tag>         the manifest digest a tag last resolved to
+                                          (`_tags` never names a repository segment, so
+                                          `a/b:c` and repository `a/b/c` cannot collide)
     snapshots/sha256/<hex>/<title>        a manifest's files, hard links into blobs/
     locks/                                per-digest lock files
 
@@ -39,6 +41,7 @@ ENV_CACHE = "PEFTREG_CACHE"
 ENV_OFFLINE = "PEFTREG_OFFLINE"
 INCOMPLETE = ".incomplete"
 PARTS = ".incomplete.parts"
+TAGS_DIR = "_tags"
 
 
 def default_cache_dir() -> Path:
@@ -170,7 +173,7 @@ class Cache:
             check_tag(tag)
         except InvalidName as exc:
             raise InvalidReferenceError(str(exc)) from None
-        return self.root / "refs" / repository / tag
+        return self.root / "refs" / repository / TAGS_DIR / tag
 
     def set_ref(self, repository: str, tag: str, digest: Digest) -> None:
         self._write_atomic(self.ref_path(repository, tag), str(digest).encode())
@@ -187,10 +190,9 @@ class Cache:
         if not base.is_dir():
             return
         for path in sorted(base.rglob("*")):
-            if not path.is_file() or path.name.startswith("."):
+            if not path.is_file() or path.name.startswith(".") or path.parent.name != TAGS_DIR:
                 continue
-            relative = path.relative_to(base).as_posix()
-            repository, _, tag = relative.rpartition("/")
+            repository, tag = path.parent.parent.relative_to(base).as_posix(), path.name
             try:
                 yield CachedRef(repository, tag, Digest.parse(path.read_text().strip()))
             except InvalidDigest:

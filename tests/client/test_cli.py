@@ -25,7 +25,7 @@ def test_push_then_pull_directory_is_byte_identical(cli_env: CliEnv, tmp_path: P
     pulled = cli_env.run("pull", "acme/demo:v1", "-o", str(tmp_path / "out"), "-q")
     assert pulled.exit_code == 0, pulled.output
     assert tree_bytes(tmp_path / "out") == tree_bytes(source)
-    assert (cli_env.cache / "refs" / "acme" / "demo" / "v1").read_text() == digest
+    assert (cli_env.cache / "refs" / "acme" / "demo" / "_tags" / "v1").read_text() == digest
     assert not list(tmp_path.glob(".out.peftreg-*"))
 
     # Pushing again uploads nothing; pulling by digest hits the cache.

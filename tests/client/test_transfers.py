@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from client import Client
+from client.cache import Cache
 from client.digest import Digest
 from tests.client.conftest import CliEnv, make_tree, tree_bytes
 from tests.client.proxy import cutting_proxy
@@ -177,3 +178,16 @@ def test_eight_processes_download_a_200mb_artifact_once(
     for index in range(8):
         with (tmp_path / f"out{index}" / "model.bin").open("rb") as handle:
             assert hashlib.file_digest(handle, "sha256").hexdigest() == expected
+
+
+def test_cached_refs_of_nested_repositories_do_not_collide(tmp_path: Path) -> None:
+    cache = Cache(tmp_path / "cache")
+    first, second = Digest.of_bytes(b"a"), Digest.of_bytes(b"b")
+    cache.set_ref("acme/bot", "c", first)
+    cache.set_ref("acme/bot/c", "v1", second)
+    assert cache.get_ref("acme/bot", "c") == first
+    assert cache.get_ref("acme/bot/c", "v1") == second
+    assert {(r.repository, r.tag) for r in cache.iter_refs()} == {
+        ("acme/bot", "c"),
+        ("acme/bot/c", "v1"),
+    }
