@@ -166,4 +166,3 @@ def delete_blob_link(
         repository=repository,
         target=str(digest),
     )
-
