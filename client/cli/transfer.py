@@ -10,6 +10,7 @@ from client.cli.common import make_client, make_progress, parse_reference
 from client.digest import Digest
 from client.manifest import parse_manifest
 from client.sdk.errors import InvalidRequest
+from client.transfer.pull import PullResult
 
 
 def _annotations(values: tuple[str, ...]) -> dict[str, str]:
@@ -66,13 +67,46 @@ def push(
 )
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
 @click.option("--offline", is_flag=True, help="Use the cache only (as PEFTREG_OFFLINE=1).")
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["files", "peft"]),
+    default="files",
+    show_default=True,
+    help="files: the layers as pushed; peft: a PEFT adapter directory (needs --output).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def pull(ref: str, output: Path | None, force: bool, offline: bool, quiet: bool) -> None:
+def pull(
+    ref: str, output: Path | None, force: bool, offline: bool, output_format: str, quiet: bool
+) -> None:
     """Pull REF (ns/name:tag or ns/name@sha256:...) through the cache."""
     reference = parse_reference(ref)
+    if output_format == "peft" and output is None:
+        raise InvalidRequest("--format peft needs --output DIR")
     with make_client(offline=True if offline else None) as client:
+        if output_format == "peft":
+            result = client.pull(reference, None, progress=make_progress(quiet))
+            assert output is not None
+            _export_peft(result, output, force)
+            click.echo(str(output))
+            return
         result = client.pull(reference, output, replace=force, progress=make_progress(quiet))
     click.echo(str(result.path))
+
+
+def _export_peft(result: PullResult, output: Path, force: bool) -> None:
+    from client.adapters.package import export_snapshot_as_peft
+    from client.adapters.schema import AdapterConfig
+
+    if result.adapter_config is None:
+        raise InvalidRequest(
+            f"{result.reference} is not a typed adapter artifact; pull it without --format peft"
+        )
+    config = AdapterConfig.model_validate_json(result.adapter_config)
+    titles = [str(title) for title, _digest, _size in result.files]
+    note = export_snapshot_as_peft(config, result.path, titles, output, replace=force)
+    if note:
+        click.echo(note, err=True)
 
 
 @click.command()

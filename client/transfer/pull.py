@@ -42,6 +42,7 @@ class PullResult:
     path: Path  # the output directory, or the cache snapshot without one
     files: list[SnapshotFile]
     downloaded: int  # bytes received from the registry
+    adapter_config: bytes | None = None  # the config blob of a typed adapter artifact
 
 
 def fetch_manifest(http: HttpSession, reference: Reference) -> tuple[Digest, bytes]:
@@ -139,12 +140,34 @@ def pull(
             progress.finish()
         if reference.tag is not None:
             cache.set_ref(reference.repository, reference.tag, digest)
+    adapter_config = _adapter_config(http, cache, reference, content)
     snapshot = cache.materialize(digest, files)
     path = snapshot
     if output is not None:
         export(snapshot, files, output, replace=replace)
         path = output
-    return PullResult(reference, digest, path, files, downloaded)
+    return PullResult(reference, digest, path, files, downloaded, adapter_config)
+
+
+def _adapter_config(
+    http: HttpSession | None, cache: Cache, reference: Reference, content: bytes
+) -> bytes | None:
+    """The config blob of an adapter artifact, through the cache (offline: from it)."""
+    from client.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
+
+    parsed = parse_manifest(content, None)
+    if not isinstance(parsed, ImageManifest):
+        return None
+    if parsed.config.media_type != ADAPTER_CONFIG_MEDIA_TYPE:
+        return None
+    blob, size = Digest.parse(parsed.config.digest), parsed.config.size
+    if not cache.has_blob(blob, size):
+        if http is None:
+            raise CacheMiss(
+                f"offline: the adapter config {blob} of {reference} is not in the cache"
+            )
+        download_blob(http, reference.repository, blob, size, cache)
+    return cache.blob_path(blob).read_bytes()
 
 
 def _check_output(output: Path, replace: bool) -> None:

@@ -32,6 +32,7 @@ class LocalFile:
     path: Path
     digest: Digest
     size: int
+    media_type: str = LAYER_MEDIA_TYPE
 
 
 @dataclass(frozen=True)
@@ -64,20 +65,24 @@ def guess_artifact_type(titles: list[str]) -> str:
 
 
 def build_manifest(
-    files: list[LocalFile], artifact_type: str, annotations: Mapping[str, str] | None
+    files: list[LocalFile],
+    artifact_type: str,
+    annotations: Mapping[str, str] | None,
+    config: tuple[str, bytes] = (EMPTY_JSON, EMPTY_CONFIG),
 ) -> bytes:
+    """`config` is the config blob's (media type, bytes)."""
     document: dict[str, object] = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "artifactType": artifact_type,
         "config": {
-            "mediaType": EMPTY_JSON,
-            "digest": str(Digest.of_bytes(EMPTY_CONFIG)),
-            "size": len(EMPTY_CONFIG),
+            "mediaType": config[0],
+            "digest": str(Digest.of_bytes(config[1])),
+            "size": len(config[1]),
         },
         "layers": [
             {
-                "mediaType": LAYER_MEDIA_TYPE,
+                "mediaType": item.media_type,
                 "digest": str(item.digest),
                 "size": item.size,
                 "annotations": {TITLE_ANNOTATION: item.title},
@@ -101,13 +106,39 @@ def push_path(
     chunk_size: int = CHUNK_SIZE,
     progress: Progress | None = None,
 ) -> PushResult:
-    """Upload every file (skipping what the server has) and put the manifest."""
+    """Upload every file (skipping what the server has) and put the manifest.
+
+    A PEFT directory (adapter_config.json + adapter_model.safetensors or
+    nola.safetensors) is pushed as a typed adapter (see client.adapters.package),
+    unless another artifact type is asked for; its pickle files are refused
+    before anything is uploaded.
+    """
+    from client.adapters.package import adapter_annotations, adapter_artifact_files
+    from client.adapters.peft_import import is_peft_directory, read_peft_directory
+    from client.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
+
     progress = progress or NullProgress()
-    entries = collect_files(path)
-    check_titles([title for title, _path in entries])
-    files = [LocalFile(title, item, *digest_file(item)) for title, item in entries]
+    config: tuple[str, bytes] = (EMPTY_JSON, EMPTY_CONFIG)
+    if artifact_type in (None, ADAPTER_ARTIFACT) and is_peft_directory(path):
+        imported = read_peft_directory(path)
+        config_bytes, layers = adapter_artifact_files(imported)
+        config = (ADAPTER_CONFIG_MEDIA_TYPE, config_bytes)
+        check_titles([title for _path, title, _media in layers])
+        files = [
+            LocalFile(title, item, *digest_file(item), media_type=media)
+            for item, title, media in layers
+        ]
+        artifact_type = ADAPTER_ARTIFACT
+        annotations = {
+            **adapter_annotations(imported.config, path.absolute().name),
+            **(annotations or {}),
+        }
+    else:
+        entries = collect_files(path)
+        check_titles([title for title, _path in entries])
+        files = [LocalFile(title, item, *digest_file(item)) for title, item in entries]
     repository = reference.repository
-    upload_blob(http, repository, Digest.of_bytes(EMPTY_CONFIG), 2, EMPTY_CONFIG)
+    upload_blob(http, repository, Digest.of_bytes(config[1]), len(config[1]), config[1])
     progress.start(sum(item.size for item in files), f"push {reference}")
     uploaded = skipped = 0
     try:
@@ -129,7 +160,7 @@ def push_path(
     finally:
         progress.finish()
     kind = artifact_type or guess_artifact_type([item.title for item in files])
-    content = build_manifest(files, kind, annotations)
+    content = build_manifest(files, kind, annotations, config)
     digest = Digest.of_bytes(content)
     if reference.digest is not None and reference.digest != digest:
         raise DigestMismatch(f"the manifest pushed is {digest}, not {reference.digest}")

@@ -1,0 +1,79 @@
+"""Adapter artifacts: what `push` uploads for a PEFT directory, and `pull --format peft`.
+
+An adapter artifact (artifactType ADAPTER_ARTIFACT) has:
+- config blob: canonical JSON of the AdapterConfig, ADAPTER_CONFIG_MEDIA_TYPE;
+- layers: the tensors file titled `adapter_model.safetensors`
+  (SAFETENSORS_MEDIA_TYPE) or `nola.safetensors` (NOLA_SAFETENSORS_MEDIA_TYPE),
+  then every other file (README.md, ...) as FILE_MEDIA_TYPE. The PEFT
+  `adapter_config.json` is not a layer: it lives in the config's `peft_config`;
+- manifest annotations: the title, `io.peftreg.adapter.kind` and
+  `io.peftreg.adapter.rank` (when the adapter has a rank).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from client.adapters.peft_export import write_peft_directory
+from client.adapters.peft_import import NOLA_FILE, TENSORS_FILE, ImportedAdapter
+from client.adapters.schema import (
+    ADAPTER_CONFIG_MEDIA_TYPE,
+    FILE_MEDIA_TYPE,
+    NOLA_SAFETENSORS_MEDIA_TYPE,
+    SAFETENSORS_MEDIA_TYPE,
+    AdapterConfig,
+)
+from client.manifest import TITLE_ANNOTATION, ImageManifest, canonical_json
+from client.sdk.errors import InvalidRequest
+
+KIND_ANNOTATION = "io.peftreg.adapter.kind"
+RANK_ANNOTATION = "io.peftreg.adapter.rank"
+
+
+def config_blob(config: AdapterConfig) -> bytes:
+    return canonical_json(config.model_dump(mode="json"))
+
+
+def adapter_artifact_files(
+    imported: ImportedAdapter,
+) -> tuple[bytes, list[tuple[Path, str, str]]]:
+    """(config blob bytes, [(path, title, media type)]) with the tensors file first."""
+    media = (
+        NOLA_SAFETENSORS_MEDIA_TYPE if imported.config.kind == "nola" else SAFETENSORS_MEDIA_TYPE
+    )
+    layers = [(imported.tensors_path, imported.tensors_title, media)]
+    layers += [(path, title, FILE_MEDIA_TYPE) for title, path in imported.extra_files]
+    return config_blob(imported.config), layers
+
+
+def adapter_annotations(config: AdapterConfig, title: str) -> dict[str, str]:
+    annotations = {TITLE_ANNOTATION: title, KIND_ANNOTATION: config.kind}
+    if config.rank is not None:
+        annotations[RANK_ANNOTATION] = str(config.rank)
+    return annotations
+
+
+def adapter_config_of(manifest: ImageManifest, config_bytes: bytes) -> AdapterConfig:
+    if manifest.config.media_type != ADAPTER_CONFIG_MEDIA_TYPE:
+        raise InvalidRequest(
+            f"not a typed adapter: its config is {manifest.config.media_type!r}, not "
+            f"{ADAPTER_CONFIG_MEDIA_TYPE!r}; push the PEFT directory again with this peftreg"
+        )
+    return AdapterConfig.model_validate_json(config_bytes)
+
+
+def export_snapshot_as_peft(
+    config: AdapterConfig, snapshot: Path, titles: list[str], output: Path, *, replace: bool
+) -> str | None:
+    """Write a pulled adapter snapshot as a PEFT directory; a note to print or None."""
+    tensors_title = NOLA_FILE if config.kind == "nola" else TENSORS_FILE
+    if tensors_title not in titles:
+        raise InvalidRequest(f"the adapter artifact has no {tensors_title} layer")
+    extras = {
+        title: snapshot / title
+        for title in titles
+        if title not in (tensors_title, TENSORS_FILE, "adapter_config.json")
+    }
+    return write_peft_directory(
+        config, snapshot / tensors_title, output, extra_files=extras, replace=replace
+    )

@@ -1,0 +1,136 @@
+"""Write a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+
+For LoRA, DoRA, prompt and prefix tuning the config is the imported
+`peft_config` and the tensors file is copied as it is. PEFT has no NOLA, so a
+NOLA adapter is written as its materialized LoRA (digest checked) with a
+LoRA config built from the NOLA spec and targets; the returned note says so.
+The directory is built next to its final place and renamed into it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from client.adapters.nola import materialize
+from client.adapters.peft_import import (
+    CONFIG_FILE,
+    TENSORS_FILE,
+    PeftImportError,
+    read_safetensors_header,
+)
+from client.adapters.schema import AdapterConfig
+from client.sdk.errors import Conflict
+
+NOLA_NOTE = "exported NOLA as its materialized LoRA (PEFT has no NOLA)"
+
+
+def nola_lora_config(config: AdapterConfig) -> dict[str, Any]:
+    """The PEFT LoRA adapter_config.json equivalent to a NOLA adapter."""
+    source = config.peft_config
+    targets = config.targets
+    rank = config.rank or max(t.rank for t in targets)
+    alpha = config.alpha if config.alpha is not None else float(targets[0].alpha)
+    document: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": source.get("task_type"),
+        "base_model_name_or_path": config.base.name,
+        "revision": source.get("revision"),
+        "inference_mode": True,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(t.module for t in targets),
+        "fan_in_fan_out": any(t.layer == "conv1d" for t in targets),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {t.module: t.rank for t in targets if t.rank != rank},
+        "alpha_pattern": {t.module: t.alpha for t in targets if t.alpha != alpha},
+    }
+    return document
+
+
+def _write_dir(out_dir: Path, writer: Any, *, replace: bool) -> None:
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise Conflict(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not replace:
+        raise Conflict(f"{out_dir} exists and is not empty; pass --force to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.peftreg-{uuid.uuid4().hex}"
+    retired = out_dir.parent / f".{out_dir.name}.peftreg-old-{uuid.uuid4().hex}"
+    try:
+        staging.mkdir()
+        writer(staging)
+        if out_dir.is_dir():
+            os.rename(out_dir, retired)
+        os.rename(staging, out_dir)
+    except BaseException:
+        if retired.exists() and not out_dir.exists():
+            os.rename(retired, out_dir)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _config_bytes(document: Mapping[str, Any]) -> bytes:
+    return (json.dumps(dict(document), indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def write_peft_directory(
+    config: AdapterConfig,
+    tensors: Path | str | Mapping[str, torch.Tensor],
+    out_dir: Path,
+    *,
+    extra_files: Mapping[str, Path] | None = None,
+    replace: bool = False,
+) -> str | None:
+    """Write `out_dir` as a PEFT directory; a note to print (NOLA) or None.
+
+    `tensors` is the stored tensors file (adapter_model.safetensors, or
+    nola.safetensors for NOLA) or a dict of tensors. `extra_files` (title ->
+    path, e.g. README.md) are copied alongside.
+    """
+    note: str | None = None
+    if config.kind == "nola":
+        lora = materialize(config, tensors if isinstance(tensors, Mapping) else Path(tensors))
+        document = nola_lora_config(config)
+        source: Path | Mapping[str, torch.Tensor] = lora
+        note = NOLA_NOTE
+    else:
+        document = config.peft_config
+        source = tensors if isinstance(tensors, Mapping) else Path(tensors)
+        if isinstance(source, Path):
+            read_safetensors_header(source)
+    extras = dict(extra_files or {})
+    for title in extras:
+        if title in (CONFIG_FILE, TENSORS_FILE):
+            raise PeftImportError(f"extra file {title!r} would replace the adapter itself")
+
+    def writer(staging: Path) -> None:
+        (staging / CONFIG_FILE).write_bytes(_config_bytes(document))
+        if isinstance(source, Path):
+            shutil.copyfile(source, staging / TENSORS_FILE)
+        else:
+            save_file(
+                {name: value.contiguous() for name, value in source.items()},
+                str(staging / TENSORS_FILE),
+                metadata={"format": "pt"},
+            )
+        for title, path in extras.items():
+            dest = staging / title
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, dest)
+
+    _write_dir(out_dir, writer, replace=replace)
+    return note

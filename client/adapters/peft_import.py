@@ -1,0 +1,272 @@
+"""Read a PEFT adapter directory into an `AdapterConfig`, never unpickling anything.
+
+A PEFT directory is `adapter_config.json` + `adapter_model.safetensors`
+(or, for NOLA, our own `nola.safetensors`; see `client.adapters.nola`).
+Pickle files (`.bin`, `.pt`, `.pth`, `.pkl`, ...) are refused by name and
+never opened. The safetensors header is parsed by the strict parser before
+anything else trusts it; tensor data is not read here.
+
+Targets are resolved from tensor names (`base_model.model.<module>.lora_A.weight`,
+`...lora_embedding_A` for embeddings) with the per-module rank and alpha of
+`rank_pattern` / `alpha_pattern` (the first key `k` with
+`re.match(rf"(.*\\.)?({k})$", module)` wins), and scaling alpha / r, or
+alpha / sqrt(r) with rsLoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from client.adapters.schema import (
+    AdapterConfig,
+    AdapterKind,
+    BaseReference,
+    TargetModule,
+    TensorSpec,
+)
+from client.formats.safetensors_header import (
+    SafetensorsError,
+    SafetensorsHeader,
+    read_header,
+)
+from client.sdk.errors import InvalidRequest
+
+CONFIG_FILE = "adapter_config.json"
+TENSORS_FILE = "adapter_model.safetensors"
+NOLA_FILE = "nola.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+PEFT_PREFIX = "base_model.model."
+NOLA_PEFT_TYPE = "NOLA"
+
+_KINDS: dict[str, AdapterKind] = {
+    "LORA": "lora",
+    "PROMPT_TUNING": "prompt_tuning",
+    "PREFIX_TUNING": "prefix_tuning",
+    NOLA_PEFT_TYPE: "nola",
+}
+
+
+class PeftImportError(InvalidRequest):
+    """A directory that cannot be imported as a PEFT adapter; the message says why."""
+
+
+class PickleRefused(PeftImportError):
+    """The directory holds a pickle file, which peftreg never loads."""
+
+
+@dataclass(frozen=True)
+class ImportedAdapter:
+    config: AdapterConfig
+    tensors_path: Path
+    tensors_title: str  # adapter_model.safetensors or nola.safetensors
+    extra_files: list[tuple[str, Path]] = field(default_factory=list)  # (title, path)
+
+
+def pickle_message(title: str) -> str:
+    return (
+        f"{title} is a pickle file and is never loaded; save with safe_serialization=True "
+        f"(adapter_model.safetensors) and remove {title}"
+    )
+
+
+def pickle_files(path: Path) -> list[str]:
+    """Relative paths of every pickle-format file under `path`, sorted."""
+    return sorted(
+        item.relative_to(path).as_posix()
+        for item in path.rglob("*")
+        if item.is_file() and item.suffix.lower() in PICKLE_SUFFIXES
+    )
+
+
+def is_peft_directory(path: Path) -> bool:
+    """A directory peftreg pushes as a typed adapter (or must refuse as one).
+
+    `adapter_config.json` with `adapter_model.safetensors` or `nola.safetensors`,
+    or with a top-level pickle file in their place (refused on import).
+    """
+    if not path.is_dir() or not (path / CONFIG_FILE).is_file():
+        return False
+    if (path / TENSORS_FILE).is_file() or (path / NOLA_FILE).is_file():
+        return True
+    return any(item.is_file() and item.suffix.lower() in PICKLE_SUFFIXES for item in path.iterdir())
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    try:
+        with path.open("rb") as stream:
+            return read_header(stream, path.stat().st_size)
+    except SafetensorsError as exc:
+        raise PeftImportError(f"{path.name}: {exc}") from None
+
+
+def match_pattern(pattern: dict[str, Any] | None, module: str) -> Any | None:
+    """PEFT's rule: the first key `k` with `re.match(rf"(.*\\.)?({k})$", module)`."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool) -> float:
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def _strip_prefix(name: str) -> str:
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+
+
+def _dominant_dtype(header: SafetensorsHeader) -> str:
+    floats = [e.dtype for e in header.tensors.values() if e.dtype.startswith(("F", "BF"))]
+    counts = Counter(floats or [e.dtype for e in header.tensors.values()])
+    if not counts:
+        raise PeftImportError("the tensors file holds no tensors")
+    return counts.most_common(1)[0][0]
+
+
+def _tensor_specs(header: SafetensorsHeader) -> list[TensorSpec]:
+    return [
+        TensorSpec(name=name, dtype=entry.dtype, shape=entry.shape)
+        for name, entry in sorted(header.tensors.items())
+    ]
+
+
+def _lora_targets(peft_config: dict[str, Any], header: SafetensorsHeader) -> list[TargetModule]:
+    r_default = peft_config.get("r")
+    alpha_default = peft_config.get("lora_alpha")
+    if not isinstance(r_default, int) or not isinstance(alpha_default, int | float):
+        raise PeftImportError(f"{CONFIG_FILE}: LoRA needs integer r and numeric lora_alpha")
+    rslora = bool(peft_config.get("use_rslora"))
+    conv1d = bool(peft_config.get("fan_in_fan_out"))
+    targets: list[TargetModule] = []
+    for name, entry in sorted(header.tensors.items()):
+        short = _strip_prefix(name)
+        if short.endswith(".lora_A.weight"):
+            module, layer = short[: -len(".lora_A.weight")], "conv1d" if conv1d else "linear"
+        elif short.endswith(".lora_embedding_A"):
+            module, layer = short[: -len(".lora_embedding_A")], "embedding"
+        else:
+            continue
+        rank = match_pattern(peft_config.get("rank_pattern"), module)
+        rank = r_default if rank is None else rank
+        alpha = match_pattern(peft_config.get("alpha_pattern"), module)
+        alpha = alpha_default if alpha is None else alpha
+        if not entry.shape or entry.shape[0] != rank:
+            raise PeftImportError(
+                f"{name}: shape {list(entry.shape)} does not have the rank {rank} that "
+                f"{CONFIG_FILE} gives {module}"
+            )
+        targets.append(
+            TargetModule(
+                module=module,
+                layer=layer,
+                rank=int(rank),
+                alpha=float(alpha),
+                scaling=lora_scaling(float(alpha), int(rank), rslora),
+            )
+        )
+    if not targets:
+        raise PeftImportError(f"{TENSORS_FILE} holds no lora_A / lora_embedding_A tensors")
+    return targets
+
+
+def _load_peft_config(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PeftImportError(f"{CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise PeftImportError(f"{CONFIG_FILE} must hold a JSON object")
+    return document
+
+
+def read_peft_directory(
+    path: Path,
+    *,
+    base_fingerprint: str | None = None,
+    base_structure_hash: str | None = None,
+) -> ImportedAdapter:
+    """Import a PEFT directory: config resolved from its JSON and tensor header."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PeftImportError(f"{path} is not a directory")
+    pickles = pickle_files(path)
+    if pickles:
+        raise PickleRefused(pickle_message(pickles[0]))
+    if not (path / CONFIG_FILE).is_file():
+        raise PeftImportError(f"{path} has no {CONFIG_FILE}; it is not a PEFT adapter directory")
+    peft_config = _load_peft_config(path)
+    peft_type = str(peft_config.get("peft_type", "")).upper()
+    kind = _KINDS.get(peft_type)
+    if kind is None:
+        raise PeftImportError(
+            f"peft_type {peft_config.get('peft_type')!r} is not supported; peftreg imports "
+            "LORA (with DoRA and rsLoRA), PROMPT_TUNING, PREFIX_TUNING and NOLA"
+        )
+    title = NOLA_FILE if kind == "nola" else TENSORS_FILE
+    tensors_path = path / title
+    if not tensors_path.is_file():
+        raise PeftImportError(f"{path} has {CONFIG_FILE} but no {title}")
+    header = read_safetensors_header(tensors_path)
+    base = BaseReference(
+        name=peft_config.get("base_model_name_or_path"),
+        fingerprint=base_fingerprint,
+        structure_hash=base_structure_hash,
+    )
+    common: dict[str, Any] = {
+        "base": base,
+        "dtype": _dominant_dtype(header),
+        "parameters": sum(e.numel for e in header.tensors.values()),
+        "bytes": sum(e.nbytes for e in header.tensors.values()),
+        "tensors": _tensor_specs(header),
+        "peft_config": peft_config,
+    }
+    if kind == "lora":
+        targets = _lora_targets(peft_config, header)
+        config = AdapterConfig(
+            kind="dora" if peft_config.get("use_dora") else "lora",
+            rank=max(t.rank for t in targets),
+            alpha=float(peft_config["lora_alpha"]),
+            scaling_rule="alpha/sqrt(r)" if peft_config.get("use_rslora") else "alpha/r",
+            targets=targets,
+            **common,
+        )
+    elif kind == "nola":
+        from client.adapters.nola import nola_config_parts
+
+        targets, spec, parameters = nola_config_parts(peft_config, tensors_path, header)
+        common["parameters"] = parameters
+        config = AdapterConfig(
+            kind="nola",
+            rank=max(t.rank for t in targets),
+            alpha=float(peft_config["lora_alpha"]),
+            scaling_rule="alpha/r",
+            targets=targets,
+            nola=spec,
+            **common,
+        )
+    else:
+        tokens = peft_config.get("num_virtual_tokens")
+        if not isinstance(tokens, int):
+            raise PeftImportError(f"{CONFIG_FILE}: {peft_type} needs num_virtual_tokens")
+        config = AdapterConfig(kind=kind, scaling_rule="none", num_virtual_tokens=tokens, **common)
+    extras = [
+        (item.relative_to(path).as_posix(), item)
+        for item in sorted(path.rglob("*"))
+        if item.is_file() and item.relative_to(path).as_posix() not in (CONFIG_FILE, title)
+    ]
+    return ImportedAdapter(config, tensors_path, title, extras)
+
+
+__all__ = [
+    "ImportedAdapter",
+    "PeftImportError",
+    "PickleRefused",
+    "is_peft_directory",
+    "read_peft_directory",
+]
