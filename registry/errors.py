@@ -70,6 +70,14 @@ class ManifestTooLarge(RegistryError):
     pass
 
 
+class ArtifactInvalid(RegistryError):
+    """An adapter or base artifact whose config or tensors do not hold up (422)."""
+
+
+class SafetensorsInvalid(ArtifactInvalid):
+    """A safetensors layer that is not a well-formed safetensors file (422)."""
+
+
 class TagImmutable(RegistryError):
     pass
 

@@ -1,19 +1,107 @@
-"""`peftreg ls`, `show`, `history` and `rm`: browsing and deleting versions."""
+"""`peftreg ls`, `show`, `diff`, `history` and `rm`: browsing and deleting versions."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import click
 
+from client.adapters.schema import NOLA_SAFETENSORS_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE
 from client.cli.common import echo_json, echo_table, human_size, make_client, parse_reference
 from client.manifest import TITLE_ANNOTATION
+from client.sdk.client import Client
 from client.sdk.errors import InvalidRequest
+from client.sdk.models import Version
+
+
+def resolve_base(client: Client, text: str) -> str:
+    """A base fingerprint: given as `sha256:...`, or read from the base artifact REF names."""
+    if text.startswith("sha256:"):
+        return text
+    reference = parse_reference(text)
+    manifest = json.loads(client.get_manifest(reference).content)
+    config = json.loads(client.get_blob(reference.repository, manifest["config"]["digest"]))
+    fingerprint = config.get("fingerprint") if isinstance(config, dict) else None
+    if not isinstance(fingerprint, str):
+        raise InvalidRequest(f"{text} is not a base artifact (its config has no fingerprint)")
+    return fingerprint
+
+
+def _short(digest: str | None) -> str:
+    return "-" if not digest else digest.split(":", 1)[-1][:12]
+
+
+def _list_versions(
+    namespace: str | None,
+    base_ref: str | None,
+    kind: str | None,
+    max_rank: int | None,
+    quantization: str | None,
+    verified: bool | None,
+    as_json: bool,
+) -> None:
+    prefix = namespace.strip("/") if namespace else None
+    with make_client(offline=False) as client:
+        base = resolve_base(client, base_ref) if base_ref else None
+        found = client.versions(
+            None,
+            kind=kind,
+            base=base,
+            max_rank=max_rank,
+            base_quantization=quantization,
+            verified=verified,
+        )
+    versions: list[Version] = [
+        v
+        for v in found
+        if prefix is None or v.repository == prefix or v.repository.startswith(prefix + "/")
+    ]
+    if as_json:
+        echo_json(versions)
+        return
+    rows = []
+    for v in versions:
+        summary = v.adapter
+        rows.append(
+            (
+                f"{v.repository}@{_short(v.digest)}",
+                ",".join(v.tags) or "-",
+                summary.kind if summary else "-",
+                summary.rank if summary and summary.rank is not None else "-",
+                _short(summary.base_fingerprint) if summary else "-",
+                ("yes" if summary.verified else "no") if summary else "-",
+            )
+        )
+    echo_table(("VERSION", "TAGS", "KIND", "RANK", "BASE", "VERIFIED"), rows)
 
 
 @click.command(name="ls")
 @click.argument("namespace", required=False)
+@click.option("--base", "base_ref", help="Adapters of this base (REF or sha256 fingerprint).")
+@click.option("--kind", help="Adapters of this kind (lora, dora, prompt_tuning, ...).")
+@click.option("--max-rank", type=int, help="Adapters whose largest rank is at most this.")
+@click.option("--quantization", help="Adapters trained against this base quantization.")
+@click.option("--verified/--unverified", default=None, help="Checked against a registered base.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def list_repositories(namespace: str | None, as_json: bool) -> None:
-    """List repositories (those under NAMESPACE when given)."""
+def list_repositories(
+    namespace: str | None,
+    base_ref: str | None,
+    kind: str | None,
+    max_rank: int | None,
+    quantization: str | None,
+    verified: bool | None,
+    as_json: bool,
+) -> None:
+    """List repositories (those under NAMESPACE when given).
+
+    With --base, --kind, --max-rank, --quantization or --verified, list the
+    adapter versions that match instead.
+    """
+    if any(v is not None for v in (base_ref, kind, max_rank, quantization, verified)):
+        _list_versions(namespace, base_ref, kind, max_rank, quantization, verified, as_json)
+        return
     prefix = namespace.strip("/") if namespace else None
     with make_client(offline=False) as client:
         repositories = [
@@ -38,6 +126,10 @@ def show(ref: str, as_json: bool) -> None:
     reference = parse_reference(ref)
     with make_client(offline=False) as client:
         detail = client.version(reference)
+        config = detail.config
+        if detail.adapter is not None and not isinstance(config, dict):
+            config_digest = str((detail.manifest.get("config") or {}).get("digest", ""))
+            config = json.loads(client.get_blob(reference.repository, config_digest))
     if as_json:
         echo_json(detail)
         return
@@ -48,6 +140,8 @@ def show(ref: str, as_json: bool) -> None:
     click.echo(f"pushed by:     {detail.pushed_by or '-'} at {detail.created_at.isoformat()}")
     for key, value in sorted(detail.annotations.items()):
         click.echo(f"annotation:    {key}={value}")
+    if detail.adapter is not None and isinstance(config, dict):
+        _echo_artifact(detail.adapter.model_dump(), config)
     layers = detail.manifest.get("layers") or []
     if layers:
         click.echo("files:")
@@ -109,3 +203,105 @@ def rm(ref: str, force: bool) -> None:
         deleted = client.delete_version(reference.repository, digest, force=force)
     removed = f" (tags removed: {', '.join(deleted.tags_removed)})" if deleted.tags_removed else ""
     click.echo(f"deleted {reference.repository}@{deleted.digest}{removed}")
+
+
+def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
+    if summary["kind"] == "base":
+        click.echo("kind:          base")
+        click.echo(f"fingerprint:   {config.get('fingerprint')}")
+        click.echo(f"architecture:  {config.get('architecture') or '-'}")
+        click.echo(f"parameters:    {config.get('parameters')}")
+        return
+    base = config.get("base") or {}
+    verified = "verified" if summary["verified"] else "unverified: base not registered"
+    click.echo(f"kind:          {summary['kind']}")
+    click.echo(f"base:          {base.get('name') or '-'}")
+    click.echo(f"base fingerprint: {base.get('fingerprint') or '-'} ({verified})")
+    if base.get("quantization", "none") != "none":
+        click.echo(f"base quantization: {base.get('quantization')}")
+    click.echo(f"rank:          {summary['rank'] if summary['rank'] is not None else '-'}")
+    size = human_size(int(config.get("bytes", 0)))
+    click.echo(f"parameters:    {config.get('parameters')} ({size})")
+    targets = config.get("targets") or []
+    click.echo(f"targets:       {len(targets)}")
+    for target in targets:
+        click.echo(
+            f"  {target['module']}  {target.get('layer', 'linear')}  r={target['rank']}  "
+            f"alpha={target['alpha']:g}"
+        )
+
+
+def _load_adapter(client: Client, text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config, tensors) of the adapter REF names, its weights from the cache."""
+    from safetensors.torch import load_file
+
+    reference = parse_reference(text)
+    manifest = json.loads(client.get_manifest(reference).content)
+    config = json.loads(client.get_blob(reference.repository, manifest["config"]["digest"]))
+    layers = manifest.get("layers") or []
+    weights = [
+        layer
+        for layer in layers
+        if layer.get("mediaType") in (SAFETENSORS_MEDIA_TYPE, NOLA_SAFETENSORS_MEDIA_TYPE)
+        or str((layer.get("annotations") or {}).get(TITLE_ANNOTATION, "")).endswith(".safetensors")
+    ]
+    if len(weights) != 1 or not isinstance(config, dict) or "kind" not in config:
+        raise InvalidRequest(f"{text} is not an adapter artifact")
+    path = client.download_blob(reference.repository, weights[0]["digest"], int(weights[0]["size"]))
+    return config, dict(load_file(str(Path(path))))
+
+
+@click.command()
+@click.argument("ref1")
+@click.argument("ref2")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def diff(ref1: str, ref2: str, as_json: bool) -> None:
+    """Compare two adapters: kind, rank, targets, and how far each common tensor moved."""
+    import torch
+
+    with make_client(offline=False) as client:
+        config_a, tensors_a = _load_adapter(client, ref1)
+        config_b, tensors_b = _load_adapter(client, ref2)
+    targets_a = {t["module"] for t in config_a.get("targets") or []}
+    targets_b = {t["module"] for t in config_b.get("targets") or []}
+    changes: dict[str, float | None] = {}
+    for name in sorted(set(tensors_a) & set(tensors_b)):
+        a, b = tensors_a[name], tensors_b[name]
+        if a.shape != b.shape or not a.is_floating_point():
+            changes[name] = None
+            continue
+        a32, b32 = a.to(torch.float32), b.to(torch.float32)
+        norm = float(torch.linalg.vector_norm(a32))
+        delta = float(torch.linalg.vector_norm(a32 - b32))
+        changes[name] = delta / norm if norm > 0 else (0.0 if delta == 0 else float("inf"))
+    report = {
+        "kind": [config_a.get("kind"), config_b.get("kind")],
+        "rank": [config_a.get("rank"), config_b.get("rank")],
+        "targets_added": sorted(targets_b - targets_a),
+        "targets_removed": sorted(targets_a - targets_b),
+        "tensors_added": sorted(set(tensors_b) - set(tensors_a)),
+        "tensors_removed": sorted(set(tensors_a) - set(tensors_b)),
+        "relative_change": changes,
+    }
+    if as_json:
+        echo_json(report)
+        return
+    kind_a, kind_b = report["kind"]
+    rank_a, rank_b = report["rank"]
+    click.echo(f"kind:    {kind_a}" + ("" if kind_a == kind_b else f" -> {kind_b}"))
+    click.echo(f"rank:    {rank_a}" + ("" if rank_a == rank_b else f" -> {rank_b}"))
+    for module in report["targets_added"]:
+        click.echo(f"+ target {module}")
+    for module in report["targets_removed"]:
+        click.echo(f"- target {module}")
+    for name in report["tensors_added"]:
+        click.echo(f"+ tensor {name}")
+    for name in report["tensors_removed"]:
+        click.echo(f"- tensor {name}")
+    echo_table(
+        ("TENSOR", "||a-b||/||a||"),
+        [
+            (name, "shape/dtype differs" if value is None else f"{value:.6g}")
+            for name, value in changes.items()
+        ],
+    )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from client.cli.auth import login, logout
+from client.cli.base import base
 from client.cli.cache import cache
-from client.cli.catalog import history, list_repositories, rm, show
+from client.cli.catalog import diff, history, list_repositories, rm, show
 from client.cli.common import PeftregGroup
 from client.cli.fingerprint import fingerprint
 from client.cli.server import db, serve
@@ -29,6 +30,8 @@ for command in (
     pull,
     list_repositories,
     show,
+    diff,
+    base,
     tag,
     history,
     rm,

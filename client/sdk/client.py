@@ -244,10 +244,27 @@ class Client:
         *,
         artifact_type: str | None = None,
         annotations: Mapping[str, str] | None = None,
+        kind: str | None = None,
+        base: str | None = None,
+        max_rank: int | None = None,
+        base_quantization: str | None = None,
+        verified: bool | None = None,
     ) -> list[Version]:
+        """Versions, newest first; `kind`, `base` (a base fingerprint), `max_rank`,
+        `base_quantization` and `verified` keep only adapters (or bases) that match."""
         params: dict[str, str | list[str]] = {}
         if artifact_type:
             params["artifact_type"] = artifact_type
+        if kind:
+            params["kind"] = kind
+        if base:
+            params["base"] = base
+        if max_rank is not None:
+            params["max_rank"] = str(max_rank)
+        if base_quantization:
+            params["base_quantization"] = base_quantization
+        if verified is not None:
+            params["verified"] = "true" if verified else "false"
         if annotations:
             params["annotation"] = [f"{k}={v}" for k, v in annotations.items()]
         path = f"/api/v1/repositories/{repository}/versions" if repository else "/api/v1/versions"

@@ -20,6 +20,17 @@ class Repository(_Model):
     tags: int
 
 
+class ArtifactSummary(_Model):
+    """What the registry indexed validating an adapter (or base) artifact at push."""
+
+    kind: str
+    rank: int | None = None
+    base_fingerprint: str | None = None
+    base_quantization: str | None = None
+    verified: bool = False
+    fingerprint: str | None = None
+
+
 class Version(_Model):
     repository: str
     digest: str
@@ -31,6 +42,7 @@ class Version(_Model):
     tags: list[str] = []
     pushed_by: str | None = None
     created_at: datetime
+    adapter: ArtifactSummary | None = None
 
 
 class VersionDetail(Version):

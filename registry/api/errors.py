@@ -32,6 +32,8 @@ ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
     errors.ManifestUnknown: (404, "MANIFEST_UNKNOWN"),
     errors.ManifestBlobUnknown: (400, "MANIFEST_BLOB_UNKNOWN"),
     errors.ManifestTooLarge: (413, "MANIFEST_TOO_LARGE"),
+    errors.ArtifactInvalid: (422, "ADAPTER_INVALID"),
+    errors.SafetensorsInvalid: (422, "SAFETENSORS_INVALID"),
     errors.TagImmutable: (409, "TAG_IMMUTABLE"),
     errors.VersionInUse: (409, "VERSION_IN_USE"),
     errors.Unauthorized: (401, "UNAUTHORIZED"),

@@ -21,6 +21,17 @@ class RepositoryPage(BaseModel):
     next_cursor: str | None
 
 
+class ArtifactSummaryOut(BaseModel):
+    """What the registry learned validating an adapter (or base) artifact at push."""
+
+    kind: str
+    rank: int | None
+    base_fingerprint: str | None
+    base_quantization: str | None
+    verified: bool
+    fingerprint: str | None = None
+
+
 class VersionOut(BaseModel):
     repository: str
     digest: str
@@ -32,6 +43,7 @@ class VersionOut(BaseModel):
     tags: list[str]
     pushed_by: str | None
     created_at: datetime
+    adapter: ArtifactSummaryOut | None = None
 
 
 class VersionPage(BaseModel):

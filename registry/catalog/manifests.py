@@ -18,7 +18,7 @@ from client.manifest import (
     parse_manifest,
 )
 from registry.auth.scopes import Principal
-from registry.catalog import audit, tags
+from registry.catalog import artifacts, audit, tags
 from registry.catalog.repositories import ensure_repository, find_repository
 from registry.db.models import Manifest, ManifestReference, Repository, RepositoryBlob
 from registry.errors import (
@@ -28,6 +28,7 @@ from registry.errors import (
     ManifestUnknown,
     VersionInUse,
 )
+from registry.storage.base import BlobReader
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,15 @@ def put_manifest(
     content: bytes,
     content_type: str | None,
     extra_tags: list[str] | None = None,
+    store: BlobReader | None = None,
 ) -> PutResult:
     """Store a manifest and point its tags at it.
 
     Every blob the manifest names (config, layers; child manifests of an
     index) must already be in the repository, so a manifest never refers to
-    bytes that are not there.
+    bytes that are not there. With `store`, adapter and base artifacts are
+    validated against their blobs (`registry.catalog.artifacts`) and indexed;
+    an invalid one raises before anything is recorded.
     """
     digest = str(Digest.of_bytes(content))
     tag_names = list(extra_tags or [])
@@ -89,6 +93,7 @@ def put_manifest(
         select(Manifest).where(Manifest.repository_id == repo.id, Manifest.digest == digest)
     )
     if existing is None:
+        index = artifacts.inspect_artifact(session, store, parsed) if store is not None else None
         row = Manifest(
             repository_id=repo.id,
             digest=digest,
@@ -103,6 +108,9 @@ def put_manifest(
         )
         session.add(row)
         session.flush()
+        if index is not None:
+            index.manifest_id = row.id
+            session.add(index)
         for ref_digest, kind in references.items():
             session.add(ManifestReference(manifest_id=row.id, digest=ref_digest, kind=kind))
         audit.record(

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from registry.auth.scopes import Principal
-from registry.db.models import Manifest, Repository, Tag
+from registry.db.models import ArtifactIndex, Manifest, Repository, Tag
 from registry.errors import InvalidRequest
 
 T = TypeVar("T")
@@ -95,6 +95,20 @@ def _counts(session: Session, column: Any, ids: list[int]) -> dict[int, int]:
     return {key: count for key, count in session.execute(statement).tuples()}
 
 
+@dataclass(frozen=True)
+class ArtifactFilters:
+    """Filters on the artifact index; any set one keeps only indexed artifacts."""
+
+    kind: str | None = None
+    base_fingerprint: str | None = None
+    max_rank: int | None = None
+    base_quantization: str | None = None
+    verified: bool | None = None
+
+    def active(self) -> bool:
+        return any(value is not None for value in vars(self).values())
+
+
 def list_versions(
     session: Session,
     *,
@@ -104,8 +118,10 @@ def list_versions(
     annotations: dict[str, str],
     cursor: str | None,
     limit: int,
-) -> Page[tuple[Manifest, str, list[str]]]:
-    """Versions (manifests), newest first; each with its repository name and tags."""
+    filters: ArtifactFilters | None = None,
+) -> Page[tuple[Manifest, str, list[str], ArtifactIndex | None]]:
+    """Versions (manifests), newest first; each with its repository name, tags and index."""
+    filters = filters or ArtifactFilters()
     after = decode_cursor(cursor)
     results: list[tuple[Manifest, str]] = []
     last_id = after
@@ -124,12 +140,34 @@ def list_versions(
             statement = statement.where(Manifest.artifact_type == artifact_type)
         for key, value in annotations.items():
             statement = statement.where(Manifest.annotations[key].as_string() == value)
+        if filters.active():
+            statement = statement.join(ArtifactIndex, ArtifactIndex.manifest_id == Manifest.id)
+            if filters.kind is not None:
+                statement = statement.where(ArtifactIndex.kind == filters.kind)
+            if filters.base_fingerprint is not None:
+                statement = statement.where(
+                    ArtifactIndex.base_fingerprint == filters.base_fingerprint
+                )
+            if filters.max_rank is not None:
+                statement = statement.where(ArtifactIndex.max_rank <= filters.max_rank)
+            if filters.base_quantization is not None:
+                statement = statement.where(
+                    ArtifactIndex.base_quantization == filters.base_quantization
+                )
+            if filters.verified is not None:
+                statement = statement.where(ArtifactIndex.verified == filters.verified)
         batch = list(session.execute(statement).tuples())
         if not batch:
             break
         results += [(m, name) for m, name in batch if principal.can("read", name)]
         last_id = batch[-1][0].id
     page, more = results[:limit], len(results) > limit
+    indexes = {
+        row.manifest_id: row
+        for row in session.scalars(
+            select(ArtifactIndex).where(ArtifactIndex.manifest_id.in_([m.id for m, _n in page]))
+        )
+    }
     items = []
     for manifest, name in page:
         tag_names = list(
@@ -140,5 +178,5 @@ def list_versions(
                 .order_by(Tag.name)
             )
         )
-        items.append((manifest, name, tag_names))
+        items.append((manifest, name, tag_names, indexes.get(manifest.id)))
     return Page(items, encode_cursor(page[-1][0].id) if more and page else None)

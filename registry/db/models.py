@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -120,6 +121,26 @@ class Manifest(Base):
     content: Mapped[bytes] = mapped_column(LargeBinary)
     pushed_by: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=_now())
+
+
+class ArtifactIndex(Base):
+    """What search filters on, for adapter and base artifacts validated at push."""
+
+    __tablename__ = "artifact_index"
+
+    manifest_id: Mapped[int] = mapped_column(
+        ForeignKey("manifests.id", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    """`base`, or the adapter kind (`lora`, `dora`, `prompt_tuning`, ...)."""
+    base_fingerprint: Mapped[str | None] = mapped_column(DIGEST, index=True)
+    base_structure_hash: Mapped[str | None] = mapped_column(DIGEST)
+    max_rank: Mapped[int | None] = mapped_column(Integer, index=True)
+    base_quantization: Mapped[str | None] = mapped_column(String(16), index=True)
+    verified: Mapped[bool] = mapped_column(Boolean)
+    """Adapters: checked against a registered base. Bases: always true."""
+    fingerprint: Mapped[str | None] = mapped_column(DIGEST, index=True)
+    """Bases: their own content fingerprint."""
 
 
 class ManifestReference(Base):

@@ -40,8 +40,8 @@ def _tables(url: str) -> set[str]:
         engine.dispose()
 
 
-def test_head_is_the_initial_revision() -> None:
-    assert migrate.head() == "0001"
+def test_head_is_the_latest_revision() -> None:
+    assert migrate.head() == "0002"
 
 
 def test_upgrade_matches_models(database_url: str) -> None:
@@ -109,6 +109,7 @@ def test_wheel_ships_migrations(tmp_path: Path) -> None:
         "migrations/env.py",
         "migrations/script.py.mako",
         "migrations/versions/0001_initial.py",
+        "migrations/versions/0002_artifact_index.py",
         "registry/db/migrate.py",
     ):
         assert required in names, f"{required} missing from {wheel.name}"

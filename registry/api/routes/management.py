@@ -19,6 +19,7 @@ from registry.api.deps import (
     in_transaction,
 )
 from registry.api.schemas import (
+    ArtifactSummaryOut,
     AuditEventOut,
     DeletedVersionOut,
     IssuedTokenOut,
@@ -37,7 +38,7 @@ from registry.auth import tokens
 from registry.auth.scopes import Principal
 from registry.catalog import audit, manifests, search, tags
 from registry.catalog.repositories import find_repository, is_immutable_tag, valid_name
-from registry.db.models import AuditEvent, Manifest, Tag
+from registry.db.models import ArtifactIndex, AuditEvent, Manifest, Tag
 from registry.errors import Unauthorized
 from registry.state import Services
 from registry.storage.errors import BlobNotFound
@@ -53,7 +54,25 @@ def _require_some_access(principal: Principal) -> None:
         raise Unauthorized("authentication required")
 
 
-def _version_out(manifest: Manifest, repository: str, tag_names: list[str]) -> VersionOut:
+def _summary(index: ArtifactIndex | None) -> ArtifactSummaryOut | None:
+    if index is None:
+        return None
+    return ArtifactSummaryOut(
+        kind=index.kind,
+        rank=index.max_rank,
+        base_fingerprint=index.base_fingerprint,
+        base_quantization=index.base_quantization,
+        verified=index.verified,
+        fingerprint=index.fingerprint,
+    )
+
+
+def _version_out(
+    manifest: Manifest,
+    repository: str,
+    tag_names: list[str],
+    index: ArtifactIndex | None = None,
+) -> VersionOut:
     return VersionOut(
         repository=repository,
         digest=manifest.digest,
@@ -65,6 +84,7 @@ def _version_out(manifest: Manifest, repository: str, tag_names: list[str]) -> V
         tags=tag_names,
         pushed_by=manifest.pushed_by,
         created_at=manifest.created_at,
+        adapter=_summary(index),
     )
 
 
@@ -94,6 +114,7 @@ async def _versions(
     annotation: list[str],
     cursor: str | None,
     limit: int,
+    artifact_filters: search.ArtifactFilters,
 ) -> VersionPage:
     filters = search.parse_annotation_filters(annotation)
     page = await in_transaction(
@@ -106,6 +127,7 @@ async def _versions(
             annotations=filters,
             cursor=cursor,
             limit=limit,
+            filters=artifact_filters,
         ),
     )
     return VersionPage(
@@ -121,10 +143,23 @@ async def search_versions(
     annotation: Annotated[list[str], Query()] = [],  # noqa: B006 - FastAPI query list
     cursor: str | None = None,
     limit: Limit = 100,
+    kind: str | None = None,
+    base: str | None = None,
+    max_rank: Annotated[int | None, Query(ge=0)] = None,
+    base_quantization: str | None = None,
+    verified: bool | None = None,
 ) -> VersionPage:
-    """Versions across every repository the caller may read, newest first."""
+    """Versions across every repository the caller may read, newest first.
+
+    `kind`, `base` (a base fingerprint), `max_rank`, `base_quantization` and
+    `verified` filter on what validation indexed: they keep adapter (and base)
+    artifacts only.
+    """
     _require_some_access(principal)
-    return await _versions(services, principal, None, artifact_type, annotation, cursor, limit)
+    filters = search.ArtifactFilters(kind, base, max_rank, base_quantization, verified)
+    return await _versions(
+        services, principal, None, artifact_type, annotation, cursor, limit, filters
+    )
 
 
 @router.get("/repositories/{name:path}/versions", response_model=VersionPage)
@@ -136,11 +171,19 @@ async def list_versions(
     annotation: Annotated[list[str], Query()] = [],  # noqa: B006
     cursor: str | None = None,
     limit: Limit = 100,
+    kind: str | None = None,
+    base: str | None = None,
+    max_rank: Annotated[int | None, Query(ge=0)] = None,
+    base_quantization: str | None = None,
+    verified: bool | None = None,
 ) -> VersionPage:
     valid_name(name)
     authorize(principal, "read", name)
     await in_transaction(services, partial(find_repository, name=name))
-    return await _versions(services, principal, name, artifact_type, annotation, cursor, limit)
+    filters = search.ArtifactFilters(kind, base, max_rank, base_quantization, verified)
+    return await _versions(
+        services, principal, name, artifact_type, annotation, cursor, limit, filters
+    )
 
 
 @router.get("/repositories/{name:path}/versions/{reference}", response_model=VersionDetail)
@@ -150,14 +193,15 @@ async def get_version(
     valid_name(name)
     authorize(principal, "read", name)
 
-    def work(session: Session) -> tuple[Manifest, list[str]]:
+    def work(session: Session) -> tuple[Manifest, list[str], ArtifactIndex | None]:
         row = manifests.get_manifest(session, repository=name, reference=reference)
-        return row, tags.tags_of(session, repository_id=row.repository_id, digest=row.digest)
+        tag_names = tags.tags_of(session, repository_id=row.repository_id, digest=row.digest)
+        return row, tag_names, session.get(ArtifactIndex, row.id)
 
-    row, tag_names = await in_transaction(services, work)
+    row, tag_names, index = await in_transaction(services, work)
     document = json.loads(row.content)
     config = _decoded_config(services, row.config_digest, document)
-    summary = _version_out(row, name, tag_names)
+    summary = _version_out(row, name, tag_names, index)
     return VersionDetail(**summary.model_dump(), manifest=document, config=config)
 
 

@@ -54,6 +54,7 @@ async def put_manifest(
             content=content,
             content_type=request.headers.get("content-type"),
             extra_tags=request.query_params.getlist("tag"),
+            store=services.store,
         ),
     )
     headers = {

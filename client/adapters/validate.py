@@ -1,0 +1,403 @@
+"""Adapter validation: does an adapter's safetensors file match its config, and its base?
+
+Pure functions, used by the registry at push time and by the library locally.
+`validate_adapter` raises `AdapterInvalid` whose message names the tensor or
+module at fault (and both shapes, for a shape that does not fit the base).
+
+PEFT names (adapter name stripped), for a module path `<m>` of the base model
+whose weight is the base tensor `<m>.weight`:
+
+- `base_model.model.<m>.lora_A.weight` (r, in), `...lora_B.weight` (out, r),
+  `...lora_B.bias` (out,) with `lora_bias`;
+- embeddings: `...lora_embedding_A` (r, vocab), `...lora_embedding_B` (dim, r);
+- DoRA: `...<m>.lora_magnitude_vector` (out,);
+- full copies (`modules_to_save`, saved embedding layers):
+  `base_model.model.<m>.weight` / `.bias`, `...<m>.base_layer.weight`;
+- prompt tuning / prefix tuning: one tensor `prompt_embeddings`;
+- NOLA: any tensors under `base_model.model.<m>.` (seeds may be I64).
+
+For GPT-2 style Conv1D (`layer == "conv1d"` or `fan_in_fan_out`) the base
+weight is stored (in, out), the LoRA factors keep their (r, in) / (out, r).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from client.adapters.schema import AdapterConfig, BaseConfig, TargetModule
+from client.formats.safetensors_header import SafetensorsHeader, TensorEntry
+from client.manifest import canonical_json
+
+PREFIX = "base_model.model."
+WEIGHT_DTYPES = frozenset({"F32", "F16", "BF16"})
+NOLA_INDEX_DTYPES = frozenset({"I64"})
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+EMBEDDING_SUFFIXES = (
+    "embed_tokens.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "shared.weight",
+)
+
+# (suffix, role); order matters: longer suffixes first.
+_ROLES: tuple[tuple[str, str], ...] = (
+    (".lora_A.weight", "lora_A"),
+    (".lora_B.weight", "lora_B"),
+    (".lora_B.bias", "lora_B_bias"),
+    (".lora_embedding_A", "lora_embedding_A"),
+    (".lora_embedding_B", "lora_embedding_B"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".base_layer.weight", "full_weight"),
+    (".weight", "full_weight"),
+    (".bias", "full_bias"),
+)
+
+
+class AdapterInvalid(ValueError):
+    """An adapter that does not match its config or its base; `location` names the culprit."""
+
+    def __init__(self, message: str, *, location: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.location = location
+
+
+@dataclass(frozen=True)
+class _Part:
+    module: str
+    role: str
+
+
+def split_tensor_name(name: str) -> _Part | None:
+    """(module path, role) of a PEFT LoRA/DoRA tensor name; None when it is not one."""
+    if not name.startswith(PREFIX):
+        return None
+    rest = name[len(PREFIX) :]
+    for suffix, role in _ROLES:
+        if rest.endswith(suffix) and len(rest) > len(suffix):
+            return _Part(rest[: -len(suffix)], role)
+    return None
+
+
+def tensor_from_bytes(data: bytes, entry: TensorEntry) -> torch.Tensor:
+    """A CPU tensor from a tensor's raw little-endian bytes."""
+    dtype = TORCH_DTYPES.get(entry.dtype)
+    if dtype is None:
+        raise AdapterInvalid(
+            f"tensor {entry.name!r}: dtype {entry.dtype} cannot be checked", location=entry.name
+        )
+    if not data:
+        return torch.empty(entry.shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(entry.shape)
+
+
+def validate_adapter(
+    config: AdapterConfig,
+    header: SafetensorsHeader,
+    read_tensor: Callable[[str], torch.Tensor],
+    base: BaseConfig | None,
+) -> None:
+    """Raise `AdapterInvalid` on the first problem found; return when the adapter is sound."""
+    _check_index(config, header)
+    _check_dtypes(config, header)
+    if config.kind in ("lora", "dora", "nola"):
+        _check_modules(config, header)
+    _check_values(header, read_tensor)
+    if base is not None:
+        _check_base(config, header, base)
+
+
+def _check_index(config: AdapterConfig, header: SafetensorsHeader) -> None:
+    declared = {spec.name: spec for spec in config.tensors}
+    for name, entry in sorted(header.tensors.items()):
+        spec = declared.get(name)
+        if spec is None:
+            raise AdapterInvalid(
+                f"tensor {name!r} is in the safetensors file but not in the config's tensors",
+                location=name,
+            )
+        if spec.dtype != entry.dtype or tuple(spec.shape) != entry.shape:
+            raise AdapterInvalid(
+                f"tensor {name!r}: the file has {entry.dtype} {list(entry.shape)}, the config "
+                f"declares {spec.dtype} {list(spec.shape)}",
+                location=name,
+            )
+    for name in sorted(set(declared) - set(header.tensors)):
+        raise AdapterInvalid(
+            f"tensor {name!r} is declared in the config but missing from the safetensors file",
+            location=name,
+        )
+
+
+def _check_dtypes(config: AdapterConfig, header: SafetensorsHeader) -> None:
+    for name, entry in sorted(header.tensors.items()):
+        allowed = WEIGHT_DTYPES
+        if config.kind == "nola":
+            allowed = WEIGHT_DTYPES | NOLA_INDEX_DTYPES
+        if entry.dtype not in allowed:
+            raise AdapterInvalid(
+                f"tensor {name!r}: dtype {entry.dtype} is not supported "
+                f"(allowed: {', '.join(sorted(allowed))})",
+                location=name,
+            )
+
+
+def _modules_to_save(config: AdapterConfig) -> list[str]:
+    value = config.peft_config.get("modules_to_save") or []
+    return [str(item) for item in value] if isinstance(value, list) else [str(value)]
+
+
+def _matches_suffix(module: str, names: list[str]) -> bool:
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+def _check_modules(config: AdapterConfig, header: SafetensorsHeader) -> None:
+    targets = {target.module: target for target in config.targets}
+    if not targets:
+        raise AdapterInvalid(f"a {config.kind} adapter must declare its target modules")
+    saved = _modules_to_save(config)
+    roles: dict[str, set[str]] = {module: set() for module in targets}
+    for name in sorted(header.tensors):
+        if config.kind == "nola":
+            module = next((m for m in targets if name.startswith(f"{PREFIX}{m}.")), None)
+            if module is None:
+                raise AdapterInvalid(
+                    f"tensor {name!r} belongs to no declared target module", location=name
+                )
+            roles[module].add("nola")
+            continue
+        part = split_tensor_name(name)
+        if part is None:
+            raise AdapterInvalid(
+                f"tensor {name!r} is not a PEFT adapter tensor name "
+                f"({PREFIX}<module>.lora_A.weight, ...)",
+                location=name,
+            )
+        if part.role in ("full_weight", "full_bias"):
+            if part.module in targets or _matches_suffix(part.module, saved):
+                continue
+            raise AdapterInvalid(
+                f"tensor {name!r} is a full copy of module {part.module!r}, which is neither "
+                "a target nor in modules_to_save",
+                location=part.module,
+            )
+        if part.module not in targets:
+            raise AdapterInvalid(
+                f"tensor {name!r} is for module {part.module!r}, which the config does not "
+                "declare as a target",
+                location=part.module,
+            )
+        roles[part.module].add(part.role)
+    for module, target in targets.items():
+        found = roles[module]
+        if config.kind == "nola":
+            needed: tuple[str, ...] = ("nola",)
+        elif target.layer == "embedding":
+            needed = ("lora_embedding_A", "lora_embedding_B")
+        else:
+            needed = ("lora_A", "lora_B")
+        if config.kind == "dora":
+            needed += ("magnitude",)
+        missing = [role for role in needed if role not in found]
+        if missing:
+            raise AdapterInvalid(
+                f"target module {module!r} has no {' / '.join(missing)} tensor(s)",
+                location=module,
+            )
+        if config.kind != "nola":
+            _check_rank(target, header)
+        if config.kind != "dora" and "magnitude" in found:
+            raise AdapterInvalid(
+                f"module {module!r} has a DoRA magnitude vector but the adapter kind is "
+                f"{config.kind}",
+                location=module,
+            )
+
+
+def _check_rank(target: TargetModule, header: SafetensorsHeader) -> None:
+    module = target.module
+    for suffix, axis in ((".lora_A.weight", 0), (".lora_embedding_A", 0)):
+        entry = header.tensors.get(f"{PREFIX}{module}{suffix}")
+        if entry is not None and (len(entry.shape) != 2 or entry.shape[axis] != target.rank):
+            raise AdapterInvalid(
+                f"module {module!r}: tensor {entry.name!r} has shape {list(entry.shape)}, "
+                f"not rank {target.rank} as the config declares",
+                location=module,
+            )
+    for suffix in (".lora_B.weight", ".lora_embedding_B"):
+        entry = header.tensors.get(f"{PREFIX}{module}{suffix}")
+        if entry is not None and (len(entry.shape) != 2 or entry.shape[1] != target.rank):
+            raise AdapterInvalid(
+                f"module {module!r}: tensor {entry.name!r} has shape {list(entry.shape)}, "
+                f"not rank {target.rank} as the config declares",
+                location=module,
+            )
+
+
+def _check_values(header: SafetensorsHeader, read_tensor: Callable[[str], torch.Tensor]) -> None:
+    for name, entry in sorted(header.tensors.items(), key=lambda item: item[1].begin):
+        if entry.dtype not in WEIGHT_DTYPES or entry.numel == 0:
+            continue
+        tensor = read_tensor(name)
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = tensor[~finite]
+            what = "NaN" if bool(torch.isnan(bad).any()) else "Inf"
+            raise AdapterInvalid(
+                f"tensor {name!r} holds {what} values ({int(bad.numel())} non-finite of "
+                f"{entry.numel})",
+                location=name,
+            )
+
+
+def _shape_error(module: str, tensor: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if got != want:
+        raise AdapterInvalid(
+            f"module {module!r}: tensor {tensor!r} has shape {list(got)} but the base needs "
+            f"{list(want)}",
+            location=module,
+        )
+
+
+def _fan_in_fan_out(config: AdapterConfig, target: TargetModule) -> bool:
+    return target.layer == "conv1d" or bool(config.peft_config.get("fan_in_fan_out"))
+
+
+def _embedding_dim(base_shapes: dict[str, tuple[int, ...]]) -> tuple[str, int] | None:
+    for name, shape in sorted(base_shapes.items()):
+        if name.endswith(EMBEDDING_SUFFIXES) and len(shape) == 2:
+            return name, shape[1]
+    return None
+
+
+def _check_base(config: AdapterConfig, header: SafetensorsHeader, base: BaseConfig) -> None:
+    base_shapes = {spec.name: tuple(spec.shape) for spec in base.tensors}
+    if config.kind in ("prompt_tuning", "prefix_tuning"):
+        _check_prompt(config, header, base_shapes)
+        return
+    for target in config.targets:
+        module = target.module
+        weight_name = f"{module}.weight"
+        weight = base_shapes.get(weight_name)
+        if weight is None:
+            raise AdapterInvalid(
+                f"target module {module!r} does not exist in the base model "
+                f"(no tensor {weight_name!r})",
+                location=module,
+            )
+        if config.kind == "nola":
+            continue
+        r = target.rank
+        if target.layer == "embedding":
+            if len(weight) != 2:
+                _shape_error(module, weight_name, weight, (0, 0))
+            vocab, dim = weight
+            expected = {
+                "lora_embedding_A": (r, vocab),
+                "lora_embedding_B": (dim, r),
+                "magnitude": (dim,),
+            }
+        else:
+            if len(weight) != 2:
+                raise AdapterInvalid(
+                    f"module {module!r}: base weight {weight_name!r} has shape {list(weight)}, "
+                    f"not a 2-D {target.layer} weight",
+                    location=module,
+                )
+            out_features, in_features = (
+                (weight[1], weight[0]) if _fan_in_fan_out(config, target) else weight
+            )
+            expected = {
+                "lora_A": (r, in_features),
+                "lora_B": (out_features, r),
+                "lora_B_bias": (out_features,),
+                "magnitude": (out_features,),
+            }
+        for role, shape in expected.items():
+            suffix = next(s for s, rl in _ROLES if rl == role)
+            name = f"{PREFIX}{module}{suffix}"
+            entry = header.tensors.get(name)
+            if entry is not None:
+                _shape_error(module, name, entry.shape, shape)
+    for name, entry in sorted(header.tensors.items()):
+        part = split_tensor_name(name)
+        if part is None or part.role not in ("full_weight", "full_bias"):
+            continue
+        base_name = f"{part.module}.{'weight' if part.role == 'full_weight' else 'bias'}"
+        want = base_shapes.get(base_name)
+        if want is None:
+            raise AdapterInvalid(
+                f"tensor {name!r} copies module {part.module!r}, which does not exist in the "
+                "base model",
+                location=part.module,
+            )
+        _shape_error(part.module, name, entry.shape, want)
+
+
+def _check_prompt(
+    config: AdapterConfig, header: SafetensorsHeader, base_shapes: dict[str, tuple[int, ...]]
+) -> None:
+    entry = header.tensors.get("prompt_embeddings")
+    if entry is None or len(entry.shape) != 2:
+        raise AdapterInvalid(
+            "a prompt adapter needs one 2-D tensor 'prompt_embeddings'",
+            location="prompt_embeddings",
+        )
+    embedding = _embedding_dim(base_shapes)
+    if embedding is None:
+        return
+    embedding_name, dim = embedding
+    token_dim = config.peft_config.get("token_dim")
+    if isinstance(token_dim, int) and token_dim != dim:
+        raise AdapterInvalid(
+            f"prompt adapter token_dim {token_dim} does not match the base embedding "
+            f"{embedding_name!r} dimension {dim} (shape {list(base_shapes[embedding_name])})",
+            location="prompt_embeddings",
+        )
+    width = entry.shape[1]
+    if config.kind == "prompt_tuning" and width != dim:
+        raise AdapterInvalid(
+            f"tensor 'prompt_embeddings' has shape {list(entry.shape)}: token dimension "
+            f"{width}, but the base embedding {embedding_name!r} has shape "
+            f"{list(base_shapes[embedding_name])} (dimension {dim})",
+            location="prompt_embeddings",
+        )
+    if config.kind == "prefix_tuning" and width % (2 * dim) != 0:
+        raise AdapterInvalid(
+            f"tensor 'prompt_embeddings' has shape {list(entry.shape)}: width {width} is not "
+            f"num_layers * 2 * {dim} for the base embedding {embedding_name!r} "
+            f"(shape {list(base_shapes[embedding_name])})",
+            location="prompt_embeddings",
+        )
+
+
+def max_rank(config: AdapterConfig) -> int | None:
+    ranks = [target.rank for target in config.targets]
+    if ranks:
+        return max(ranks)
+    return config.rank
+
+
+def structure_hash_of(tensors: list[tuple[str, str, tuple[int, ...]]]) -> str:
+    """The base structure hash (as `client.formats.fingerprint`) from (name, dtype, shape)."""
+    ordered = sorted(tensors)
+    return (
+        "sha256:"
+        + hashlib.sha256(canonical_json([[n, d, list(s)] for n, d, s in ordered])).hexdigest()
+    )
