@@ -18,14 +18,8 @@ from client.sdk.models import Version
 
 def resolve_base(client: Client, text: str) -> str:
     """A base fingerprint: given as `sha256:...`, or read from the base artifact REF names."""
-    if text.startswith("sha256:"):
-        return text
-    reference = parse_reference(text)
-    manifest = json.loads(client.get_manifest(reference).content)
-    config = json.loads(client.get_blob(reference.repository, manifest["config"]["digest"]))
-    fingerprint = config.get("fingerprint") if isinstance(config, dict) else None
-    if not isinstance(fingerprint, str):
-        raise InvalidRequest(f"{text} is not a base artifact (its config has no fingerprint)")
+    fingerprint = client.base_reference(text).fingerprint
+    assert fingerprint is not None
     return fingerprint
 
 
@@ -222,6 +216,13 @@ def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
     click.echo(f"rank:          {summary['rank'] if summary['rank'] is not None else '-'}")
     size = human_size(int(config.get("bytes", 0)))
     click.echo(f"parameters:    {config.get('parameters')} ({size})")
+    nola = config.get("nola")
+    if isinstance(nola, dict) and nola.get("stored_parameters"):
+        ratio = nola["materialized_parameters"] / nola["stored_parameters"]
+        click.echo(
+            f"nola:          {nola['stored_parameters']} stored parameters for "
+            f"{nola['materialized_parameters']} materialized ({ratio:.1f}x smaller than LoRA)"
+        )
     targets = config.get("targets") or []
     click.echo(f"targets:       {len(targets)}")
     for target in targets:

@@ -10,6 +10,7 @@ from client.cli.cache import cache
 from client.cli.catalog import diff, history, list_repositories, rm, show
 from client.cli.common import PeftregGroup
 from client.cli.fingerprint import fingerprint
+from client.cli.nola import nola
 from client.cli.server import db, serve
 from client.cli.tokens import token
 from client.cli.transfer import pull, push, tag
@@ -38,6 +39,7 @@ for command in (
     token,
     cache,
     fingerprint,
+    nola,
 ):
     cli.add_command(command)
 

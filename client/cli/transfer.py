@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import click
 
+from client.adapters.schema import BaseQuantization, BaseReference
 from client.cli.common import make_client, make_progress, parse_reference
 from client.digest import Digest
 from client.manifest import parse_manifest
@@ -29,6 +31,17 @@ def _annotations(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--artifact-type", help="The manifest's artifactType (guessed by default).")
 @click.option("--annotation", "-a", multiple=True, help="KEY=VALUE manifest annotation.")
 @click.option("--mount-from", help="Mount blobs the server has in this repository.")
+@click.option(
+    "--base",
+    "base_ref",
+    help="The adapter's base model: a base REF pushed with `peftreg base push`, or its "
+    "sha256 fingerprint. The registry checks the adapter against it.",
+)
+@click.option(
+    "--base-quantization",
+    type=click.Choice(list(get_args(BaseQuantization))),
+    help="Quantization of the base the adapter was trained against (nf4 for QLoRA).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def push(
     path: Path,
@@ -36,17 +49,26 @@ def push(
     artifact_type: str | None,
     annotation: tuple[str, ...],
     mount_from: str | None,
+    base_ref: str | None,
+    base_quantization: str | None,
     quiet: bool,
 ) -> None:
-    """Push a file or a directory (a layer per file) as REF (ns/name:tag)."""
+    """Push a file or a directory (a layer per file) as REF (ns/name:tag).
+
+    A PEFT adapter directory is pushed as a typed adapter.
+    """
     reference = parse_reference(ref)
     with make_client(offline=False) as client:
+        base = client.base_reference(base_ref) if base_ref else None
+        if base_quantization is not None:
+            base = (base or BaseReference()).model_copy(update={"quantization": base_quantization})
         result = client.push(
             path,
             reference,
             artifact_type=artifact_type,
             annotations=_annotations(annotation),
             mount_from=mount_from,
+            base=base,
             progress=make_progress(quiet),
         )
     if not quiet:

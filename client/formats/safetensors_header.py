@@ -17,7 +17,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 MAX_HEADER_BYTES = 100_000_000
 DTYPE_SIZES: dict[str, int] = {
@@ -38,6 +38,10 @@ DTYPE_SIZES: dict[str, int] = {
     "U64": 8,
     "F64": 8,
 }
+
+
+class ReadableStream(Protocol):
+    def read(self, size: int, /) -> bytes: ...
 
 
 class SafetensorsError(ValueError):
@@ -82,7 +86,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def read_header(stream: BinaryIO, file_size: int) -> SafetensorsHeader:
+def read_header(stream: ReadableStream, file_size: int) -> SafetensorsHeader:
     """Parse and validate the header of a safetensors file of `file_size` bytes."""
     if file_size < 8:
         raise SafetensorsError(f"file is {file_size} bytes, too short for a safetensors header")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
@@ -10,13 +11,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from client.adapters.schema import BaseConfig, BaseReference
 from client.cache import Cache, offline_from_env
 from client.digest import Digest
-from client.manifest import MANIFEST_MEDIA_TYPES, OCI_MANIFEST
+from client.manifest import BASE_ARTIFACT, MANIFEST_MEDIA_TYPES, OCI_MANIFEST
 from client.reference import Reference
-from client.sdk.errors import DigestMismatch
+from client.sdk.errors import DigestMismatch, InvalidRequest
 from client.sdk.http import DEFAULT_TIMEOUT, HttpSession
 from client.sdk.models import (
     AuditEvent,
@@ -341,6 +343,34 @@ class Client:
 
     # artifacts ----------------------------------------------------------------
 
+    def base_reference(self, base: str) -> BaseReference:
+        """The base model `base` names: a registered base REF, or a bare fingerprint.
+
+        A REF is resolved to the fingerprint and structure hash recorded in
+        its base artifact's config.
+        """
+        if base.startswith("sha256:"):
+            Digest.parse(base)
+            return BaseReference(fingerprint=base)
+        reference = _reference(base)
+        manifest = json.loads(self.get_manifest(reference).content)
+        config_digest = manifest.get("config", {}).get("digest")
+        if manifest.get("artifactType") != BASE_ARTIFACT or not config_digest:
+            raise InvalidRequest(
+                f"{base} is not a base artifact (push one with `peftreg base push`)"
+            )
+        try:
+            config = BaseConfig.model_validate_json(
+                self.get_blob(reference.repository, config_digest)
+            )
+        except ValidationError:
+            raise InvalidRequest(f"{base} has no valid base config") from None
+        return BaseReference(
+            name=str(reference),
+            fingerprint=config.fingerprint,
+            structure_hash=config.structure_hash,
+        )
+
     def push(
         self,
         path: Path | str,
@@ -349,9 +379,14 @@ class Client:
         artifact_type: str | None = None,
         annotations: Mapping[str, str] | None = None,
         mount_from: str | None = None,
+        base: BaseReference | None = None,
         progress: Progress | None = None,
     ) -> push.PushResult:
-        """Push a file or directory as one artifact (a layer per file)."""
+        """Push a file or directory as one artifact (a layer per file).
+
+        For a PEFT directory, `base` records which base model the adapter
+        belongs to; the registry verifies it when that base is registered.
+        """
         return push.push_path(
             self.http,
             Path(path),
@@ -359,6 +394,7 @@ class Client:
             artifact_type=artifact_type,
             annotations=annotations,
             mount_from=mount_from,
+            base=base,
             progress=progress,
         )
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.adapters.schema import BaseReference
 from client.digest import Digest, digest_file
 from client.manifest import (
     ADAPTER_ARTIFACT,
@@ -60,10 +61,6 @@ def collect_files(path: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def guess_artifact_type(titles: list[str]) -> str:
-    return ADAPTER_ARTIFACT if "adapter_config.json" in titles else GENERIC_ARTIFACT
-
-
 def build_manifest(
     files: list[LocalFile],
     artifact_type: str,
@@ -103,6 +100,7 @@ def push_path(
     artifact_type: str | None = None,
     annotations: Mapping[str, str] | None = None,
     mount_from: str | None = None,
+    base: BaseReference | None = None,
     chunk_size: int = CHUNK_SIZE,
     progress: Progress | None = None,
 ) -> PushResult:
@@ -121,6 +119,10 @@ def push_path(
     config: tuple[str, bytes] = (EMPTY_JSON, EMPTY_CONFIG)
     if artifact_type in (None, ADAPTER_ARTIFACT) and is_peft_directory(path):
         imported = read_peft_directory(path)
+        if base is not None:
+            imported.config.base = base.model_copy(
+                update={"name": base.name or imported.config.base.name}
+            )
         config_bytes, layers = adapter_artifact_files(imported)
         config = (ADAPTER_CONFIG_MEDIA_TYPE, config_bytes)
         check_titles([title for _path, title, _media in layers])
@@ -134,6 +136,10 @@ def push_path(
             **(annotations or {}),
         }
     else:
+        if base is not None:
+            raise InvalidRequest(
+                f"{path} is not a PEFT adapter directory; a base applies to adapters"
+            )
         entries = collect_files(path)
         check_titles([title for title, _path in entries])
         files = [LocalFile(title, item, *digest_file(item)) for title, item in entries]
@@ -159,7 +165,7 @@ def push_path(
                 skipped += 1
     finally:
         progress.finish()
-    kind = artifact_type or guess_artifact_type([item.title for item in files])
+    kind = artifact_type or GENERIC_ARTIFACT
     content = build_manifest(files, kind, annotations, config)
     digest = Digest.of_bytes(content)
     if reference.digest is not None and reference.digest != digest:

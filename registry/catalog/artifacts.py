@@ -120,18 +120,12 @@ def read_safetensors_header(
     """The strict parse of a stored safetensors blob's header; (header, blob size)."""
     size = _blob_size(store, digest)
     try:
-        header = read_header(_RangeStream(store, Digest.parse(digest), size), size)  # type: ignore[arg-type]
+        header = read_header(_RangeStream(store, Digest.parse(digest), size), size)
     except SafetensorsError as exc:
         raise SafetensorsInvalid(
             f"{label}: {exc}", detail={"layer": label, "digest": digest}
         ) from None
     return header, size
-
-
-def _is_checked(parsed: ImageManifest, artifact_type: str, config_type: str) -> bool:
-    return parsed.resolved_artifact_type() == artifact_type and (
-        parsed.config.media_type == config_type
-    )
 
 
 def inspect_artifact(
@@ -140,11 +134,20 @@ def inspect_artifact(
     """Validate an adapter or base artifact; its (unsaved) index row, or None for others."""
     if not isinstance(parsed, ImageManifest):
         return None
-    if _is_checked(parsed, ADAPTER_ARTIFACT, ADAPTER_CONFIG_MEDIA_TYPE):
+    expected = {ADAPTER_ARTIFACT: ADAPTER_CONFIG_MEDIA_TYPE, BASE_ARTIFACT: BASE_CONFIG_MEDIA_TYPE}
+    artifact_type = parsed.resolved_artifact_type()
+    if artifact_type not in expected:
+        return None
+    if parsed.config.media_type != expected[artifact_type]:
+        # Claiming the type without its config would skip every check.
+        raise ArtifactInvalid(
+            f"a {artifact_type} artifact needs a config of media type "
+            f"{expected[artifact_type]}, not {parsed.config.media_type}",
+            detail={"config_media_type": parsed.config.media_type},
+        )
+    if artifact_type == ADAPTER_ARTIFACT:
         return _inspect_adapter(session, store, parsed)
-    if _is_checked(parsed, BASE_ARTIFACT, BASE_CONFIG_MEDIA_TYPE):
-        return _inspect_base(store, parsed)
-    return None
+    return _inspect_base(store, parsed)
 
 
 def _weights_layer(parsed: ImageManifest) -> Descriptor:

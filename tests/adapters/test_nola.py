@@ -25,6 +25,7 @@ from client.adapters.nola import (
     materialize,
     materialize_factors,
 )
+from client.adapters.peft_import import read_peft_directory
 from client.adapters.schema import NOLA_SAFETENSORS_MEDIA_TYPE
 from client.sdk import errors
 from tests.adapters.tiny_models import LLAMA_NAME, same_weights, sample_ids, tiny_llama
@@ -197,15 +198,27 @@ def test_nola_push_pull_exports_materialized_lora(
         tmp_path / "cache",
         tmp_path / "config.json",
     )
-    config, directory = import_reference_checkpoint(
-        reference_checkpoint(tmp_path / "ref.safetensors", init_a=True),
-        tmp_path / "nola",
-        lora_alpha=ALPHA,
-        base_model_name_or_path=LLAMA_NAME,
+    checkpoint = reference_checkpoint(tmp_path / "ref.safetensors", init_a=True)
+    directory = tmp_path / "nola"
+    imported = cli.run(
+        "nola",
+        "import",
+        str(checkpoint),
+        str(directory),
+        "--alpha",
+        str(ALPHA),
+        "--base-name",
+        LLAMA_NAME,
     )
+    assert imported.exit_code == 0, imported.output
+    assert "compression" in imported.stdout
+    config = read_peft_directory(directory).config
     (directory / "README.md").write_text("# nola\n")
     pushed = cli.run("push", str(directory), "acme/nola:v1", "-q")
     assert pushed.exit_code == 0, pushed.output
+    shown = cli.run("show", "acme/nola:v1")
+    assert shown.exit_code == 0, shown.output
+    assert f"{compression_ratio(config):.1f}x smaller than LoRA" in shown.stdout
     from client import Client
 
     with Client(server.url) as client:

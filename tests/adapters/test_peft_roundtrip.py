@@ -98,6 +98,35 @@ CASES: dict[str, tuple[Callable[[], PreTrainedModel], Callable[[], PeftConfig], 
         lambda: LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True),
         {"kind": "lora", "rank": 4},
     ),
+    "gpt2_rslora": (
+        tiny_gpt2,
+        lambda: LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn", "c_fc"],
+            fan_in_fan_out=True,
+            use_rslora=True,
+            rank_pattern={"c_fc": 2},
+        ),
+        {"kind": "lora", "rank": 4, "scaling_rule": "alpha/sqrt(r)"},
+    ),
+    "gpt2_dora": (
+        tiny_gpt2,
+        lambda: LoraConfig(
+            r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=True
+        ),
+        {"kind": "dora", "rank": 4},
+    ),
+    "gpt2_prompt_tuning": (
+        tiny_gpt2,
+        lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        {"kind": "prompt_tuning", "num_virtual_tokens": 4},
+    ),
+    "gpt2_prefix_tuning": (
+        tiny_gpt2,
+        lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
+        {"kind": "prefix_tuning", "num_virtual_tokens": 2},
+    ),
 }
 
 EXPECTED_TARGETS: dict[str, dict[str, tuple[str, int, float, float]]] = {
@@ -182,3 +211,38 @@ def test_pickle_only_directory_is_refused(cli: CliEnv, tmp_path: Path) -> None:
     assert "safe_serialization=True" in result.stderr
     with Client(cli.env["PEFTREG_URL"]) as client:
         assert "acme/adapters/pickled" not in client.catalog()
+
+
+def test_adapter_pushed_with_its_registered_base_is_verified(cli: CliEnv, tmp_path: Path) -> None:
+    base = tiny_llama()
+    base_dir = tmp_path / "base"
+    base.save_pretrained(str(base_dir), safe_serialization=True)
+    base_ref = "acme/bases/tiny-llama:v1"
+    assert cli.run("base", "push", str(base_dir), base_ref).exit_code == 0
+
+    adapter = get_peft_model(same_weights(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    _perturb(adapter)
+    source = tmp_path / "qlora"
+    adapter.save_pretrained(str(source), safe_serialization=True)
+    ref = "acme/adapters/verified:v1"
+    pushed = cli.run("push", str(source), ref, "--base", base_ref, "--base-quantization", "nf4")
+    assert pushed.exit_code == 0, pushed.output
+
+    with Client(cli.env["PEFTREG_URL"]) as client:
+        detail = client.version(ref)
+        base_fingerprint = client.base_reference(base_ref).fingerprint
+    assert detail.adapter is not None
+    assert detail.adapter.verified is True
+    assert detail.adapter.base_fingerprint == base_fingerprint
+    assert detail.adapter.base_quantization == "nf4"
+
+    # a GPT-2 adapter claimed for the Llama base is refused, naming the module
+    gpt2 = get_peft_model(
+        tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    )
+    wrong = tmp_path / "wrong"
+    gpt2.save_pretrained(str(wrong), safe_serialization=True)
+    refused = cli.subprocess("push", str(wrong), "acme/adapters/wrong:v1", "--base", base_ref)
+    assert refused.returncode != 0
+    assert "transformer.h.0.attn.c_attn" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -171,6 +171,7 @@ def push_adapter(
     weights: bytes,
     *,
     title: str = "adapter_model.safetensors",
+    config_media_type: str = ADAPTER_CONFIG_MEDIA_TYPE,
 ) -> httpx.Response:
     """Push the config and weights blobs, then PUT the adapter manifest; the PUT's response."""
     config_bytes = (
@@ -181,7 +182,7 @@ def push_adapter(
         "mediaType": OCI_MANIFEST,
         "artifactType": ADAPTER_ARTIFACT,
         "config": {
-            "mediaType": ADAPTER_CONFIG_MEDIA_TYPE,
+            "mediaType": config_media_type,
             "digest": push_blob(http, repository, config_bytes),
             "size": len(config_bytes),
         },

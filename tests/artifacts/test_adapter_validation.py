@@ -238,3 +238,19 @@ def test_diff(http: httpx.Client, run_cli: Cli) -> None:
     assert "rank:    4 -> 8" in result.output
     assert f"+ target {K_PROJ}" in result.output
     assert "shape/dtype differs" in result.output
+
+
+def test_adapter_type_without_its_config_is_refused(http: httpx.Client) -> None:
+    """Claiming the adapter artifact type with another config would skip validation."""
+    tensors = lora_tensors({Q_PROJ: SHAPES[Q_PROJ]}, 4)
+    tensors[next(iter(tensors))][0, 0] = float("nan")
+    response = push_adapter(
+        http,
+        "acme/sneaky",
+        "latest",
+        b"{}",
+        save(tensors),
+        config_media_type="application/vnd.oci.empty.v1+json",
+    )
+    message = _refused(http, response, "acme/sneaky", "latest")
+    assert "application/vnd.peftreg.adapter.config.v1+json" in message

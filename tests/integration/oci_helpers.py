@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import httpx
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-ADAPTER_ARTIFACT = "application/vnd.peftreg.adapter.v1"
+ADAPTER_ARTIFACT = "application/vnd.example.adapter.v1"  # opaque to validation
 # Not the peftreg adapter config type, which the registry validates at push.
 CONFIG_MEDIA_TYPE = "application/vnd.example.adapter.config.v1+json"
 LAYER_MEDIA_TYPE = "application/octet-stream"

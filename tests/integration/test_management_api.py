@@ -20,8 +20,8 @@ from tests.integration.test_oci_api import (
     sha256,
 )
 
-ADAPTER = "application/vnd.peftreg.adapter.v1"
-BASE = "application/vnd.peftreg.base.v1"
+ADAPTER = "application/vnd.example.adapter.v1"  # opaque: not validated as a peftreg adapter
+BASE = "application/vnd.example.base.v1"  # opaque: not validated as a peftreg base
 # Not the adapter config type: that one is validated as an AdapterConfig at push.
 CONFIG_TYPE = "application/vnd.example.adapter.config.v1+json"
 
@@ -156,6 +156,7 @@ def test_version_detail_decodes_manifest_and_config(client: httpx.Client) -> Non
         client,
         "acme/detail",
         "v1",
+        artifact_type=ADAPTER,
         config=config,
         config_type=CONFIG_TYPE,
         layers=[b"adapter weights"],

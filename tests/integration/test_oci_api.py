@@ -49,7 +49,7 @@ def manifest_bytes(
     layers: list[bytes] | None = None,
     config: bytes = b"{}",
     config_type: str = EMPTY_JSON,
-    artifact_type: str | None = "application/vnd.peftreg.adapter.v1",
+    artifact_type: str | None = "application/vnd.example.artifact.v1",
     annotations: dict[str, str] | None = None,
     subject: dict[str, Any] | None = None,
 ) -> bytes:
