@@ -7,9 +7,10 @@ on the same disk.
 
 What is timed:
 
-- `cp` of the file to a new path, twice (the second shows the warm page
-  cache). `cp` does not fsync; the registry fsyncs every upload before it
-  acknowledges it, so it does strictly more work.
+- `cp` of the file to a new path, twice. `cp` does not fsync: its bytes may
+  still sit in the page cache when it exits. The registry fsyncs every upload
+  before it acknowledges it, so it does strictly more work. Every step starts
+  after `sync`, so none pays for the writeback of an earlier one.
 - `cp` followed by an fsync of the copy: the like-for-like comparison, since
   the registry makes every upload durable before answering 201. Printed
   for information; the push/cp and pull/cp ratios use the plain copies.
@@ -105,6 +106,9 @@ def make_file(path: Path, size: int) -> str:
 
 
 def timed(work: Callable[[], object]) -> tuple[float, object]:
+    """Time `work` from a clean page cache state: dirty pages left by an earlier
+    step are flushed first, so no step pays for another's writeback."""
+    os.sync()
     start = time.perf_counter()
     result = work()
     return time.perf_counter() - start, result
@@ -229,15 +233,15 @@ def main() -> int:
 
         best = min(pushes, key=lambda key: pushes[key])
         rows = [
-            ("cp (first)", cp_cold),
-            ("cp (warm cache)", cp_warm),
+            ("cp (run 1)", cp_cold),
+            ("cp (run 2)", cp_warm),
             ("cp + fsync (durable)", cp_durable),
             *((f"push {label}", seconds) for label, seconds in pushes.items()),
             ("pull GET", pull_seconds),
         ]
         print(
-            f"\n{size_mb} MiB blob; ratios against the first cp ({cp_cold:.2f} s) "
-            f"and the second, warm-cache cp ({cp_warm:.2f} s)\n"
+            f"\n{size_mb} MiB blob; ratios against cp run 1 ({cp_cold:.2f} s), "
+            f"cp run 2 ({cp_warm:.2f} s) and cp + fsync ({cp_durable:.2f} s)\n"
         )
         print(
             f"{'operation':<24}{'seconds':>10}{'MB/s':>10}{'/cp1':>8}{'/cp2':>8}{'/cp+fsync':>11}"
@@ -249,13 +253,14 @@ def main() -> int:
                 f"{seconds / cp_cold:>8.2f}{seconds / cp_warm:>8.2f}{seconds / cp_durable:>11.2f}"
             )
         best_push = pushes[best]
+        cp_best = min(cp_cold, cp_warm)
         print(
-            f"\npush/cp  = {best_push / cp_cold:.2f} (first cp), "
-            f"{best_push / cp_warm:.2f} (warm cp)  [best push: {best}]"
+            f"\npush/cp  = {best_push / cp_best:.2f} (faster cp), "
+            f"{best_push / cp_durable:.2f} (cp + fsync)  [best push: {best}; target <= 2]"
         )
         print(
-            f"pull/cp  = {pull_seconds / cp_cold:.2f} (first cp), "
-            f"{pull_seconds / cp_warm:.2f} (warm cp)"
+            f"pull/cp  = {pull_seconds / cp_best:.2f} (faster cp), "
+            f"{pull_seconds / cp_durable:.2f} (cp + fsync)  [target <= 1.5]"
         )
         print(f"re-push blob bytes sent: {repush_bytes}")
     return 0

@@ -3,6 +3,9 @@
 `cut_after` makes the proxy close every connection once that many bytes went
 from the server to the client, and refuse new ones until `reset()`: a
 network failure in the middle of a download, for real sockets.
+`cut_upstream_after` closes the connections once, when that many bytes went
+from the client to the server, and lets new ones through: a dropped line in
+the middle of an upload that the client may retry.
 """
 
 from __future__ import annotations
@@ -14,14 +17,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 _RANGE_RE = re.compile(rb"(?im)^range:\s*(bytes=[0-9-]+)")
+_REQUEST_RE = re.compile(rb"(?m)^(GET|HEAD|POST|PATCH|PUT|DELETE) (\S+) HTTP/1\.1\r$")
 
 
 class CuttingProxy:
-    def __init__(self, target_port: int, cut_after: int | None = None) -> None:
+    def __init__(
+        self,
+        target_port: int,
+        cut_after: int | None = None,
+        cut_upstream_after: int | None = None,
+    ) -> None:
         self.target_port = target_port
         self.cut_after = cut_after
+        self.cut_upstream_after = cut_upstream_after
         self.downstream = 0
+        self.upstream = 0
         self.ranges: list[str] = []
+        self.requests: list[str] = []
         self.dead = False
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
@@ -77,9 +89,23 @@ class CuttingProxy:
     def _up(self, client: socket.socket, upstream: socket.socket) -> None:
         try:
             while data := client.recv(256 * 1024):
+                cut = False
                 with self._lock:
                     self.ranges += [m.decode() for m in _RANGE_RE.findall(data)]
-                upstream.sendall(data)
+                    self.requests += [
+                        f"{m[0].decode()} {m[1].decode()}" for m in _REQUEST_RE.findall(data)
+                    ]
+                    if self.cut_upstream_after is not None:
+                        allowed = max(0, self.cut_upstream_after - self.upstream)
+                        if allowed < len(data):
+                            data, cut = data[:allowed], True
+                            self.cut_upstream_after = None  # once
+                    self.upstream += len(data)
+                if data:
+                    upstream.sendall(data)
+                if cut:
+                    self._kill_all()
+                    break
         except OSError:
             pass
         finally:
@@ -117,8 +143,10 @@ class CuttingProxy:
 
 
 @contextmanager
-def cutting_proxy(target_port: int, cut_after: int | None = None) -> Iterator[CuttingProxy]:
-    proxy = CuttingProxy(target_port, cut_after)
+def cutting_proxy(
+    target_port: int, cut_after: int | None = None, cut_upstream_after: int | None = None
+) -> Iterator[CuttingProxy]:
+    proxy = CuttingProxy(target_port, cut_after, cut_upstream_after)
     try:
         yield proxy
     finally:

@@ -68,6 +68,28 @@ def test_interrupted_pull_resumes_with_only_the_remainder(
         assert not list((env.cache / "blobs" / "sha256").glob("*.incomplete*"))
 
 
+def test_interrupted_push_continues_from_the_server_offset(
+    registry_server: RegistryProcess, tmp_path: Path
+) -> None:
+    size, cut = 48 * MiB, 20 * MiB
+    data = os.urandom(size)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "weights.bin").write_bytes(data)
+    with cutting_proxy(registry_server.port, cut_upstream_after=cut) as proxy:
+        with Client(proxy.url) as client:
+            client.push(tmp_path / "src", "acme/resumed:v1")
+        status_checks = [
+            r for r in proxy.requests if r.startswith("GET /v2/acme/resumed/blobs/uploads/")
+        ]
+        assert status_checks, "after the cut the client must ask the server for its offset"
+        # The chunk cut short was continued, not sent again from its start or from zero.
+        assert proxy.upstream < size + 2 * MiB
+    with Client(registry_server.url) as client:
+        pulled = client.pull("acme/resumed:v1", tmp_path / "out")
+    assert (tmp_path / "out" / "weights.bin").read_bytes() == data
+    assert pulled is not None
+
+
 def test_corrupted_server_blob_fails_and_leaves_nothing(
     registry_server: RegistryProcess, cli_env: CliEnv, tmp_path: Path
 ) -> None:

@@ -84,8 +84,11 @@ async def receive_body(
         if buffer:
             await run_in_threadpool(writer.write, bytes(buffer))
     except ClientDisconnect:
-        # Keep what arrived so the client can resume, unless a write failed.
+        # Keep everything that arrived, buffered bytes included, so the client
+        # resumes from there; unless a write failed, then drop this request's.
         if await _settle(in_flight):
+            if buffer:
+                await run_in_threadpool(writer.write, bytes(buffer))
             await run_in_threadpool(writer.close)
         else:
             await run_in_threadpool(writer.cancel)
