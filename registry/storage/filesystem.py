@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +29,7 @@ from registry.storage.errors import (
     UploadOffsetMismatch,
 )
 from registry.storage.hashing import RunningHashes
+from registry.storage.upload_ids import check_upload_id, new_upload_id
 
 READ_CHUNK = 1024 * 1024
 
@@ -48,17 +48,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _check_upload_id(upload_id: str) -> str:
-    """Only the canonical spelling of a UUID names a session (no path tricks)."""
-    try:
-        canonical = str(uuid.UUID(upload_id))
-    except ValueError:
-        raise UploadNotFound(upload_id) from None
-    if canonical != upload_id:
-        raise UploadNotFound(upload_id)
-    return canonical
 
 
 class FilesystemUploadWriter:
@@ -131,14 +120,14 @@ class FilesystemBlobStore:
 
     # ingesting
     def create_upload(self) -> str:
-        upload_id = str(uuid.uuid4())
+        upload_id = new_upload_id()
         directory = upload_dir(self.root, upload_id)
         directory.mkdir(parents=True)
         (directory / "data").touch()
         return upload_id
 
     def upload_size(self, upload_id: str) -> int:
-        path = upload_dir(self.root, _check_upload_id(upload_id)) / "data"
+        path = upload_dir(self.root, check_upload_id(upload_id)) / "data"
         try:
             return path.stat().st_size
         except FileNotFoundError:
@@ -176,7 +165,7 @@ class FilesystemBlobStore:
     def abort_upload(self, upload_id: str) -> None:
         self.hashes.forget(upload_id)
         try:
-            checked = _check_upload_id(upload_id)
+            checked = check_upload_id(upload_id)
         except UploadNotFound:
             return
         shutil.rmtree(upload_dir(self.root, checked), ignore_errors=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from registry.storage.errors import (
     UploadOffsetMismatch,
 )
 from registry.storage.hashing import RunningHashes
+from registry.storage.upload_ids import check_upload_id, new_upload_id
 
 if TYPE_CHECKING:
     from botocore.response import StreamingBody
@@ -148,13 +148,6 @@ class _Chunk:
     offset: int
     size: int
     key: str
-
-
-def _check_upload_id(upload_id: str) -> str:
-    try:
-        return str(uuid.UUID(upload_id))
-    except ValueError:
-        raise UploadNotFound(upload_id) from None
 
 
 def _content_md5(data: bytes) -> str:
@@ -332,16 +325,16 @@ class S3BlobStore:
 
     # ingesting
     def create_upload(self) -> str:
-        upload_id = str(uuid.uuid4())
+        upload_id = new_upload_id()
         self._put(self.layout.marker(upload_id), b"")
         return upload_id
 
     def upload_size(self, upload_id: str) -> int:
-        chunks, _ = self._session(_check_upload_id(upload_id))
+        chunks, _ = self._session(check_upload_id(upload_id))
         return sum(chunk.size for chunk in chunks)
 
     def open_writer(self, upload_id: str, offset: int) -> S3UploadWriter:
-        checked = _check_upload_id(upload_id)
+        checked = check_upload_id(upload_id)
         chunks, stale = self._session(checked)
         size = sum(chunk.size for chunk in chunks)
         if offset != size:
@@ -352,7 +345,7 @@ class S3BlobStore:
         return S3UploadWriter(self, checked, offset)
 
     def commit_upload(self, upload_id: str, digest: Digest) -> int:
-        checked = _check_upload_id(upload_id)
+        checked = check_upload_id(upload_id)
         chunks, _ = self._session(checked)
         size = sum(chunk.size for chunk in chunks)
         known = self.hashes.take(checked, size) if digest.algorithm == "sha256" else None
@@ -379,7 +372,7 @@ class S3BlobStore:
     def abort_upload(self, upload_id: str) -> None:
         self.hashes.forget(upload_id)
         try:
-            checked = _check_upload_id(upload_id)
+            checked = check_upload_id(upload_id)
         except UploadNotFound:
             return
         self._delete_keys([key for key, _, _ in self._list(self.layout.upload(checked))])
