@@ -78,6 +78,11 @@ CASES: dict[str, tuple[Callable[[], PreTrainedModel], Callable[[], PeftConfig], 
         ),
         {"kind": "lora", "rank": 8, "scaling_rule": "alpha/sqrt(r)"},
     ),
+    "lora_bias": (
+        tiny_llama,
+        lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"], lora_bias=True),
+        {"kind": "lora", "rank": 4},
+    ),
     "dora": (
         tiny_llama,
         lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], use_dora=True),
