@@ -46,6 +46,10 @@ class BlobUploadInvalid(RegistryError):
     pass
 
 
+class UploadInUse(RegistryError):
+    """Another request is writing or completing the same upload session."""
+
+
 class RangeInvalid(RegistryError):
     """A chunk that does not start at the upload's current offset."""
 

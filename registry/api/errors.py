@@ -27,6 +27,7 @@ ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
     errors.BlobUnknown: (404, "BLOB_UNKNOWN"),
     errors.BlobUploadUnknown: (404, "BLOB_UPLOAD_UNKNOWN"),
     errors.BlobUploadInvalid: (400, "BLOB_UPLOAD_INVALID"),
+    errors.UploadInUse: (409, "BLOB_UPLOAD_INVALID"),
     errors.RangeInvalid: (416, "RANGE_INVALID"),
     errors.ManifestInvalid: (400, "MANIFEST_INVALID"),
     errors.ManifestUnknown: (404, "MANIFEST_UNKNOWN"),

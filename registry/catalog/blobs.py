@@ -19,9 +19,10 @@ from registry.errors import (
     DigestInvalid,
     NameInvalid,
     NameUnknown,
+    UploadInUse,
 )
 from registry.storage.base import BlobStore
-from registry.storage.errors import DigestMismatch, UploadNotFound
+from registry.storage.errors import DigestMismatch, UploadBusy, UploadNotFound
 
 
 def parse_digest(text: str) -> Digest:
@@ -131,6 +132,8 @@ def finish_upload(
         raise BlobUploadUnknown(
             f"upload {upload_id} has no data", detail={"upload": upload_id}
         ) from None
+    except UploadBusy as exc:
+        raise UploadInUse(str(exc), detail={"upload": upload_id}) from None
     link_blob(session, repository_id=row.repository_id, digest=digest, size=size)
     session.delete(row)
     audit.record(
@@ -146,7 +149,10 @@ def finish_upload(
 
 def cancel_upload(session: Session, *, store: BlobStore, repository: str, upload_id: str) -> None:
     row = check_upload(session, repository=repository, upload_id=upload_id)
-    store.abort_upload(upload_id)
+    try:
+        store.abort_upload(upload_id)
+    except UploadBusy as exc:
+        raise UploadInUse(str(exc), detail={"upload": upload_id}) from None
     session.delete(row)
 
 

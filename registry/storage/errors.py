@@ -31,6 +31,14 @@ class UploadOffsetMismatch(StorageError):
         self.given = given
 
 
+class UploadBusy(StorageError):
+    """Another request is writing or committing this upload session right now."""
+
+    def __init__(self, upload_id: str) -> None:
+        super().__init__(f"upload {upload_id} is being written by another request")
+        self.upload_id = upload_id
+
+
 class DigestMismatch(StorageError):
     """Uploaded bytes do not hash to the digest the client declared."""
 

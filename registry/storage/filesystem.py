@@ -13,6 +13,7 @@ so a crash at any point leaves either no blob or a complete one.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,11 +21,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from client.digest import Digest, digest_file
+from client.digest import Digest, digest_stream
 from registry.storage.errors import (
     BlobNotFound,
     DigestMismatch,
     StorageUnavailable,
+    UploadBusy,
     UploadNotFound,
     UploadOffsetMismatch,
 )
@@ -50,13 +52,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _lock_session(handle: BinaryIO, upload_id: str) -> None:
+    """Take the session's exclusive lock (across processes) or raise `UploadBusy`.
+
+    One writer or committer at a time: otherwise two requests appending at
+    the same offset, or a commit racing an append, could publish bytes that
+    do not hash to the digest that was checked.
+    """
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UploadBusy(upload_id) from None
+
+
+def _open_session(root: Path, upload_id: str, mode: str) -> BinaryIO:
+    try:
+        handle = (upload_dir(root, upload_id) / "data").open(mode)
+    except FileNotFoundError:
+        raise UploadNotFound(upload_id) from None
+    _lock_session(handle, upload_id)  # type: ignore[arg-type]
+    return handle  # type: ignore[return-value]
+
+
 class FilesystemUploadWriter:
     def __init__(self, store: FilesystemBlobStore, upload_id: str, offset: int) -> None:
         self._store = store
         self._upload_id = upload_id
+        self._file = _open_session(store.root, upload_id, "r+b")
+        size = os.fstat(self._file.fileno()).st_size  # checked under the lock
+        if offset != size:
+            self._file.close()
+            raise UploadOffsetMismatch(upload_id, size, offset)
         self._offset = offset
         self._size = offset
-        self._file = (upload_dir(store.root, upload_id) / "data").open("r+b")
         self._file.seek(offset)
         self._hash = store.hashes.begin(upload_id, offset)
 
@@ -71,7 +100,7 @@ class FilesystemUploadWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         if self._hash is not None:
-            self._store.hashes.advance(self._upload_id, self._size, self._hash)
+            self._store.hashes.advance(self._upload_id, self._offset, self._size, self._hash)
         return self._size
 
     def cancel(self) -> None:
@@ -134,35 +163,40 @@ class FilesystemBlobStore:
             raise UploadNotFound(upload_id) from None
 
     def open_writer(self, upload_id: str, offset: int) -> FilesystemUploadWriter:
-        size = self.upload_size(upload_id)
-        if offset != size:
-            raise UploadOffsetMismatch(upload_id, size, offset)
-        return FilesystemUploadWriter(self, upload_id, offset)
+        return FilesystemUploadWriter(self, check_upload_id(upload_id), offset)
 
     def commit_upload(self, upload_id: str, digest: Digest) -> int:
-        size = self.upload_size(upload_id)
-        data = upload_dir(self.root, upload_id) / "data"
-        known = self.hashes.take(upload_id, size) if digest.algorithm == "sha256" else None
-        if known is not None:
-            actual = Digest("sha256", known)
-        else:
-            actual, size = digest_file(data, digest.algorithm)
-        if actual != digest:
-            self.abort_upload(upload_id)
-            raise DigestMismatch(digest, actual, size)
-        target = blob_path(self.root, digest)
-        if target.exists():
-            self.abort_upload(upload_id)
-            return size
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with data.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(data, target)
-        _fsync_dir(target.parent)
-        self.abort_upload(upload_id)
+        checked = check_upload_id(upload_id)
+        with _open_session(self.root, checked, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            known = self.hashes.take(checked, size) if digest.algorithm == "sha256" else None
+            if known is not None:
+                actual = Digest("sha256", known)
+            else:
+                actual, size = digest_stream(handle, digest.algorithm)
+            if actual != digest:
+                self._discard(checked)
+                raise DigestMismatch(digest, actual, size)
+            target = blob_path(self.root, digest)
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.fsync(handle.fileno())
+                os.replace(upload_dir(self.root, checked) / "data", target)
+                _fsync_dir(target.parent)
+        self._discard(checked)
         return size
 
     def abort_upload(self, upload_id: str) -> None:
+        try:
+            checked = check_upload_id(upload_id)
+            handle = _open_session(self.root, checked, "rb")
+        except UploadNotFound:
+            self._discard(upload_id)
+            return
+        with handle:
+            self._discard(checked)
+
+    def _discard(self, upload_id: str) -> None:
         self.hashes.forget(upload_id)
         try:
             checked = check_upload_id(upload_id)

@@ -28,8 +28,17 @@ class RunningHashes:
                 return None
             return entry[1].copy()
 
-    def advance(self, upload_id: str, new_size: int, state: hashlib._Hash) -> None:
+    def advance(self, upload_id: str, start: int, new_size: int, state: hashlib._Hash) -> None:
+        """Record the hash after a write from `start`, unless the session moved meanwhile.
+
+        A compare-and-swap: if another writer advanced the session since this
+        one began, the known hash is dropped and a commit re-hashes the bytes.
+        """
         with self._lock:
+            entry = self._states.get(upload_id)
+            if entry is None or entry[0] != start:
+                self._states.pop(upload_id, None)
+                return
             self._states[upload_id] = (new_size, state)
 
     def take(self, upload_id: str, size: int) -> str | None:

@@ -197,6 +197,7 @@ class S3UploadWriter:
     def __init__(self, store: S3BlobStore, upload_id: str, offset: int) -> None:
         self._store = store
         self._upload_id = upload_id
+        self._start = offset
         self._position = offset  # where the next flushed chunk starts
         self._buffer = bytearray()
         self._written: list[str] = []
@@ -213,7 +214,7 @@ class S3UploadWriter:
         if self._buffer:
             self._flush(len(self._buffer))
         if self._hash is not None:
-            self._store.hashes.advance(self._upload_id, self._position, self._hash)
+            self._store.hashes.advance(self._upload_id, self._start, self._position, self._hash)
         return self._position
 
     def cancel(self) -> None:

@@ -24,6 +24,7 @@ from registry.storage.errors import (
     BlobNotFound,
     DigestMismatch,
     StorageUnavailable,
+    UploadBusy,
     UploadNotFound,
     UploadOffsetMismatch,
 )
@@ -76,6 +77,39 @@ def test_upload_and_commit_round_trip(blob_store: BlobStore) -> None:
     assert list(blob_store.list_digests()) == [digest]
     with pytest.raises(UploadNotFound):
         blob_store.upload_size(upload_id)
+
+
+def test_racing_writers_never_publish_unverified_bytes(blob_store: BlobStore) -> None:
+    """Two writers at one offset, interleaved: a backend either refuses the second
+    (UploadBusy) or publishes only bytes that hash to the committed digest."""
+    a1, a2, b = payload(MiB, 1), payload(MiB, 2), payload(2 * MiB, 3)
+    claimed = Digest.of_bytes(a1 + a2)
+    upload_id = blob_store.create_upload()
+    first = blob_store.open_writer(upload_id, 0)
+    try:
+        second = blob_store.open_writer(upload_id, 0)
+    except UploadBusy:
+        first.write(a1 + a2)
+        first.close()
+        held = blob_store.open_writer(upload_id, 2 * MiB)
+        with pytest.raises(UploadBusy):  # no commit while a writer holds the session
+            blob_store.commit_upload(upload_id, claimed)
+        held.close()
+        assert blob_store.commit_upload(upload_id, claimed) == 2 * MiB
+        assert read_all(blob_store, claimed) == a1 + a2
+        return
+    first.write(a1)
+    second.write(b)
+    second.close()
+    first.write(a2)
+    first.close()
+    try:
+        blob_store.commit_upload(upload_id, claimed)
+    except DigestMismatch:
+        with pytest.raises(BlobNotFound):
+            blob_store.stat(claimed)
+        return
+    assert Digest.of_bytes(read_all(blob_store, claimed)) == claimed
 
 
 def test_empty_blob(blob_store: BlobStore) -> None:

@@ -13,9 +13,9 @@ from starlette.requests import ClientDisconnect
 from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
 from registry.catalog import blobs
 from registry.catalog.repositories import valid_name
-from registry.errors import BlobUploadInvalid, BlobUploadUnknown, RangeInvalid
+from registry.errors import BlobUploadInvalid, BlobUploadUnknown, RangeInvalid, UploadInUse
 from registry.state import Services
-from registry.storage.errors import UploadNotFound, UploadOffsetMismatch
+from registry.storage.errors import UploadBusy, UploadNotFound, UploadOffsetMismatch
 
 router = APIRouter()
 WRITE_BUFFER = 4 * 1024 * 1024
@@ -66,6 +66,8 @@ async def receive_body(
             f"chunk starts at {exc.given} but upload {upload_id} holds {exc.expected} bytes",
             current_size=exc.expected,
         ) from None
+    except UploadBusy as exc:
+        raise UploadInUse(str(exc), detail={"upload": upload_id}) from None
     buffer = bytearray()
     in_flight: asyncio.Future[None] | None = None
     try:
