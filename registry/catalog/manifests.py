@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from client.digest import Digest, InvalidDigest
 from client.manifest import (
     OCI_INDEX,
+    Descriptor,
     ImageIndex,
     ImageManifest,
     InvalidManifest,
@@ -19,13 +20,14 @@ from client.manifest import (
 )
 from registry.auth.scopes import Principal
 from registry.catalog import artifacts, audit, tags
-from registry.catalog.repositories import ensure_repository, find_repository
-from registry.db.models import Manifest, ManifestReference, Repository, RepositoryBlob
+from registry.catalog.repositories import ensure_repository, find_repository, is_immutable_tag
+from registry.db.models import Blob, Manifest, ManifestReference, Repository, RepositoryBlob
 from registry.errors import (
     DigestInvalid,
     ManifestBlobUnknown,
     ManifestInvalid,
     ManifestUnknown,
+    TagImmutable,
     VersionInUse,
 )
 from registry.storage.base import BlobReader
@@ -85,8 +87,7 @@ def put_manifest(
         raise ManifestInvalid(str(exc)) from None
 
     repo = ensure_repository(session, name=repository)
-    references = _references(parsed)
-    _check_references(session, repo, references)
+    references = _check_references(session, repo, parsed)
 
     subject = parsed.subject.digest if parsed.subject is not None else None
     existing = session.scalar(
@@ -162,6 +163,15 @@ def delete_manifest(
             f"{repository}@{digest} is tagged {', '.join(pointing)}; untag it or force the delete",
             detail={"tags": pointing},
         )
+    immutable = [tag for tag in pointing if is_immutable_tag(repo, tag)]
+    if immutable:
+        # A release tag must never come to name other content: forcing does not
+        # override the policy; changing the policy first is an explicit, audited act.
+        raise TagImmutable(
+            f"{repository}@{digest} carries immutable tag(s) {', '.join(immutable)}; "
+            "change the repository's tag policy before deleting it",
+            detail={"tags": immutable},
+        )
     removed = tags.untag_digest(session, principal=principal, repository=repo, digest=row.digest)
     session.delete(row)
     audit.record(
@@ -206,6 +216,12 @@ def _artifact_type(parsed: ImageManifest | ImageIndex) -> str | None:
     return parsed.artifact_type
 
 
+def _descriptors(parsed: ImageManifest | ImageIndex) -> list[Descriptor]:
+    if isinstance(parsed, ImageManifest):
+        return [parsed.config, *parsed.layers]
+    return list(parsed.manifests)
+
+
 def _references(parsed: ImageManifest | ImageIndex) -> dict[str, str]:
     if isinstance(parsed, ImageManifest):
         found = {parsed.config.digest: "config"}
@@ -215,34 +231,43 @@ def _references(parsed: ImageManifest | ImageIndex) -> dict[str, str]:
     return {child.digest: "manifest" for child in parsed.manifests}
 
 
-def _check_references(session: Session, repo: Repository, references: dict[str, str]) -> None:
+def _check_references(
+    session: Session, repo: Repository, parsed: ImageManifest | ImageIndex
+) -> dict[str, str]:
+    """Every descriptor names content in the repository, with its true size.
+
+    A wrong declared size would make clients and the registry itself read a
+    different amount than is stored (and size caps be decided on a lie).
+    """
+    references = _references(parsed)
     blobs = [d for d, kind in references.items() if kind != "manifest"]
     children = [d for d, kind in references.items() if kind == "manifest"]
-    present = (
-        set(
-            session.scalars(
-                select(RepositoryBlob.digest).where(
-                    RepositoryBlob.repository_id == repo.id, RepositoryBlob.digest.in_(blobs)
-                )
+    sizes: dict[str, int] = {}
+    if blobs:
+        rows = session.execute(
+            select(Blob.digest, Blob.size)
+            .join(RepositoryBlob, RepositoryBlob.digest == Blob.digest)
+            .where(RepositoryBlob.repository_id == repo.id, Blob.digest.in_(blobs))
+        ).tuples()
+        sizes.update({digest: size for digest, size in rows})
+    if children:
+        rows = session.execute(
+            select(Manifest.digest, Manifest.size).where(
+                Manifest.repository_id == repo.id, Manifest.digest.in_(children)
             )
-        )
-        if blobs
-        else set()
-    )
-    present |= (
-        set(
-            session.scalars(
-                select(Manifest.digest).where(
-                    Manifest.repository_id == repo.id, Manifest.digest.in_(children)
-                )
-            )
-        )
-        if children
-        else set()
-    )
-    missing = [d for d in references if d not in present]
+        ).tuples()
+        sizes.update({digest: size for digest, size in rows})
+    missing = [d for d in references if d not in sizes]
     if missing:
         raise ManifestBlobUnknown(
             f"manifest references {len(missing)} blob(s) not in {repo.name}: {', '.join(missing)}",
             detail={"missing": missing},
         )
+    for descriptor in _descriptors(parsed):
+        if descriptor.size != sizes[descriptor.digest]:
+            raise ManifestInvalid(
+                f"descriptor {descriptor.digest} declares {descriptor.size} bytes; "
+                f"the stored content is {sizes[descriptor.digest]}",
+                detail={"digest": descriptor.digest, "declared": descriptor.size},
+            )
+    return references

@@ -70,6 +70,11 @@ def test_listing_commands_and_tags(cli_env: CliEnv, tmp_path: Path) -> None:
     assert in_use.returncode == 1
     assert in_use.stderr.count("\n") == 1
     assert "request id" in in_use.stderr
+    immutable = cli_env.subprocess("rm", f"acme/nlp/bot@{shown['digest']}", "--force")
+    assert immutable.returncode == 1
+    assert "immutable" in immutable.stderr
+    with Client(cli_env.env["PEFTREG_URL"]) as client:
+        client.set_policy("acme/nlp/bot", [])
     forced = cli_env.run("rm", f"acme/nlp/bot@{shown['digest']}", "--force")
     assert forced.exit_code == 0, forced.output
     assert "v1" in forced.stdout

@@ -234,6 +234,17 @@ def test_delete_version_refused_while_tagged_unless_forced(client: httpx.Client)
     assert error["detail"]["tags"] == ["prod", "v1"]
     assert client.head(f"/v2/acme/remove/manifests/{digest}").status_code == 200
 
+    # Forcing does not override the immutable `v1`: the policy must change first.
+    immutable = client.delete(
+        f"/api/v1/repositories/acme/remove/versions/{digest}", params={"force": "true"}
+    )
+    assert assert_oci_error(immutable, 409, "TAG_IMMUTABLE")["detail"]["tags"] == ["v1"]
+    assert client.head("/v2/acme/remove/manifests/v1").status_code == 200
+    policy = client.put(
+        "/api/v1/repositories/acme/remove/policy", json={"immutable_tags": ["release-*"]}
+    )
+    assert policy.status_code == 200, policy.text
+
     forced = client.delete(
         f"/api/v1/repositories/acme/remove/versions/{digest}", params={"force": "true"}
     )

@@ -749,3 +749,22 @@ def test_catalog_pagination(client: httpx.Client) -> None:
     assert empty.status_code == 200
     assert empty.json() == {"repositories": []}
     assert_oci_error(client.get("/v2/_catalog?n=-1"), 400, "INVALID_REQUEST")
+
+
+def test_descriptor_with_a_wrong_size_is_refused(client: httpx.Client) -> None:
+    data = b"0123456789"
+    digest = push_blob(client, "acme/sizes", data)
+    config = push_blob(client, "acme/sizes", b"{}")
+    document = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": EMPTY_JSON, "digest": config, "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": digest, "size": 2}],
+    }
+    content = json.dumps(document).encode()
+    error = assert_oci_error(
+        put_manifest(client, "acme/sizes", "latest", content), 400, "MANIFEST_INVALID"
+    )
+    assert "declares 2 bytes" in error["message"]
+    assert "10" in error["message"]
+    assert_oci_error(client.get("/v2/acme/sizes/manifests/latest"), 404, "MANIFEST_UNKNOWN")

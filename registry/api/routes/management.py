@@ -206,15 +206,17 @@ async def get_version(
 
 
 def _decoded_config(services: Services, digest: str | None, document: dict[str, Any]) -> Any:
+    """The config blob as JSON when it is JSON and small (by its stored size)."""
     if digest is None:
         return None
-    size = int(document.get("config", {}).get("size", 0))
     media_type = str(document.get("config", {}).get("mediaType", ""))
-    if size > MAX_DECODED_CONFIG or "json" not in media_type:
+    if "json" not in media_type:
         return None
     try:
-        data = b"".join(services.store.read(Digest.parse(digest)))
-        return json.loads(data)
+        parsed = Digest.parse(digest)
+        if services.store.stat(parsed) > MAX_DECODED_CONFIG:
+            return None
+        return json.loads(b"".join(services.store.read(parsed)))
     except (BlobNotFound, ValueError):
         return None
 
