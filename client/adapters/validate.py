@@ -23,7 +23,7 @@ weight is stored (in, out), the LoRA factors keep their (r, in) / (out, r).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -95,30 +95,38 @@ def split_tensor_name(name: str) -> _Part | None:
     return None
 
 
-def tensor_from_bytes(data: bytes, entry: TensorEntry) -> torch.Tensor:
-    """A CPU tensor from a tensor's raw little-endian bytes."""
+def values_from_bytes(data: bytes, entry: TensorEntry) -> torch.Tensor:
+    """A flat CPU tensor of some of a tensor's raw little-endian values."""
     dtype = TORCH_DTYPES.get(entry.dtype)
     if dtype is None:
         raise AdapterInvalid(
             f"tensor {entry.name!r}: dtype {entry.dtype} cannot be checked", location=entry.name
         )
     if not data:
-        return torch.empty(entry.shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype).reshape(entry.shape)
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=dtype)
+
+
+# Reads the values of one tensor as flat pieces, in order, each of bounded size.
+TensorValues = Callable[[str], Iterable[torch.Tensor]]
 
 
 def validate_adapter(
     config: AdapterConfig,
     header: SafetensorsHeader,
-    read_tensor: Callable[[str], torch.Tensor],
+    read_values: TensorValues,
     base: BaseConfig | None,
 ) -> None:
-    """Raise `AdapterInvalid` on the first problem found; return when the adapter is sound."""
+    """Raise `AdapterInvalid` on the first problem found; return when the adapter is sound.
+
+    `read_values` yields a tensor's values in bounded flat pieces, so checking
+    a large tensor never holds it whole in memory.
+    """
     _check_index(config, header)
     _check_dtypes(config, header)
     if config.kind in ("lora", "dora", "nola"):
         _check_modules(config, header)
-    _check_values(header, read_tensor)
+    _check_values(header, read_values)
     if base is not None:
         _check_base(config, header, base)
 
@@ -250,18 +258,21 @@ def _check_rank(target: TargetModule, header: SafetensorsHeader) -> None:
             )
 
 
-def _check_values(header: SafetensorsHeader, read_tensor: Callable[[str], torch.Tensor]) -> None:
+def _check_values(header: SafetensorsHeader, read_values: TensorValues) -> None:
     for name, entry in sorted(header.tensors.items(), key=lambda item: item[1].begin):
         if entry.dtype not in WEIGHT_DTYPES or entry.numel == 0:
             continue
-        tensor = read_tensor(name)
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            bad = tensor[~finite]
-            what = "NaN" if bool(torch.isnan(bad).any()) else "Inf"
+        non_finite = nan = 0
+        for piece in read_values(name):
+            finite = torch.isfinite(piece)
+            if not bool(finite.all()):
+                bad = piece[~finite]
+                non_finite += int(bad.numel())
+                nan += int(torch.isnan(bad).sum())
+        if non_finite:
+            what = "NaN" if nan else "Inf"
             raise AdapterInvalid(
-                f"tensor {name!r} holds {what} values ({int(bad.numel())} non-finite of "
-                f"{entry.numel})",
+                f"tensor {name!r} holds {what} values ({non_finite} non-finite of {entry.numel})",
                 location=name,
             )
 

@@ -86,7 +86,9 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def read_header(stream: ReadableStream, file_size: int) -> SafetensorsHeader:
+def read_header(
+    stream: ReadableStream, file_size: int, *, max_header_bytes: int = MAX_HEADER_BYTES
+) -> SafetensorsHeader:
     """Parse and validate the header of a safetensors file of `file_size` bytes."""
     if file_size < 8:
         raise SafetensorsError(f"file is {file_size} bytes, too short for a safetensors header")
@@ -94,8 +96,8 @@ def read_header(stream: ReadableStream, file_size: int) -> SafetensorsHeader:
     if len(prefix) != 8:
         raise SafetensorsError("file ends inside the header length")
     (length,) = struct.unpack("<Q", prefix)
-    if length > MAX_HEADER_BYTES:
-        raise SafetensorsError(f"header length {length} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if length > max_header_bytes:
+        raise SafetensorsError(f"header length {length} exceeds the {max_header_bytes}-byte limit")
     if 8 + length > file_size:
         raise SafetensorsError(
             f"header length {length} runs past the end of the {file_size}-byte file"

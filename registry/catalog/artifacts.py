@@ -39,8 +39,8 @@ from client.adapters.validate import (
     AdapterInvalid,
     max_rank,
     structure_hash_of,
-    tensor_from_bytes,
     validate_adapter,
+    values_from_bytes,
 )
 from client.digest import Digest
 from client.formats.safetensors_header import SafetensorsError, SafetensorsHeader, read_header
@@ -59,6 +59,10 @@ from registry.storage.errors import BlobNotFound
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_ADAPTER_DATA_BYTES = 2 * 1024 * 1024 * 1024
+# Headers of real adapters and shards are kilobytes to a few MiB; parsing an
+# untrusted 100 MB JSON header would build gigabytes of Python objects.
+MAX_PUSHED_HEADER_BYTES = 16 * 1024 * 1024
+VALUE_READ_BYTES = 16 * 1024 * 1024
 WEIGHT_MEDIA_TYPES = (SAFETENSORS_MEDIA_TYPE, NOLA_SAFETENSORS_MEDIA_TYPE)
 
 
@@ -120,7 +124,11 @@ def read_safetensors_header(
     """The strict parse of a stored safetensors blob's header; (header, blob size)."""
     size = _blob_size(store, digest)
     try:
-        header = read_header(_RangeStream(store, Digest.parse(digest), size), size)
+        header = read_header(
+            _RangeStream(store, Digest.parse(digest), size),
+            size,
+            max_header_bytes=MAX_PUSHED_HEADER_BYTES,
+        )
     except SafetensorsError as exc:
         raise SafetensorsInvalid(
             f"{label}: {exc}", detail={"layer": label, "digest": digest}
@@ -175,16 +183,20 @@ def _inspect_adapter(session: Session, store: BlobReader, parsed: ImageManifest)
         )
     digest = Digest.parse(layer.digest)
 
-    def read_tensor(name: str) -> torch.Tensor:
+    def read_values(name: str) -> Iterator[torch.Tensor]:
+        entry = header.tensors[name]
         start, end = header.absolute_range(name)
-        data = _read_range(store, digest, start, end)
-        if len(data) != end - start:
-            raise SafetensorsInvalid(f"{label}: file ends inside tensor {name!r}")
-        return tensor_from_bytes(data, header.tensors[name])
+        itemsize = entry.nbytes // entry.numel if entry.numel else 1
+        step = max(itemsize, VALUE_READ_BYTES // itemsize * itemsize)
+        for offset in range(start, end, step):
+            data = _read_range(store, digest, offset, min(end, offset + step))
+            if len(data) != min(end, offset + step) - offset:
+                raise SafetensorsInvalid(f"{label}: file ends inside tensor {name!r}")
+            yield values_from_bytes(data, entry)
 
     base = _registered_base(session, store, config.base.fingerprint)
     try:
-        validate_adapter(config, header, read_tensor, base)
+        validate_adapter(config, header, read_values, base)
     except AdapterInvalid as exc:
         raise ArtifactInvalid(
             f"{label}: {exc.message}", detail={"location": exc.location, "layer": label}
