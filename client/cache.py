@@ -59,6 +59,8 @@ def link_or_copy(source: Path, dest: Path) -> None:
     """Hard-link `source` to `dest`, copying when links are not possible."""
     try:
         os.link(source, dest)
+    except FileExistsError:
+        raise  # never overwrite: `dest` may itself be a link into the cache
     except OSError:
         shutil.copyfile(source, dest)
 

@@ -27,11 +27,12 @@ def check_title(title: str) -> PurePosixPath:
 def check_titles(titles: list[str]) -> list[PurePosixPath]:
     """Check every title and that no two name the same file, or one another's folder."""
     paths = [check_title(title) for title in titles]
-    seen = {str(path) for path in paths}
+    # Case-folded: on macOS and Windows `A.bin` and `a.bin` are one file.
+    seen = {str(path).casefold() for path in paths}
     if len(seen) != len(paths):
-        raise UnsafePath("two layers have the same title")
+        raise UnsafePath("two layers have the same title (ignoring case)")
     for path in paths:
         for parent in path.parents:
-            if str(parent) != "." and str(parent) in seen:
+            if str(parent) != "." and str(parent).casefold() in seen:
                 raise UnsafePath(f"layer title {str(parent)!r} is both a file and a folder")
     return paths

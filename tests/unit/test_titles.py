@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import pytest
+
+from client.sdk.errors import UnsafePath
+from client.transfer.titles import check_titles
+
+
+@pytest.mark.parametrize(
+    "titles",
+    [
+        ["../x"],
+        ["/etc/passwd"],
+        ["a\\b"],
+        ["C:x"],
+        ["a/./b"],
+        ["a", "a"],
+        ["Adapter.safetensors", "adapter.safetensors"],  # one file on macOS/Windows
+        ["sub", "sub/x"],
+        ["Sub", "sub/x"],
+    ],
+)
+def test_unsafe_or_colliding_titles_are_refused(titles: list[str]) -> None:
+    with pytest.raises(UnsafePath):
+        check_titles(titles)
+
+
+def test_nested_titles_are_fine() -> None:
+    assert [str(p) for p in check_titles(["a.txt", "sub/w.bin"])] == ["a.txt", "sub/w.bin"]
