@@ -81,6 +81,12 @@ def authorize(principal: Principal, scope: Scope, repository: str) -> None:
     raise Denied(f"{principal.name} lacks {scope} access to {repository}")
 
 
+def authorize_any(principal: Principal) -> None:
+    """Listings filter by grants, but an anonymous caller holding none gets the challenge."""
+    if principal.anonymous and not principal.grants:
+        raise Unauthorized("authentication required")
+
+
 def authorize_global_admin(principal: Principal) -> None:
     if principal.is_global_admin():
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class RepositoryOut(BaseModel):
@@ -66,6 +66,8 @@ class TagOut(BaseModel):
 
 
 class TagEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     tag: str
     from_digest: str | None
     to_digest: str | None
@@ -91,6 +93,8 @@ class TokenIn(BaseModel):
 
 
 class TokenOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: str
     name: str
     grants: list[dict[str, Any]]
@@ -113,6 +117,8 @@ class DeletedVersionOut(BaseModel):
 
 
 class AuditEventOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     at: datetime
     actor: str
     action: str

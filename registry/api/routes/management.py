@@ -15,6 +15,7 @@ from registry.api.deps import (
     PrincipalDep,
     ServicesDep,
     authorize,
+    authorize_any,
     authorize_global_admin,
     in_transaction,
 )
@@ -35,23 +36,15 @@ from registry.api.schemas import (
     VersionPage,
 )
 from registry.auth import tokens
-from registry.auth.scopes import Principal
 from registry.catalog import audit, manifests, search, tags
 from registry.catalog.repositories import find_repository, is_immutable_tag, valid_name
 from registry.db.models import ArtifactIndex, AuditEvent, Manifest, Tag
-from registry.errors import Unauthorized
 from registry.state import Services
 from registry.storage.errors import BlobNotFound
 
 router = APIRouter(prefix="/api/v1", tags=["management"])
 MAX_DECODED_CONFIG = 1024 * 1024
 Limit = Annotated[int, Query(ge=1, le=1000)]
-
-
-def _require_some_access(principal: Principal) -> None:
-    """Listings filter by grants, but an anonymous caller with none gets the challenge."""
-    if principal.anonymous and not principal.grants:
-        raise Unauthorized("authentication required")
 
 
 def _summary(index: ArtifactIndex | None) -> ArtifactSummaryOut | None:
@@ -96,7 +89,7 @@ async def list_repositories(
     cursor: str | None = None,
     limit: Limit = 100,
 ) -> RepositoryPage:
-    _require_some_access(principal)
+    authorize_any(principal)
     page = await in_transaction(
         services,
         partial(search.list_repositories, principal=principal, query=q, cursor=cursor, limit=limit),
@@ -155,7 +148,7 @@ async def search_versions(
     `verified` filter on what validation indexed: they keep adapter (and base)
     artifacts only.
     """
-    _require_some_access(principal)
+    authorize_any(principal)
     filters = search.ArtifactFilters(kind, base, max_rank, base_quantization, verified)
     return await _versions(
         services, principal, None, artifact_type, annotation, cursor, limit, filters
@@ -272,13 +265,7 @@ async def tag_history(
     def work(session: Session) -> list[TagEventOut]:
         repo = find_repository(session, name=name)
         return [
-            TagEventOut(
-                tag=event.tag,
-                from_digest=event.from_digest,
-                to_digest=event.to_digest,
-                actor=event.actor,
-                at=event.at,
-            )
+            TagEventOut.model_validate(event)
             for event in tags.tag_history(session, repository=repo, tag=tag)
         ]
 
@@ -333,23 +320,11 @@ async def create_token(
     return await in_transaction(services, work)
 
 
-def _token_out(row: Any) -> TokenOut:
-    return TokenOut(
-        id=row.id,
-        name=row.name,
-        grants=row.grants,
-        created_by=row.created_by,
-        created_at=row.created_at,
-        expires_at=row.expires_at,
-        revoked_at=row.revoked_at,
-    )
-
-
 @router.get("/tokens", response_model=list[TokenOut])
 async def list_tokens(services: ServicesDep, principal: PrincipalDep) -> list[TokenOut]:
     authorize_global_admin(principal)
     rows = await in_transaction(services, tokens.list_tokens)
-    return [_token_out(row) for row in rows]
+    return [TokenOut.model_validate(row) for row in rows]
 
 
 @router.delete("/tokens/{token_id}", response_model=TokenOut)
@@ -359,7 +334,7 @@ async def revoke_token(token_id: str, services: ServicesDep, principal: Principa
     def work(session: Session) -> TokenOut:
         row = tokens.revoke_token(session, token_id=token_id)
         audit.record(session, actor=principal.name, action="token.revoke", target=token_id)
-        return _token_out(row)
+        return TokenOut.model_validate(row)
 
     return await in_transaction(services, work)
 
@@ -377,17 +352,6 @@ async def audit_log(
         query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
         if repository is not None:
             query = query.where(AuditEvent.repository == repository)
-        return [
-            AuditEventOut(
-                at=row.at,
-                actor=row.actor,
-                action=row.action,
-                repository=row.repository,
-                target=row.target,
-                detail=row.detail,
-                request_id=row.request_id,
-            )
-            for row in session.scalars(query)
-        ]
+        return [AuditEventOut.model_validate(row) for row in session.scalars(query)]
 
     return await in_transaction(services, work)

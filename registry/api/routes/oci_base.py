@@ -10,17 +10,15 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry.api.deps import PrincipalDep, ServicesDep, in_transaction
+from registry.api.deps import PrincipalDep, ServicesDep, authorize_any, in_transaction
 from registry.db.models import Repository
-from registry.errors import Unauthorized
 
 router = APIRouter()
 
 
 @router.get("/v2/")
 async def ping(principal: PrincipalDep) -> Response:
-    if principal.anonymous and not principal.grants:
-        raise Unauthorized("authentication required")
+    authorize_any(principal)
     return JSONResponse({}, headers={"Docker-Distribution-API-Version": "registry/2.0"})
 
 
@@ -31,8 +29,7 @@ async def catalog(
     n: Annotated[int, Query(ge=0)] = 100,
     last: str | None = None,
 ) -> Response:
-    if principal.anonymous and not principal.grants:
-        raise Unauthorized("authentication required")
+    authorize_any(principal)
 
     def work(session: Session) -> list[str]:
         names: list[str] = []
