@@ -1,0 +1,1 @@
+"""Model checkpoints: streaming writers, tensor encoders and checkpoint artifacts."""

@@ -1,0 +1,69 @@
+"""How each output tensor of a checkpoint is stored: the seam between merge and quantize.
+
+A streaming checkpoint writer must know every output tensor's name, dtype and
+shape before it reads any data, so that shard headers can be written first.
+An encoder therefore answers twice for each base tensor: `plan` (from the
+name, shape and dtype alone) and `encode` (with the fp32 values), and the two
+must agree exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+class TensorEncoder(Protocol):
+    """Turns one (merged) fp32 tensor into the tensors stored for it."""
+
+    def plan(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[PlannedTensor]:
+        """The tensors `encode` will return for this input, in order; `dtype` is the output's."""
+        ...
+
+    def encode(
+        self, name: str, tensor: torch.Tensor, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """The stored tensors, exactly as planned (names, dtypes, shapes), on any device."""
+        ...
+
+    def config_update(self) -> dict[str, Any]:
+        """Keys merged into the output's config.json (e.g. `quantization_config`)."""
+        ...
+
+    def recipe(self) -> dict[str, Any]:
+        """Parameters recorded in the checkpoint's provenance."""
+        ...
+
+
+class CastEncoder:
+    """Stores each tensor as it is, cast to the output dtype (float tensors only)."""
+
+    def plan(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[PlannedTensor]:
+        return [PlannedTensor(name, dtype, shape)]
+
+    def encode(
+        self, name: str, tensor: torch.Tensor, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        return {name: tensor.to(dtype)}
+
+    def config_update(self) -> dict[str, Any]:
+        return {}
+
+    def recipe(self) -> dict[str, Any]:
+        return {"quantization": "none"}
