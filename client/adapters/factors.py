@@ -125,7 +125,8 @@ def dora_row_scale(
 ) -> torch.Tensor:
     """m / ||W + delta||_2 per output row; W and delta in (out, in) layout, fp32."""
     norm = torch.linalg.norm(weight_out_in + delta_out_in, dim=1)
-    return magnitude.to(norm.device, torch.float32) / norm
+    scale: torch.Tensor = magnitude.to(norm.device, torch.float32) / norm
+    return scale
 
 
 def merged_weight(
