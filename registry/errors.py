@@ -104,3 +104,19 @@ class TokenUnknown(RegistryError):
 
 class InvalidRequest(RegistryError):
     pass
+
+
+class JobUnknown(RegistryError):
+    """No job with that id (or none the caller may see)."""
+
+
+class JobInvalid(RegistryError):
+    """A job request that cannot run: wrong artifact types, kinds or parameters."""
+
+
+class BaseIncompatible(RegistryError):
+    """An adapter that was not trained on the base it is to be merged into."""
+
+
+class JobFinished(RegistryError):
+    """The job already ended, so it cannot be cancelled."""

@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     anonymous: AnonymousAccess = "auto"
     admin_token: SecretStr | None = None
 
+    embedded_worker: bool | None = None
+    work_dir: Path | None = None
+    worker_device: Literal["auto", "cpu", "cuda"] = "auto"
+    worker_poll_seconds: float = 1.0
+    job_lease_seconds: float = 60.0
+    job_max_attempts: int = 3
+    job_backoff_seconds: float = 5.0
+
     max_manifest_bytes: int = 4 * 1024 * 1024
     upload_expiry_seconds: int = 24 * 3600
 
@@ -65,6 +73,16 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.home / 'peftreg.db'}"
+
+    def resolved_work_dir(self) -> Path:
+        """Scratch space of job workers (pulled bases, outputs before upload)."""
+        return self.work_dir or self.home / "work"
+
+    def should_run_embedded_worker(self) -> bool:
+        """`peftreg serve` runs a worker in-process on the embedded default (SQLite)."""
+        if self.embedded_worker is not None:
+            return self.embedded_worker
+        return self.resolved_database_url().startswith("sqlite")
 
     def resolved_storage_path(self) -> Path:
         return self.storage_path or self.home / "storage"

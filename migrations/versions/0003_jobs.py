@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("key", sa.String(length=80), nullable=False),
         sa.Column("kind", sa.String(length=32), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("repository", sa.String(length=255), nullable=True),
         sa.Column("params", JSON, nullable=False),
         sa.Column("inputs", JSON, nullable=False),
         sa.Column("created_by", sa.String(length=255), nullable=False),
@@ -55,6 +56,7 @@ def upgrade() -> None:
         sa.UniqueConstraint("key", name=op.f("uq_jobs_key")),
     )
     op.create_index("ix_jobs_status_available_at", "jobs", ["status", "available_at"])
+    op.create_index(op.f("ix_jobs_repository"), "jobs", ["repository"])
     op.create_table(
         "workers",
         sa.Column("id", sa.String(length=128), nullable=False),
@@ -86,5 +88,6 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_job_logs_job_id"), table_name="job_logs")
     op.drop_table("job_logs")
     op.drop_table("workers")
+    op.drop_index(op.f("ix_jobs_repository"), table_name="jobs")
     op.drop_index("ix_jobs_status_available_at", table_name="jobs")
     op.drop_table("jobs")

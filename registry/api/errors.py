@@ -41,6 +41,10 @@ ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
     errors.Denied: (403, "DENIED"),
     errors.TokenUnknown: (404, "TOKEN_UNKNOWN"),
     errors.InvalidRequest: (400, "INVALID_REQUEST"),
+    errors.JobUnknown: (404, "JOB_UNKNOWN"),
+    errors.JobInvalid: (422, "JOB_INVALID"),
+    errors.BaseIncompatible: (409, "BASE_INCOMPATIBLE"),
+    errors.JobFinished: (409, "JOB_FINISHED"),
 }
 
 logger = logging.getLogger(__name__)

@@ -238,6 +238,7 @@ class Job(Base):
     key: Mapped[str] = mapped_column(String(80), unique=True)
     kind: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16))
+    repository: Mapped[str | None] = mapped_column(String(255), index=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSONType)
     inputs: Mapped[dict[str, Any]] = mapped_column(JSONType)
     created_by: Mapped[str] = mapped_column(String(255))
