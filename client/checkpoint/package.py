@@ -1,0 +1,141 @@
+"""Exported checkpoints as `application/vnd.peftreg.checkpoint.v1` artifacts.
+
+The config blob is the recipe (`CheckpointConfig`): the base and adapter
+digests and weights, the merge and quantization parameters, the library
+versions and the producing job. The layers are the files of a Hugging Face
+model directory (config.json with its quantization_config, safetensors
+shards and index, tokenizer files). The manifest's `subject` is the source
+adapter's manifest, so the referrers API on an adapter lists its exports.
+
+Nothing time- or machine-dependent goes into the config or the manifest, so
+the same recipe run twice yields the same manifest digest.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from client.digest import Digest, digest_file
+from client.manifest import CHECKPOINT_ARTIFACT, OCI_MANIFEST, TITLE_ANNOTATION, canonical_json
+
+CHECKPOINT_CONFIG_MEDIA_TYPE = "application/vnd.peftreg.checkpoint.config.v1+json"
+JOB_ANNOTATION = "io.peftreg.job"
+QUANTIZATION_ANNOTATION = "io.peftreg.checkpoint.quantization"
+LIBRARIES = ("peftreg", "torch", "safetensors", "compressed-tensors")
+
+
+class SourceArtifact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repository: str
+    digest: str
+    weight: float | None = None
+
+
+class CheckpointConfig(BaseModel):
+    """Config blob of a checkpoint artifact: how it was made, exactly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    base: SourceArtifact
+    base_fingerprint: str
+    adapters: list[SourceArtifact]
+    merge: dict[str, Any] = Field(description="dtype, base quantization, adapter kinds")
+    quantization: dict[str, Any] = Field(description="the encoder's recipe")
+    libraries: dict[str, str]
+    job: str | None = None
+
+
+def library_versions() -> dict[str, str]:
+    versions: dict[str, str] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    title: str
+    path: Path
+    media_type: str
+    digest: Digest
+    size: int
+
+
+def _media_type(title: str) -> str:
+    from client.adapters.schema import (
+        FILE_MEDIA_TYPE,
+        JSON_FILE_MEDIA_TYPE,
+        SAFETENSORS_MEDIA_TYPE,
+    )
+
+    if title.endswith(".safetensors"):
+        return SAFETENSORS_MEDIA_TYPE
+    if title.endswith(".json"):
+        return JSON_FILE_MEDIA_TYPE
+    return FILE_MEDIA_TYPE
+
+
+def checkpoint_files(directory: Path) -> list[CheckpointFile]:
+    """Every regular file at the top of a model directory, sorted by name."""
+    return [
+        CheckpointFile(item.name, item, _media_type(item.name), *digest_file(item))
+        for item in sorted(directory.iterdir())
+        if item.is_file()
+    ]
+
+
+@dataclass(frozen=True)
+class CheckpointPackage:
+    config: CheckpointConfig
+    config_bytes: bytes
+    files: list[CheckpointFile]
+    manifest: bytes
+
+
+def build_checkpoint_package(
+    config: CheckpointConfig,
+    directory: Path,
+    *,
+    subject: Mapping[str, Any] | None,
+    annotations: Mapping[str, str] | None = None,
+) -> CheckpointPackage:
+    """The config blob, the files and the manifest for a model directory."""
+    config_bytes = canonical_json(config.model_dump(mode="json"))
+    files = checkpoint_files(directory)
+    document: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": CHECKPOINT_ARTIFACT,
+        "config": {
+            "mediaType": CHECKPOINT_CONFIG_MEDIA_TYPE,
+            "digest": str(Digest.of_bytes(config_bytes)),
+            "size": len(config_bytes),
+        },
+        "layers": [
+            {
+                "mediaType": item.media_type,
+                "digest": str(item.digest),
+                "size": item.size,
+                "annotations": {TITLE_ANNOTATION: item.title},
+            }
+            for item in files
+        ],
+    }
+    if subject is not None:
+        document["subject"] = dict(subject)
+    notes = {QUANTIZATION_ANNOTATION: str(config.quantization.get("quantization", "none"))}
+    if config.job:
+        notes[JOB_ANNOTATION] = config.job
+    document["annotations"] = {**notes, **dict(annotations or {})}
+    return CheckpointPackage(config, config_bytes, files, canonical_json(document))

@@ -1,0 +1,181 @@
+"""`peftreg export` and `peftreg jobs ...`: server-side jobs from the command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from client.cli.common import echo_json, echo_table, fail, make_client, parse_reference
+from client.sdk.jobs import JobInfo
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _describe(job: JobInfo) -> str:
+    detail = f"{job.progress:.0%}" + (f" {job.message}" if job.message else "")
+    return f"{job.id} {job.status} {detail}".rstrip()
+
+
+@click.command()
+@click.argument("references", nargs=-1, required=True)
+@click.option("--base", "base", required=True, help="The registered base: REPO:TAG or REPO@DIGEST.")
+@click.option("--merge", is_flag=True, help="Merge the adapter(s) into the base (required).")
+@click.option(
+    "--weight",
+    "weights",
+    type=float,
+    multiple=True,
+    help="Weight of each adapter in a weighted sum, in order (default 1 each).",
+)
+@click.option("--dtype", type=click.Choice(DTYPES), help="Output dtype (default: the base's).")
+@click.option(
+    "--base-quantization",
+    type=click.Choice(["none", "nf4"]),
+    default="none",
+    show_default=True,
+    help="Merge a QLoRA adapter into the NF4-dequantized base it was trained against.",
+)
+@click.option("--quantize", type=click.Choice(["none", "int4"]), default="none", show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True)
+@click.option("--algorithm", type=click.Choice(["rtn", "mse"]), default="rtn", show_default=True)
+@click.option("--wait", is_flag=True, help="Wait until the job ends.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after SECONDS.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Wait, then pull the checkpoint into this directory.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
+def export(
+    references: tuple[str, ...],
+    base: str,
+    merge: bool,
+    weights: tuple[float, ...],
+    dtype: str | None,
+    base_quantization: str,
+    quantize: str,
+    group_size: int,
+    algorithm: str,
+    wait: bool,
+    timeout: float | None,
+    output: Path | None,
+    as_json: bool,
+) -> None:
+    """Export REFERENCES merged into --base as a checkpoint (a server-side job).
+
+    An identical request returns the same job, and once it is done the same
+    artifact. The checkpoint is published in the first adapter's repository,
+    with the adapter as its subject.
+    """
+    if not merge:
+        raise fail("export needs --merge (merging into the base is the export there is)", 2)
+    if weights and len(weights) != len(references):
+        raise fail(f"{len(weights)} --weight values for {len(references)} adapters", 2)
+    for text in (*references, base):
+        parse_reference(text)
+    sources = list(zip(references, weights or [1.0] * len(references), strict=True))
+    with make_client() as client:
+        job, created = client.export(
+            sources,
+            base,
+            dtype=dtype,
+            base_quantization=base_quantization,
+            quantize=quantize,
+            group_size=group_size,
+            algorithm=algorithm,
+        )
+        click.echo(f"{'queued' if created else 'existing'} job {job.id} ({job.status})", err=True)
+        if wait or output is not None:
+            last: list[str] = []
+
+            def show(update: JobInfo) -> None:
+                line = _describe(update)
+                if not last or last[-1] != line:
+                    last.append(line)
+                    click.echo(line, err=True)
+
+            job = client.wait_job(job.id, timeout=timeout, on_update=show)
+        if output is not None and job.result is not None:
+            client.pull(job.result["reference"], output)
+            click.echo(f"checkpoint in {output}", err=True)
+    if as_json:
+        echo_json(job)
+    elif job.result is not None:
+        click.echo(job.result["reference"])
+    else:
+        click.echo(job.id)
+
+
+@click.group()
+def jobs() -> None:
+    """List, inspect, follow and cancel server-side jobs."""
+
+
+@jobs.command("ls")
+@click.option(
+    "--status", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"])
+)
+@click.option("--kind")
+@click.option("--repository")
+@click.option("--json", "as_json", is_flag=True)
+def jobs_ls(status: str | None, kind: str | None, repository: str | None, as_json: bool) -> None:
+    """Recent jobs, newest first."""
+    with make_client() as client:
+        found = client.jobs(status=status, kind=kind, repository=repository)
+    if as_json:
+        echo_json(found)
+        return
+    echo_table(
+        ["ID", "KIND", "STATUS", "PROGRESS", "ATTEMPTS", "REPOSITORY", "CREATED"],
+        [
+            [
+                job.id,
+                job.kind,
+                job.status,
+                f"{job.progress:.0%}",
+                f"{job.attempts}/{job.max_attempts}",
+                job.repository or "-",
+                job.created_at.isoformat(timespec="seconds"),
+            ]
+            for job in found
+        ],
+    )
+
+
+@jobs.command("show")
+@click.argument("job_id")
+def jobs_show(job_id: str) -> None:
+    """Everything about one job, as JSON."""
+    with make_client() as client:
+        echo_json(client.job(job_id))
+
+
+@jobs.command("logs")
+@click.argument("job_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+def jobs_logs(job_id: str, follow: bool) -> None:
+    """A job's log lines (kept after it ends, errors included)."""
+    import time
+
+    after = 0
+    with make_client() as client:
+        while True:
+            for line in client.job_logs(job_id, after=after):
+                click.echo(f"{line.at.isoformat(timespec='seconds')} [{line.level}] {line.line}")
+                after = line.id
+            if not follow or client.job(job_id).done:
+                break
+            time.sleep(1.0)
+    sys.stdout.flush()
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+def jobs_cancel(job_id: str) -> None:
+    """Cancel a queued job, or ask the worker of a running one to stop."""
+    with make_client() as client:
+        job = client.cancel_job(job_id)
+    click.echo(f"{job.id} {'cancelled' if job.status == 'cancelled' else 'cancelling'}")

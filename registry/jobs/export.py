@@ -1,0 +1,375 @@
+"""The export job: merge adapters into their base, optionally quantize, publish a checkpoint.
+
+`plan_export` runs in the API request: it resolves the references, checks
+artifact types, parameters and base compatibility, and returns the job's
+inputs (digests, weights) and parameters, so a request that cannot succeed
+is refused before any work. `run_export` is the handler a worker runs.
+
+The output is published to the first adapter's repository with `subject`
+set to that adapter, and the manifest put and the job's completion happen
+in one transaction that first checks the worker still holds the lease: a
+worker that lost its job can never publish a second artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy.orm import Session
+
+from client.checkpoint.encoding import CastEncoder, TensorEncoder
+from client.checkpoint.package import (
+    CheckpointConfig,
+    CheckpointPackage,
+    SourceArtifact,
+    build_checkpoint_package,
+    library_versions,
+)
+from client.digest import Digest
+from client.manifest import OCI_MANIFEST
+from client.sdk.errors import InvalidRequest
+from registry.auth.scopes import Grant, Principal
+from registry.catalog import blobs, manifests
+from registry.errors import BaseIncompatible, JobInvalid
+from registry.jobs.context import JobContext, JobInputError
+from registry.jobs.sources import (
+    AdapterArtifact,
+    BaseArtifact,
+    load_adapter,
+    load_base,
+    materialize,
+    parse_reference,
+)
+from registry.state import Services
+
+EXPORT = "export"
+DTYPES: dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+}
+MERGEABLE = ("lora", "dora", "nola")
+
+
+class AdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reference: str
+    weight: float = 1.0
+
+
+class ExportRequest(BaseModel):
+    """What a client asks for; references are `repo:tag` or `repo@digest`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[AdapterRequest] = Field(min_length=1, max_length=16)
+    base: str
+    dtype: Literal["float16", "bfloat16", "float32"] | None = None
+    base_quantization: Literal["none", "nf4"] = "none"
+    quantize: Literal["none", "int4"] = "none"
+    group_size: int = 128
+    algorithm: Literal["rtn", "mse"] = "rtn"
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value < 8 or value % 8:
+            raise ValueError("group_size must be a positive multiple of 8")
+        return value
+
+    def params(self) -> dict[str, Any]:
+        """The parameters that change the output (part of the idempotency key)."""
+        params: dict[str, Any] = {
+            "merge": True,
+            "dtype": self.dtype,
+            "base_quantization": self.base_quantization,
+            "quantize": self.quantize,
+        }
+        if self.quantize == "int4":
+            params |= {"group_size": self.group_size, "algorithm": self.algorithm}
+        return params
+
+
+@dataclass(frozen=True)
+class PlannedExport:
+    inputs: dict[str, Any]
+    params: dict[str, Any]
+    repository: str
+
+
+def _merge_inputs(base: BaseArtifact, adapters: list[tuple[AdapterArtifact, float]]) -> list[Any]:
+    from client.merge.inputs import AdapterInput
+
+    return [
+        AdapterInput(
+            config=adapter.config,
+            tensors_path=Path(adapter.repository),  # not read: the check needs configs only
+            weight=weight,
+            digest=adapter.digest,
+            label=f"{adapter.repository}@{adapter.digest}",
+        )
+        for adapter, weight in adapters
+    ]
+
+
+def check_sources(
+    base: BaseArtifact, adapters: list[tuple[AdapterArtifact, float]], request: ExportRequest
+) -> None:
+    """Refuse, before any work, a merge that cannot be right."""
+    from client.merge.compat import check_compatible
+    from client.merge.errors import IncompatibleBase
+
+    for adapter, _ in adapters:
+        if adapter.config.kind not in MERGEABLE:
+            raise JobInvalid(
+                f"{adapter.repository}@{adapter.digest} is a {adapter.config.kind} adapter; only "
+                f"{', '.join(MERGEABLE)} adapters merge into weights"
+            )
+        if request.base_quantization == "nf4" and adapter.config.base.quantization != "nf4":
+            raise JobInvalid(
+                f"{adapter.repository}@{adapter.digest} was not trained against an NF4 base "
+                f"(its manifest says {adapter.config.base.quantization!r}); merge it without "
+                "base_quantization=nf4"
+            )
+    try:
+        check_compatible(base.config, _merge_inputs(base, adapters))
+    except IncompatibleBase as exc:
+        raise BaseIncompatible(
+            str(exc),
+            detail={
+                "base": f"{base.repository}@{base.digest}",
+                "base_fingerprint": base.config.fingerprint,
+                "adapter_fingerprints": [a.config.base.fingerprint for a, _ in adapters],
+            },
+        ) from None
+    except InvalidRequest as exc:
+        raise JobInvalid(str(exc)) from None
+
+
+def export_access(request: ExportRequest) -> tuple[list[str], str]:
+    """(repositories read, repository written) by a request, from its references alone."""
+    sources = [parse_reference(item.reference) for item in request.adapters]
+    reads = {parse_reference(request.base).repository, *(ref.repository for ref in sources)}
+    return sorted(reads), sources[0].repository
+
+
+def plan_export(session: Session, services: Services, request: ExportRequest) -> PlannedExport:
+    store = services.store
+    base_ref = parse_reference(request.base)
+    base = load_base(session, store, base_ref.repository, base_ref.identifier)
+    adapters: list[tuple[AdapterArtifact, float]] = []
+    for item in request.adapters:
+        ref = parse_reference(item.reference)
+        adapters.append((load_adapter(session, store, ref.repository, ref.identifier), item.weight))
+    check_sources(base, adapters, request)
+    inputs = {
+        "base": {"repository": base.repository, "digest": base.digest},
+        "adapters": [
+            {"repository": a.repository, "digest": a.digest, "weight": w} for a, w in adapters
+        ],
+    }
+    return PlannedExport(
+        inputs=inputs, params=request.params(), repository=adapters[0][0].repository
+    )
+
+
+def _encoder(params: dict[str, Any]) -> TensorEncoder:
+    if params.get("quantize") == "int4":
+        from client.quantize import Int4Encoder
+
+        return Int4Encoder(group_size=int(params["group_size"]), algorithm=params["algorithm"])
+    return CastEncoder()
+
+
+def _throttled(
+    progress: Callable[[float, str], None], pause: float
+) -> Callable[[float, str], None]:
+    if pause <= 0:
+        return progress
+
+    def report(fraction: float, message: str) -> None:
+        progress(fraction, message)
+        time.sleep(pause)
+
+    return report
+
+
+@dataclass(frozen=True)
+class Publication:
+    """The export's outcome: its manifest is put in the transaction that completes the job."""
+
+    result: dict[str, Any]
+    repository: str
+    package: CheckpointPackage
+    principal: Principal
+    services: Services
+
+    def finalize(self, session: Session) -> None:
+        manifests.put_manifest(
+            session,
+            principal=self.principal,
+            repository=self.repository,
+            reference=str(Digest.of_bytes(self.package.manifest)),
+            content=self.package.manifest,
+            content_type=OCI_MANIFEST,
+            store=self.services.store,
+        )
+
+
+def run_export(context: JobContext) -> Publication:
+    from client.merge.inputs import AdapterInput
+    from client.merge.stream import merge_to_directory
+
+    services = context.services
+    store = services.store
+    with services.transaction() as session:
+        base_in = context.inputs["base"]
+        base = load_base(session, store, base_in["repository"], base_in["digest"])
+        adapters = [
+            (
+                load_adapter(session, store, item["repository"], item["digest"]),
+                float(item["weight"]),
+            )
+            for item in context.inputs["adapters"]
+        ]
+    params = context.params
+    request = ExportRequest(
+        adapters=[{"reference": f"{a.repository}@{a.digest}", "weight": w} for a, w in adapters],
+        base=f"{base.repository}@{base.digest}",
+        **{k: v for k, v in params.items() if k != "merge"},
+    )
+    try:
+        check_sources(base, adapters, request)
+    except (JobInvalid, BaseIncompatible) as exc:
+        raise JobInputError(exc.message) from None
+    context.log(f"base {base.repository}@{base.digest} ({base.config.parameters} parameters)")
+    bases = services.settings.resolved_work_dir() / "bases"
+    bases.mkdir(parents=True, exist_ok=True)
+    base_dir = materialize(store, base.manifest, bases / Digest.parse(base.digest).hex)
+    inputs = []
+    for n, (adapter, weight) in enumerate(adapters):
+        adapter_dir = materialize(store, adapter.manifest, context.work_dir / f"adapter-{n}")
+        tensors = (
+            "nola.safetensors" if adapter.config.kind == "nola" else "adapter_model.safetensors"
+        )
+        inputs.append(
+            AdapterInput(
+                config=adapter.config,
+                tensors_path=adapter_dir / tensors,
+                weight=weight,
+                digest=adapter.digest,
+            )
+        )
+        context.log(f"adapter {adapter.repository}@{adapter.digest} weight {weight}")
+    context.check()
+    encoder = _encoder(params)
+    output = context.work_dir / "checkpoint"
+    dtype = DTYPES[params["dtype"]] if params.get("dtype") else None
+    result = merge_to_directory(
+        base_dir,
+        inputs,
+        output,
+        base_config=base.config,
+        dtype=dtype,
+        base_quantization=params.get("base_quantization", "none"),
+        encoder=encoder,
+        device=context.device,
+        progress=_throttled(context.progress, services.settings.worker_throttle_seconds),
+        cancelled=context.cancelled,
+    )
+    context.check()
+    context.log(f"merged {result.merged_modules} modules into {len(result.shards)} shards")
+    config = CheckpointConfig(
+        base=SourceArtifact(repository=base.repository, digest=base.digest),
+        base_fingerprint=base.config.fingerprint,
+        adapters=[
+            SourceArtifact(repository=a.repository, digest=a.digest, weight=w) for a, w in adapters
+        ],
+        merge={
+            "dtype": params.get("dtype") or base.config.dtype,
+            "base_quantization": params.get("base_quantization", "none"),
+            "adapter_kinds": [a.config.kind for a, _ in adapters],
+        },
+        quantization=encoder.recipe(),
+        libraries=library_versions(),
+        job=context.job_id,
+    )
+    first = adapters[0][0]
+    package = build_checkpoint_package(config, output, subject=first.descriptor)
+    principal = Principal(name=f"job:{context.job_id}", grants=(Grant(first.repository, "write"),))
+    _upload_blobs(services, principal, first.repository, package, context)
+    digest = str(Digest.of_bytes(package.manifest))
+    return Publication(
+        result={
+            "repository": first.repository,
+            "digest": digest,
+            "reference": f"{first.repository}@{digest}",
+            "files": [item.title for item in package.files],
+            "bytes": sum(item.size for item in package.files),
+            "quantization": config.quantization.get("quantization", "none"),
+        },
+        repository=first.repository,
+        package=package,
+        principal=principal,
+        services=services,
+    )
+
+
+def _upload_blobs(
+    services: Services,
+    principal: Principal,
+    repository: str,
+    package: CheckpointPackage,
+    context: JobContext,
+) -> None:
+    """Put the config and every file into the store as verified, linked blobs."""
+    items: list[tuple[Digest, int, Path | bytes]] = [
+        (Digest.of_bytes(package.config_bytes), len(package.config_bytes), package.config_bytes)
+    ]
+    items += [(item.digest, item.size, item.path) for item in package.files]
+    for digest, size, source in items:
+        context.check()
+        with services.transaction() as session:
+            if (
+                blobs.mount_blob(
+                    session,
+                    principal=principal,
+                    repository=repository,
+                    digest=digest,
+                    source=repository,
+                )
+                is not None
+            ):
+                continue
+            upload_id = blobs.start_upload(
+                session, store=services.store, principal=principal, repository=repository
+            )
+        writer = services.store.open_writer(upload_id, 0)
+        try:
+            if isinstance(source, bytes):
+                writer.write(source)
+            else:
+                with source.open("rb") as stream:
+                    while chunk := stream.read(8 * 1024 * 1024):
+                        writer.write(chunk)
+        except BaseException:
+            writer.cancel()
+            raise
+        writer.close()
+        with services.transaction() as session:
+            blobs.finish_upload(
+                session,
+                store=services.store,
+                principal=principal,
+                repository=repository,
+                upload_id=upload_id,
+                digest=digest,
+            )
+        context.log(f"uploaded {digest} ({size} bytes)")

@@ -1,0 +1,21 @@
+"""Job metrics read from the database: queue depth and worker heartbeats."""
+
+from __future__ import annotations
+
+from registry.jobs import queue
+from registry.state import Services
+
+
+def observe_jobs(services: Services) -> None:
+    """Point the app's job gauges at the queue (read at scrape time)."""
+
+    def depth() -> dict[tuple[str, str], int]:
+        with services.transaction() as session:
+            return queue.queue_depth(session)
+
+    def heartbeats() -> dict[str, float]:
+        with services.transaction() as session:
+            return queue.worker_heartbeats(session)
+
+    services.metrics.set_queue_source(depth)
+    services.metrics.set_worker_source(heartbeats)
