@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 from tests.fixtures.server import RegistryProcess, start_registry
 
 ADMIN_TOKEN = "test-admin-token"
+
+# Nothing is downloaded at test time: transformers and peft never ask a hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 @pytest.fixture
@@ -25,7 +30,11 @@ def secured_server(tmp_path: Path) -> Iterator[RegistryProcess]:
     """A registry that needs tokens: anonymous access off, a bootstrap admin token."""
     server = start_registry(
         tmp_path / "home",
-        {"PEFTREG_ANONYMOUS": "none", "PEFTREG_ADMIN_TOKEN": ADMIN_TOKEN},
+        {
+            "PEFTREG_ANONYMOUS": "none",
+            "PEFTREG_ADMIN_TOKEN": ADMIN_TOKEN,
+            "PEFTREG_EMBEDDED_WORKER": "false",  # jobs stay queued: nothing runs them
+        },
     )
     yield server
     server.stop()

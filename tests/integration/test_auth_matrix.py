@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from client.sdk.client import Client
 from registry.app import create_app
 from registry.settings import Settings
 from tests.conftest import ADMIN_TOKEN
@@ -34,9 +35,11 @@ from tests.integration.oci_helpers import (
     push_blob,
     push_manifest,
 )
+from tests.jobs.artifacts import push_base_and_adapter
 
 REPO = "acme/bot"
 SOURCE_REPO = "acme/src"
+JOB_REPO = "acme/models"  # adapters and their export jobs; needs as on REPO (acme/*)
 
 # What a case needs on `acme/bot` (or globally).
 PUBLIC = "public"  # probes and API docs: anyone
@@ -95,6 +98,7 @@ class Seed:
     session_c: str  # empty
     spare_token_id: str
     tokens: dict[str, str]
+    job_id: str = "job_none"  # an export job on JOB_REPO, queued (no worker runs)
 
 
 def _session_path(location: str) -> str:
@@ -170,6 +174,7 @@ def matrix(s: Seed) -> list[Case]:
     cases = [
         Case("GET", "/healthz", "/healthz", PUBLIC),
         Case("GET", "/readyz", "/readyz", PUBLIC),
+        Case("GET", "/metrics", "/metrics", PUBLIC),  # unauthenticated by design, like probes
         Case("GET", "/openapi.json", "/openapi.json", PUBLIC),
         Case("HEAD", "/openapi.json", "/openapi.json", PUBLIC),
         Case("GET", "/docs", "/docs", PUBLIC),
@@ -255,6 +260,13 @@ def matrix(s: Seed) -> list[Case]:
             READ,
         ),
         Case(
+            "GET",
+            "/api/v1/repositories/{name}/tags/{tag}/watch",
+            f"{api}/tags/prod/watch",
+            READ,
+            params={"timeout": "0"},
+        ),
+        Case(
             "PUT",
             "/api/v1/repositories/{name}/policy",
             f"{api}/policy",
@@ -276,6 +288,21 @@ def matrix(s: Seed) -> list[Case]:
             GLOBAL_ADMIN,
         ),
         Case("GET", "/api/v1/audit", "/api/v1/audit", GLOBAL_ADMIN),
+        Case(
+            "POST",
+            "/api/v1/exports",
+            "/api/v1/exports",
+            WRITE,
+            json={
+                "adapters": [{"reference": f"{JOB_REPO}:v1"}],
+                "base": "acme/base:seed0",
+                "dtype": "float16",
+            },
+        ),
+        Case("GET", "/api/v1/jobs", "/api/v1/jobs", AUTHENTICATED),
+        Case("GET", "/api/v1/jobs/{job_id}", f"/api/v1/jobs/{s.job_id}", READ),
+        Case("GET", "/api/v1/jobs/{job_id}/logs", f"/api/v1/jobs/{s.job_id}/logs", READ),
+        Case("POST", "/api/v1/jobs/{job_id}/cancel", f"/api/v1/jobs/{s.job_id}/cancel", WRITE),
     ]
     return cases
 
@@ -308,9 +335,15 @@ def app_operations(tmp_path: Path) -> set[tuple[str, str]]:
 
 
 @pytest.fixture
-def principals(secured_server: RegistryProcess) -> Iterator[tuple[dict[str, httpx.Client], Seed]]:
+def principals(
+    secured_server: RegistryProcess, tmp_path: Path
+) -> Iterator[tuple[dict[str, httpx.Client], Seed]]:
     admin = httpx.Client(base_url=secured_server.url, headers=bearer(ADMIN_TOKEN), timeout=30)
     seeded = seed(admin)
+    sdk = Client(secured_server.url, ADMIN_TOKEN, cache=tmp_path / "cache")
+    push_base_and_adapter(sdk, tmp_path, repository=JOB_REPO)
+    job, _ = sdk.export(f"{JOB_REPO}:v1", "acme/base:seed0")
+    seeded = replace(seeded, job_id=job.id)
     clients = {
         "anonymous": httpx.Client(base_url=secured_server.url, timeout=30),
         "read-acme": httpx.Client(
@@ -354,6 +387,7 @@ def snapshot(admin: httpx.Client, s: Seed) -> dict[str, Any]:
         "repositories": sorted((r["name"], tuple(r["immutable_tags"])) for r in repositories),
         "audit": len(audit),
         "audit actors": sorted({event["actor"] for event in audit}),
+        "jobs": sorted((job["id"], job["status"]) for job in admin.get("/api/v1/jobs").json()),
     }
 
 
