@@ -24,8 +24,20 @@ import click
     show_default=True,
     help="On SIGTERM, seconds a running job may take to finish before it is released.",
 )
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=None,
+    help="Serve this worker's Prometheus metrics (job durations, heartbeats) on PORT.",
+)
 @click.option("--log-level", default="info", show_default=True)
-def worker(device: str | None, concurrency: int, shutdown_grace: float, log_level: str) -> None:
+def worker(
+    device: str | None,
+    concurrency: int,
+    shutdown_grace: float,
+    metrics_port: int | None,
+    log_level: str,
+) -> None:
     """Claim and run jobs (merges, INT4 exports) until SIGTERM.
 
     On SIGTERM or Ctrl-C the worker stops claiming, lets a running job finish
@@ -50,6 +62,13 @@ def worker(device: str | None, concurrency: int, shutdown_grace: float, log_leve
         shutdown_grace=shutdown_grace,
         observe=services.metrics.observe_job,
     )
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from registry.jobs.observe import observe_jobs
+
+        observe_jobs(services)
+        start_http_server(metrics_port, registry=services.metrics.registry)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

@@ -180,11 +180,17 @@ def plan_export(session: Session, services: Services, request: ExportRequest) ->
     )
 
 
-def _encoder(params: dict[str, Any]) -> TensorEncoder:
+def _encoder(params: dict[str, Any], base_dir: Path, device: str) -> TensorEncoder:
     if params.get("quantize") == "int4":
+        from client.merge.stream import read_model_config
         from client.quantize import Int4Encoder
 
-        return Int4Encoder(group_size=int(params["group_size"]), algorithm=params["algorithm"])
+        return Int4Encoder.for_model_config(
+            read_model_config(base_dir),
+            group_size=int(params["group_size"]),
+            algorithm=params["algorithm"],
+            device=device,
+        )
     return CastEncoder()
 
 
@@ -269,7 +275,7 @@ def run_export(context: JobContext) -> Publication:
         )
         context.log(f"adapter {adapter.repository}@{adapter.digest} weight {weight}")
     context.check()
-    encoder = _encoder(params)
+    encoder = _encoder(params, base_dir, context.device)
     output = context.work_dir / "checkpoint"
     dtype = DTYPES[params["dtype"]] if params.get("dtype") else None
     result = merge_to_directory(

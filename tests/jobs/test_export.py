@@ -186,3 +186,32 @@ def test_a_failed_job_keeps_its_error_and_log(tmp_path: Path) -> None:
         assert client.job(job.id).error == ended.error
     finally:
         server.stop()
+
+
+def test_int4_export_loads_with_transformers(client: Client, tmp_path: Path) -> None:
+    pushed = push_base_and_adapter(client, tmp_path)
+    job, _ = client.export(
+        pushed.adapter_ref, pushed.base_ref, quantize="int4", group_size=16, algorithm="mse"
+    )
+    done = client.wait_job(job.id, timeout=WAIT)
+    assert done.result is not None
+    assert done.result["quantization"] == "int4"
+    output = tmp_path / "int4"
+    client.pull(done.result["reference"], output)
+    config = json.loads((output / "config.json").read_text())
+    quantization = config["quantization_config"]
+    assert quantization["format"] == "pack-quantized"
+    assert quantization["config_groups"]["group_0"]["weights"]["group_size"] == 16
+    assert "lm_head" in quantization["ignore"]
+    loaded = AutoModelForCausalLM.from_pretrained(str(output)).eval()
+    expected = peft_merged(pushed.model, pushed.adapter_dir)
+    ids = sample_ids()
+    with torch.no_grad():
+        got, want = loaded(ids).logits, expected(ids).logits
+    assert torch.isfinite(got).all()
+    # The bound documented in client/quantize/encoder.py.
+    assert (got - want).norm() / want.norm() < 0.25
+    manifest = json.loads(client.get_manifest(done.result["reference"]).content)
+    recipe = json.loads(client.get_blob("acme/bot", manifest["config"]["digest"]))
+    assert recipe["quantization"]["algorithm"] == "mse"
+    assert recipe["quantization"]["group_size"] == 16
