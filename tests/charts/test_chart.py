@@ -12,6 +12,10 @@ from __future__ import annotations
 import base64
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import helm_python as helm
+import httpx
 import pytest
 import yaml
+
+from tests.fixtures.server import clean_environment, free_port
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "peftreg"
 PRODUCTION_VALUES = CHART / "values-production.yaml"
@@ -28,6 +35,7 @@ RELEASE = "peftreg"
 NAMESPACE = "registry"
 CREDENTIAL_VARIABLE = re.compile(r"PASSWORD|SECRET|TOKEN|DATABASE_URL|ACCESS_KEY")
 WORKLOAD_KINDS = ("Deployment", "Job", "CronJob")
+WORKER_METRICS_PORT = 9108
 
 Manifest = dict[str, Any]
 
@@ -161,6 +169,7 @@ def test_production_values_render_hpa_ingress_and_no_chart_secret(production: Re
         "Job",
         "CronJob",
         "ServiceMonitor",
+        "PodMonitor",
     ):
         assert kinds[kind] == 1, kind
     # Every credential comes from an existing Secret: the chart creates none.
@@ -357,6 +366,85 @@ def test_worker_scratch_and_grace_period(rendered: Rendered) -> None:
         assert claim["resources"]["requests"]["storage"] == "400Gi"
 
 
+# --- worker metrics ---------------------------------------------------------
+
+
+def worker_metrics_port(container: Manifest) -> int:
+    """The port the worker's `--metrics-port` names; it must be the container's `metrics` port."""
+    args: list[str] = container["args"]
+    assert args.count("--metrics-port") == 1
+    port = int(args[args.index("--metrics-port") + 1])
+    assert container["ports"] == [{"name": "metrics", "containerPort": port, "protocol": "TCP"}]
+    return port
+
+
+def test_workers_serve_metrics_on_a_named_container_port(rendered: Rendered) -> None:
+    _, container = worker(rendered)
+    assert worker_metrics_port(container) == WORKER_METRICS_PORT
+    command, params = parse_peftreg_command(container["args"])
+    assert (command, params["metrics_port"]) == ("worker", WORKER_METRICS_PORT)
+
+
+def test_default_worker_pods_carry_scrape_annotations(default: Rendered) -> None:
+    annotations = default.pod_template("Deployment", f"{RELEASE}-worker")["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(WORKER_METRICS_PORT)
+    assert annotations["prometheus.io/path"] == "/metrics"
+    # Without the Prometheus Operator switch there is no PodMonitor.
+    assert "PodMonitor" not in default.kinds()
+
+
+def test_production_pod_monitor_scrapes_the_worker_metrics_port(production: Rendered) -> None:
+    monitor = production.one("PodMonitor", f"{RELEASE}-worker")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    # Selected by the same label as the API's ServiceMonitor.
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    service_monitor = production.one("ServiceMonitor", RELEASE)
+    assert service_monitor["metadata"]["labels"]["release"] == "prometheus"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    worker_labels = production.pod_template("Deployment", f"{RELEASE}-worker")["metadata"]["labels"]
+    api_labels = production.pod_template("Deployment", f"{RELEASE}-api")["metadata"]["labels"]
+    assert selector.items() <= worker_labels.items()
+    assert not selector.items() <= api_labels.items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "30s"}
+    _, container = worker(production)
+    assert endpoint["port"] in {port["name"] for port in container["ports"]}
+    # metrics.podAnnotations is off in production: the PodMonitor is the one scrape.
+    annotations = production.pod_template("Deployment", f"{RELEASE}-worker")["metadata"][
+        "annotations"
+    ]
+    assert not [key for key in annotations if key.startswith("prometheus.io/")]
+
+
+def test_worker_metrics_port_follows_values() -> None:
+    _, container = worker(render(production_values(worker__metrics={"port": 9200})))
+    assert worker_metrics_port(container) == 9200
+    assert parse_peftreg_command(container["args"])[1]["metrics_port"] == 9200
+
+
+def test_worker_metrics_can_be_switched_off() -> None:
+    rendered = render(production_values(worker__metrics={"enabled": False}))
+    _, container = worker(rendered)
+    assert "--metrics-port" not in container["args"]
+    assert "ports" not in container
+    assert parse_peftreg_command(container["args"])[1]["metrics_port"] is None
+    assert "PodMonitor" not in rendered.kinds()
+    # The API's ServiceMonitor stays.
+    assert rendered.kinds()["ServiceMonitor"] == 1
+    annotations = render({"worker": {"metrics": {"enabled": False}}}).pod_template(
+        "Deployment", f"{RELEASE}-worker"
+    )["metadata"]["annotations"]
+    assert "prometheus.io/port" not in annotations
+
+
+def test_no_pod_monitor_without_workers() -> None:
+    kinds = render(production_values(worker__enabled=False)).kinds()
+    assert "PodMonitor" not in kinds
+    assert kinds["ServiceMonitor"] == 1
+
+
 # --- credentials ------------------------------------------------------------
 
 
@@ -511,6 +599,16 @@ def test_lint_passes_strict(values_file: Path | None) -> None:
             "at '/api/replicas': got string, want integer",
         ),
         ({"worker": {"gpu": {"count": 0}}}, helm.HelmValuesError, "at '/worker/gpu/count'"),
+        (
+            {"worker": {"metrics": {"port": 80}}},
+            helm.HelmValuesError,
+            "at '/worker/metrics/port': minimum: got 80",
+        ),
+        (
+            {"worker": {"metrics": {"enabled": True, "path": "/m"}}},
+            helm.HelmValuesError,
+            "additional properties 'path'",
+        ),
         ({"auth": {"anonymous": "everyone"}}, helm.HelmValuesError, "at '/auth/anonymous'"),
         ({"apiReplicas": 3}, helm.HelmValuesError, "additional properties 'apiReplicas'"),
         (
@@ -543,6 +641,8 @@ def test_lint_passes_strict(values_file: Path | None) -> None:
         "replicas-zero",
         "replicas-string",
         "gpu-count-zero",
+        "worker-metrics-privileged-port",
+        "worker-metrics-unknown-key",
         "anonymous-unknown",
         "unknown-key",
         "no-database",
@@ -612,6 +712,7 @@ def test_every_command_line_parses_with_the_peftreg_cli(rendered: Rendered) -> N
     assert commands["worker"][1]["device"] in ("cpu", "cuda")
     grace_period = worker(rendered)[0]["terminationGracePeriodSeconds"]
     assert commands["worker"][1]["shutdown_grace"] == grace_period - 60
+    assert commands["worker"][1]["metrics_port"] == WORKER_METRICS_PORT
     assert commands["migrate"][0] == "db upgrade"
     assert commands["gc"][0] == "gc"
     assert commands["gc"][1]["dry_run"] is False
@@ -621,6 +722,56 @@ def test_gc_dry_run_parses_with_the_peftreg_cli() -> None:
     cronjob = render(production_values(gc__dryRun=True)).one("CronJob", f"{RELEASE}-gc")
     command, params = parse_peftreg_command(pod_template(cronjob)["spec"]["containers"][0]["args"])
     assert (command, params["dry_run"]) == ("gc", True)
+
+
+def run_peftreg(args: list[str], environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            [sys.executable, "-m", "client.cli.main", *args],
+            env=environment,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def test_the_rendered_worker_serves_metrics_where_the_chart_points_prometheus(
+    tmp_path: Path,
+) -> None:
+    """The worker command line, run for real, answers at the pod's scrape port and path."""
+    port = free_port()
+    rendered = render({"worker": {"metrics": {"port": port}}})
+    template = rendered.pod_template("Deployment", f"{RELEASE}-worker")
+    (container,) = template["spec"]["containers"]
+    assert worker_metrics_port(container) == port
+    scrape_port = int(template["metadata"]["annotations"]["prometheus.io/port"])
+    scrape_path = template["metadata"]["annotations"]["prometheus.io/path"]
+    assert scrape_port == port
+    (migrate,) = rendered.pod_template("Job", f"{RELEASE}-migrate")["spec"]["containers"]
+
+    environment = {**clean_environment(), "PEFTREG_HOME": str(tmp_path / "home")}
+    log = tmp_path / "worker.log"
+    assert run_peftreg(migrate["args"], environment, log).wait(60) == 0, log.read_text()
+    process = run_peftreg(container["args"], environment, log)
+    try:
+        body = ""
+        deadline = time.monotonic() + 60
+        while 'worker_last_heartbeat_timestamp_seconds{worker="' not in body:
+            assert process.poll() is None, f"the worker exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no worker metrics in 60 s:\n{log.read_text()}"
+            try:
+                response = httpx.get(f"http://127.0.0.1:{scrape_port}{scrape_path}", timeout=2)
+                body = response.text if response.status_code == 200 else ""
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)  # polling with a deadline, not synchronisation by sleep
+        assert response.headers["content-type"].startswith("text/plain")
+        assert "# TYPE job_duration_seconds histogram" in body
+        assert "# TYPE jobs_queue_depth gauge" in body
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        code = process.wait(30)
+    assert code == 0, log.read_text()
 
 
 def container_environment(rendered: Rendered, container: Manifest) -> dict[str, str]:
