@@ -120,6 +120,20 @@ def delta_weight(factors: ModuleFactors, device: torch.device | str = "cpu") -> 
     return delta if factors.layer == "linear" else delta.T
 
 
+def add_delta_(
+    weight: torch.Tensor, factors: ModuleFactors, mix: float, device: torch.device | str
+) -> None:
+    """weight += mix * delta in place (fp32, `weight`'s layout), without materializing delta.
+
+    One fused `addmm_` (C += alpha * B @ A) instead of a product, a scale and an add;
+    a Conv1D or embedding weight is updated through its (out, in) transpose view.
+    """
+    a = factors.a.to(device, torch.float32)
+    b = factors.b.to(device, torch.float32)
+    target = weight if factors.layer == "linear" else weight.T
+    target.addmm_(b, a, alpha=factors.scaling * mix)
+
+
 def dora_row_scale(
     weight_out_in: torch.Tensor, delta_out_in: torch.Tensor, magnitude: torch.Tensor
 ) -> torch.Tensor:
@@ -151,10 +165,10 @@ def merged_weight(
                 "weighted sum"
             )
     for factors, mix in contributions:
-        delta = delta_weight(factors, device)
         if factors.magnitude is None:
-            result.add_(delta, alpha=mix)
+            add_delta_(result, factors, mix, device)
             continue
+        delta = delta_weight(factors, device)
         transposed = factors.layer != "linear"
         w = result.T if transposed else result
         d = delta.T if transposed else delta

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from client.adapters.nola import compression_ratio, import_reference_checkpoint
-
 
 @click.group()
 def nola() -> None:
@@ -32,6 +30,8 @@ def import_checkpoint(
     Bases are regenerated with the pinned CPU generator and the factors'
     digest is recorded, so any later reconstruction that differs is refused.
     """
+    from client.adapters.nola import compression_ratio, import_reference_checkpoint
+
     config, written = import_reference_checkpoint(
         checkpoint,
         output,

@@ -230,6 +230,7 @@ class Publication:
 
 
 def run_export(context: JobContext) -> Publication:
+    from client.merge.errors import MergeCancelled
     from client.merge.inputs import AdapterInput
     from client.merge.stream import merge_to_directory
 
@@ -278,18 +279,22 @@ def run_export(context: JobContext) -> Publication:
     encoder = _encoder(params, base_dir, context.device)
     output = context.work_dir / "checkpoint"
     dtype = DTYPES[params["dtype"]] if params.get("dtype") else None
-    result = merge_to_directory(
-        base_dir,
-        inputs,
-        output,
-        base_config=base.config,
-        dtype=dtype,
-        base_quantization=params.get("base_quantization", "none"),
-        encoder=encoder,
-        device=context.device,
-        progress=_throttled(context.progress, services.settings.worker_throttle_seconds),
-        cancelled=context.cancelled,
-    )
+    try:
+        result = merge_to_directory(
+            base_dir,
+            inputs,
+            output,
+            base_config=base.config,
+            dtype=dtype,
+            base_quantization=params.get("base_quantization", "none"),
+            encoder=encoder,
+            device=context.device,
+            progress=_throttled(context.progress, services.settings.worker_throttle_seconds),
+            cancelled=context.cancelled,
+        )
+    except MergeCancelled:
+        context.check()  # the interruption that made the merge stop
+        raise
     context.check()
     context.log(f"merged {result.merged_modules} modules into {len(result.shards)} shards")
     config = CheckpointConfig(

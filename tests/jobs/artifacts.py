@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 from client.adapters.base_package import push_base
 from client.sdk.client import Client
 from tests.adapters.tiny_models import tiny_llama
-from tests.merge.helpers import save_adapter, save_base
+from tests.merge.builders import save_adapter, save_base
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

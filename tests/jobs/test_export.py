@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +19,7 @@ from client.sdk.jobs import JobFailed
 from tests.adapters.tiny_models import sample_ids
 from tests.fixtures.server import RegistryProcess, start_registry
 from tests.jobs.artifacts import push_base_and_adapter
-from tests.merge.helpers import peft_merged
+from tests.merge.builders import peft_merged
 
 WAIT = 120.0
 
@@ -215,3 +216,30 @@ def test_int4_export_loads_with_transformers(client: Client, tmp_path: Path) -> 
     recipe = json.loads(client.get_blob("acme/bot", manifest["config"]["digest"]))
     assert recipe["quantization"]["algorithm"] == "mse"
     assert recipe["quantization"]["group_size"] == 16
+
+
+def test_cancelling_a_running_export_stops_it_and_publishes_nothing(tmp_path: Path) -> None:
+    server = start_registry(
+        tmp_path / "home",
+        {"PEFTREG_WORKER_THROTTLE_SECONDS": "0.3", "PEFTREG_JOB_LEASE_SECONDS": "1"},
+    )
+    try:
+        client = Client(server.url, cache=tmp_path / "cache")
+        pushed = push_base_and_adapter(client, tmp_path)
+        job, _ = client.export(pushed.adapter_ref, pushed.base_ref)
+        deadline = time.monotonic() + WAIT
+        while not (current := client.job(job.id)).progress > 0:
+            assert time.monotonic() < deadline, current
+            time.sleep(0.05)
+        assert client.cancel_job(job.id).cancel_requested
+        with pytest.raises(JobFailed) as ended:
+            client.wait_job(job.id, timeout=WAIT)
+        assert ended.value.job.status == "cancelled"
+        adapter = client.resolve(pushed.adapter_ref)
+        assert [
+            r
+            for r in client.referrers("acme/bot", adapter)
+            if r.get("artifactType") == CHECKPOINT_ARTIFACT
+        ] == []
+    finally:
+        server.stop()

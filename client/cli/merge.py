@@ -1,0 +1,222 @@
+"""`peftreg merge`: adapters merged into a local base model directory, without a server."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import click
+
+from client.cli.common import echo_json, human_size
+from client.merge.errors import MergeError
+
+if TYPE_CHECKING:  # torch is imported only when a merge runs, never by `peftreg --help`
+    from client.checkpoint.encoding import TensorEncoder
+    from client.merge.stream import MergeResult
+
+DTYPES = ("float16", "bfloat16", "float32")
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """`5GB` (10^9 bytes, as transformers counts), `500MiB`, `1024`: a byte count."""
+    match = _SIZE.match(text)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in SIZE_UNITS:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MiB or 1000000")
+    size = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if size <= 0:
+        raise click.BadParameter(f"{text!r} must be positive")
+    return size
+
+
+def int4_encoder(base_dir: Path, group_size: int, algorithm: str) -> TensorEncoder:
+    """The INT4 (compressed-tensors pack-quantized) encoder for the base's architecture,
+    imported only when asked for."""
+    from client.merge.model_dir import read_model_config
+
+    try:
+        from client.quantize import Int4Encoder
+    except ImportError as exc:
+        raise MergeError(f"--quantize int4 is not available in this installation: {exc}") from None
+    model_config = read_model_config(base_dir)
+    encoder: TensorEncoder = Int4Encoder.for_model_config(
+        model_config, group_size=group_size, algorithm="mse" if algorithm == "mse" else "rtn"
+    )
+    return encoder
+
+
+class _Bar:
+    """A stderr progress bar driven by merge's (fraction, tensor name) callback."""
+
+    STEPS = 1000
+
+    def __init__(self) -> None:
+        self._bar: Any = click.progressbar(length=self.STEPS, label="merge", file=sys.stderr)
+        self._bar.__enter__()
+        self._shown = 0
+
+    def __call__(self, fraction: float, _name: str) -> None:
+        step = min(self.STEPS, int(fraction * self.STEPS))
+        if step > self._shown:
+            self._bar.update(step - self._shown)
+            self._shown = step
+
+    def close(self) -> None:
+        self._bar.__exit__(None, None, None)
+
+
+def _report(result: MergeResult, as_json: bool) -> None:
+    if as_json:
+        echo_json(
+            {
+                "output": str(result.output),
+                "shards": result.shards,
+                "tensors": result.tensors,
+                "bytes": result.bytes_written,
+                "merged_modules": result.merged_modules,
+                "seconds": round(result.seconds, 3),
+                "device": result.device,
+                "recipe": result.recipe,
+                "notes": result.notes,
+            }
+        )
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(
+        f"merged {len(result.recipe['adapters'])} adapter(s), {result.merged_modules} modules, "
+        f"into {result.output}: {result.tensors} tensors, {human_size(result.bytes_written)} "
+        f"in {len(result.shards)} shard(s), {result.seconds:.1f} s on {result.device}"
+    )
+
+
+@click.command()
+@click.argument(
+    "adapters",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
+@click.option(
+    "--base",
+    "base_dir",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The base model directory (config.json, tokenizer, safetensors shards).",
+)
+@click.option(
+    "--output", "-o", required=True, type=click.Path(path_type=Path), help="Directory to write."
+)
+@click.option(
+    "--weight",
+    "weights",
+    multiple=True,
+    type=float,
+    help="Weight of each adapter in the sum, once per adapter in order (default 1 each).",
+)
+@click.option("--dtype", type=click.Choice(DTYPES), help="Output dtype (default: the base's).")
+@click.option(
+    "--base-quantization",
+    type=click.Choice(["none", "nf4"]),
+    default="none",
+    show_default=True,
+    help="nf4: merge a QLoRA adapter into the NF4-dequantized base it was trained against.",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["none", "int4"]),
+    default="none",
+    show_default=True,
+    help="int4: write a compressed-tensors W4A16 (pack-quantized) checkpoint.",
+)
+@click.option("--group-size", type=int, default=128, show_default=True, help="INT4 group size.")
+@click.option(
+    "--algorithm",
+    type=click.Choice(["rtn", "mse"]),
+    default="rtn",
+    show_default=True,
+    help="INT4 scale search: round-to-nearest, or MSE-optimal clipping.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to compute (auto: CUDA when available).",
+)
+@click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    help="Largest output shard, e.g. 5GB, 500MiB.",
+)
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def merge(
+    adapters: tuple[Path, ...],
+    base_dir: Path,
+    output: Path,
+    weights: tuple[float, ...],
+    dtype: str | None,
+    base_quantization: Literal["none", "nf4"],
+    quantize: str,
+    group_size: int,
+    algorithm: str,
+    device: str,
+    max_shard_size: str,
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Merge the PEFT adapter directories ADAPTERS (summed with --weight) into the base.
+
+    Streams the base one tensor at a time and writes a Hugging Face model
+    directory at OUTPUT (config.json, tokenizer files, safetensors shards).
+    """
+    if weights and len(weights) != len(adapters):
+        raise click.UsageError(
+            f"{len(weights)} --weight values for {len(adapters)} adapters; give one per adapter"
+        )
+    import torch
+
+    from client.merge.inputs import adapter_from_peft_directory
+    from client.merge.stream import merge_to_directory
+
+    max_shard_bytes = parse_size(max_shard_size)
+    inputs = [
+        adapter_from_peft_directory(path, weight=weights[index] if weights else 1.0)
+        for index, path in enumerate(adapters)
+    ]
+    encoder = int4_encoder(base_dir, group_size, algorithm) if quantize == "int4" else None
+    bar = _Bar() if not quiet and not as_json and sys.stderr.isatty() else None
+    try:
+        result = merge_to_directory(
+            base_dir,
+            inputs,
+            output,
+            dtype=getattr(torch, dtype) if dtype else None,
+            base_quantization=base_quantization,
+            encoder=encoder,
+            device=device,
+            max_shard_bytes=max_shard_bytes,
+            progress=bar,
+            replace=force,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    _report(result, as_json)

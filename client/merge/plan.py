@@ -1,0 +1,187 @@
+"""What a merge does to each base tensor, decided from headers and adapter factors alone.
+
+`plan_merge` matches every adapter module to its base tensors (`<module>.weight`,
+and `<module>.bias` for a `lora_B` bias), checks dtypes and shapes, and
+plans every base tensor in file order: copied through (untouched, same dtype;
+non-float tensors always), cast, or computed in fp32 (merged, NF4
+round-tripped, replaced whole), with the encoder's planned outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from client.adapters.factors import ModuleFactors
+from client.checkpoint.encoding import CastEncoder, PlannedTensor, TensorEncoder
+from client.merge.base_checkpoint import BaseCheckpoint, BaseTensor
+from client.merge.compat import base_tensor_name, missing_weight
+from client.merge.errors import IncompatibleBase, MergeError
+from client.merge.inputs import LoadedAdapter
+
+BaseQuantizationChoice = Literal["none", "nf4"]
+Contributions = list[tuple[ModuleFactors, float]]
+TensorMode = Literal["copy", "cast", "compute"]
+
+MERGEABLE_DTYPES = ("F16", "BF16", "F32", "F64")
+# Module names of embeddings and the output head: weights transformers never NF4-quantizes.
+EMBEDDING_MARKERS = ("embed", "wte", "wpe", "lm_head", "shared")
+
+
+@dataclass
+class TensorPlan:
+    """What happens to one base tensor."""
+
+    source: BaseTensor
+    out_dtype: torch.dtype
+    outputs: list[PlannedTensor]
+    mode: TensorMode
+    weight: Contributions = field(default_factory=list)  # factors adding to this weight
+    bias: Contributions = field(default_factory=list)  # lora_B biases adding to this bias
+    replacement: torch.Tensor | None = None  # a full value loaded in its place
+    unchanged: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # copies to check
+    nf4: bool = False  # round-trip through NF4 first (QLoRA base)
+    nf4_transposed: bool = False  # a GPT-2 Conv1D weight: quantized as its transpose
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    tensors: list[TensorPlan]
+    merged_modules: int
+
+    @property
+    def outputs(self) -> list[PlannedTensor]:
+        return [output for plan in self.tensors for output in plan.outputs]
+
+
+def is_nf4_quantized(tensor: BaseTensor) -> bool:
+    """Linear / Conv1D weights: 2-D `.weight` tensors outside embeddings and lm_head."""
+    if len(tensor.shape) != 2 or not tensor.name.endswith(".weight"):
+        return False
+    leaf = tensor.name[: -len(".weight")].rsplit(".", 1)[-1].lower()
+    return not any(marker in leaf for marker in EMBEDDING_MARKERS)
+
+
+class _Matcher:
+    """The adapters' factors and full tensors, keyed by the base tensor they change."""
+
+    def __init__(
+        self, checkpoint: BaseCheckpoint, loaded: Sequence[LoadedAdapter], tied: bool
+    ) -> None:
+        self.names = checkpoint.by_name
+        self.weights: dict[str, Contributions] = {}
+        self.biases: dict[str, Contributions] = {}
+        self.replacements: dict[str, torch.Tensor] = {}
+        self.unchanged: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        self.modules: set[str] = set()
+        for adapter in loaded:
+            for module, factors in adapter.factors.items():
+                self._add_factors(adapter, module, factors, tied)
+        for adapter in loaded:
+            self._add_replacements(adapter, many=len(loaded) > 1)
+
+    def _add_factors(
+        self, adapter: LoadedAdapter, module: str, factors: ModuleFactors, tied: bool
+    ) -> None:
+        label = adapter.source.name
+        name = base_tensor_name(module, "weight", self.names)
+        if name is None:
+            raise IncompatibleBase(f"{label}: {missing_weight(module, tied_embeddings=tied)}")
+        tensor = self.names[name]
+        if tensor.dtype_name not in MERGEABLE_DTYPES:
+            raise MergeError(
+                f"the base's {name} is {tensor.dtype_name}; merge needs F16, BF16, F32 or "
+                "F64 weights"
+            )
+        if tensor.shape != factors.weight_shape:
+            raise IncompatibleBase(
+                f"{label}: the base's {name} has shape {list(tensor.shape)}, but the "
+                f"adapter's factors for {module} make {list(factors.weight_shape)}"
+            )
+        self.weights.setdefault(name, []).append((factors, adapter.source.weight))
+        self.modules.add(module)
+        if factors.bias is not None:
+            bias = base_tensor_name(module, "bias", self.names)
+            if bias is None:
+                raise IncompatibleBase(
+                    f"{label}: {module} has a lora_B bias, but the base has no {module}.bias "
+                    "to add it to"
+                )
+            self.biases.setdefault(bias, []).append((factors, adapter.source.weight))
+
+    def _add_replacements(self, adapter: LoadedAdapter, *, many: bool) -> None:
+        label = adapter.source.name
+        for name, value in adapter.replacements.items():
+            module, _, suffix = name.rpartition(".")
+            resolved = base_tensor_name(module, suffix, self.names) if module else None
+            if resolved is None:
+                raise IncompatibleBase(
+                    f"{label}: its full tensor {name} (modules_to_save or a saved embedding) "
+                    "has no counterpart in the base"
+                )
+            base = self.names[resolved]
+            if tuple(value.shape) != base.shape:
+                raise IncompatibleBase(
+                    f"{label}: its {name} has shape {list(value.shape)}, the base's "
+                    f"{list(base.shape)} (a resized vocabulary cannot be merged in place)"
+                )
+            if resolved in self.biases:
+                raise MergeError(f"{label} both replaces and adapts {resolved}")
+            if many:
+                # Summed adapters may carry a copy of the base weight, never a new one.
+                self.unchanged.setdefault(resolved, []).append((label, value))
+            else:
+                self.replacements[resolved] = value
+
+
+def plan_merge(
+    checkpoint: BaseCheckpoint,
+    loaded: Sequence[LoadedAdapter],
+    *,
+    dtype: torch.dtype | None,
+    base_quantization: BaseQuantizationChoice,
+    encoder: TensorEncoder,
+    tied_embeddings: bool,
+) -> MergePlan:
+    """Every base tensor's plan, in file order; raises before any tensor data is read."""
+    matcher = _Matcher(checkpoint, loaded, tied_embeddings)
+    conv1d = any(f.layer == "conv1d" for a in loaded for f in a.factors.values())
+    exact_cast = type(encoder) is CastEncoder
+    plans: list[TensorPlan] = []
+    for tensor in checkpoint.tensors:
+        if tensor.dtype_name not in MERGEABLE_DTYPES:
+            planned = [PlannedTensor(tensor.name, tensor.dtype, tensor.shape)]
+            plans.append(TensorPlan(tensor, tensor.dtype, planned, "copy"))
+            continue
+        out_dtype = dtype or tensor.dtype
+        nf4 = base_quantization == "nf4" and is_nf4_quantized(tensor)
+        plan = TensorPlan(
+            source=tensor,
+            out_dtype=out_dtype,
+            outputs=encoder.plan(tensor.name, tensor.shape, out_dtype),
+            mode="compute",
+            weight=matcher.weights.get(tensor.name, []),
+            bias=matcher.biases.get(tensor.name, []),
+            replacement=matcher.replacements.get(tensor.name),
+            unchanged=matcher.unchanged.get(tensor.name, []),
+            nf4=nf4,
+            nf4_transposed=nf4 and conv1d,
+        )
+        touched = plan.weight or plan.bias or plan.unchanged or plan.nf4
+        if not touched and plan.replacement is None and exact_cast:
+            plan.mode = "copy" if out_dtype == tensor.dtype else "cast"
+        plans.append(plan)
+    return MergePlan(plans, len(matcher.modules))
+
+
+__all__ = [
+    "BaseQuantizationChoice",
+    "Contributions",
+    "MergePlan",
+    "TensorPlan",
+    "is_nf4_quantized",
+    "plan_merge",
+]
