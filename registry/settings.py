@@ -65,9 +65,17 @@ class Settings(BaseSettings):
     job_lease_seconds: float = 60.0
     job_max_attempts: int = 3
     job_backoff_seconds: float = 5.0
+    # Pause between tensors in job handlers: for failure drills and demos, never production.
+    worker_throttle_seconds: float = 0.0
 
     max_manifest_bytes: int = 4 * 1024 * 1024
     upload_expiry_seconds: int = 24 * 3600
+
+    log_format: Literal["text", "json"] = "text"
+    gc_grace_seconds: float = Field(default=24 * 3600, ge=0)
+    """Garbage collection spares blobs uploaded, mounted or checked this recently."""
+    gc_interval_seconds: float = Field(default=0, ge=0)
+    """`peftreg serve` collects garbage this often; 0 leaves it to `peftreg gc`."""
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from registry.observability.metrics import Metrics
 from registry.settings import Settings
 from registry.storage.base import BlobStore
 
@@ -19,6 +20,7 @@ class Services:
     engine: Engine
     sessions: sessionmaker[Session]
     store: BlobStore
+    metrics: Metrics = field(default_factory=Metrics)
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

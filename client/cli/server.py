@@ -6,8 +6,6 @@ of the CLI works where only the library is installed.
 
 from __future__ import annotations
 
-import logging
-
 import click
 
 
@@ -20,6 +18,7 @@ def serve(host: str | None, port: int | None, log_level: str) -> None:
     import uvicorn
 
     from registry.app import create_app
+    from registry.observability.logging import configure_logging
     from registry.settings import Settings
 
     overrides: dict[str, object] = {}
@@ -28,7 +27,7 @@ def serve(host: str | None, port: int | None, log_level: str) -> None:
     if port is not None:
         overrides["port"] = port
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(settings.log_format, log_level)
     if settings.anonymous_scope() == "none" and settings.admin_token is None:
         click.echo(
             "peftreg: anonymous access is off and no PEFTREG_ADMIN_TOKEN is set; "
@@ -47,6 +46,7 @@ def serve(host: str | None, port: int | None, log_level: str) -> None:
         host=settings.host,
         port=settings.port,
         log_level=log_level,
+        log_config=None,  # uvicorn's records go to the handler configure_logging installed
         access_log=False,
         timeout_graceful_shutdown=10,
     )

@@ -46,6 +46,9 @@ class RequestIdMiddleware:
                 status,
                 extra={
                     "request_id": request_id,
+                    "method": scope.get("method"),
+                    "path": scope.get("path"),
+                    "status": status,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 },
             )

@@ -1,10 +1,16 @@
-"""Blobs as repositories see them: linked by upload or mount, verified by the store."""
+"""Blobs as repositories see them: linked by upload or mount, verified by the store.
+
+Every upload, mount and existence check (HEAD) refreshes the blob's
+`touched_at`, and an upload's store commit runs under the digest's lock
+(`lock_digest`): together they are what lets garbage collection run while
+clients push (the argument is in `registry.maintenance.gc`).
+"""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import exists, select, text, update
 from sqlalchemy.orm import Session
 
 from client.digest import Digest, InvalidDigest
@@ -45,21 +51,90 @@ def linked_size(session: Session, *, repository: str, digest: Digest) -> int:
     return int(size)
 
 
+# PostgreSQL advisory locks take two int4 keys: this namespace ("peft"), and
+# 32 bits of the digest. Digests sharing those bits only wait for each other.
+_DIGEST_LOCK_NAMESPACE = 0x70656674
+
+
+def lock_digest(session: Session, digest: Digest) -> None:
+    """Hold the digest's lock to the end of the transaction.
+
+    Taken around anything that makes a blob's bytes visible in the store or
+    removes them: an upload's commit (`finish_upload`) and garbage
+    collection's delete. On SQLite every transaction already holds the
+    database's single write lock (`BEGIN IMMEDIATE`), which serialises both.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    key = int(digest.hex[:8], 16) - (1 << 31)  # a signed int4
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(:namespace, :key)"),
+        {"namespace": _DIGEST_LOCK_NAMESPACE, "key": key},
+    )
+
+
+def touch_blob(session: Session, *, digest: Digest, repository_id: int | None = None) -> bool:
+    """Refresh `touched_at` of a blob (linked in `repository_id`, when given).
+
+    Returns whether the blob row exists (and is linked). The UPDATE locks the
+    row to the end of the transaction, so garbage collection, which skips
+    locked rows and re-checks `touched_at` after locking, cannot delete it
+    now, nor for a grace period after this commits.
+    """
+    statement = update(Blob).where(Blob.digest == str(digest)).values(touched_at=datetime.now(UTC))
+    if repository_id is not None:
+        statement = statement.where(
+            exists().where(
+                RepositoryBlob.repository_id == repository_id,
+                RepositoryBlob.digest == str(digest),
+            )
+        )
+    result = session.execute(statement.execution_options(synchronize_session=False))
+    return bool(getattr(result, "rowcount", 0))
+
+
+def head_blob(session: Session, *, repository: str, digest: Digest) -> int:
+    """Size of a blob the repository may serve, for an existence check; raises `BlobUnknown`.
+
+    A client that finds a blob here skips uploading it and will soon name it
+    in a manifest: the check counts as a use and keeps the blob from garbage
+    collection for the grace period.
+    """
+    repository_id = find_repository(session, name=repository).id
+    touch_blob(session, digest=digest, repository_id=repository_id)
+    return linked_size(session, repository=repository, digest=digest)
+
+
 def link_blob(session: Session, *, repository_id: int, digest: Digest, size: int) -> None:
-    insert_ignore(session, Blob, digest=str(digest), size=size)
+    """Record a blob the store just committed and link it into a repository.
+
+    Only for bytes committed in this transaction under `lock_digest`: a new
+    blob row promises that the store holds the bytes.
+    """
+    created = insert_ignore(
+        session, Blob, digest=str(digest), size=size, touched_at=datetime.now(UTC)
+    )
+    if not created:
+        touch_blob(session, digest=digest)
     insert_ignore(session, RepositoryBlob, repository_id=repository_id, digest=str(digest))
 
 
 def mount_blob(
     session: Session, *, principal: Principal, repository: str, digest: Digest, source: str
 ) -> int | None:
-    """Link a blob from `source` into `repository`; None when `source` lacks it."""
+    """Link a blob from `source` into `repository`; None when `source` lacks it.
+
+    The blob row is touched, never created: a row that garbage collection
+    deleted a moment ago stays deleted and the client uploads the bytes.
+    """
     try:
         size = linked_size(session, repository=source, digest=digest)
     except (BlobUnknown, NameUnknown, NameInvalid):
         return None
+    if not touch_blob(session, digest=digest):
+        return None
     target = ensure_repository(session, name=repository)
-    link_blob(session, repository_id=target.id, digest=digest, size=size)
+    insert_ignore(session, RepositoryBlob, repository_id=target.id, digest=str(digest))
     audit.record(
         session,
         actor=principal.name,
@@ -116,9 +191,12 @@ def finish_upload(
     """Verify and publish an upload; returns the blob size.
 
     The store makes the bytes visible under their digest only if they hash
-    to it; the blob row and repository link follow in this transaction.
+    to it; the blob row and repository link follow in this transaction,
+    under the digest's lock, so garbage collection cannot delete the bytes
+    between the store finding them already present and the row's commit.
     """
     row = check_upload(session, repository=repository, upload_id=upload_id)
+    lock_digest(session, digest)
     try:
         size = store.commit_upload(upload_id, digest)
     except DigestMismatch as exc:

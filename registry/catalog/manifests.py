@@ -248,6 +248,10 @@ def _check_references(
             select(Blob.digest, Blob.size)
             .join(RepositoryBlob, RepositoryBlob.digest == Blob.digest)
             .where(RepositoryBlob.repository_id == repo.id, Blob.digest.in_(blobs))
+            .order_by(Blob.digest)
+            # Garbage collection skips (and re-checks) locked blob rows: it cannot
+            # delete one of these until the manifest naming it has committed.
+            .with_for_update(read=True, of=Blob)
         ).tuples()
         sizes.update({digest: size for digest, size in rows})
     if children:

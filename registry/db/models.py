@@ -83,6 +83,8 @@ class Blob(Base):
     digest: Mapped[str] = mapped_column(DIGEST, primary_key=True)
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=_now())
+    touched_at: Mapped[datetime] = mapped_column(UTCDateTime(), server_default=_now(), index=True)
+    """Last upload, mount or HEAD: garbage collection spares it for a grace period."""
 
 
 class RepositoryBlob(Base):

@@ -209,7 +209,10 @@ class FilesystemBlobStore:
             try:
                 mtime = (entry / "data").stat().st_mtime
             except FileNotFoundError:
-                mtime = entry.stat().st_mtime
+                try:
+                    mtime = entry.stat().st_mtime
+                except FileNotFoundError:
+                    continue  # committed or aborted while we listed
             yield entry.name, datetime.fromtimestamp(mtime, UTC)
 
     # administration

@@ -1,0 +1,25 @@
+"""`/metrics`: the app's Prometheus metrics, in the text exposition format.
+
+Unauthenticated, like `/healthz` and `/readyz`: Prometheus scrapers do not
+carry registry tokens, and the numbers name no repository, tag or user
+(routes appear as templates). Operators who must not expose them keep the
+path off their ingress (or restrict it with a network policy) and scrape the
+pods directly.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from starlette.concurrency import run_in_threadpool
+
+from registry.api.deps import ServicesDep
+from registry.observability.metrics import CONTENT_TYPE
+
+router = APIRouter()
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(services: ServicesDep) -> Response:
+    # Rendering reads the queue and worker sources, which query the database.
+    body = await run_in_threadpool(services.metrics.render)
+    return Response(content=body, media_type=CONTENT_TYPE)

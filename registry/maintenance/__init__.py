@@ -1,0 +1,1 @@
+"""Operator tasks over the whole store: garbage collection and consistency checks."""
