@@ -12,7 +12,7 @@ PEFTREG_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgr
 export PEFTREG_TEST_POSTGRES_URL
 PYTEST_ARGS ?=
 
-.PHONY: install install-test serve test lint typecheck unit bench clean
+.PHONY: install install-test serve test lint typecheck unit bench bench-merge bench-swap clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,14 @@ test: lint typecheck
 bench: install-test
 	$(PY) benchmarks/bench_transfer.py
 	$(PY) benchmarks/bench_pull.py
+
+## Streaming merge against peft merge_and_unload + save_pretrained on a ~1 GB fp16 model.
+bench-merge: install-test
+	$(PY) benchmarks/bench_merge.py
+
+## Hot-swap latency of a rank-16 LoRA on a ~0.5B Llama against peft's hotswap_adapter.
+bench-swap: install-test
+	$(PY) benchmarks/bench_swap.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
 from fastapi import FastAPI
 
 from registry.api.errors import install_error_handlers
 from registry.api.middleware import RequestIdMiddleware
-from registry.api.routes import health, management, oci_base, oci_blobs, oci_manifests, oci_uploads
+from registry.api.routes import (
+    health,
+    jobs,
+    management,
+    metrics,
+    oci_base,
+    oci_blobs,
+    oci_manifests,
+    oci_uploads,
+    watch,
+)
+from registry.background import BackgroundThreads
 from registry.db.engine import make_engine, make_session_factory
+from registry.observability.http_metrics import HttpMetricsMiddleware
+from registry.observability.metrics import Metrics
+from registry.observability.store_metrics import InstrumentedBlobStore
 from registry.settings import Settings
 from registry.state import Services
 from registry.storage.factory import open_blob_store
@@ -21,20 +39,50 @@ def build_services(settings: Settings) -> Services:
 
         upgrade(url)
     engine = make_engine(url, echo=settings.database_echo)
+    instruments = Metrics()
     return Services(
         settings=settings,
         engine=engine,
         sessions=make_session_factory(engine),
-        store=open_blob_store(settings),
+        store=InstrumentedBlobStore(open_blob_store(settings), instruments, settings.storage),
+        metrics=instruments,
     )
+
+
+def background_threads(settings: Settings, services: Services) -> BackgroundThreads:
+    """What runs beside the API in this process: the embedded worker, periodic jobs."""
+    threads = BackgroundThreads()
+    if settings.should_run_embedded_worker():
+        from registry.jobs.worker import embedded_worker
+
+        threads.add("embedded-worker", lambda stop: embedded_worker(services).run(stop))
+    if settings.gc_interval_seconds > 0:
+        from registry.maintenance.gc import run_periodic_gc
+
+        threads.add("periodic-gc", partial(run_periodic_gc, services))
+    return threads
 
 
 def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     services = services or build_services(settings)
+    threads = background_threads(settings, services)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        from registry.jobs.observe import observe_jobs
+
+        observe_jobs(services)
+        threads.start()
+        try:
+            yield
+        finally:
+            threads.shutdown()
+
     app = FastAPI(
         title="peftreg",
         version="0.1.0",
         description="Adapter registry: OCI Distribution API and JSON management API.",
+        lifespan=lifespan,
     )
     app.state.services = services
     install_error_handlers(app)
@@ -44,5 +92,9 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.include_router(oci_blobs.router)
     app.include_router(oci_manifests.router)
     app.include_router(management.router)
+    app.include_router(watch.router)
+    app.include_router(jobs.router)
+    app.include_router(metrics.router)
+    app.add_middleware(HttpMetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -10,10 +10,14 @@ from client.cli.cache import cache
 from client.cli.catalog import diff, history, list_repositories, rm, show
 from client.cli.common import PeftregGroup
 from client.cli.fingerprint import fingerprint
+from client.cli.jobs import export, jobs
+from client.cli.maintenance import fsck, gc
+from client.cli.merge import merge
 from client.cli.nola import nola
 from client.cli.server import db, serve
 from client.cli.tokens import token
 from client.cli.transfer import pull, push, tag
+from client.cli.worker import worker
 
 
 @click.group(cls=PeftregGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,6 +28,9 @@ def cli() -> None:
 
 cli.add_command(serve)
 cli.add_command(db)
+cli.add_command(worker)
+cli.add_command(gc)
+cli.add_command(fsck)
 for command in (
     login,
     logout,
@@ -40,6 +47,9 @@ for command in (
     cache,
     fingerprint,
     nola,
+    export,
+    jobs,
+    merge,
 ):
     cli.add_command(command)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,8 +18,10 @@ from client.cache import Cache, offline_from_env
 from client.digest import Digest
 from client.manifest import BASE_ARTIFACT, MANIFEST_MEDIA_TYPES, OCI_MANIFEST
 from client.reference import Reference
+from client.sdk import jobs as job_api
 from client.sdk.errors import DigestMismatch, InvalidRequest
 from client.sdk.http import DEFAULT_TIMEOUT, HttpSession
+from client.sdk.jobs import JobInfo, JobLogLine
 from client.sdk.models import (
     AuditEvent,
     DeletedVersion,
@@ -287,6 +289,20 @@ class Client:
         response = self.http.request("GET", f"/api/v1/repositories/{repository}/tags/{tag}/history")
         return [TagEvent.model_validate(item) for item in response.json()]
 
+    def watch_tag(
+        self, repository: str, tag: str, digest: Digest | str | None, timeout: float = 30.0
+    ) -> str | None:
+        """Long-poll a tag: its digest as soon as it differs from `digest` (None: the tag
+        does not exist), or `digest` again after `timeout` seconds (the server caps it)."""
+        response = self.http.request(
+            "GET",
+            f"/api/v1/repositories/{repository}/tags/{tag}/watch",
+            params={"digest": str(digest) if digest else "", "timeout": timeout},
+            timeout=httpx.Timeout(timeout + 30.0, connect=10.0),
+        )
+        current = response.json()["digest"]
+        return str(current) if current is not None else None
+
     def delete_version(
         self, repository: str, digest: Digest | str, *, force: bool = False
     ) -> DeletedVersion:
@@ -414,6 +430,59 @@ class Client:
             output=Path(output) if output is not None else None,
             replace=replace,
             progress=progress,
+        )
+
+    # jobs ---------------------------------------------------------------------
+
+    def export(
+        self,
+        adapters: Sequence[tuple[str, float]] | str,
+        base: str,
+        *,
+        dtype: str | None = None,
+        base_quantization: str = "none",
+        quantize: str = "none",
+        group_size: int = 128,
+        algorithm: str = "rtn",
+    ) -> tuple[JobInfo, bool]:
+        """Request a merged (optionally INT4) checkpoint; returns (job, newly created)."""
+        sources = [(adapters, 1.0)] if isinstance(adapters, str) else list(adapters)
+        return job_api.request_export(
+            self.http,
+            sources,
+            base,
+            dtype=dtype,
+            base_quantization=base_quantization,
+            quantize=quantize,
+            group_size=group_size,
+            algorithm=algorithm,
+        )
+
+    def job(self, job_id: str) -> JobInfo:
+        return job_api.get_job(self.http, job_id)
+
+    def jobs(
+        self, *, status: str | None = None, kind: str | None = None, repository: str | None = None
+    ) -> list[JobInfo]:
+        return job_api.list_jobs(self.http, status=status, kind=kind, repository=repository)
+
+    def job_logs(self, job_id: str, *, after: int = 0) -> list[JobLogLine]:
+        return job_api.job_logs(self.http, job_id, after=after)
+
+    def cancel_job(self, job_id: str) -> JobInfo:
+        return job_api.cancel_job(self.http, job_id)
+
+    def wait_job(
+        self,
+        job_id: str,
+        *,
+        timeout: float | None = None,
+        interval: float = 0.5,
+        on_update: Callable[[JobInfo], None] | None = None,
+    ) -> JobInfo:
+        """Poll until the job ends; raises `JobFailed` unless it succeeded."""
+        return job_api.wait_job(
+            self.http, job_id, timeout=timeout, interval=interval, on_update=on_update
         )
 
     # pagination ---------------------------------------------------------------

@@ -110,12 +110,14 @@ class HttpSession:
         json_body: Any = None,
         idempotent: bool | None = None,
         ok: tuple[int, ...] = (),
+        timeout: httpx.Timeout | None = None,
     ) -> httpx.Response:
         """Send a request; return the response or raise the typed error.
 
         `ok` lists extra statuses to hand back instead of raising (e.g. 404
         for an existence check). Idempotent requests are retried on
         connection errors and 429/502/503/504; others are sent once.
+        `timeout` replaces the session's for this request (e.g. a long poll).
         """
         retry = method.upper() in IDEMPOTENT_METHODS if idempotent is None else idempotent
         if json_body is not None:
@@ -125,7 +127,12 @@ class HttpSession:
         while True:
             try:
                 response = self._client.request(
-                    method, self.url(path), params=params, headers=headers, content=content
+                    method,
+                    self.url(path),
+                    params=params,
+                    headers=headers,
+                    content=content,
+                    timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
                 )
             except httpx.TransportError as exc:
                 if retry and attempt < self.retries:
