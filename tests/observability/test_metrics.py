@@ -127,3 +127,19 @@ def test_job_metrics_come_from_the_sources_the_app_registers() -> None:
     text = metrics.render().decode()
     assert 'jobs_queue_depth{kind="merge",status="queued"} 0.0' in text
     assert "worker-a" not in text
+
+
+def test_metrics_after_an_export_job(registry_server: RegistryProcess, tmp_path: Path) -> None:
+    from tests.jobs.artifacts import push_base_and_adapter
+
+    with Client(registry_server.url, cache=tmp_path / "cache") as sdk:
+        pushed = push_base_and_adapter(sdk, tmp_path)
+        job, _ = sdk.export(pushed.adapter_ref, pushed.base_ref)
+        sdk.wait_job(job.id, timeout=120)
+    samples = parse(scrape(registry_server.url).text)
+    done = {"kind": "export", "outcome": "succeeded"}
+    assert value(samples, "job_duration_seconds_count", **done) == 1
+    assert value(samples, "job_duration_seconds_sum", **done) > 0
+    assert value(samples, "jobs_queue_depth", kind="export", status="queued") == 0
+    exports = {"method": "POST", "route": "/api/v1/exports"}
+    assert value(samples, "http_requests_total", **exports, status="202") == 1
