@@ -1,0 +1,244 @@
+"""Swap latency of a rank-16 LoRA on every linear layer of a ~0.5B random Llama.
+
+Compares, on the same PEFT directories and the same model (fp32, on the CPU
+unless --device says otherwise):
+
+- peftreg `AdapterHost.swap`, warm: adapters already in the host's LRU
+  (the steady state). Cycling through three adapters, so every swap stages a
+  full adapter into the spare buffers; and toggling between two, where the
+  spare still holds the previous adapter and the swap is a flip;
+- peftreg cold: a swap from the directory with the LRU emptied first (read,
+  parse, check, stage);
+- `peft.utils.hotswap.hotswap_adapter` from the directories;
+- peft's `load_adapter` + `set_adapter` (the previous adapter deleted
+  outside the timing).
+
+Prints medians, the ratios to peft's hotswap, and the bytes a swap copies
+against the adapter's size and the measured copy bandwidth (the floor a
+swap that copies its bytes cannot beat). Checks once that peftreg and peft
+compute the same logits with the same adapter.
+
+Run: `.venv/bin/python benchmarks/bench_swap.py [--swaps 20] [--device cpu]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.hotswap import hotswap_adapter
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from client.hotswap import AdapterHost, HostConfig, SwapEvent
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK = 16
+MiB = 1024 * 1024
+
+
+def make_model(device: str) -> LlamaForCausalLM:
+    """Hidden 1024, intermediate 4096, 24 layers, 16 heads, vocab 32000: 0.47B, fp32."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).to(device).eval()
+
+
+def save_adapters(model: LlamaForCausalLM, root: Path, count: int) -> list[Path]:
+    """`count` rank-16 LoRAs on every linear layer, random non-zero, as PEFT directories."""
+    config = LoraConfig(r=RANK, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    paths = []
+    for index in range(count):
+        generator = torch.Generator().manual_seed(index)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    noise = torch.randn(param.shape, generator=generator) * 0.01
+                    param.copy_(noise.to(param.device))
+        path = root / f"adapter-{index}"
+        peft_model.save_pretrained(str(path), safe_serialization=True)
+        paths.append(path)
+    peft_model.unload()  # the plain model back, LoRA layers removed
+    return paths
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(action: Callable[[], object], device: str) -> float:
+    synchronize(device)
+    started = time.perf_counter()
+    action()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second of a large on-device copy (the memory-bandwidth yardstick)."""
+    source = torch.empty(64 * MiB, dtype=torch.float32, device=device).uniform_()
+    target = torch.empty_like(source)
+    target.copy_(source)
+    seconds = min(timed(partial(target.copy_, source), device) for _ in range(5))
+    return 2 * source.numel() * source.element_size() / seconds  # read + write
+
+
+def adapter_bytes(path: Path) -> int:
+    return (path / "adapter_model.safetensors").stat().st_size
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits  # type: ignore[no-any-return]
+
+
+def median_ms(samples: list[float]) -> tuple[float, float]:
+    """(median, best) in milliseconds."""
+    return statistics.median(samples) * 1000, min(samples) * 1000
+
+
+def bench_peftreg(
+    model: LlamaForCausalLM, paths: list[Path], ids: torch.Tensor, swaps: int, device: str
+) -> tuple[dict[str, tuple[float, float]], int, int, torch.Tensor]:
+    """Timings, bytes a staging swap copies, host buffer bytes, logits with adapter 0."""
+    results: dict[str, tuple[float, float]] = {}
+    host = AdapterHost(model, HostConfig(targets=TARGETS, max_rank=RANK, cache_entries=4))
+    loaded = [host.load(path) for path in paths]
+    host.swap(loaded[0])
+    adapter_logits = logits(model, ids)
+    for adapter in loaded:  # warm-up
+        host.swap(adapter)
+    events: list[SwapEvent] = []
+    unsubscribe = host.subscribe(on_swap=events.append)
+    cycle = []
+    for index in range(swaps):  # continues A, B, C: the spare never holds the next one
+        adapter = loaded[index % 3]
+        cycle.append(timed(partial(host.swap, adapter), device))
+    unsubscribe()
+    copied = [event.bytes_copied for event in events]
+    assert all(copied), "every swap of the cycle must stage"
+    results["peftreg warm (LRU hit, stage + flip)"] = median_ms(cycle)
+    toggle = []
+    host.swap(loaded[0])
+    host.swap(loaded[1])
+    for index in range(swaps):
+        adapter = loaded[index % 2]
+        toggle.append(timed(partial(host.swap, adapter), device))
+    results["peftreg warm A<->B toggle (flip only)"] = median_ms(toggle)
+    cold = []
+    for index in range(max(3, swaps // 4)):
+        host.cache.clear()
+        path = paths[index % 2]
+        cold.append(timed(partial(host.swap, path), device))
+    results["peftreg cold (from disk)"] = median_ms(cold)
+    host_bytes = host.nbytes
+    host.detach()
+    return results, int(statistics.median(copied)), host_bytes, adapter_logits
+
+
+def bench_peft(
+    model: LlamaForCausalLM, paths: list[Path], ids: torch.Tensor, swaps: int, device: str
+) -> tuple[dict[str, tuple[float, float]], torch.Tensor]:
+    """peft's hotswap_adapter and load_adapter + set_adapter; logits with adapter 0."""
+    results: dict[str, tuple[float, float]] = {}
+    peft_model = PeftModel.from_pretrained(model, str(paths[0])).eval()
+    adapter_logits = logits(peft_model, ids)
+    hot = []
+    for index in range(swaps + 1):
+        path = str(paths[(index + 1) % 2])
+        swap = partial(hotswap_adapter, peft_model, path, "default", torch_device=device)
+        seconds = timed(swap, device)
+        if index:  # the first one warms up
+            hot.append(seconds)
+    results["peft hotswap_adapter"] = median_ms(hot)
+    loads = []
+    previous = "default"
+    for index in range(swaps + 1):
+        name = f"adapter{index}"
+        path = str(paths[index % 2])
+
+        def load_and_set(n: str = name, p: str = path) -> None:
+            peft_model.load_adapter(p, adapter_name=n)
+            peft_model.set_adapter(n)
+
+        seconds = timed(load_and_set, device)
+        peft_model.delete_adapter(previous)
+        previous = name
+        if index:
+            loads.append(seconds)
+    results["peft load_adapter + set_adapter"] = median_ms(loads)
+    return results, adapter_logits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--swaps", type=int, default=20, help="timed swaps per method")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device, swaps = args.device, args.swaps
+    torch.set_grad_enabled(False)
+    with tempfile.TemporaryDirectory(prefix="peftreg-bench-swap-") as tmp:
+        started = time.perf_counter()
+        model = make_model(device)
+        parameters = sum(p.numel() for p in model.parameters())
+        paths = save_adapters(model, Path(tmp), 3)
+        size = adapter_bytes(paths[0])
+        print(
+            f"model: random Llama, {parameters / 1e9:.2f}B parameters, fp32 on {device}; "
+            f"adapters: rank {RANK} on {len(TARGETS)} linear layers x 24 "
+            f"({size / MiB:.1f} MiB each); setup {time.perf_counter() - started:.0f} s"
+        )
+        ids = torch.randint(0, 32000, (1, 16), generator=torch.Generator().manual_seed(0))
+        ids = ids.to(device)
+        base_logits = logits(model, ids)
+        results, copied, host_bytes, ours = bench_peftreg(model, paths, ids, swaps, device)
+        gc.collect()
+        peft_results, theirs = bench_peft(model, paths, ids, swaps, device)
+        results.update(peft_results)
+    bandwidth = copy_bandwidth(device)
+    reference, reference_best = results["peft hotswap_adapter"]
+    print(f"\nswap latency over {swaps} swaps (median, best; ratio of medians, of bests):")
+    for label, (value, best) in results.items():
+        print(
+            f"  {label:<40} {value:9.2f} ms {best:9.2f} ms   {value / reference:6.3f}x "
+            f"{best / reference_best:6.3f}x peft hotswap"
+        )
+    print(
+        f"\nbytes copied per swap (stage): {copied / MiB:.2f} MiB; adapter tensors file: "
+        f"{size / MiB:.2f} MiB ({copied / size:.2f}x)"
+    )
+    print(
+        f"copy bandwidth on {device}: {bandwidth / 1e9:.1f} GB/s -> floor for those bytes: "
+        f"{2 * copied / bandwidth * 1000:.2f} ms (read + write)"
+    )
+    print(f"host buffers: {host_bytes / MiB:.1f} MiB (two sets, max rank {RANK})")
+    print(
+        f"max |logits peftreg - peft| with the same adapter: {(ours - theirs).abs().max():.2e} "
+        f"(the adapter moves them by {(ours - base_logits).abs().max():.2e})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""Hot-swap: adapter slots attached to a live `torch.nn.Module`.
+
+`AdapterHost` serves LoRA, rsLoRA, DoRA, NOLA and prompt-tuning adapters on a
+model that stays in memory: swaps are atomic (staged, validated, then one
+flip that forward passes in other threads never straddle), verified (base
+identity, shapes, finite values, NOLA digests), free of recompiles under
+`torch.compile`, cached in a CPU LRU, and can follow a registry tag.
+"""
+
+from __future__ import annotations
+
+from client.hotswap.adapter import LoadedAdapter, adapter_from_directory, adapter_from_pull
+from client.hotswap.base import module_fingerprint
+from client.hotswap.cache import AdapterCache
+from client.hotswap.config import HostConfig
+from client.hotswap.errors import (
+    AdapterDigestMismatch,
+    AdapterShapeMismatch,
+    BaseMismatch,
+    HostError,
+    InputNotSupported,
+    NonFiniteAdapter,
+    RankTooLarge,
+    SwapError,
+    TooManyVirtualTokens,
+    UnsupportedAdapter,
+)
+from client.hotswap.events import SwapEvent, SwapFailure
+from client.hotswap.follow import TagFollower, TagMissing
+from client.hotswap.host import AdapterHost
+
+__all__ = [
+    "AdapterCache",
+    "AdapterDigestMismatch",
+    "AdapterHost",
+    "AdapterShapeMismatch",
+    "BaseMismatch",
+    "HostConfig",
+    "HostError",
+    "InputNotSupported",
+    "LoadedAdapter",
+    "NonFiniteAdapter",
+    "RankTooLarge",
+    "SwapError",
+    "SwapEvent",
+    "SwapFailure",
+    "TagFollower",
+    "TagMissing",
+    "TooManyVirtualTokens",
+    "UnsupportedAdapter",
+    "adapter_from_directory",
+    "adapter_from_pull",
+    "module_fingerprint",
+]

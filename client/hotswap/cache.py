@@ -1,0 +1,72 @@
+"""`AdapterCache`: a small LRU of loaded adapters on the CPU, keyed by digest.
+
+Switching back to a cached adapter is a copy into the host's buffers: no
+download, no parse, no NOLA materialization. Bounded by a number of entries
+and by bytes; the least recently used entries go first. Thread-safe; one
+cache may serve several hosts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from client.hotswap.adapter import LoadedAdapter
+
+
+class AdapterCache:
+    def __init__(self, max_entries: int = 8, max_bytes: int = 2 << 30) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, digest: str) -> LoadedAdapter | None:
+        with self._lock:
+            adapter = self._entries.get(digest)
+            if adapter is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(digest)
+            self.hits += 1
+            return adapter
+
+    def put(self, adapter: LoadedAdapter) -> None:
+        """Keep `adapter` (most recent); evict the oldest beyond the bounds.
+
+        An adapter larger than `max_bytes` alone is not kept.
+        """
+        if adapter.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            self._entries[adapter.digest] = adapter
+            self._entries.move_to_end(adapter.digest)
+            while len(self._entries) > self.max_entries or self._bytes() > self.max_bytes:
+                self._entries.popitem(last=False)
+
+    def _bytes(self) -> int:
+        return sum(entry.nbytes for entry in self._entries.values())
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes()
+
+    def digests(self) -> list[str]:
+        """Cached digests, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def __contains__(self, digest: object) -> bool:
+        with self._lock:
+            return digest in self._entries
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

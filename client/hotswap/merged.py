@@ -1,0 +1,89 @@
+"""Merged mode: the adapter merged into the target weights, restored bitwise on every swap.
+
+The targeted weights (and biases) are copied once at attach into a pristine
+store. Applying an adapter writes, for each module, W' = merged_weight(W0,
+adapter) computed from the pristine W0 (`client.adapters.factors`), cast
+once to the weight's dtype; a module the new adapter does not target, but the
+previous one did, gets W0 copied back. Nothing is ever subtracted, so after
+any number of swaps an unload leaves the weights bitwise identical to the
+original.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from client.adapters.factors import ModuleFactors, merged_bias, merged_weight
+from client.hotswap.errors import NonFiniteAdapter
+from client.hotswap.targets import TargetSite
+
+
+class PristineWeights:
+    """The original weights and biases of the target sites, and merges computed from them."""
+
+    def __init__(self, sites: Iterable[TargetSite], device: torch.device | str | None) -> None:
+        self.sites = {site.name: site for site in sites}
+        self.weights: dict[str, torch.Tensor] = {}
+        self.biases: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, site in self.sites.items():
+                where = site.weight.device if device is None else torch.device(device)
+                self.weights[name] = site.weight.detach().to(where, copy=True)
+                if site.bias is not None:
+                    self.biases[name] = site.bias.detach().to(where, copy=True)
+
+    def nbytes(self) -> int:
+        tensors = list(self.weights.values()) + list(self.biases.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def merged(self, name: str, factors: ModuleFactors) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """W' and b' of one module in the live tensors' dtype and device; checked finite."""
+        site = self.sites[name]
+        device = site.weight.device
+        weight = merged_weight(self.weights[name], [(factors, 1.0)], device)
+        bias = merged_bias(self.biases.get(name), [(factors, 1.0)], device)
+        weight = weight.to(site.weight.dtype)
+        if not bool(torch.isfinite(weight).all()):
+            raise NonFiniteAdapter(f"{name}: merging the adapter gives non-finite weights")
+        if bias is not None and site.bias is not None:
+            bias = bias.to(site.bias.dtype)
+        return weight, bias
+
+    def restore(self, name: str) -> int:
+        """Copy the pristine weight (and bias) back; bytes written."""
+        site = self.sites[name]
+        written = 0
+        with torch.no_grad():
+            site.weight.copy_(self.weights[name])
+            written += site.weight.numel() * site.weight.element_size()
+            if site.bias is not None and name in self.biases:
+                site.bias.copy_(self.biases[name])
+                written += site.bias.numel() * site.bias.element_size()
+        return written
+
+    def apply(self, factors: Mapping[str, ModuleFactors], previous: Iterable[str]) -> int:
+        """Restore what `previous` touched, merge `factors`; bytes written.
+
+        Raises before writing a module whose merge is not finite; the caller
+        rolls back (restore everything, re-apply the previous adapter).
+        """
+        written = 0
+        for name in sorted(set(previous) - set(factors)):
+            written += self.restore(name)
+        with torch.no_grad():
+            for name, module_factors in factors.items():
+                site = self.sites[name]
+                weight, bias = self.merged(name, module_factors)
+                site.weight.copy_(weight)
+                written += weight.numel() * weight.element_size()
+                if site.bias is not None:
+                    if bias is None:
+                        bias = self.biases[name]
+                    site.bias.copy_(bias)
+                    written += bias.numel() * bias.element_size()
+        return written
+
+    def restore_all(self) -> int:
+        return sum(self.restore(name) for name in self.sites)

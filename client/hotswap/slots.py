@@ -1,0 +1,246 @@
+"""A module slot: double-buffered low-rank factors beside one frozen layer (unmerged mode).
+
+Each slot holds two `SlotBuffers` (active and spare) of the host's maximum
+rank, allocated once at attach. A forward hook adds, to the layer's output y,
+
+    y + gain * (B @ A @ x + lora_bias) + (row - 1) * (y - base_bias)
+
+with gain = scaling * row. For LoRA, rsLoRA and NOLA row is 1 (the last
+term is exactly zero); for DoRA row = m / ||W + scaling * B @ A|| per output
+row, computed once per swap (`client.adapters.factors.dora_row_scale`), which
+is PEFT's unmerged DoRA forward. A module the adapter does not target has
+B = 0 and gain = 0 and contributes exactly zero; a rank r below the maximum
+fills the first r rows of A and columns of B and the rest are zero.
+
+A swap stages the new factors into the spare buffers (forwards keep reading
+the active ones), then `flip` exchanges the two sets' tensor references. The
+compiled graph takes these tensors as inputs (dynamo guards their dtype,
+shape and strides, which never change), so swaps do not recompile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from client.adapters.factors import ModuleFactors
+from client.hotswap.targets import TargetSite
+
+Region = tuple[slice, ...]
+ALL: Region = (slice(None),)
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def _numpy_view(tensor: torch.Tensor) -> np.ndarray | None:
+    """A numpy array sharing `tensor`'s memory, when it is a CPU tensor numpy can hold."""
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_DTYPES:
+        return tensor.detach().numpy()
+    return None
+
+
+def copy_into(target: torch.Tensor, source: torch.Tensor) -> int:
+    """target[...] = source; bytes written.
+
+    CPU to CPU in one dtype is a numpy copy: single-threaded, no per-op
+    dispatch, and no contention with forward passes for torch's intra-op
+    threads. Anything else is `copy_` (asynchronous from pinned memory).
+    """
+    array = _numpy_view(target)
+    if array is not None and source.device.type == "cpu" and source.dtype == target.dtype:
+        array[...] = source.detach().numpy()
+    else:
+        target.copy_(source, non_blocking=True)
+    return target.numel() * target.element_size()
+
+
+def fill(target: torch.Tensor, value: float) -> int:
+    """target[...] = value (numpy on the CPU, as `copy_into`); bytes written."""
+    array = _numpy_view(target)
+    if array is not None:
+        array.fill(value)
+    else:
+        target.fill_(value)
+    return target.numel() * target.element_size()
+
+
+@dataclass
+class SlotBuffers:
+    """One set of a slot's tensors; `rank` leading positions may be non-zero.
+
+    `arrays` holds numpy views of the tensors on the CPU, made once, so that
+    staging slices arrays instead of building tensor views per swap.
+    """
+
+    a: torch.Tensor  # (R, in); embedding: (num_embeddings, R), A transposed for the lookup
+    b: torch.Tensor  # (out, R)
+    lora_bias: torch.Tensor  # (out,)
+    gain: torch.Tensor  # (out,) scaling * row
+    row_m1: torch.Tensor | None  # (out,) DoRA row factor - 1; None on a host without DoRA
+    transposed_a: bool = False  # `a` holds A transposed (embedding)
+    rank: int = 0
+    clean: bool = True  # False: contents unknown (a stage failed half-way)
+    bias_zero: bool = True  # lora_bias is all zeros
+    row_zero: bool = True  # row_m1 is all zeros (or absent)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        views = {name: _numpy_view(tensor) for name, tensor in self.fields().items()}
+        self.arrays = {name: view for name, view in views.items() if view is not None}
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        """The writable tensors by name; "a" as (R, in) whatever the layout."""
+        items = {
+            "a": self.a.T if self.transposed_a else self.a,
+            "b": self.b,
+            "lora_bias": self.lora_bias,
+            "gain": self.gain,
+        }
+        if self.row_m1 is not None:
+            items["row_m1"] = self.row_m1
+        return items
+
+    def tensors(self) -> list[torch.Tensor]:
+        items = [self.a, self.b, self.lora_bias, self.gain]
+        return items + ([self.row_m1] if self.row_m1 is not None else [])
+
+    def put(self, name: str, region: Region, source: torch.Tensor) -> int:
+        """buffer[name][region] = source; bytes written."""
+        array = self.arrays.get(name)
+        values = None if array is None else _numpy_view(source)
+        if array is not None and values is not None and values.dtype == array.dtype:
+            target = array[region]
+            target[...] = values
+            return int(target.nbytes)
+        return copy_into(self.fields()[name][region], source)
+
+    def clear(self, name: str, region: Region, value: float = 0.0) -> int:
+        """buffer[name][region] = value; bytes written."""
+        array = self.arrays.get(name)
+        if array is not None:
+            target = array[region]
+            target.fill(value)
+            return int(target.nbytes)
+        return fill(self.fields()[name][region], value)
+
+
+class ModuleSlot:
+    """The slot of one target module; see the module docstring for the math."""
+
+    def __init__(
+        self,
+        site: TargetSite,
+        max_rank: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        dora: bool,
+    ) -> None:
+        self.site = site
+        self.max_rank = max_rank
+        self.device = device
+        self.dtype = dtype
+        self.active = self._allocate(dora)
+        self.spare = self._allocate(dora)
+        self._handle: RemovableHandle | None = None
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+    def _allocate(self, dora: bool) -> SlotBuffers:
+        site, rank = self.site, self.max_rank
+        embedding = site.layer == "embedding"
+        shape_a = (site.in_features, rank) if embedding else (rank, site.in_features)
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, device=self.device, dtype=self.dtype)
+
+        return SlotBuffers(
+            a=zeros(*shape_a),
+            b=zeros(site.out_features, rank),
+            lora_bias=zeros(site.out_features),
+            gain=zeros(site.out_features),
+            row_m1=zeros(site.out_features) if dora else None,
+            transposed_a=embedding,
+        )
+
+    def nbytes(self) -> int:
+        """Device bytes of both buffer sets."""
+        tensors = self.active.tensors() + self.spare.tensors()
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # forward ------------------------------------------------------------------
+
+    def attach(self) -> None:
+        self._handle = self.site.module.register_forward_hook(self.hook)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def hook(
+        self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor:
+        buffers = self.active
+        x = args[0]
+        if self.site.layer == "embedding":
+            hidden = F.embedding(x, buffers.a)
+        else:
+            hidden = F.linear(x.to(buffers.a.dtype), buffers.a)
+        delta = buffers.gain * F.linear(hidden, buffers.b, buffers.lora_bias)
+        if buffers.row_m1 is not None:
+            bias = self.site.bias
+            base = output if bias is None else output - bias
+            delta = delta + buffers.row_m1 * base
+        return output + delta.to(output.dtype)
+
+    # swap ---------------------------------------------------------------------
+
+    def stage(self, factors: ModuleFactors | None, row: torch.Tensor | None) -> int:
+        """Write `factors` (None: nothing) into the spare buffers; bytes written.
+
+        `row` is the DoRA row factor (m / norm), fp32 on the device, or None.
+        """
+        spare = self.spare
+        clean = spare.clean
+        previous = spare.rank if clean else self.max_rank
+        spare.clean = False
+        written = 0
+        rank = 0 if factors is None else factors.rank
+        if factors is not None:
+            written += spare.put("a", (slice(0, rank),), factors.a)
+            written += spare.put("b", (slice(None), slice(0, rank)), factors.b)
+        if previous > rank:
+            written += spare.clear("a", (slice(rank, previous),))
+            written += spare.clear("b", (slice(None), slice(rank, previous)))
+        if factors is not None and factors.bias is not None:
+            written += spare.put("lora_bias", ALL, factors.bias)
+            spare.bias_zero = False
+        elif not (clean and spare.bias_zero):
+            written += spare.clear("lora_bias", ALL)
+            spare.bias_zero = True
+        scaling = 0.0 if factors is None else factors.scaling
+        if row is None:
+            written += spare.clear("gain", ALL, scaling)
+        else:
+            written += spare.put("gain", ALL, (row * scaling).to(self.dtype))
+        if spare.row_m1 is not None:
+            if row is not None:
+                written += spare.put("row_m1", ALL, (row - 1.0).to(self.dtype))
+                spare.row_zero = False
+            elif not (clean and spare.row_zero):
+                written += spare.clear("row_m1", ALL)
+                spare.row_zero = True
+        spare.rank = rank
+        spare.clean = True
+        return written
+
+    def flip(self) -> None:
+        """Make the staged buffers active; call only with forwards excluded."""
+        self.active, self.spare = self.spare, self.active
