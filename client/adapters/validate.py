@@ -25,28 +25,41 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-
-import torch
+from functools import cache
+from typing import TYPE_CHECKING
 
 from client.adapters.schema import AdapterConfig, BaseConfig, TargetModule
 from client.formats.safetensors_header import SafetensorsHeader, TensorEntry
 from client.manifest import canonical_json
 
+if TYPE_CHECKING:  # torch loads when values are first checked, not when the registry starts
+    import torch
+
 PREFIX = "base_model.model."
 WEIGHT_DTYPES = frozenset({"F32", "F16", "BF16"})
 NOLA_INDEX_DTYPES = frozenset({"I64"})
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+TORCH_DTYPE_NAMES: dict[str, str] = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
 }
+
+
+@cache
+def torch_dtype(safetensors_dtype: str) -> torch.dtype | None:
+    import torch
+
+    name = TORCH_DTYPE_NAMES.get(safetensors_dtype)
+    return None if name is None else getattr(torch, name)
+
+
 EMBEDDING_SUFFIXES = (
     "embed_tokens.weight",
     "wte.weight",
@@ -97,7 +110,9 @@ def split_tensor_name(name: str) -> _Part | None:
 
 def values_from_bytes(data: bytes, entry: TensorEntry) -> torch.Tensor:
     """A flat CPU tensor of some of a tensor's raw little-endian values."""
-    dtype = TORCH_DTYPES.get(entry.dtype)
+    import torch
+
+    dtype = torch_dtype(entry.dtype)
     if dtype is None:
         raise AdapterInvalid(
             f"tensor {entry.name!r}: dtype {entry.dtype} cannot be checked", location=entry.name
@@ -108,7 +123,7 @@ def values_from_bytes(data: bytes, entry: TensorEntry) -> torch.Tensor:
 
 
 # Reads the values of one tensor as flat pieces, in order, each of bounded size.
-TensorValues = Callable[[str], Iterable[torch.Tensor]]
+TensorValues = Callable[[str], Iterable["torch.Tensor"]]
 
 
 def validate_adapter(
@@ -259,6 +274,8 @@ def _check_rank(target: TargetModule, header: SafetensorsHeader) -> None:
 
 
 def _check_values(header: SafetensorsHeader, read_values: TensorValues) -> None:
+    import torch
+
     for name, entry in sorted(header.tensors.items(), key=lambda item: item[1].begin):
         if entry.dtype not in WEIGHT_DTYPES or entry.numel == 0:
             continue

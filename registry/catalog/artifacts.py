@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import torch
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -35,6 +35,10 @@ from client.adapters.schema import (
     AdapterConfig,
     BaseConfig,
 )
+
+if TYPE_CHECKING:
+    import torch
+
 from client.adapters.validate import (
     AdapterInvalid,
     max_rank,

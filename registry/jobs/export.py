@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.orm import Session
 
@@ -49,11 +48,6 @@ from registry.jobs.sources import (
 from registry.state import Services
 
 EXPORT = "export"
-DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-}
 MERGEABLE = ("lora", "dora", "nola")
 
 
@@ -230,6 +224,8 @@ class Publication:
 
 
 def run_export(context: JobContext) -> Publication:
+    import torch
+
     from client.merge.errors import MergeCancelled
     from client.merge.inputs import AdapterInput
     from client.merge.stream import merge_to_directory
@@ -278,7 +274,7 @@ def run_export(context: JobContext) -> Publication:
     context.check()
     encoder = _encoder(params, base_dir, context.device)
     output = context.work_dir / "checkpoint"
-    dtype = DTYPES[params["dtype"]] if params.get("dtype") else None
+    dtype = getattr(torch, params["dtype"]) if params.get("dtype") else None
     try:
         result = merge_to_directory(
             base_dir,
