@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
+from client.digest import Digest
 from registry.state import Services
 
 
@@ -57,6 +58,7 @@ class JobContext:
     work_dir: Path
     log: Callable[[str], None]
     _progress: tuple[float, str] | None = None
+    _protected: list[Digest] = field(default_factory=list)
     _interrupt: type[JobInterrupted] | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -69,6 +71,20 @@ class JobContext:
         with self._lock:
             value, self._progress = self._progress, None
             return value
+
+    def protect(self, digest: Digest) -> None:
+        """Keep a blob this job uploaded from garbage collection until the job ends.
+
+        Output blobs are unreferenced until the manifest is put at completion;
+        each heartbeat refreshes them, so a job longer than the GC grace period
+        never loses its early shards.
+        """
+        with self._lock:
+            self._protected.append(digest)
+
+    def protected(self) -> list[Digest]:
+        with self._lock:
+            return list(self._protected)
 
     def interrupt(self, reason: type[JobInterrupted]) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ from client.manifest import OCI_MANIFEST
 from client.sdk.errors import InvalidRequest
 from registry.auth.scopes import Grant, Principal
 from registry.catalog import blobs, manifests
-from registry.errors import BaseIncompatible, JobInvalid
+from registry.errors import BaseIncompatible, BlobUnknown, JobInvalid, NameUnknown
 from registry.jobs.context import JobContext, JobInputError
 from registry.jobs.sources import (
     AdapterArtifact,
@@ -329,6 +329,15 @@ def run_export(context: JobContext) -> Publication:
     )
 
 
+def _already_linked(session: Session, repository: str, digest: Digest) -> bool:
+    """Whether the repository already holds the blob (then touched: kept from GC)."""
+    try:
+        blobs.head_blob(session, repository=repository, digest=digest)
+    except (BlobUnknown, NameUnknown):
+        return False
+    return True
+
+
 def _upload_blobs(
     services: Services,
     principal: Principal,
@@ -343,17 +352,9 @@ def _upload_blobs(
     items += [(item.digest, item.size, item.path) for item in package.files]
     for digest, size, source in items:
         context.check()
+        context.protect(digest)
         with services.transaction() as session:
-            if (
-                blobs.mount_blob(
-                    session,
-                    principal=principal,
-                    repository=repository,
-                    digest=digest,
-                    source=repository,
-                )
-                is not None
-            ):
+            if _already_linked(session, repository, digest):
                 continue
             upload_id = blobs.start_upload(
                 session, store=services.store, principal=principal, repository=repository

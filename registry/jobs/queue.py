@@ -133,11 +133,21 @@ def claim(
     query = query.order_by(Job.available_at, Job.created_at).limit(1)
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    job = session.execute(query).scalar_one_or_none()
-    if job is None:
-        return None
-    expired = job.status == "running"
-    if expired and job.attempts >= job.max_attempts:
+    while True:
+        job = session.execute(query).scalar_one_or_none()
+        if job is None:
+            return None
+        if job.status == "running" and _end_abandoned(session, job):
+            continue  # it ended: look at the next candidate
+        return _take(session, job, worker_id=worker_id, lease=lease, moment=moment)
+
+
+def _end_abandoned(session: Session, job: Job) -> bool:
+    """End a job whose worker vanished, when it may not run again; whether it ended."""
+    if job.cancel_requested:
+        _finish(session, job, "cancelled", error="cancelled on request")
+        return True
+    if job.attempts >= job.max_attempts:
         _finish(
             session,
             job,
@@ -145,7 +155,14 @@ def claim(
             error=f"the lease of {job.lease_owner} expired on attempt {job.attempts} of "
             f"{job.max_attempts}; the worker stopped without reporting",
         )
-        return None
+        return True
+    return False
+
+
+def _take(
+    session: Session, job: Job, *, worker_id: str, lease: timedelta, moment: datetime
+) -> Job | None:
+    expired = job.status == "running"
     claimed = session.execute(
         update(Job)
         .where(Job.id == job.id, _claimable(moment))
@@ -246,6 +263,9 @@ def fail(
     if job is None:
         return None
     append_log(session, job, level="error", line=error)
+    if job.cancel_requested:
+        _finish(session, job, "cancelled", error=error)
+        return "cancelled"
     if retry and job.attempts < job.max_attempts:
         delay = min(MAX_BACKOFF, backoff * (2 ** (job.attempts - 1)))
         job.status = "queued"

@@ -139,9 +139,18 @@ def materialize(store: BlobReader, manifest: ImageManifest, target: Path) -> Pat
     try:
         for layer in manifest.layers:
             path = staging / _title(layer.annotations, layer.digest)
+            expected = Digest.parse(layer.digest)
+            hasher = expected.hasher()
             with path.open("wb") as out:
-                for chunk in store.read(Digest.parse(layer.digest)):
+                for chunk in store.read(expected):
+                    hasher.update(chunk)
                     out.write(chunk)
+            if hasher.hexdigest() != expected.hex:
+                raise JobInvalid(
+                    f"the stored bytes of {path.name} ({expected}) hash to "
+                    f"{expected.algorithm}:{hasher.hexdigest()}; the store is corrupt "
+                    "(`peftreg fsck` lists what else is)"
+                )
         try:
             os.rename(staging, target)
         except OSError:

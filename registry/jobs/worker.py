@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
+from registry.catalog import blobs
 from registry.jobs import queue
 from registry.jobs.context import (
     Completion,
@@ -204,45 +205,54 @@ class JobWorker:
         except ShuttingDown as exc:
             return self._record(queue.release, context, "released", reason=exc.reason)
         except LeaseLost:
-            return "lease lost"
+            return "lease_lost"
         except JobInterrupted as exc:
             return self._record(queue.release, context, "released", reason=exc.reason)
         except Exception as exc:
-            permanent = isinstance(exc, JobInputError) or _is_input_error(exc)
-            error = f"{type(exc).__name__}: {exc}"
-            if not permanent:
-                logger.error("job %s failed: %s", context.job_id, traceback.format_exc())
+            return self._failed(context, exc)
+        try:
             with self.services.transaction() as session:
-                status = queue.fail(
-                    session,
-                    job_id=context.job_id,
-                    worker_id=self.worker_id,
-                    error=error,
-                    retry=not permanent,
-                    backoff=self.backoff,
-                )
-            return "retrying" if status == "queued" else "failed"
+                if isinstance(result, dict):
+                    done = queue.complete(
+                        session, job_id=context.job_id, worker_id=self.worker_id, result=result
+                    )
+                else:
+                    done = queue.complete(
+                        session,
+                        job_id=context.job_id,
+                        worker_id=self.worker_id,
+                        result=dict(result.result),
+                        finalize=result.finalize,
+                    )
+        except Exception as exc:
+            # Publishing failed (e.g. an output blob vanished): an attempt that failed.
+            return self._failed(context, exc)
+        return "succeeded" if done else "lease_lost"
+
+    def _failed(self, context: JobContext, exc: Exception) -> str:
+        permanent = isinstance(exc, JobInputError) or _is_input_error(exc)
+        error = f"{type(exc).__name__}: {exc}"
+        if not permanent:
+            logger.error("job %s failed: %s", context.job_id, traceback.format_exc())
         with self.services.transaction() as session:
-            if isinstance(result, dict):
-                done = queue.complete(
-                    session, job_id=context.job_id, worker_id=self.worker_id, result=result
-                )
-            else:
-                done = queue.complete(
-                    session,
-                    job_id=context.job_id,
-                    worker_id=self.worker_id,
-                    result=dict(result.result),
-                    finalize=result.finalize,
-                )
-        return "succeeded" if done else "lease lost"
+            status = queue.fail(
+                session,
+                job_id=context.job_id,
+                worker_id=self.worker_id,
+                error=error,
+                retry=not permanent,
+                backoff=self.backoff,
+            )
+        if status is None:
+            return "lease_lost"
+        return {"queued": "retrying"}.get(status, status)
 
     def _record(
         self, action: Callable[..., bool], context: JobContext, outcome: str, **extra: str
     ) -> str:
         with self.services.transaction() as session:
             held = action(session, job_id=context.job_id, worker_id=self.worker_id, **extra)
-        return outcome if held else "lease lost"
+        return outcome if held else "lease_lost"
 
     def _log(self, job_id: str, line: str) -> None:
         with self.services.transaction() as session:
@@ -268,6 +278,9 @@ class JobWorker:
                         progress=progress[0] if progress else None,
                         message=progress[1] if progress else None,
                     )
+                    if beat.held:
+                        for digest in context.protected():
+                            blobs.touch_blob(session, digest=digest)
             except Exception:
                 logger.exception("heartbeat of job %s failed", context.job_id)
                 continue
@@ -278,10 +291,17 @@ class JobWorker:
 
 
 def _is_input_error(exc: Exception) -> bool:
-    """Errors of the library that say the request itself is wrong (never worth a retry)."""
-    from client.sdk.errors import InvalidRequest
+    """Errors that say the request itself is wrong (never worth a retry).
 
-    return isinstance(exc, InvalidRequest)
+    The library's `InvalidRequest`s, and registry refusals of the output other
+    than a vanished blob (which a new attempt uploads again).
+    """
+    from client.sdk.errors import InvalidRequest
+    from registry.errors import ManifestBlobUnknown, RegistryError
+
+    if isinstance(exc, ManifestBlobUnknown):
+        return False
+    return isinstance(exc, InvalidRequest | RegistryError)
 
 
 def embedded_worker(services: Services) -> JobWorker:

@@ -244,3 +244,16 @@ def test_progress_and_queue_depth(services: Services) -> None:
     job = _job(services, job_id)
     assert (job.progress, job.message) == (0.5, "half")
     assert depth == {("export", "running"): 1, ("export", "queued"): 1}
+
+
+def test_a_claim_skips_past_jobs_that_end_when_their_lease_expires(services: Services) -> None:
+    exhausted = _enqueue(services, {"n": 1}, attempts=1)
+    assert _claim(services, "dead", lease=timedelta(seconds=-1)) == exhausted
+    cancelled = _enqueue(services, {"n": 2})
+    assert _claim(services, "dead", lease=timedelta(seconds=-1)) == cancelled
+    with services.transaction() as session:
+        queue.cancel(session, job_id=cancelled, actor="me")
+    fresh = _enqueue(services, {"n": 3})
+    assert _claim(services, "alive") == fresh
+    assert _job(services, exhausted).status == "failed"
+    assert _job(services, cancelled).status == "cancelled"

@@ -170,3 +170,49 @@ def test_a_worker_that_lost_its_lease_publishes_nothing(services: Services) -> N
     assert worker.run_once()
     assert finalized == []
     assert _job(services, job_id).lease_owner == "thief"
+
+
+def test_a_failure_while_publishing_is_recorded_not_stuck(services: Services) -> None:
+    class Outcome:
+        result = {"x": 1}
+
+        def finalize(self, session: object) -> None:
+            raise RuntimeError("the output blob vanished")
+
+    worker = JobWorker(services, {"x": lambda context: Outcome()}, device="cpu", backoff_seconds=0)
+    job_id = _enqueue(services, "x", attempts=1)
+    assert worker.run_once()
+    job = _job(services, job_id)
+    assert job.status == "failed"
+    assert job.error == "RuntimeError: the output blob vanished"
+    assert job.result is None
+
+
+def test_output_blobs_are_kept_from_gc_while_the_job_runs(services: Services) -> None:
+    from datetime import UTC, datetime
+
+    from client.digest import Digest
+    from registry.db.models import Blob
+
+    digest = Digest.of_bytes(b"an early shard")
+    old = datetime(2020, 1, 1, tzinfo=UTC)
+    with services.transaction() as session:
+        session.add(Blob(digest=str(digest), size=14, created_at=old, touched_at=old))
+    beats = threading.Event()
+
+    def handler(context: JobContext) -> dict[str, Any]:
+        context.protect(digest)
+        while not beats.is_set():
+            with services.transaction() as session:
+                blob = session.get(Blob, str(digest))
+                assert blob is not None
+                if blob.touched_at > old:
+                    beats.set()
+            threading.Event().wait(0.02)
+        return {}
+
+    worker = JobWorker(services, {"x": handler}, device="cpu", lease_seconds=0.3)
+    job_id = _enqueue(services, "x")
+    assert worker.run_once()
+    assert beats.is_set()
+    assert _job(services, job_id).status == "succeeded"

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -17,6 +18,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from registry.api.deps import (
     PrincipalDep,
@@ -95,6 +97,9 @@ async def request_export(
     for repository in reads:
         authorize(principal, "read", repository)
     authorize(principal, "write", written)
+    # The compatibility check needs the merge library (and torch): load it before
+    # the transaction, not while holding SQLite's write lock.
+    await run_in_threadpool(importlib.import_module, "client.merge.compat")
 
     def work(session: Session) -> tuple[JobOut, bool]:
         planned = plan_export(session, services, body)
