@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -15,7 +17,7 @@ from client.checkpoint.package import CHECKPOINT_CONFIG_MEDIA_TYPE
 from client.manifest import CHECKPOINT_ARTIFACT
 from client.sdk.client import Client
 from client.sdk.errors import PeftregError
-from client.sdk.jobs import JobFailed
+from client.sdk.jobs import JobFailed, JobInfo
 from tests.adapters.tiny_models import sample_ids
 from tests.fixtures.server import RegistryProcess, start_registry
 from tests.jobs.artifacts import push_base_and_adapter
@@ -86,10 +88,16 @@ def test_export_publishes_a_merged_checkpoint_with_provenance(
 
 def test_two_identical_concurrent_requests_give_one_job(client: Client, tmp_path: Path) -> None:
     pushed = push_base_and_adapter(client, tmp_path)
-    first, _ = client.export(pushed.adapter_ref, pushed.base_ref, dtype="float16")
-    second, created = client.export(pushed.adapter_ref, pushed.base_ref, dtype="float16")
-    assert not created
+    barrier = threading.Barrier(2)
+
+    def request(_: int) -> tuple[JobInfo, bool]:
+        barrier.wait()
+        return client.export(pushed.adapter_ref, pushed.base_ref, dtype="float16")
+
+    with ThreadPoolExecutor(2) as pool:
+        (first, first_created), (second, second_created) = pool.map(request, range(2))
     assert second.id == first.id
+    assert sorted([first_created, second_created]) == [False, True]
     done = client.wait_job(first.id, timeout=WAIT)
     assert done.result is not None
     adapter_digest = client.resolve(pushed.adapter_ref)

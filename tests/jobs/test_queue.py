@@ -257,3 +257,32 @@ def test_a_claim_skips_past_jobs_that_end_when_their_lease_expires(services: Ser
     assert _claim(services, "alive") == fresh
     assert _job(services, exhausted).status == "failed"
     assert _job(services, cancelled).status == "cancelled"
+
+
+def test_concurrent_identical_requests_make_one_job(services: Services) -> None:
+    barrier = threading.Barrier(6)
+    outcomes: list[tuple[str, bool]] = []
+    lock = threading.Lock()
+
+    def request() -> None:
+        barrier.wait()
+        with services.transaction() as session:
+            enqueued = queue.enqueue(
+                session,
+                kind="export",
+                inputs=INPUTS,
+                params={"same": True},
+                actor="t",
+                max_attempts=3,
+            )
+            outcome = (enqueued.job.id, enqueued.created)
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=request) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({job_id for job_id, _ in outcomes}) == 1
+    assert sorted(created for _, created in outcomes) == [False] * 5 + [True]
