@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from registry.db.engine import read_only_engine
 from registry.observability.metrics import Metrics
 from registry.settings import Settings
 from registry.storage.base import BlobStore
@@ -27,3 +29,20 @@ class Services:
         """A unit of work: committed when the block ends, rolled back on error."""
         with self.sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def read_transaction(self) -> Iterator[Session]:
+        """A read-only unit of work over one snapshot, taking no write lock.
+
+        For scans that must not hold up pushes (fsck, GC's listings, metrics
+        scrapes): on SQLite a plain `BEGIN` (readers never wait for or block
+        the single writer), on PostgreSQL `REPEATABLE READ READ ONLY`. Never
+        write in it: PostgreSQL refuses, and SQLite would take the write lock
+        halfway through.
+        """
+        with self._read_sessions.begin() as session:
+            yield session
+
+    @cached_property
+    def _read_sessions(self) -> sessionmaker[Session]:
+        return sessionmaker(read_only_engine(self.engine), expire_on_commit=False)

@@ -2,12 +2,16 @@
 
 Like `peftreg db`, they act on the database and blob store named by the
 `PEFTREG_*` settings (run them where the server runs, or as a Kubernetes
-CronJob), and import the registry package only when invoked.
+CronJob), and import the registry package only when invoked. Invalid
+settings, an unreachable database or blob store: one line on stderr and
+exit 1, never a traceback.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +22,8 @@ from client.cli.common import EXIT_ERROR, echo_json, fail, human_size
 if TYPE_CHECKING:
     from registry.state import Services
 
+MIN_GRACE = timedelta(minutes=10)
+"""Shorter grace periods need `--force`: a push takes longer than that to name its blobs."""
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -45,6 +51,35 @@ def _services() -> Services:
     return build_services(Settings())
 
 
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "orig", None) or exc  # a DBAPI error, without SQLAlchemy's SQL echo
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return lines[0] if lines else type(cause).__name__
+
+
+@contextmanager
+def _reported(command: str) -> Iterator[None]:
+    """Turn settings, database and blob store failures into one line and exit 1."""
+    from pydantic import ValidationError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from registry.storage.errors import StorageError
+
+    try:
+        yield
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise fail(f"{command}: invalid setting {where}: {first['msg']}") from None
+    except (SQLAlchemyError, StorageError, OSError) as exc:
+        raise fail(f"{command} failed: {_first_line(exc)}") from None
+
+
+def _human(duration: timedelta) -> str:
+    seconds = duration.total_seconds()
+    return f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} seconds"
+
+
 @click.command()
 @click.option("--dry-run", is_flag=True, help="Report what would be removed; remove nothing.")
 @click.option(
@@ -53,15 +88,27 @@ def _services() -> Services:
     default=None,
     help="Spare blobs used this recently (default PEFTREG_GC_GRACE_SECONDS, 24h).",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help=f"Allow a --grace shorter than {int(MIN_GRACE.total_seconds() // 60)} minutes.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def gc(dry_run: bool, grace: timedelta | None, as_json: bool) -> None:
+def gc(dry_run: bool, grace: timedelta | None, force: bool, as_json: bool) -> None:
     """Remove blobs no manifest references, and expired upload sessions."""
+    if grace is not None and grace < MIN_GRACE and not force:
+        raise click.BadParameter(
+            f"{_human(grace)} is shorter than {_human(MIN_GRACE)}: pushes in progress could "
+            "lose blobs they already uploaded; pass --force if that is really what you want",
+            param_hint="'--grace'",
+        )
     from registry.maintenance.gc import collect_garbage
 
-    services = _services()
-    if grace is None:
-        grace = timedelta(seconds=services.settings.gc_grace_seconds)
-    report = collect_garbage(services, dry_run=dry_run, grace=grace)
+    with _reported("gc"):
+        services = _services()
+        if grace is None:
+            grace = timedelta(seconds=services.settings.gc_grace_seconds)
+        report = collect_garbage(services, dry_run=dry_run, grace=grace)
     if as_json:
         echo_json(report.as_dict())
         return
@@ -86,7 +133,8 @@ def fsck(verify_digests: bool, as_json: bool) -> None:
     """Check every blob's bytes and every manifest's references; exit 1 on errors."""
     from registry.maintenance.fsck import check_store
 
-    report = check_store(_services(), verify_digests=verify_digests)
+    with _reported("fsck"):
+        report = check_store(_services(), verify_digests=verify_digests)
     if as_json:
         echo_json(report.as_dict())
     else:

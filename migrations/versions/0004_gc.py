@@ -6,7 +6,12 @@ Create Date: 2026-11-23 00:00:00
 
 Written by hand to match `Blob.touched_at` in registry/db/models.py (see
 registry/maintenance/gc.py for how the grace period uses it). Existing rows
-start from their `created_at`.
+start from the time of the migration, not from their `created_at`: during a
+rolling upgrade, servers still on 0003 go on answering HEADs and mounts
+without touching blobs, and an old unreferenced blob a client was just told
+exists must not become collectable the moment this runs. That gives a whole
+grace period of slack; still, run garbage collection only once every server
+runs 0004 (README, Operations).
 
 SQLite cannot add a NOT NULL column whose default is `CURRENT_TIMESTAMP`,
 so there the table is recreated (batch mode). `copy_from` describes the
@@ -63,7 +68,6 @@ def upgrade() -> None:
             )
         )
         batch.create_index(op.f("ix_blobs_touched_at"), ["touched_at"], unique=False)
-    op.execute("UPDATE blobs SET touched_at = created_at")
 
 
 def downgrade() -> None:

@@ -1,16 +1,18 @@
 """Blobs as repositories see them: linked by upload or mount, verified by the store.
 
-Every upload, mount and existence check (HEAD) refreshes the blob's
-`touched_at`, and an upload's store commit runs under the digest's lock
+Every upload and mount refreshes the blob's `touched_at`, and so does an
+existence check (HEAD) of a blob last touched more than half the grace
+period ago; an upload's store commit runs under the digest's lock
 (`lock_digest`): together they are what lets garbage collection run while
 clients push (the argument is in `registry.maintenance.gc`).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import exists, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from client.digest import Digest, InvalidDigest
@@ -73,15 +75,24 @@ def lock_digest(session: Session, digest: Digest) -> None:
     )
 
 
-def touch_blob(session: Session, *, digest: Digest, repository_id: int | None = None) -> bool:
+def touch_blob(
+    session: Session,
+    *,
+    digest: Digest,
+    repository_id: int | None = None,
+    touched_before: datetime | None = None,
+) -> bool:
     """Refresh `touched_at` of a blob (linked in `repository_id`, when given).
 
-    Returns whether the blob row exists (and is linked). The UPDATE locks the
-    row to the end of the transaction, so garbage collection, which skips
-    locked rows and re-checks `touched_at` after locking, cannot delete it
-    now, nor for a grace period after this commits.
+    Returns whether a row was refreshed: the blob row exists (and is linked,
+    and, with `touched_before`, was last touched before then). The UPDATE
+    locks the row to the end of the transaction, so garbage collection, which
+    skips locked rows and re-checks `touched_at` after locking, cannot delete
+    it now, nor for a grace period after this commits.
     """
     statement = update(Blob).where(Blob.digest == str(digest)).values(touched_at=datetime.now(UTC))
+    if touched_before is not None:
+        statement = statement.where(Blob.touched_at < touched_before)
     if repository_id is not None:
         statement = statement.where(
             exists().where(
@@ -93,15 +104,23 @@ def touch_blob(session: Session, *, digest: Digest, repository_id: int | None = 
     return bool(getattr(result, "rowcount", 0))
 
 
-def head_blob(session: Session, *, repository: str, digest: Digest) -> int:
+def head_blob(
+    session: Session, *, repository: str, digest: Digest, grace: timedelta | None = None
+) -> int:
     """Size of a blob the repository may serve, for an existence check; raises `BlobUnknown`.
 
     A client that finds a blob here skips uploading it and will soon name it
-    in a manifest: the check counts as a use and keeps the blob from garbage
-    collection for the grace period.
+    in a manifest: the check counts as a use. With `grace` (the garbage
+    collection grace period), the row is refreshed only when last touched
+    more than `grace / 2` ago, which spares a row write per HEAD of a busy
+    blob: either way a blob found here stays at least `grace / 2` (without
+    `grace`: a whole grace period) out of the collector's reach. A stale row
+    is refreshed under its row lock; if garbage collection holds that lock,
+    the refresh waits for it, finds the row deleted and this raises.
     """
     repository_id = find_repository(session, name=repository).id
-    touch_blob(session, digest=digest, repository_id=repository_id)
+    touched_before = None if grace is None else datetime.now(UTC) - grace / 2
+    touch_blob(session, digest=digest, repository_id=repository_id, touched_before=touched_before)
     return linked_size(session, repository=repository, digest=digest)
 
 
@@ -110,12 +129,20 @@ def link_blob(session: Session, *, repository_id: int, digest: Digest, size: int
 
     Only for bytes committed in this transaction under `lock_digest`: a new
     blob row promises that the store holds the bytes.
+
+    The blob row is upserted (`ON CONFLICT DO UPDATE` refreshing
+    `touched_at`), never "inserted unless present": if garbage collection
+    holds the existing row locked to delete it, PostgreSQL waits for that
+    commit and then inserts the row afresh, instead of finding a row that is
+    about to vanish and linking the repository to nothing.
     """
-    created = insert_ignore(
-        session, Blob, digest=str(digest), size=size, touched_at=datetime.now(UTC)
+    module = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    upsert = module.insert(Blob).values(digest=str(digest), size=size, touched_at=datetime.now(UTC))
+    session.execute(
+        upsert.on_conflict_do_update(
+            index_elements=[Blob.digest], set_={"touched_at": upsert.excluded.touched_at}
+        )
     )
-    if not created:
-        touch_blob(session, digest=digest)
     insert_ignore(session, RepositoryBlob, repository_id=repository_id, digest=str(digest))
 
 

@@ -7,6 +7,9 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+READ_ONLY_OPTION = "peftreg_read_only"
+"""Execution option marking an engine's connections for read-only transactions."""
+
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     if url.startswith("sqlite"):
@@ -28,7 +31,10 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection: Any) -> None:
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # Read-only work takes a plain (deferred) BEGIN: in WAL mode it reads
+            # a snapshot and neither waits for nor blocks the single writer.
+            read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -36,3 +42,18 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def read_only_engine(engine: Engine) -> Engine:
+    """`engine` for read-only transactions: one snapshot, taking no write lock.
+
+    SQLite: a deferred `BEGIN` instead of `BEGIN IMMEDIATE` (see `make_engine`).
+    PostgreSQL: `REPEATABLE READ READ ONLY`, so a scan made of several
+    statements sees one snapshot, and a write by mistake fails. Same pool;
+    the options apply to each transaction begun through the returned engine.
+    """
+    if engine.dialect.name == "sqlite":
+        return engine.execution_options(**{READ_ONLY_OPTION: True})
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+    return engine

@@ -7,14 +7,14 @@ from registry.state import Services
 
 
 def observe_jobs(services: Services) -> None:
-    """Point the app's job gauges at the queue (read at scrape time)."""
+    """Point the app's job gauges at the queue (read at scrape time, without the write lock)."""
 
     def depth() -> dict[tuple[str, str], int]:
-        with services.transaction() as session:
+        with services.read_transaction() as session:
             return queue.queue_depth(session)
 
     def heartbeats() -> dict[str, float]:
-        with services.transaction() as session:
+        with services.read_transaction() as session:
             return queue.worker_heartbeats(session)
 
     services.metrics.set_queue_source(depth)

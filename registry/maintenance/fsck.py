@@ -9,8 +9,20 @@
 - Every store object has a row; one without is reported as an orphan, which
   is not an error (`peftreg gc` removes it).
 
-Read-only. Run while clients push, an upload between its store commit and
-its row's commit can show as an orphan for a moment.
+Read-only, and safe to run while clients push and garbage collection runs:
+
+- every database read is a read-only transaction (`Services.read_transaction`:
+  on SQLite it takes no write lock, so pushes go on), and no transaction
+  stays open while bytes are hashed;
+- a manifest and the blob rows and links it names are read by one join in
+  one snapshot, so a manifest pushed meanwhile is checked against the rows
+  it was accepted with;
+- an object found missing is reported only if, looked up again afterwards,
+  its row still exists and its object is still absent: garbage collection
+  deletes the row before the bytes, so a blob it collected meanwhile is no
+  error;
+- an object without a row is looked up again before being called an orphan
+  (an upload commits its bytes a moment before its row).
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from client.digest import Digest, InvalidDigest
 from registry.db.models import Blob, Manifest, ManifestReference, Repository, RepositoryBlob
@@ -93,28 +105,24 @@ class FsckReport:
 def check_store(services: Services, *, verify_digests: bool = True) -> FsckReport:
     """Check every blob, manifest and store object; see the module doc."""
     report = FsckReport()
-    sizes: dict[str, int] = {}
+    seen: set[str] = set()
     missing: set[str] = set()
-    with services.transaction() as session:
-        for digest, size in _blob_rows(session):
-            sizes[digest] = size
-    for digest, size in sizes.items():
-        problem = _check_blob(services, digest, size, verify_digests=verify_digests)
-        report.blobs_checked += 1
-        if problem is None:
-            report.bytes_checked += size if verify_digests else 0
-            continue
-        report.problems.append(problem)
-        if problem.kind == "missing_object":
-            missing.add(digest)
-    with services.transaction() as session:
-        _check_manifests(session, report, sizes, missing)
-    for stored in services.store.list_digests():
-        report.objects_listed += 1
-        if str(stored) not in sizes:
-            report.problems.append(
-                Problem("orphan_object", str(stored), "in the store but not in the database")
-            )
+    for page in _blob_pages(services):
+        for digest, size in page:
+            seen.add(digest)
+            problem = _check_blob(services, digest, size, verify_digests=verify_digests)
+            if problem is not None and problem.kind == "missing_object":
+                if not _still_missing(services, digest):
+                    continue  # collected since it was listed
+                missing.add(digest)
+            report.blobs_checked += 1
+            if problem is None:
+                report.bytes_checked += size if verify_digests else 0
+            else:
+                report.problems.append(problem)
+    with services.read_transaction() as session:
+        _check_manifests(session, report, missing)
+    _check_objects(services, report, seen)
     logger.info(
         "fsck: %d blobs, %d manifests, %d errors, %d orphans",
         report.blobs_checked,
@@ -125,20 +133,54 @@ def check_store(services: Services, *, verify_digests: bool = True) -> FsckRepor
     return report
 
 
-def _blob_rows(session: Session) -> Iterator[tuple[str, int]]:
+def _blob_pages(services: Services) -> Iterator[list[tuple[str, int]]]:
+    """Blob rows a page at a time, each read in its own short read-only transaction."""
     after = ""
     while True:
-        page = session.execute(
-            select(Blob.digest, Blob.size)
-            .where(Blob.digest > after)
-            .order_by(Blob.digest)
-            .limit(PAGE)
-        ).all()
+        with services.read_transaction() as session:
+            page = [
+                (digest, int(size))
+                for digest, size in session.execute(
+                    select(Blob.digest, Blob.size)
+                    .where(Blob.digest > after)
+                    .order_by(Blob.digest)
+                    .limit(PAGE)
+                ).all()
+            ]
         if not page:
             return
-        for digest, size in page:
-            yield digest, int(size)
+        yield page
         after = page[-1][0]
+
+
+def _still_missing(services: Services, digest: str) -> bool:
+    """Whether the blob's row exists and its object is absent, looked up now."""
+    with services.read_transaction() as session:
+        if session.get(Blob, digest) is None:
+            return False
+    try:
+        services.store.stat(Digest.parse(digest))
+    except BlobNotFound:
+        return True
+    return False
+
+
+def _check_objects(services: Services, report: FsckReport, seen: set[str]) -> None:
+    """Store objects without a row: orphans (not errors) unless a row appeared since."""
+    unknown: list[str] = []
+    for stored in services.store.list_digests():
+        report.objects_listed += 1
+        if str(stored) not in seen:
+            unknown.append(str(stored))
+    for start in range(0, len(unknown), PAGE):
+        chunk = unknown[start : start + PAGE]
+        with services.read_transaction() as session:
+            recorded = set(session.scalars(select(Blob.digest).where(Blob.digest.in_(chunk))))
+        for digest in chunk:
+            if digest not in recorded:
+                report.problems.append(
+                    Problem("orphan_object", digest, "in the store but not in the database")
+                )
 
 
 def _check_blob(
@@ -174,35 +216,80 @@ def _check_blob(
     return None
 
 
-def _check_manifests(
-    session: Session, report: FsckReport, sizes: dict[str, int], missing: set[str]
-) -> None:
+def _check_manifests(session: Session, report: FsckReport, missing: set[str]) -> None:
+    """Every manifest, a page at a time, with its references joined to rows and links."""
     names = dict(session.execute(select(Repository.id, Repository.name)).all())
-    linked: set[tuple[int, str]] = set(
-        session.execute(select(RepositoryBlob.repository_id, RepositoryBlob.digest)).all()
-    )
-    present: set[tuple[int, str]] = set(
-        session.execute(select(Manifest.repository_id, Manifest.digest)).all()
-    )
-    references: dict[int, list[tuple[str, str]]] = {}
-    for manifest_id, digest, kind in session.execute(
-        select(ManifestReference.manifest_id, ManifestReference.digest, ManifestReference.kind)
-    ).all():
-        references.setdefault(manifest_id, []).append((digest, kind))
-    query = select(Manifest).order_by(Manifest.id).execution_options(yield_per=PAGE)
-    for manifest in session.scalars(query):
-        report.manifests_checked += 1
-        repository = names.get(manifest.repository_id, f"#{manifest.repository_id}")
-        report.problems.extend(_manifest_problems(manifest, repository))
-        for digest, kind in references.get(manifest.id, []):
-            detail = _reference_problem(
-                manifest.repository_id, digest, kind, sizes, missing, linked, present
+    after = 0
+    while True:
+        manifests = list(
+            session.scalars(
+                select(Manifest).where(Manifest.id > after).order_by(Manifest.id).limit(PAGE)
             )
-            if detail is not None:
-                problem_kind, text = detail
-                report.problems.append(
-                    Problem(problem_kind, digest, text, manifest.digest, repository)
-                )
+        )
+        if not manifests:
+            return
+        references = _references(session, [manifest.id for manifest in manifests])
+        for manifest in manifests:
+            report.manifests_checked += 1
+            repository = names.get(manifest.repository_id, f"#{manifest.repository_id}")
+            report.problems.extend(_manifest_problems(manifest, repository))
+            for reference in references.get(manifest.id, []):
+                detail = _reference_problem(reference, missing)
+                if detail is not None:
+                    kind, text = detail
+                    report.problems.append(
+                        Problem(kind, reference.digest, text, manifest.digest, repository)
+                    )
+        after = manifests[-1].id
+        session.expunge_all()
+
+
+@dataclass(frozen=True)
+class _Reference:
+    digest: str
+    kind: str
+    has_row: bool
+    """A blob row exists."""
+    linked: bool
+    """The blob is linked in the manifest's repository."""
+    child_present: bool
+    """A manifest with this digest is in the manifest's repository."""
+
+
+def _references(session: Session, manifest_ids: list[int]) -> dict[int, list[_Reference]]:
+    """The references of these manifests, with what they name, in one statement."""
+    owner = aliased(Manifest)
+    child = aliased(Manifest)
+    rows = session.execute(
+        select(
+            ManifestReference.manifest_id,
+            ManifestReference.digest,
+            ManifestReference.kind,
+            Blob.digest.is_not(None),
+            RepositoryBlob.digest.is_not(None),
+            child.id.is_not(None),
+        )
+        .join(owner, owner.id == ManifestReference.manifest_id)
+        .outerjoin(Blob, Blob.digest == ManifestReference.digest)
+        .outerjoin(
+            RepositoryBlob,
+            (RepositoryBlob.repository_id == owner.repository_id)
+            & (RepositoryBlob.digest == ManifestReference.digest),
+        )
+        .outerjoin(
+            child,
+            (child.repository_id == owner.repository_id)
+            & (child.digest == ManifestReference.digest),
+        )
+        .where(ManifestReference.manifest_id.in_(manifest_ids))
+        .order_by(ManifestReference.manifest_id, ManifestReference.digest)
+    ).all()
+    found: dict[int, list[_Reference]] = {}
+    for manifest_id, digest, kind, has_row, linked, child_present in rows:
+        found.setdefault(manifest_id, []).append(
+            _Reference(digest, kind, bool(has_row), bool(linked), bool(child_present))
+        )
+    return found
 
 
 def _manifest_problems(manifest: Manifest, repository: str) -> list[Problem]:
@@ -232,23 +319,16 @@ def _manifest_problems(manifest: Manifest, repository: str) -> list[Problem]:
     ]
 
 
-def _reference_problem(
-    repository_id: int,
-    digest: str,
-    kind: str,
-    sizes: dict[str, int],
-    missing: set[str],
-    linked: set[tuple[int, str]],
-    present: set[tuple[int, str]],
-) -> tuple[ProblemKind, str] | None:
+def _reference_problem(reference: _Reference, missing: set[str]) -> tuple[ProblemKind, str] | None:
+    kind = reference.kind
     if kind == "manifest":
-        if (repository_id, digest) not in present:
+        if not reference.child_present:
             return "manifest_child_missing", "the index names a manifest the repository lacks"
         return None
-    if digest not in sizes:
+    if not reference.has_row:
         return "manifest_blob_missing", f"its {kind} blob has no database row"
-    if digest in missing:
+    if reference.digest in missing:
         return "manifest_blob_missing", f"its {kind} blob's bytes are missing from the store"
-    if (repository_id, digest) not in linked:
+    if not reference.linked:
         return "manifest_blob_unlinked", f"its {kind} blob is not linked in the repository"
     return None

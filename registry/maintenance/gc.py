@@ -3,8 +3,8 @@
 `collect_garbage` removes (or, dry, only reports):
 
 1. blobs that no manifest of any repository references and that nobody
-   uploaded, mounted or HEAD-checked within the grace period, with their
-   per-repository links;
+   uploaded, mounted or HEAD-checked recently enough (see the grace period
+   below), with their per-repository links;
 2. store objects that have no blob row (left by a crash between a store
    commit and its transaction, or between the two steps below);
 3. upload sessions idle for longer than the upload expiry (and the grace),
@@ -12,6 +12,20 @@
 
 It may run at any time, from any number of processes (`peftreg gc`, the
 server's periodic thread, several replicas), while clients push and pull.
+Run it only once every API server runs migration 0004 or later: older
+servers neither touch blobs nor take the locks below (README, Operations).
+
+The grace period
+----------------
+
+A blob is collectable once unreferenced and not touched (`touched_at`) for
+the grace period. Uploads and mounts set `touched_at`; a HEAD sets it only
+when it is older than half the grace period (one row write per blob per
+half period, not per HEAD). So after an upload or mount a client has the
+whole grace period, and after a HEAD that found the blob *at least half the
+grace period*, to PUT a manifest naming it. This holds for a collector whose
+grace is at least the API servers' `PEFTREG_GC_GRACE_SECONDS` (HEAD uses
+that setting); `peftreg gc --grace` shorter than it weakens the promise.
 
 Why a concurrent push is never broken
 -------------------------------------
@@ -24,8 +38,8 @@ A. In one transaction, candidate rows (unreferenced, `touched_at` older than
    the grace period) are locked `FOR UPDATE SKIP LOCKED` (PostgreSQL), then
    re-checked by a second statement, which in READ COMMITTED sees everything
    committed before the locks were granted, and deleted with their links.
-   On SQLite every transaction is `BEGIN IMMEDIATE`: the single writer lock
-   gives the same exclusion.
+   On SQLite every write transaction is `BEGIN IMMEDIATE`: the single writer
+   lock gives the same exclusion.
 B. After that commit, for each digest: in a new transaction holding the
    digest's lock (`registry.catalog.blobs.lock_digest`: an advisory lock on
    PostgreSQL, the writer lock on SQLite), the bytes are deleted only if
@@ -34,31 +48,41 @@ B. After that commit, for each digest: in a new transaction holding the
 The races, one by one:
 
 - *HEAD (or mount) says "exists", the client skips the upload, GC deletes
-  the blob before the manifest PUT.* HEAD and mount update `touched_at`
-  (`touch_blob`), which locks the row. If GC locked it first, the touch
-  waits, finds the row deleted and HEAD answers 404, so the client uploads.
-  Otherwise the row is now younger than the grace period, and step A skips
-  a locked row and re-checks `touched_at` of the ones it got. The client
-  has the whole grace period (24 h by default) to PUT its manifest.
+  the blob before the manifest PUT.* A mount, and a HEAD of a blob touched
+  more than half the grace period ago, update `touched_at` (`touch_blob`),
+  which locks the row. If GC locked it first, the update waits, finds the
+  row deleted and HEAD answers 404, so the client uploads. Otherwise the row
+  is now younger than the grace period, and step A skips a locked row and
+  re-checks `touched_at` of the ones it got. A HEAD that updates nothing
+  found a row touched within half the grace period, which step A does not
+  select until the other half has passed.
 - *Manifest PUT naming a blob while GC deletes it.* The PUT reads the blob
   rows `FOR SHARE`: GC's `SKIP LOCKED` passes over them, and its re-check
   sees the manifest's references once it commits. If GC locked a row first,
   the PUT waits and then finds no row: `MANIFEST_BLOB_UNKNOWN`, which only
   happens to a blob nobody touched within the grace period.
 - *Upload commit while GC scans.* The store commit of an upload is a no-op
-  when the bytes are already there, and the row is inserted afterwards. Both
+  when the bytes are already there, and the row is written afterwards. Both
   happen in one transaction holding the digest's lock, which step B also
   takes: either B deleted the bytes first (then the upload writes them
   afresh), or the upload's row is committed when B looks (then B keeps the
-  bytes). A row deleted by step A while the upload runs is inserted again by
-  the upload (it waits for A's commit), and B then sees that row.
+  bytes). The upload *upserts* the row (`INSERT .. ON CONFLICT DO UPDATE`):
+  if step A holds the row locked, PostgreSQL waits for A's commit and then
+  inserts the row again, and B sees it. (An "insert unless present" would
+  see the locked row, insert nothing, and link the repository to a row
+  about to vanish: a foreign-key error and a failed push.)
 - *GC crashing between A and B* leaves bytes without a row: step 2 above
   (orphans) removes them on the next run, under the same lock and check.
+- *Two collectors at once.* Step B stats and deletes the bytes under the
+  digest's lock, so exactly one run deletes them and counts them in
+  `bytes_reclaimed`.
 
 Bytes are thus deleted only after the row deletion committed, and only while
-no row exists. Upload sessions: a session row is deleted (and its bytes
-discarded) only once idle past the expiry; a session being written at that
-moment (`UploadBusy`) is left alone.
+no row exists. Upload sessions go the same way: the row is deleted first (in
+a short transaction, re-checking that it is still idle), then the store's
+session, outside any transaction; a session being written at that moment
+(`UploadBusy`) keeps its bytes until a later run finds them idle. Listings
+and dry runs use read-only transactions, which never hold up a push.
 """
 
 from __future__ import annotations
@@ -66,8 +90,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -75,7 +97,7 @@ from typing import Any
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
-from client.digest import Digest, InvalidDigest
+from client.digest import Digest
 from registry.catalog import audit
 from registry.catalog.blobs import lock_digest
 from registry.db.models import Blob, ManifestReference, RepositoryBlob, UploadSession
@@ -93,8 +115,9 @@ class GcReport:
     dry_run: bool
     grace_seconds: float
     blobs_removed: int = 0
+    """Blob rows deleted (dry: that would be)."""
     bytes_reclaimed: int = 0
-    """Bytes of the blobs and orphaned objects removed from the store."""
+    """Bytes this run deleted from the store (dry: would delete): blobs and orphans."""
     repository_links_removed: int = 0
     orphans_removed: int = 0
     """Store objects that had no blob row."""
@@ -102,8 +125,12 @@ class GcReport:
     blobs_spared: int = 0
     """Blobs deleted from the database whose bytes a concurrent upload claimed again."""
     duration_seconds: float = 0.0
+    interrupted: bool = False
+    """Stopped early (shutdown): what is counted was done, the rest waits for the next run."""
+    error: str | None = None
+    """Why the run failed, after doing what is counted."""
     removed: list[str] = field(default_factory=list)
-    """Digests whose bytes were (or, dry, would be) removed: blobs and orphans."""
+    """Digests whose bytes this run deleted (dry: would delete): blobs and orphans."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -120,29 +147,29 @@ def collect_garbage(
     grace: timedelta,
     actor: str = ACTOR,
     batch: int = BATCH,
+    stop: threading.Event | None = None,
 ) -> GcReport:
-    """Remove what nothing references and nobody used within `grace`; see the module doc."""
+    """Remove what nothing references and nobody used within `grace`; see the module doc.
+
+    `stop`, once set, ends the run between batches (the report says
+    `interrupted`). A run that fails still audits what it did, then raises.
+    """
     if grace < timedelta(0):
         raise ValueError("the grace period cannot be negative")
     started = time.perf_counter()
     now = datetime.now(UTC)
     report = GcReport(dry_run=dry_run, grace_seconds=grace.total_seconds())
-    _collect_blobs(services, report, cutoff=now - grace, batch=batch)
-    _collect_orphans(services, report)
-    expiry = max(timedelta(seconds=services.settings.upload_expiry_seconds), grace)
-    _collect_uploads(services, report, cutoff=now - expiry)
-    report.duration_seconds = round(time.perf_counter() - started, 3)
-    if not dry_run:
-        with services.transaction() as session:
-            audit.record(session, actor=actor, action="gc.run", detail=report.summary())
-    logger.info(
-        "garbage collection %s: %d blobs, %d bytes, %d uploads",
-        "(dry run) would remove" if dry_run else "removed",
-        report.blobs_removed + report.orphans_removed,
-        report.bytes_reclaimed,
-        report.uploads_removed,
-        extra={"gc": report.summary()},
-    )
+    try:
+        _collect_blobs(services, report, cutoff=now - grace, batch=batch, stop=stop)
+        _collect_orphans(services, report, stop=stop)
+        expiry = max(timedelta(seconds=services.settings.upload_expiry_seconds), grace)
+        _collect_uploads(services, report, cutoff=now - expiry, stop=stop)
+    except BaseException as exc:
+        report.error = (str(exc).splitlines() or [""])[0] or type(exc).__name__
+        raise
+    finally:
+        report.duration_seconds = round(time.perf_counter() - started, 3)
+        _record(services, report, actor=actor)
     return report
 
 
@@ -154,12 +181,45 @@ def run_periodic_gc(services: Services, stop: threading.Event) -> None:
     grace = timedelta(seconds=services.settings.gc_grace_seconds)
     while not stop.wait(interval):
         try:
-            report = collect_garbage(services, dry_run=False, grace=grace)
+            report = collect_garbage(services, dry_run=False, grace=grace, stop=stop)
         except Exception:
             logger.exception("periodic garbage collection failed")
             services.metrics.observe_gc(outcome="failed")
         else:
-            services.metrics.observe_gc(outcome="ok", bytes_reclaimed=report.bytes_reclaimed)
+            outcome = "interrupted" if report.interrupted else "ok"
+            services.metrics.observe_gc(outcome=outcome, bytes_reclaimed=report.bytes_reclaimed)
+
+
+def _stopping(report: GcReport, stop: threading.Event | None) -> bool:
+    if stop is not None and stop.is_set():
+        report.interrupted = True
+    return report.interrupted
+
+
+def _record(services: Services, report: GcReport, *, actor: str) -> None:
+    """Log the run and, unless dry, audit it; an audit failure never hides the run's error.
+
+    Logged at INFO even when failing: the error itself reaches the caller.
+    """
+    failed = report.error is not None
+    logger.info(
+        "garbage collection %s: %d blobs, %d bytes, %d uploads%s",
+        "(dry run) would remove" if report.dry_run else "removed",
+        report.blobs_removed + report.orphans_removed,
+        report.bytes_reclaimed,
+        report.uploads_removed,
+        f" before failing: {report.error}" if failed else "",
+        extra={"gc": report.summary()},
+    )
+    if report.dry_run:
+        return
+    try:
+        with services.transaction() as session:
+            audit.record(session, actor=actor, action="gc.run", detail=report.summary())
+    except Exception:
+        if not failed:
+            raise
+        logger.exception("cannot audit the failed garbage collection run")
 
 
 # blobs ------------------------------------------------------------------------
@@ -169,20 +229,35 @@ def _unreferenced(cutoff: datetime) -> Any:
     return (Blob.touched_at < cutoff) & ~exists().where(ManifestReference.digest == Blob.digest)
 
 
-def _collect_blobs(services: Services, report: GcReport, *, cutoff: datetime, batch: int) -> None:
+def _collect_blobs(
+    services: Services,
+    report: GcReport,
+    *,
+    cutoff: datetime,
+    batch: int,
+    stop: threading.Event | None,
+) -> None:
     after: str | None = ""
-    while after is not None:
-        with services.transaction() as session:
+    while after is not None and not _stopping(report, stop):
+        transaction = services.read_transaction if report.dry_run else services.transaction
+        with transaction() as session:
             chosen, after = _delete_rows(
                 session, cutoff=cutoff, after=after, batch=batch, report=report
             )
         for digest, size in chosen:
-            if report.dry_run or _delete_bytes(services, digest):
+            if report.dry_run:
                 report.blobs_removed += 1
                 report.bytes_reclaimed += size
                 report.removed.append(digest)
-            else:
+                continue
+            deletion = _delete_bytes(services, digest)
+            if deletion.spared:
                 report.blobs_spared += 1
+                continue
+            report.blobs_removed += 1
+            if deletion.size is not None:
+                report.bytes_reclaimed += deletion.size
+                report.removed.append(digest)
 
 
 def _delete_rows(
@@ -224,43 +299,60 @@ def _delete_rows(
     return chosen, candidates[-1]
 
 
-def _delete_bytes(services: Services, digest: str) -> bool:
-    """Step B: delete the bytes unless a row exists again; whether they went."""
+@dataclass(frozen=True)
+class _Deletion:
+    spared: bool = False
+    """A row claims the bytes again (a concurrent upload): they stay."""
+    size: int | None = None
+    """Bytes this call deleted; None when it deleted nothing."""
+
+
+def _delete_bytes(services: Services, digest: str) -> _Deletion:
+    """Step B: delete the bytes unless a row exists again.
+
+    Under the digest's lock the object is measured, then deleted: a
+    concurrent collector that deleted it first leaves nothing to count.
+    """
     parsed = Digest.parse(digest)
     with services.transaction() as session:
         lock_digest(session, parsed)
         if session.get(Blob, digest) is not None:
-            return False
-        # Absent: deleted by a GC running concurrently, or never there.
-        with suppress(BlobNotFound):
+            return _Deletion(spared=True)
+        try:
+            size = services.store.stat(parsed)
             services.store.delete(parsed)
-    return True
+        except BlobNotFound:
+            return _Deletion()  # deleted by a collector running concurrently
+    return _Deletion(size=size)
 
 
 # orphaned objects ---------------------------------------------------------------
 
 
-def _store_digests(services: Services) -> Iterator[Digest]:
-    try:
-        yield from services.store.list_digests()
-    except InvalidDigest:
-        logger.warning("the blob store lists a key that is not a digest", exc_info=True)
-
-
-def _collect_orphans(services: Services, report: GcReport) -> None:
-    with services.transaction() as session:
+def _collect_orphans(services: Services, report: GcReport, *, stop: threading.Event | None) -> None:
+    if _stopping(report, stop):
+        return
+    with services.read_transaction() as session:
         known = set(session.scalars(select(Blob.digest)))
-    for digest in list(_store_digests(services)):
+    for digest in list(services.store.list_digests()):
+        if _stopping(report, stop):
+            return
         if str(digest) in known:
             continue
-        try:
-            size = services.store.stat(digest)
-        except BlobNotFound:
-            continue
-        if report.dry_run or _delete_bytes(services, str(digest)):
-            report.orphans_removed += 1
-            report.bytes_reclaimed += size
-            report.removed.append(str(digest))
+        if report.dry_run:
+            try:
+                size = services.store.stat(digest)
+            except BlobNotFound:
+                continue
+        else:
+            # A row written since `known` was read spares the bytes (checked under the lock).
+            deletion = _delete_bytes(services, str(digest))
+            if deletion.size is None:
+                continue
+            size = deletion.size
+        report.orphans_removed += 1
+        report.bytes_reclaimed += size
+        report.removed.append(str(digest))
 
 
 # upload sessions ----------------------------------------------------------------
@@ -281,28 +373,59 @@ def _store_uploads(services: Services, attempts: int = 3) -> list[tuple[str, dat
     return []
 
 
-def _collect_uploads(services: Services, report: GcReport, *, cutoff: datetime) -> None:
-    with services.transaction() as session:
-        query = select(UploadSession).where(UploadSession.updated_at < cutoff)
-        if not report.dry_run:
-            query = query.with_for_update(skip_locked=True)
-        for row in list(session.scalars(query)):
-            if report.dry_run:
-                report.uploads_removed += 1
-                continue
-            try:
-                services.store.abort_upload(row.id)
-            except UploadBusy:
-                continue  # being written right now: not idle after all
-            session.delete(row)
+def _collect_uploads(
+    services: Services, report: GcReport, *, cutoff: datetime, stop: threading.Event | None
+) -> None:
+    if _stopping(report, stop):
+        return
+    with services.read_transaction() as session:
+        expired = list(
+            session.scalars(select(UploadSession.id).where(UploadSession.updated_at < cutoff))
+        )
+    for upload_id in expired:
+        if _stopping(report, stop):
+            return
+        if report.dry_run or _delete_session_row(services, upload_id, cutoff):
+            if not report.dry_run:
+                _abort_store_session(services, upload_id)
             report.uploads_removed += 1
+    # Store sessions without a row: read the rows after deleting the expired
+    # ones, so a session created since then is recent and spared by `cutoff`.
+    with services.read_transaction() as session:
         known = set(session.scalars(select(UploadSession.id)))
     for upload_id, written in _store_uploads(services):
+        if _stopping(report, stop):
+            return
         if upload_id in known or written >= cutoff:
             continue
-        if not report.dry_run:
-            try:
-                services.store.abort_upload(upload_id)
-            except UploadBusy:
-                continue
-        report.uploads_removed += 1
+        if report.dry_run or _abort_store_session(services, upload_id):
+            report.uploads_removed += 1
+
+
+def _delete_session_row(services: Services, upload_id: str, cutoff: datetime) -> bool:
+    """Delete an upload session's row if it is still idle since before `cutoff`.
+
+    A short transaction, with no store call in it: a row a request holds (or
+    refreshed meanwhile) stays.
+    """
+    with services.transaction() as session:
+        row = session.scalars(
+            select(UploadSession)
+            .where(UploadSession.id == upload_id, UploadSession.updated_at < cutoff)
+            .with_for_update(skip_locked=True)
+        ).first()
+        if row is None:
+            return False
+        session.delete(row)
+    return True
+
+
+def _abort_store_session(services: Services, upload_id: str) -> bool:
+    """Discard a session's bytes; False when a request is writing them right now."""
+    try:
+        services.store.abort_upload(upload_id)
+    except UploadBusy:
+        # Being written: its row is gone, so the client's next request is
+        # refused; the bytes go once a later run finds them idle.
+        return False
+    return True

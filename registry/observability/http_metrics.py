@@ -2,10 +2,13 @@
 
 Requests are labelled by the route template the router matched (FastAPI's
 `path_format`, e.g. `/v2/{name}/blobs/{digest}`), or `unmatched`, never by
-the raw path: the number of label values stays bounded whatever clients
-send. Blob bytes are counted as they cross the wire: request bodies of the
-upload routes (`in`), response bodies of blob GETs (`out`). A GET answered
-with a redirect to the store moves no bytes through the service.
+the raw path, and by method among the HTTP methods the API uses (any
+other becomes `OTHER`): the number of label values stays bounded whatever
+clients send. Blob bytes are counted as they cross the wire: request bodies
+of the upload routes (`in`), response bodies of blob GETs (`out`), for
+successful (2xx) responses only, so an error document or a refused upload
+adds nothing. A GET answered with a redirect to the store moves no bytes
+through the service.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from registry.observability.metrics import Metrics
 
 UNMATCHED = "unmatched"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "OTHER"
 UPLOAD_ROUTES = frozenset({"/v2/{name}/blobs/uploads/", "/v2/{name}/blobs/uploads/{upload_id}"})
 BLOB_ROUTE = "/v2/{name}/blobs/{digest}"
 
@@ -25,6 +30,11 @@ def route_template(scope: Scope) -> str:
     route = scope.get("route")
     template = getattr(route, "path_format", None) or getattr(route, "path", None)
     return template if isinstance(template, str) else UNMATCHED
+
+
+def method_label(scope: Scope) -> str:
+    method = str(scope.get("method", "")).upper()
+    return method if method in METHODS else OTHER_METHOD
 
 
 def _metrics_of(scope: Scope) -> Metrics | None:
@@ -66,10 +76,11 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, counting_receive, counting_send)
         finally:
-            method = str(scope.get("method", ""))
+            method = method_label(scope)
             route = route_template(scope)
             metrics.observe_request(method, route, status, time.perf_counter() - started)
-            if route in UPLOAD_ROUTES:
-                metrics.add_blob_bytes("in", received)
-            elif route == BLOB_ROUTE and method == "GET":
-                metrics.add_blob_bytes("out", sent)
+            if 200 <= status < 300:
+                if route in UPLOAD_ROUTES:
+                    metrics.add_blob_bytes("in", received)
+                elif route == BLOB_ROUTE and method == "GET":
+                    metrics.add_blob_bytes("out", sent)

@@ -14,6 +14,7 @@ so a crash at any point leaves either no blob or a complete one.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from client.digest import Digest, digest_stream
+from client.digest import Digest, InvalidDigest, digest_stream
 from registry.storage.errors import (
     BlobNotFound,
     DigestMismatch,
@@ -34,6 +35,7 @@ from registry.storage.hashing import RunningHashes
 from registry.storage.upload_ids import check_upload_id, new_upload_id
 
 READ_CHUNK = 1024 * 1024
+logger = logging.getLogger(__name__)
 
 
 def blob_path(root: Path, digest: Digest) -> Path:
@@ -73,6 +75,26 @@ def _open_session(root: Path, upload_id: str, mode: str) -> BinaryIO:
         raise UploadNotFound(upload_id) from None
     _lock_session(handle, upload_id)  # type: ignore[arg-type]
     return handle  # type: ignore[return-value]
+
+
+def _entries(directory: Path) -> list[Path]:
+    """A directory's entries, sorted; none (logged) for a stray file where one belongs."""
+    if not directory.is_dir():
+        logger.warning("skipping %s: not a blob of this store", directory)
+        return []
+    return sorted(directory.iterdir())
+
+
+def _blob_digest(algorithm: str, prefix: str, path: Path) -> Digest | None:
+    """The digest a path under `blobs/` stores, or None (logged) for a stray entry."""
+    try:
+        digest = Digest.parse(f"{algorithm}:{path.name}")
+    except InvalidDigest:
+        digest = None
+    if digest is None or digest.hex[:2] != prefix or not path.is_file():
+        logger.warning("skipping %s: not a blob of this store", path)
+        return None
+    return digest
 
 
 class FilesystemUploadWriter:
@@ -223,11 +245,19 @@ class FilesystemBlobStore:
             raise BlobNotFound(digest) from None
 
     def list_digests(self) -> Iterator[Digest]:
+        """Every blob file; anything else under `blobs/` is skipped with a warning.
+
+        Only a file at `<algorithm>/<hex[:2]>/<hex>` with a valid digest is a
+        blob: an editor's backup or a stray file there is not ours to report
+        (or, by garbage collection, to delete).
+        """
         blobs = self.root / "blobs"
-        for algorithm_dir in sorted(blobs.iterdir()):
-            for prefix in sorted(algorithm_dir.iterdir()):
-                for blob in sorted(prefix.iterdir()):
-                    yield Digest(algorithm_dir.name, blob.name)
+        for algorithm_dir in _entries(blobs):
+            for prefix in _entries(algorithm_dir):
+                for blob in _entries(prefix):
+                    digest = _blob_digest(algorithm_dir.name, prefix.name, blob)
+                    if digest is not None:
+                        yield digest
 
     def ping(self) -> None:
         probe = self.root / "uploads"

@@ -7,6 +7,10 @@ the filesystem store.
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -14,17 +18,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from client.cli.main import cli
+from client.digest import Digest
 from registry.app import build_services, create_app
-from registry.db.models import Blob
+from registry.db.models import AuditEvent, Blob, UploadSession
+from registry.maintenance.fsck import check_store
 from registry.maintenance.gc import collect_garbage
 from registry.settings import Settings
 from registry.state import Services
+from tests.fixtures.server import clean_environment
 from tests.integration.oci_helpers import (
     digest_of,
     error_codes,
@@ -39,7 +46,10 @@ GRACE = timedelta(minutes=10)
 
 @pytest.fixture
 def services(tmp_path: Path) -> Iterator[Services]:
-    built = build_services(Settings(home=tmp_path / "home", embedded_worker=False))
+    settings = Settings(
+        home=tmp_path / "home", embedded_worker=False, gc_grace_seconds=GRACE.total_seconds()
+    )
+    built = build_services(settings)
     yield built
     built.engine.dispose()
 
@@ -50,14 +60,36 @@ def client(services: Services) -> Iterator[TestClient]:
         yield test_client
 
 
-def age(services: Services, *blobs: bytes) -> None:
-    """Make blobs look untouched for an hour (older than the grace period)."""
+def age(services: Services, *blobs: bytes, by: timedelta = timedelta(hours=1)) -> None:
+    """Make blobs look untouched for an hour (older than the grace period), or `by`."""
     with services.transaction() as session:
         session.execute(
             update(Blob)
             .where(Blob.digest.in_([digest_of(blob) for blob in blobs]))
-            .values(touched_at=datetime.now(UTC) - timedelta(hours=1))
+            .values(touched_at=datetime.now(UTC) - by)
         )
+
+
+def touched_at(services: Services, blob: bytes) -> datetime:
+    with services.transaction() as session:
+        row = session.get(Blob, digest_of(blob))
+        assert row is not None
+        return row.touched_at
+
+
+def blob_file(services: Services, blob: bytes) -> Path:
+    digest = Digest.parse(digest_of(blob))
+    root = services.settings.home / "storage"
+    return root / "blobs" / digest.algorithm / digest.hex[:2] / digest.hex
+
+
+def last_gc_audit(services: Services) -> dict[str, object]:
+    with services.transaction() as session:
+        event = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "gc.run").order_by(AuditEvent.id.desc())
+        ).first()
+        assert event is not None
+        return dict(event.detail)
 
 
 def collect(services: Services) -> set[str]:
@@ -169,3 +201,168 @@ def test_gc_cli(tmp_path: Path) -> None:
     assert dry.stdout.startswith(
         "gc: would remove 0 blob(s) and 0 orphaned object(s), 0 B (0 bytes)"
     )
+
+    # Below the floor, only on purpose.
+    short = CliRunner().invoke(cli, ["gc", "--grace", "5m"], env=env)
+    assert short.exit_code == 2
+    assert "5 minutes is shorter than 10 minutes" in short.stderr
+    assert "--force" in short.stderr
+    forced = CliRunner().invoke(cli, ["gc", "--grace", "5m", "--force", "--dry-run"], env=env)
+    assert forced.exit_code == 0, forced.output
+
+
+def one_line_failure(result: Result) -> str:
+    """The single stderr line of a command that failed cleanly (exit 1, no traceback)."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    (line,) = result.stderr.splitlines()
+    return line
+
+
+def test_maintenance_cli_reports_backend_failures_in_one_line(tmp_path: Path) -> None:
+    home = str(tmp_path / "home")
+    unreachable = {
+        "PEFTREG_HOME": home,
+        "PEFTREG_DATABASE_URL": "postgresql+psycopg://peftreg@127.0.0.1:1/peftreg",
+    }
+    for command in (["gc", "--dry-run"], ["fsck"]):
+        line = one_line_failure(CliRunner().invoke(cli, command, env=unreachable))
+        assert line.startswith(f"peftreg: {command[0]} failed: ")
+        assert "127.0.0.1" in line
+    # As an operator sees it: with logging unconfigured, nothing else reaches stderr.
+    ran = subprocess.run(
+        [sys.executable, "-m", "client.cli.main", "gc", "--dry-run"],
+        env={**clean_environment(), **unreachable},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 1
+    (only,) = ran.stderr.splitlines()
+    assert only.startswith("peftreg: gc failed: ")
+    assert "127.0.0.1" in only
+
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    line = one_line_failure(
+        CliRunner().invoke(cli, ["gc"], env={"PEFTREG_HOME": str(not_a_directory)})
+    )
+    assert line.startswith("peftreg: gc failed: ")
+
+    invalid = {"PEFTREG_HOME": home, "PEFTREG_GC_GRACE_SECONDS": "-5"}
+    line = one_line_failure(CliRunner().invoke(cli, ["gc"], env=invalid))
+    assert line.startswith("peftreg: gc: invalid setting gc_grace_seconds: ")
+
+
+def test_head_refreshes_a_blob_only_once_half_the_grace_has_passed(
+    services: Services, client: TestClient
+) -> None:
+    blob = b"checked by every push of a popular base" * 10
+    assert push_blob(client, REPO, blob).status_code == 201
+    url = f"/v2/{REPO}/blobs/{digest_of(blob)}"
+
+    age(services, blob, by=GRACE / 2 - timedelta(minutes=1))
+    recent = touched_at(services, blob)
+    assert client.head(url).status_code == 200
+    assert touched_at(services, blob) == recent, "a HEAD of a recently touched blob wrote its row"
+
+    age(services, blob, by=GRACE / 2 + timedelta(minutes=1))
+    before = datetime.now(UTC)
+    assert client.head(url).status_code == 200
+    assert touched_at(services, blob) >= before - timedelta(seconds=1)
+    assert collect(services) == set()
+
+
+def test_stray_files_in_the_store_are_skipped(
+    services: Services, client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    garbage = b"unreferenced, beside a stray file" * 10
+    assert push_blob(client, REPO, garbage).status_code == 201
+    age(services, garbage)
+    path = blob_file(services, garbage)
+    strays = [
+        path.with_name(path.name + "~"),  # an editor's backup
+        path.parent.parent / "zz" / path.name,  # a blob under the wrong prefix
+        path.parent.parent / "notes.txt",  # a file where a prefix directory belongs
+    ]
+    for stray in strays:
+        stray.parent.mkdir(parents=True, exist_ok=True)
+        stray.write_bytes(b"not a blob")
+    (path.parent / ("0" * 64)).mkdir()  # a directory where a blob file belongs
+
+    with caplog.at_level(logging.WARNING, logger="registry.storage.filesystem"):
+        assert [str(d) for d in services.store.list_digests()] == [digest_of(garbage)]
+        assert collect(services) == {digest_of(garbage)}
+    assert all(stray.exists() for stray in strays), "GC deletes only blobs"
+    assert sum("not a blob of this store" in r.getMessage() for r in caplog.records) >= 4
+    assert check_store(services).problems == []
+
+
+def test_a_failing_run_audits_the_work_it_did(services: Services, client: TestClient) -> None:
+    first, second = sorted(
+        (b"garbage collected before the failure" * 10, b"garbage GC cannot delete" * 10),
+        key=digest_of,
+    )
+    for blob in (first, second):
+        assert push_blob(client, REPO, blob).status_code == 201
+    age(services, first, second)
+    # The store refuses to delete the second blob: a directory stands in its place.
+    blocked = blob_file(services, second)
+    blocked.unlink()
+    blocked.mkdir()
+
+    with pytest.raises(IsADirectoryError):
+        collect_garbage(services, dry_run=False, grace=GRACE, batch=1)
+    detail = last_gc_audit(services)
+    assert detail["blobs_removed"] == 1
+    assert detail["bytes_reclaimed"] == len(first)
+    assert detail["repository_links_removed"] == 2  # both rows were deleted (step A)
+    assert "Is a directory" in str(detail["error"])
+    assert client.get(f"/v2/{REPO}/blobs/{digest_of(first)}").status_code == 404
+
+
+def test_a_stop_request_ends_the_run_between_batches(
+    services: Services, client: TestClient
+) -> None:
+    garbage = [f"garbage {index}".encode() * 20 for index in range(3)]
+    for blob in garbage:
+        assert push_blob(client, REPO, blob).status_code == 201
+    age(services, *garbage)
+    stop = threading.Event()
+    stop.set()  # shutdown began before the run
+
+    report = collect_garbage(services, dry_run=False, grace=GRACE, batch=1, stop=stop)
+    assert report.interrupted
+    assert (report.blobs_removed, report.removed) == (0, [])
+    assert last_gc_audit(services)["interrupted"] is True
+    assert collect(services) == {digest_of(blob) for blob in garbage}
+
+
+def test_an_expired_upload_goes_row_first_and_its_bytes_once_idle(
+    services: Services, client: TestClient
+) -> None:
+    started = client.post(f"/v2/{REPO}/blobs/uploads/")
+    upload_id = started.headers["Docker-Upload-UUID"]
+    assert client.patch(started.headers["Location"], content=b"half a blob").status_code == 202
+    two_days_ago = datetime.now(UTC) - timedelta(days=2)
+    with services.transaction() as session:
+        session.execute(
+            update(UploadSession)
+            .where(UploadSession.id == upload_id)
+            .values(updated_at=two_days_ago)
+        )
+    data = services.settings.home / "storage" / "uploads" / upload_id / "data"
+
+    # A request is writing to the session right now: its bytes stay, the row goes.
+    writer = services.store.open_writer(upload_id, len(b"half a blob"))
+    try:
+        assert collect_garbage(services, dry_run=False, grace=GRACE).uploads_removed == 1
+        assert data.exists()
+    finally:
+        writer.close()
+    assert client.get(started.headers["Location"]).status_code == 404
+    os.utime(data, (two_days_ago.timestamp(), two_days_ago.timestamp()))
+    assert collect_garbage(services, dry_run=False, grace=GRACE).uploads_removed == 1
+    assert not data.parent.exists()

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from functools import partial
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
 from registry.catalog import blobs
 from registry.catalog.repositories import valid_name
-from registry.errors import RangeInvalid
+from registry.errors import BlobUnknown, RangeInvalid
+from registry.storage.errors import BlobNotFound
 
 router = APIRouter()
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -44,9 +47,13 @@ async def get_blob(
     valid_name(name)
     authorize(principal, "read", name)
     parsed = blobs.parse_digest(digest)
-    # HEAD is how clients decide to skip an upload: it refreshes the blob for GC.
-    lookup = blobs.head_blob if request.method == "HEAD" else blobs.linked_size
-    size = await in_transaction(services, partial(lookup, repository=name, digest=parsed))
+    if request.method == "HEAD":
+        # How clients decide to skip an upload: it refreshes the blob for GC.
+        grace = timedelta(seconds=services.settings.gc_grace_seconds)
+        lookup = partial(blobs.head_blob, repository=name, digest=parsed, grace=grace)
+    else:
+        lookup = partial(blobs.linked_size, repository=name, digest=parsed)
+    size = await in_transaction(services, lookup)
     headers = {
         "Docker-Content-Digest": str(parsed),
         "Accept-Ranges": "bytes",
@@ -64,7 +71,14 @@ async def get_blob(
     if byte_range is not None:
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    chunks = services.store.read(parsed, start, end)
+    try:
+        # Opening the blob is the backend's request (an S3 GetObject): off the loop.
+        chunks = await run_in_threadpool(services.store.read, parsed, start, end)
+    except BlobNotFound:
+        # Linked a moment ago, collected since: the same answer as after the collection.
+        raise BlobUnknown(
+            f"blob {parsed} is not in {name}", detail={"digest": str(parsed)}
+        ) from None
     return StreamingResponse(chunks, status_code=status, headers=headers)
 
 
