@@ -1,19 +1,23 @@
 """Swap latency of a rank-16 LoRA on every linear layer of a ~0.5B random Llama.
 
 Compares, on the same PEFT directories and the same model (fp32, on the CPU
-unless --device says otherwise):
+unless --device says otherwise), like with like:
 
-- peftreg `AdapterHost.swap`, warm: adapters already in the host's LRU
-  (the steady state). Cycling through three adapters, so every swap stages a
-  full adapter into the spare buffers; and toggling between two, where the
-  spare still holds the previous adapter and the swap is a flip;
-- peftreg cold: a swap from the directory with the LRU emptied first (read,
-  parse, check, stage);
-- `peft.utils.hotswap.hotswap_adapter` from the directories;
+- WARM (the adapter already in memory): peftreg `AdapterHost.swap` with the
+  adapters in the host's LRU, cycling through three so that every swap
+  stages a full adapter into the spare buffers (bytes copied > 0), against
+  peft's `hotswap_adapter_from_state_dict` with state dicts loaded
+  beforehand;
+- COLD (the adapter read from disk): peftreg `AdapterHost.swap(path)` with
+  the LRU emptied first (read, parse, check, stage; again cycling three, so
+  every swap stages), against `peft.utils.hotswap.hotswap_adapter` from the
+  directory;
 - peft's `load_adapter` + `set_adapter` (the previous adapter deleted
-  outside the timing).
+  outside the timing), for reference;
+- peftreg toggling between two adapters (the spare still holds the other
+  one: a flip that copies nothing), for reference only.
 
-Prints medians, the ratios to peft's hotswap, and the bytes a swap copies
+Prints medians, the two like-for-like ratios, and the bytes a swap copies
 against the adapter's size and the measured copy bandwidth (the floor a
 swap that copies its bytes cannot beat). Checks once that peftreg and peft
 compute the same logits with the same adapter.
@@ -38,7 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.utils.hotswap import hotswap_adapter
+from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
+from peft.utils.save_and_load import _insert_adapter_name_into_state_dict, load_peft_weights
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from client.hotswap import AdapterHost, HostConfig, SwapEvent
@@ -46,6 +51,12 @@ from client.hotswap import AdapterHost, HostConfig, SwapEvent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
 MiB = 1024 * 1024
+WARM_OURS = "WARM peftreg swap (LRU hit: stage + flip)"
+WARM_PEFT = "WARM peft hotswap_adapter_from_state_dict (preloaded)"
+COLD_OURS = "COLD peftreg swap from disk (LRU emptied)"
+COLD_PEFT = "COLD peft hotswap_adapter (from disk)"
+LOAD_PEFT = "peft load_adapter + set_adapter"
+TOGGLE_OURS = "(reference) peftreg A<->B toggle: flip only, 0 bytes"
 
 
 def make_model(device: str) -> LlamaForCausalLM:
@@ -119,65 +130,103 @@ def median_ms(samples: list[float]) -> tuple[float, float]:
     return statistics.median(samples) * 1000, min(samples) * 1000
 
 
+def next_of_three(active: int, previous: int) -> int:
+    """The adapter that is neither active nor in the spare buffers (the previous one)."""
+    return 3 - active - previous
+
+
 def bench_peftreg(
     model: LlamaForCausalLM, paths: list[Path], ids: torch.Tensor, swaps: int, device: str
-) -> tuple[dict[str, tuple[float, float]], int, int, torch.Tensor]:
-    """Timings, bytes a staging swap copies, host buffer bytes, logits with adapter 0."""
+) -> tuple[dict[str, tuple[float, float]], dict[str, int], int, torch.Tensor]:
+    """Timings, median bytes copied (warm, cold), host buffer bytes, logits with adapter 0."""
     results: dict[str, tuple[float, float]] = {}
     host = AdapterHost(model, HostConfig(targets=TARGETS, max_rank=RANK, cache_entries=4))
-    loaded = [host.load(path) for path in paths]
+    loaded = [host.load(path) for path in paths]  # into the LRU
     host.swap(loaded[0])
     adapter_logits = logits(model, ids)
-    for adapter in loaded:  # warm-up
-        host.swap(adapter)
+    active, previous = 0, 0
+    for index in (1, 2):  # warm-up
+        host.swap(loaded[index])
+        active, previous = index, active
     events: list[SwapEvent] = []
     unsubscribe = host.subscribe(on_swap=events.append)
-    cycle = []
-    for index in range(swaps):  # continues A, B, C: the spare never holds the next one
-        adapter = loaded[index % 3]
-        cycle.append(timed(partial(host.swap, adapter), device))
+    warm = []
+    for _ in range(swaps):
+        index = next_of_three(active, previous)
+        warm.append(timed(partial(host.swap, loaded[index]), device))
+        active, previous = index, active
     unsubscribe()
-    copied = [event.bytes_copied for event in events]
-    assert all(copied), "every swap of the cycle must stage"
-    results["peftreg warm (LRU hit, stage + flip)"] = median_ms(cycle)
-    toggle = []
-    host.swap(loaded[0])
-    host.swap(loaded[1])
-    for index in range(swaps):
-        adapter = loaded[index % 2]
-        toggle.append(timed(partial(host.swap, adapter), device))
-    results["peftreg warm A<->B toggle (flip only)"] = median_ms(toggle)
-    cold = []
-    for index in range(max(3, swaps // 4)):
+    warm_copied = [event.bytes_copied for event in events]
+    assert all(event.cached for event in events), "warm swaps must be LRU hits"
+    assert all(warm_copied), "every warm swap must stage the adapter"
+    results[WARM_OURS] = median_ms(warm)
+    cold, cold_copied = [], []
+    for _ in range(max(3, swaps // 2)):
+        index = next_of_three(active, previous)
         host.cache.clear()
-        path = paths[index % 2]
-        cold.append(timed(partial(host.swap, path), device))
-    results["peftreg cold (from disk)"] = median_ms(cold)
+        started = time.perf_counter()
+        event = host.swap(paths[index])
+        synchronize(device)
+        cold.append(time.perf_counter() - started)
+        assert not event.cached, "a cold swap must read the adapter"
+        assert event.bytes_copied > 0, "a cold swap must stage the adapter"
+        cold_copied.append(event.bytes_copied)
+        active, previous = index, active
+    results[COLD_OURS] = median_ms(cold)
+    toggle = []
+    for _ in range(swaps):
+        toggle.append(timed(partial(host.swap, loaded[previous]), device))
+        active, previous = previous, active
+    results[TOGGLE_OURS] = median_ms(toggle)
     host_bytes = host.nbytes
     host.detach()
-    return results, int(statistics.median(copied)), host_bytes, adapter_logits
+    copied = {
+        "warm": int(statistics.median(warm_copied)),
+        "cold": int(statistics.median(cold_copied)),
+    }
+    return results, copied, host_bytes, adapter_logits
 
 
 def bench_peft(
     model: LlamaForCausalLM, paths: list[Path], ids: torch.Tensor, swaps: int, device: str
 ) -> tuple[dict[str, tuple[float, float]], torch.Tensor]:
-    """peft's hotswap_adapter and load_adapter + set_adapter; logits with adapter 0."""
+    """peft's hotswap from preloaded state dicts and from disk, and load_adapter +
+    set_adapter; logits with adapter 0."""
     results: dict[str, tuple[float, float]] = {}
     peft_model = PeftModel.from_pretrained(model, str(paths[0])).eval()
     adapter_logits = logits(peft_model, ids)
-    hot = []
+    preloaded = [
+        (
+            LoraConfig.from_pretrained(str(path)),
+            _insert_adapter_name_into_state_dict(
+                load_peft_weights(str(path), device=device),
+                adapter_name="default",
+                parameter_prefix="lora_",
+            ),
+        )
+        for path in paths
+    ]
+    warm = []
     for index in range(swaps + 1):
-        path = str(paths[(index + 1) % 2])
-        swap = partial(hotswap_adapter, peft_model, path, "default", torch_device=device)
+        config, state = preloaded[(index + 1) % 3]
+        swap = partial(hotswap_adapter_from_state_dict, peft_model, state, "default", config)
         seconds = timed(swap, device)
         if index:  # the first one warms up
-            hot.append(seconds)
-    results["peft hotswap_adapter"] = median_ms(hot)
+            warm.append(seconds)
+    results[WARM_PEFT] = median_ms(warm)
+    cold = []
+    for index in range(swaps + 1):
+        path = str(paths[index % 3])
+        swap = partial(hotswap_adapter, peft_model, path, "default", torch_device=device)
+        seconds = timed(swap, device)
+        if index:
+            cold.append(seconds)
+    results[COLD_PEFT] = median_ms(cold)
     loads = []
     previous = "default"
     for index in range(swaps + 1):
         name = f"adapter{index}"
-        path = str(paths[index % 2])
+        path = str(paths[index % 3])
 
         def load_and_set(n: str = name, p: str = path) -> None:
             peft_model.load_adapter(p, adapter_name=n)
@@ -188,8 +237,16 @@ def bench_peft(
         previous = name
         if index:
             loads.append(seconds)
-    results["peft load_adapter + set_adapter"] = median_ms(loads)
+    results[LOAD_PEFT] = median_ms(loads)
     return results, adapter_logits
+
+
+def ratio(results: dict[str, tuple[float, float]], ours: str, theirs: str) -> str:
+    (value, best), (reference, reference_best) = results[ours], results[theirs]
+    return (
+        f"{value / reference:.3f}x (medians {value:.2f} / {reference:.2f} ms; bests "
+        f"{best:.2f} / {reference_best:.2f} ms: {best / reference_best:.3f}x)"
+    )
 
 
 def main() -> None:
@@ -218,20 +275,21 @@ def main() -> None:
         peft_results, theirs = bench_peft(model, paths, ids, swaps, device)
         results.update(peft_results)
     bandwidth = copy_bandwidth(device)
-    reference, reference_best = results["peft hotswap_adapter"]
-    print(f"\nswap latency over {swaps} swaps (median, best; ratio of medians, of bests):")
+    print(f"\nswap latency over {swaps} swaps (median, best):")
     for label, (value, best) in results.items():
+        print(f"  {label:<58} {value:9.2f} ms {best:9.2f} ms")
+    print("\nlike for like (peftreg / peft):")
+    print(f"  WARM, adapter in memory: {ratio(results, WARM_OURS, WARM_PEFT)}")
+    print(f"  COLD, adapter from disk: {ratio(results, COLD_OURS, COLD_PEFT)}")
+    print(f"  cold vs load_adapter + set_adapter: {ratio(results, COLD_OURS, LOAD_PEFT)}")
+    for kind in ("warm", "cold"):
         print(
-            f"  {label:<40} {value:9.2f} ms {best:9.2f} ms   {value / reference:6.3f}x "
-            f"{best / reference_best:6.3f}x peft hotswap"
+            f"\nbytes copied per {kind} swap (staged into slots): {copied[kind] / MiB:.2f} MiB; "
+            f"adapter tensors file {size / MiB:.2f} MiB ({copied[kind] / size:.2f}x)"
         )
     print(
-        f"\nbytes copied per swap (stage): {copied / MiB:.2f} MiB; adapter tensors file: "
-        f"{size / MiB:.2f} MiB ({copied / size:.2f}x)"
-    )
-    print(
-        f"copy bandwidth on {device}: {bandwidth / 1e9:.1f} GB/s -> floor for those bytes: "
-        f"{2 * copied / bandwidth * 1000:.2f} ms (read + write)"
+        f"copy bandwidth on {device}: {bandwidth / 1e9:.1f} GB/s -> floor for the warm bytes: "
+        f"{2 * copied['warm'] / bandwidth * 1000:.2f} ms (read + write)"
     )
     print(f"host buffers: {host_bytes / MiB:.1f} MiB (two sets, max rank {RANK})")
     print(

@@ -17,16 +17,18 @@ from client.hotswap.errors import (
     AdapterDigestMismatch,
     AdapterShapeMismatch,
     BaseMismatch,
+    FlipTimeout,
     HostError,
     InputNotSupported,
     NonFiniteAdapter,
     RankTooLarge,
     SwapError,
+    TagMissing,
     TooManyVirtualTokens,
     UnsupportedAdapter,
 )
 from client.hotswap.events import SwapEvent, SwapFailure
-from client.hotswap.follow import TagFollower, TagMissing
+from client.hotswap.follow import TagFollower
 from client.hotswap.host import AdapterHost
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "AdapterHost",
     "AdapterShapeMismatch",
     "BaseMismatch",
+    "FlipTimeout",
     "HostConfig",
     "HostError",
     "InputNotSupported",

@@ -1,22 +1,28 @@
 """`LoadedAdapter`: an adapter read, checked and held on the CPU, ready to stage into a host.
 
 Loading is independent of any host: it reads the config and the tensors
-file (the safetensors header is parsed strictly first; nothing is unpickled),
+file (the safetensors header is parsed strictly first; nothing is unpickled;
+a pulled layer is hashed against its manifest descriptor), refuses tensors
+and PEFT features a host would not serve (`client.hotswap.contents`),
 resolves the LoRA-family factors with `client.adapters.factors` (NOLA is
 materialized and checked against its recorded digest there), and refuses
-non-finite values. What depends on the host (base identity, target modules,
-shapes, ranks, virtual tokens) is checked when a host plans the swap.
+non-finite values, recording each tensor's largest magnitude. What depends
+on the host (base identity, target modules, shapes, ranks, virtual tokens,
+whether the values fit the slots' dtype) is checked when a host plans the swap.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
 from client.adapters.factors import FactorError, ModuleFactors, adapter_factors
@@ -30,6 +36,13 @@ from client.adapters.peft_import import (
     read_safetensors_header,
 )
 from client.adapters.schema import AdapterConfig
+from client.formats.safetensors_header import SafetensorsError, read_header
+from client.hotswap.contents import (
+    PROMPT_TENSOR,
+    check_consumed,
+    check_features,
+    saved_base_layers,
+)
 from client.hotswap.errors import (
     AdapterDigestMismatch,
     AdapterShapeMismatch,
@@ -39,9 +52,17 @@ from client.hotswap.errors import (
 )
 from client.transfer.pull import PullResult
 
-PROMPT_TENSOR = "prompt_embeddings"
 LORA_KINDS = ("lora", "dora", "nola")
 SERVED_KINDS = (*LORA_KINDS, "prompt_tuning")
+
+
+@dataclass(frozen=True)
+class FactorBounds:
+    """The largest |value| of one module's factors (0.0 for an absent tensor)."""
+
+    a: float
+    b: float
+    bias: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,9 @@ class LoadedAdapter:
     config: AdapterConfig
     factors: Mapping[str, ModuleFactors] = field(default_factory=dict)
     prompt: torch.Tensor | None = None  # (num_virtual_tokens, dim)
+    bounds: Mapping[str, FactorBounds] = field(default_factory=dict)  # per module
+    prompt_bound: float = 0.0  # largest |value| of the soft prompt
+    base_layers: Mapping[str, torch.Tensor] = field(default_factory=dict)  # see contents.py
 
     @property
     def kind(self) -> str:
@@ -60,13 +84,14 @@ class LoadedAdapter:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the fp32 tensors held (what the in-memory cache counts)."""
+        """Bytes of the tensors held (what the in-memory cache counts)."""
         tensors: list[torch.Tensor] = []
         for item in self.factors.values():
             tensors += [item.a, item.b]
             tensors += [t for t in (item.magnitude, item.bias) if t is not None]
         if self.prompt is not None:
             tensors.append(self.prompt)
+        tensors += list(self.base_layers.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def pin_memory(self) -> LoadedAdapter:
@@ -84,23 +109,37 @@ class LoadedAdapter:
             for name, f in self.factors.items()
         }
         prompt = None if self.prompt is None else self.prompt.pin_memory()
-        return LoadedAdapter(self.digest, self.source, self.config, factors, prompt)
+        return LoadedAdapter(
+            self.digest,
+            self.source,
+            self.config,
+            factors,
+            prompt,
+            self.bounds,
+            self.prompt_bound,
+            self.base_layers,
+        )
 
 
-def _finite(tensor: torch.Tensor) -> bool:
+def largest(tensor: torch.Tensor | None) -> float:
+    """max |value| (0.0 for None or an empty tensor); NaN when any value is NaN."""
+    if tensor is None or tensor.numel() == 0:
+        return 0.0
     if tensor.dtype in (torch.float32, torch.float64) and tensor.device.type == "cpu":
-        return bool(np.isfinite(tensor.numpy()).all())  # much faster than torch's on the CPU
-    return bool(torch.isfinite(tensor).all())
+        return float(np.max(np.abs(tensor.numpy())))  # much faster than torch's on the CPU
+    return float(tensor.detach().abs().max())
 
 
-def _check_finite(name: str, tensor: torch.Tensor | None) -> None:
-    if tensor is not None and not _finite(tensor):
+def _bounded(name: str, tensor: torch.Tensor | None) -> float:
+    value = largest(tensor)
+    if not math.isfinite(value):
         raise NonFiniteAdapter(f"{name} holds NaN or infinite values; refusing the adapter")
+    return value
 
 
 def _factors(
     config: AdapterConfig, tensors: Mapping[str, torch.Tensor]
-) -> dict[str, ModuleFactors]:
+) -> tuple[dict[str, ModuleFactors], dict[str, FactorBounds]]:
     try:
         factors = adapter_factors(config, tensors)
     except NolaDigestMismatch as exc:
@@ -109,15 +148,15 @@ def _factors(
         raise SwapError(f"NOLA adapter: {exc}") from None
     except FactorError as exc:
         raise AdapterShapeMismatch(str(exc)) from None
+    bounds = {}
     for module, item in factors.items():
-        for part, tensor in (
-            ("lora_A", item.a),
-            ("lora_B", item.b),
-            ("lora_magnitude_vector", item.magnitude),
-            ("lora_B.bias", item.bias),
-        ):
-            _check_finite(f"{module}.{part}", tensor)
-    return factors
+        _bounded(f"{module}.lora_magnitude_vector", item.magnitude)
+        bounds[module] = FactorBounds(
+            a=_bounded(f"{module}.lora_A", item.a),
+            b=_bounded(f"{module}.lora_B", item.b),
+            bias=_bounded(f"{module}.lora_B.bias", item.bias),
+        )
+    return factors, bounds
 
 
 def _prompt(config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -135,7 +174,6 @@ def _prompt(config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> torch
         raise AdapterShapeMismatch(
             f"{PROMPT_TENSOR} has shape {list(prompt.shape)}, not ({tokens}, token_dim)"
         )
-    _check_finite(PROMPT_TENSOR, prompt)
     return prompt.contiguous()
 
 
@@ -148,14 +186,20 @@ def adapter_from_tensors(
             f"{source}: a {config.kind} adapter cannot be hot-swapped; the host serves "
             f"{', '.join(SERVED_KINDS)}"
         )
-    if config.peft_config.get("modules_to_save"):
-        raise UnsupportedAdapter(
-            f"{source}: modules_to_save ({config.peft_config['modules_to_save']}) replaces "
-            "whole modules, which a hot-swap host does not do"
-        )
+    check_features(config, source)
+    check_consumed(config, tensors, source)
     if config.kind == "prompt_tuning":
-        return LoadedAdapter(digest, source, config, prompt=_prompt(config, tensors))
-    return LoadedAdapter(digest, source, config, factors=_factors(config, tensors))
+        prompt = _prompt(config, tensors)
+        bound = _bounded(PROMPT_TENSOR, prompt)
+        return LoadedAdapter(digest, source, config, prompt=prompt, prompt_bound=bound)
+    factors, bounds = _factors(config, tensors)
+    base_layers = {
+        module: weight.detach().to("cpu").contiguous()
+        for module, weight in saved_base_layers(config, tensors).items()
+    }
+    return LoadedAdapter(
+        digest, source, config, factors=factors, bounds=bounds, base_layers=base_layers
+    )
 
 
 def tensors_title(config: AdapterConfig) -> str:
@@ -171,20 +215,45 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path), device="cpu")
 
 
+def verified_layer(result: PullResult, title: str) -> bytes:
+    """The bytes of a pulled layer, checked against its manifest descriptor (size, digest)."""
+    entry = next((item for item in result.files if str(item[0]) == title), None)
+    if entry is None:
+        raise SwapError(f"{result.reference} has no {title} layer")
+    _title, digest, size = entry
+    path = result.path / title
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SwapError(f"{result.reference}: {title} is missing from {result.path}") from None
+    actual = hashlib.new(digest.algorithm, data).hexdigest()
+    if len(data) != size or actual != digest.hex:
+        raise AdapterDigestMismatch(
+            f"{result.reference}: the pulled {title} ({len(data)} bytes, "
+            f"{digest.algorithm}:{actual}) does not match its manifest descriptor ({size} bytes, "
+            f"{digest}); the local copy was altered"
+        )
+    return data
+
+
+def tensors_from_bytes(data: bytes, title: str) -> dict[str, torch.Tensor]:
+    """A safetensors file held in memory, its header checked by the strict parser first."""
+    try:
+        read_header(io.BytesIO(data), len(data))
+    except SafetensorsError as exc:
+        raise SwapError(f"{title}: {exc}") from None
+    return load_bytes(data)
+
+
 def adapter_from_pull(result: PullResult, *, source: str | None = None) -> LoadedAdapter:
     """A pulled artifact (its snapshot or output directory and its adapter config)."""
     if result.adapter_config is None:
         raise UnsupportedAdapter(f"{result.reference} is not a typed adapter artifact")
     config = AdapterConfig.model_validate_json(result.adapter_config)
     title = tensors_title(config)
-    path = result.path / title
-    if not path.is_file():
-        raise SwapError(f"{result.reference} has no {title} layer")
+    tensors = tensors_from_bytes(verified_layer(result, title), title)
     return adapter_from_tensors(
-        config,
-        read_tensors(path),
-        digest=str(result.digest),
-        source=source or str(result.reference),
+        config, tensors, digest=str(result.digest), source=source or str(result.reference)
     )
 
 
@@ -207,13 +276,23 @@ def directory_identity(config: AdapterConfig, tensors_path: Path) -> str:
     return f"sha256:{hasher.hexdigest()}"
 
 
-def adapter_from_directory(
+@dataclass(frozen=True)
+class LocalAdapter:
+    """A PEFT directory's config and identity, read without loading its tensors."""
+
+    path: Path
+    config: AdapterConfig
+    tensors_path: Path
+    digest: str  # `directory_identity`
+
+
+def inspect_directory(
     path: Path,
     *,
     base_fingerprint: str | None = None,
     base_structure_hash: str | None = None,
-) -> LoadedAdapter:
-    """A PEFT directory on disk (or a pulled `--format peft` one)."""
+) -> LocalAdapter:
+    """Read a PEFT directory's config and tensor header (cheap: what a cache lookup needs)."""
     try:
         imported = read_peft_directory(
             Path(path), base_fingerprint=base_fingerprint, base_structure_hash=base_structure_hash
@@ -225,5 +304,23 @@ def adapter_from_directory(
     except NolaError as exc:
         raise SwapError(f"NOLA adapter: {exc}") from None
     digest = directory_identity(imported.config, imported.tensors_path)
-    tensors = load_file(str(imported.tensors_path), device="cpu")
-    return adapter_from_tensors(imported.config, tensors, digest=digest, source=str(path))
+    return LocalAdapter(Path(path), imported.config, imported.tensors_path, digest)
+
+
+def adapter_from_local(local: LocalAdapter) -> LoadedAdapter:
+    """Load the tensors of an inspected directory."""
+    tensors = read_tensors(local.tensors_path)
+    return adapter_from_tensors(local.config, tensors, digest=local.digest, source=str(local.path))
+
+
+def adapter_from_directory(
+    path: Path,
+    *,
+    base_fingerprint: str | None = None,
+    base_structure_hash: str | None = None,
+) -> LoadedAdapter:
+    """A PEFT directory on disk (or a pulled `--format peft` one)."""
+    local = inspect_directory(
+        path, base_fingerprint=base_fingerprint, base_structure_hash=base_structure_hash
+    )
+    return adapter_from_local(local)

@@ -47,4 +47,13 @@ class AdapterDigestMismatch(SwapError):
 
 
 class InputNotSupported(HostError):
-    """A forward call the soft-prompt slot cannot extend (e.g. incremental decoding)."""
+    """A forward call the soft-prompt slot cannot extend (e.g. a 4-d attention mask)."""
+
+
+class FlipTimeout(SwapError):
+    """Forward passes in flight (or a `pinned()` request) did not drain before the flip's
+    deadline; the previous adapter stays active."""
+
+
+class TagMissing(SwapError):
+    """The followed tag does not exist (any more); the active adapter stays."""

@@ -4,23 +4,34 @@ A daemon thread long-polls the registry's tag watch endpoint
 (`Client.watch_tag`): the request returns as soon as the tag's digest differs
 from the one the follower knows, or after `poll_timeout` seconds unchanged.
 When the tag moves the follower swaps the host to the new digest (a cache
-hit costs no download). A failed swap (a bad adapter) is reported and the
-follower waits for the tag to move again; registry errors (unreachable,
-5xx, refused) are reported and retried with exponential backoff. A deleted
-tag is reported and the active adapter stays.
+hit costs no download).
 
-`stop()` returns once the thread has finished its current long-poll
-(at most `poll_timeout` seconds).
+Failures are reported to `on_error` and handled by what they mean:
+
+- a bad adapter (`SwapError`), or a registry answer that will not change
+  for this digest (401, 403, 404: not allowed, or gone): the digest counts
+  as seen, and the follower waits for the tag to move again;
+- anything else while pulling (unreachable, 5xx, a broken download) and any
+  failure of the watch itself (including a malformed answer): retried after
+  a pause that doubles each time, from `min_backoff` up to `max_backoff`,
+  and goes back to `min_backoff` only after a successful swap or when the
+  tag points at a new digest;
+- a deleted tag: reported once; the active adapter stays.
+
+Each long poll runs on a helper thread, so `stop()` returns at once (the
+abandoned request ends on its own; its answer is ignored) and the follower
+swaps nothing after it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import TYPE_CHECKING
 
 from client.digest import Digest
-from client.hotswap.errors import HostError, SwapError
+from client.hotswap.errors import HostError, SwapError, TagMissing
 from client.hotswap.events import FailureListener, SwapFailure, SwapListener, notify
 from client.reference import InvalidReference, Reference
 from client.sdk.client import Client
@@ -30,10 +41,13 @@ if TYPE_CHECKING:
     from client.hotswap.host import AdapterHost
 
 logger = logging.getLogger(__name__)
+FINAL_STATUSES = frozenset({401, 403, 404})  # retrying the same digest will not help
+
+__all__ = ["TagFollower", "TagMissing"]
 
 
-class TagMissing(SwapError):
-    """The followed tag does not exist (any more); the active adapter stays."""
+class _Stopped(Exception):
+    """stop() was called while the follower waited."""
 
 
 class TagFollower:
@@ -65,10 +79,11 @@ class TagFollower:
         self.poll_timeout = poll_timeout
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
-        self.known: str | None = None  # the tag's digest as last seen
+        self.known: str | None = None  # the tag's digest as last handled
         self.swaps = 0
         self.errors = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a long poll answered, or stop() was called
         self._thread = threading.Thread(
             target=self._run, name=f"peftreg-follow {parsed}", daemon=True
         )
@@ -81,8 +96,10 @@ class TagFollower:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Ask the thread to end and wait for it (up to `timeout` seconds; 0: do not wait)."""
+        """End the follower and wait for its thread (up to `timeout` seconds; 0: do not
+        wait). A long poll in flight is abandoned; a swap in progress finishes first."""
         self._stop.set()
+        self._wake.set()
         alive = self._thread.is_alive()
         if alive and timeout != 0 and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -99,44 +116,97 @@ class TagFollower:
         if self.on_error is not None:
             notify(self.on_error, SwapFailure(str(self.reference), self.host.active_digest, error))
 
-    def _run(self) -> None:
-        delay = self.min_backoff
+    def _stopping(self) -> bool:
+        return self._stop.is_set() or self.host.detached
+
+    def _watch(self) -> str | None:
+        """One long poll on a helper thread; raises `_Stopped` when stop() comes first."""
         repository, tag = self.reference.repository, self.reference.tag
         assert tag is not None
-        while not self._stop.is_set() and not self.host.detached:
+        answer: list[str | None] = []
+        failure: list[BaseException] = []
+        known = self.known
+
+        def poll() -> None:
             try:
-                current = self.client.watch_tag(
-                    repository, tag, self.known, timeout=self.poll_timeout
-                )
-            except PeftregError as exc:
+                answer.append(self.client.watch_tag(repository, tag, known, self.poll_timeout))
+            except BaseException as exc:
+                failure.append(exc)
+            finally:
+                self._wake.set()
+
+        self._wake.clear()
+        if self._stopping():
+            raise _Stopped
+        threading.Thread(target=poll, name=f"peftreg-watch {self.reference}", daemon=True).start()
+        self._wake.wait()
+        if self._stopping():
+            raise _Stopped
+        if failure:
+            raise failure[0]
+        return answer[0]
+
+    def _pause(self, seconds: float) -> None:
+        if self._stop.wait(seconds):
+            raise _Stopped
+
+    def _run(self) -> None:
+        with contextlib.suppress(_Stopped):
+            self._follow()
+
+    def _follow(self) -> None:
+        delay = self.min_backoff
+        failing: str | None = None  # the digest whose last pull failed (and is retried)
+        while not self._stopping():
+            try:
+                current = self._watch()
+            except _Stopped:
+                raise
+            except Exception as exc:  # unreachable, refused, or a malformed answer
                 self._report(exc)
-                self._stop.wait(delay)
+                self._pause(delay)
                 delay = min(self.max_backoff, delay * 2)
                 continue
-            delay = self.min_backoff
-            if current == self.known or self._stop.is_set() or self.host.detached:
-                continue
+            if current == self.known:
+                continue  # the poll timed out unchanged
+            if current != failing:
+                delay, failing = self.min_backoff, None  # a new digest
             if current is None:
                 self.known = None
                 self._report(TagMissing(f"{self.reference} does not exist; the adapter stays"))
-                continue
-            try:
-                pinned = Reference(repository, digest=Digest.parse(current))
-                event = self.host.swap(pinned, client=self.client)
-            except SwapError as exc:
-                self.known = current  # a bad adapter: wait until the tag moves again
-                self._report(exc)
-                continue
-            except PeftregError as exc:  # the registry failed while pulling: retry
-                self._report(exc)
-                self._stop.wait(delay)
+            elif self._swap_to(current):
+                failing, delay = None, self.min_backoff
+            elif self.known != current:  # to be retried
+                failing = current
+                self._pause(delay)
                 delay = min(self.max_backoff, delay * 2)
-                continue
-            except Exception as exc:
-                self.known = current
-                self._report(exc)
-                continue
+
+    def _swap_to(self, current: str) -> bool:
+        """Swap the host to `current`; False on failure (`known` set when it is final)."""
+        try:
+            pinned = Reference(self.reference.repository, digest=Digest.parse(current))
+            event = self.host.swap(pinned, client=self.client)
+        except SwapError as exc:
+            self.known = current  # a bad adapter: wait until the tag moves again
+            self._report(exc)
+            return False
+        except HostError as exc:
+            if self.host.detached:
+                raise _Stopped from None
+            self.known = current  # the host cannot take it (e.g. no client): final
+            self._report(exc)
+            return False
+        except PeftregError as exc:
+            if exc.status in FINAL_STATUSES:
+                self.known = current  # not allowed or gone: wait for the next move
+            self._report(exc)
+            return False
+        except Exception as exc:
             self.known = current
-            self.swaps += 1
-            if self.on_swap is not None:
-                notify(self.on_swap, event)
+            self._report(exc)
+            return False
+        self.known = current
+        self.swaps += 1
+        if self.on_swap is not None:
+            notify(self.on_swap, event)
+        return True

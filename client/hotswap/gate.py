@@ -1,13 +1,16 @@
 """The forward gate: forward passes share it, a swap's flip holds it alone.
 
 A forward pass must see one adapter from its first layer to its last. The
-host wraps the model's `forward` (an instance attribute over the class's)
-so that every call enters the gate as a reader for its whole duration; a
-flip waits for the readers in flight to leave and keeps new ones out while
-it exchanges buffer references (microseconds). Writers are preferred, so a
+host wraps the model's `forward` (an instance attribute over the class's, or
+over an instance `forward` already there, such as accelerate's hooks) so
+that every call enters the gate as a reader for its whole duration; a flip
+waits for the readers in flight to leave and keeps new ones out while it
+exchanges buffer references (microseconds). Writers are preferred, so a
 stream of forwards cannot starve a swap. A thread already inside a forward
-re-enters freely (nested calls), and a swap from inside a forward is an error
-rather than a deadlock.
+re-enters freely (nested calls, and every step of a `generate` under
+`AdapterHost.pinned()`), and a swap from inside a forward is an error rather
+than a deadlock. A flip may be given a deadline: when the readers do not
+drain in time it gives up (`FlipTimeout`) and the readers go on.
 
 The wrapper is excluded from dynamo non-recursively (and the gate and the
 input transform recursively): under `torch.compile` the model's own forward
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,9 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.hotswap.errors import HostError
+from client.hotswap.errors import FlipTimeout, HostError
 
 InputTransform = Callable[[tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]
+MARKER = "__peftreg_gate__"  # set on the wrapper this module installs
 
 
 class ForwardGate:
@@ -64,6 +69,12 @@ class ForwardGate:
                 if self._readers == 0:
                     self._condition.notify_all()
 
+    @property
+    def readers(self) -> int:
+        """Readers inside the gate now (forwards in flight, pinned requests)."""
+        with self._condition:
+            return self._readers
+
     @contextmanager
     def reading(self) -> Iterator[None]:
         self.enter()
@@ -73,16 +84,26 @@ class ForwardGate:
             self.leave()
 
     @contextmanager
-    def exclusive(self) -> Iterator[None]:
+    def exclusive(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the gate alone; with `timeout`, raise `FlipTimeout` when the readers in
+        flight have not left after that many seconds."""
         if self._depth():
             raise HostError("a swap cannot run inside a forward pass of the same model")
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._condition:
             self._waiting_writers += 1
             try:
                 while self._writer or self._readers:
-                    self._condition.wait()
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise FlipTimeout(
+                            f"{self._readers} forward pass(es) or pinned request(s) still ran "
+                            f"after {timeout} s; the previous adapter stays active"
+                        )
+                    self._condition.wait(left)
             finally:
                 self._waiting_writers -= 1
+                self._condition.notify_all()  # readers held back by this writer may go on
             self._writer = True
         try:
             yield
@@ -93,16 +114,24 @@ class ForwardGate:
 
 
 class GatedForward:
-    """Installs the gate (and an optional input transform) around `model.forward`."""
+    """Installs the gate (and an optional input transform) around `model.forward`.
+
+    An instance `forward` already there (accelerate's hooks set one) is
+    wrapped and put back by `remove()`; only a wrapper of this module (its
+    `__peftreg_gate__` marker: another host) is refused.
+    """
 
     def __init__(
         self, model: nn.Module, gate: ForwardGate, transform: InputTransform | None = None
     ) -> None:
-        if "forward" in vars(model):
+        existing = vars(model).get("forward")
+        if existing is not None and getattr(existing, MARKER, False):
             raise HostError(
-                f"{type(model).__name__}.forward is already wrapped (another host attached?)"
+                f"{type(model).__name__}.forward is already wrapped by another AdapterHost; "
+                "detach it first"
             )
         self.model = model
+        self.previous: Callable[..., Any] | None = existing
         self.original: Callable[..., Any] = model.forward
         original = self.original
         # Plain Python for dynamo: the gate, and the input transform (run eagerly).
@@ -120,9 +149,18 @@ class GatedForward:
             finally:
                 leave()
 
-        self.wrapper = torch.compiler.disable(forward, recursive=False)  # type: ignore[no-untyped-call]
-        model.forward = self.wrapper
+        wrapper = torch.compiler.disable(forward, recursive=False)  # type: ignore[no-untyped-call]
+        setattr(wrapper, MARKER, True)
+        self.wrapper: Callable[..., Any] | None = wrapper
+        model.forward = wrapper
 
     def remove(self) -> None:
-        if vars(self.model).get("forward") is self.wrapper:
+        """Put back what `forward` was (the class's, or the instance's earlier wrapper), and
+        drop the wrapper (and with it the input transform and its buffers)."""
+        wrapper, self.wrapper = self.wrapper, None
+        if wrapper is None or vars(self.model).get("forward") is not wrapper:
+            return
+        if self.previous is None:
             del self.model.forward
+        else:
+            self.model.forward = self.previous

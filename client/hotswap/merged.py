@@ -1,12 +1,15 @@
 """Merged mode: the adapter merged into the target weights, restored bitwise on every swap.
 
 The targeted weights (and biases) are copied once at attach into a pristine
-store. Applying an adapter writes, for each module, W' = merged_weight(W0,
-adapter) computed from the pristine W0 (`client.adapters.factors`), cast
-once to the weight's dtype; a module the new adapter does not target, but the
-previous one did, gets W0 copied back. Nothing is ever subtracted, so after
-any number of swaps an unload leaves the weights bitwise identical to the
-original.
+store. A swap first computes, outside the forward gate, W' = merged_weight(W0,
+adapter) for each module the new adapter targets, from the pristine W0
+(`client.adapters.factors`), cast once to the weight's dtype and checked
+finite there (`compute`). Only then, under the gate, are the results copied
+into the live weights, and a module the previous adapter targeted but the
+new one does not gets W0 copied back (`write`). Nothing is ever subtracted,
+so after any number of swaps an unload leaves the weights bitwise identical
+to the original. Computing ahead holds the new merged weights of the
+targeted modules in memory until the flip.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import torch
 from client.adapters.factors import ModuleFactors, merged_bias, merged_weight
 from client.hotswap.errors import NonFiniteAdapter
 from client.hotswap.targets import TargetSite
+
+Merged = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # module -> (W', b' or None)
 
 
 class PristineWeights:
@@ -43,13 +48,26 @@ class PristineWeights:
         site = self.sites[name]
         device = site.weight.device
         weight = merged_weight(self.weights[name], [(factors, 1.0)], device)
-        bias = merged_bias(self.biases.get(name), [(factors, 1.0)], device)
         weight = weight.to(site.weight.dtype)
         if not bool(torch.isfinite(weight).all()):
-            raise NonFiniteAdapter(f"{name}: merging the adapter gives non-finite weights")
+            raise NonFiniteAdapter(
+                f"{name}: merging the adapter gives weights that are not finite in "
+                f"{site.weight.dtype}"
+            )
+        bias = merged_bias(self.biases.get(name), [(factors, 1.0)], device)
         if bias is not None and site.bias is not None:
             bias = bias.to(site.bias.dtype)
+            if not bool(torch.isfinite(bias).all()):
+                raise NonFiniteAdapter(
+                    f"{name}: merging the adapter's lora_B bias gives a bias that is not finite "
+                    f"in {site.bias.dtype}"
+                )
         return weight, bias
+
+    def compute(self, factors: Mapping[str, ModuleFactors]) -> Merged:
+        """W' and b' of every module `factors` targets; nothing live is touched."""
+        with torch.no_grad():
+            return {name: self.merged(name, item) for name, item in factors.items()}
 
     def restore(self, name: str) -> int:
         """Copy the pristine weight (and bias) back; bytes written."""
@@ -63,26 +81,19 @@ class PristineWeights:
                 written += site.bias.numel() * site.bias.element_size()
         return written
 
-    def apply(self, factors: Mapping[str, ModuleFactors], previous: Iterable[str]) -> int:
-        """Restore what `previous` touched, merge `factors`; bytes written.
-
-        Raises before writing a module whose merge is not finite; the caller
-        rolls back (restore everything, re-apply the previous adapter).
-        """
+    def write(self, merged: Merged, previous: Iterable[str]) -> int:
+        """Restore what `previous` touched and `merged` does not; copy `merged` in; bytes."""
         written = 0
-        for name in sorted(set(previous) - set(factors)):
+        for name in sorted(set(previous) - set(merged)):
             written += self.restore(name)
         with torch.no_grad():
-            for name, module_factors in factors.items():
+            for name, (weight, bias) in merged.items():
                 site = self.sites[name]
-                weight, bias = self.merged(name, module_factors)
                 site.weight.copy_(weight)
                 written += weight.numel() * weight.element_size()
                 if site.bias is not None:
-                    if bias is None:
-                        bias = self.biases[name]
-                    site.bias.copy_(bias)
-                    written += bias.numel() * bias.element_size()
+                    site.bias.copy_(self.biases[name] if bias is None else bias)
+                    written += site.bias.numel() * site.bias.element_size()
         return written
 
     def restore_all(self) -> int:

@@ -8,6 +8,12 @@ positions, so the n virtual tokens sit at positions 0..n-1 and the real
 tokens follow, exactly as in PEFT's prompt tuning. The model's outputs have
 V leading virtual positions (`AdapterHost.virtual_tokens`); PEFT's have n.
 
+KV-cached generation works: the prefill prepends, and later steps (a filled
+cache, which holds the V virtual positions) extend the attention mask and
+shift positions instead (`PromptSlot.transform`). The cache holds the
+virtual tokens of the adapter active at the prefill, so a request should
+keep one adapter for all its steps: run it under `AdapterHost.pinned()`.
+
 Like the module slots, the prompt slot is double-buffered: a swap stages into
 the spare and the flip exchanges references.
 """
@@ -52,6 +58,7 @@ class PromptSlot:
             raise HostError("the model's input embeddings have no 2-d weight for a soft prompt")
         self.embedding = embedding
         self.max_tokens = max_tokens
+        self.dtype = dtype
         self.dim = int(weight.shape[1])
         parameters = inspect.signature(forward).parameters
         self._positional = [
@@ -101,51 +108,93 @@ class PromptSlot:
     def transform(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The forward's arguments with the virtual tokens prepended (active buffers)."""
+        """The forward's arguments with the virtual tokens accounted for (active buffers).
+
+        Without a filled KV cache (a whole sequence, or generate's prefill) the V
+        virtual tokens are prepended. With one (generate's later steps) the
+        cache already holds them: the inputs stay as given, and the attention
+        mask gets the virtual tokens' mask in front, position ids shift by the
+        adapter's n virtual tokens and `cache_position` by V, as PEFT does
+        after its first step.
+        """
         if len(args) > len(self._positional):
             raise InputNotSupported("too many positional arguments for the model's forward")
         kwargs = {**dict(zip(self._positional, args, strict=False)), **kwargs}
-        past = kwargs.get("past_key_values")
-        if past is not None and _cached_length(past) > 0:
+        cached = _cached_length(kwargs.get("past_key_values"))
+        if 0 < cached < self.max_tokens:
             raise InputNotSupported(
-                "a soft-prompt host runs whole sequences; incremental decoding with a filled "
-                "KV cache is not supported"
+                f"the KV cache holds {cached} positions, fewer than the {self.max_tokens} "
+                "virtual tokens; it was not filled through this host"
             )
         buffers = self.active
-        embeds = kwargs.pop("inputs_embeds", None)
-        input_ids = kwargs.pop("input_ids", None)
-        if embeds is None:
-            if input_ids is None:
-                raise InputNotSupported("pass input_ids or inputs_embeds")
-            embeds = self.embedding(input_ids)
-        batch, length = int(embeds.shape[0]), int(embeds.shape[1])
-        virtual = buffers.embeds.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
+        embeds = kwargs.get("inputs_embeds")
+        inputs = embeds if embeds is not None else kwargs.get("input_ids")
+        if not isinstance(inputs, torch.Tensor):
+            raise InputNotSupported("pass input_ids or inputs_embeds")
+        batch, length = int(inputs.shape[0]), int(inputs.shape[1])
+        if not cached:
+            self._prepend(kwargs, buffers, batch)
         mask = kwargs.get("attention_mask")
         if mask is None:
-            mask = torch.ones(batch, length, dtype=torch.int64, device=embeds.device)
-        prefix = buffers.mask.to(mask.dtype).unsqueeze(0).expand(batch, -1)
+            real = (cached - self.max_tokens if cached else 0) + length
+            mask = torch.ones(batch, real, dtype=torch.int64, device=inputs.device)
+        elif not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+            raise InputNotSupported(
+                "a soft-prompt host extends 2-d attention masks only (batch, sequence); "
+                "use a dynamic KV cache"
+            )
+        prefix = buffers.mask.to(mask.device, mask.dtype).unsqueeze(0).expand(batch, -1)
         full = torch.cat([prefix, mask], dim=1)
         kwargs["attention_mask"] = full
         if self._position_ids:
-            positions = kwargs.get("position_ids")
-            if positions is None:
-                kwargs["position_ids"] = (full.long().cumsum(-1) - 1).clamp(min=0)
-            else:  # the caller's positions, after the adapter's virtual tokens
-                virtual_positions = (prefix.long().cumsum(-1) - 1).clamp(min=0)
-                shifted = positions + prefix.long().sum(-1, keepdim=True)
-                kwargs["position_ids"] = torch.cat([virtual_positions, shifted], dim=1)
+            given = kwargs.get("position_ids")
+            kwargs["position_ids"] = self._positions(given, full, length, cached)
+        where = kwargs.get("cache_position")
+        if isinstance(where, torch.Tensor):
+            shifted = where + self.max_tokens
+            if not cached:
+                leading = torch.arange(self.max_tokens, device=where.device, dtype=where.dtype)
+                shifted = torch.cat([leading, shifted])
+            kwargs["cache_position"] = shifted
         labels = kwargs.get("labels")
-        if isinstance(labels, torch.Tensor):
+        if isinstance(labels, torch.Tensor) and not cached:
             ignored = torch.full(
                 (batch, self.max_tokens), IGNORE_INDEX, dtype=labels.dtype, device=labels.device
             )
             kwargs["labels"] = torch.cat([ignored, labels], dim=1)
         return (), kwargs
 
+    def _prepend(self, kwargs: dict[str, Any], buffers: PromptBuffers, batch: int) -> None:
+        embeds = kwargs.pop("inputs_embeds", None)
+        input_ids = kwargs.pop("input_ids", None)
+        if embeds is None:
+            embeds = self.embedding(input_ids)
+        virtual = buffers.embeds.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
+
+    def _positions(
+        self, given: torch.Tensor | None, full: torch.Tensor, length: int, cached: int
+    ) -> torch.Tensor:
+        """Positions of this call's tokens: the adapter's n virtual tokens are 0..n-1 and the
+        real tokens follow (the caller's positions shifted by n)."""
+        prefix = full[:, : self.max_tokens].long()
+        if given is None:
+            counted = (full.long().cumsum(-1) - 1).clamp(min=0)
+            return counted[:, -length:] if cached else counted
+        shifted = given + prefix.sum(-1, keepdim=True)
+        if cached:
+            return shifted
+        virtual = (prefix.cumsum(-1) - 1).clamp(min=0)
+        return torch.cat([virtual, shifted], dim=1)
+
 
 def _cached_length(past: Any) -> int:
+    """Positions a KV cache holds (0: none or empty)."""
+    if past is None:
+        return 0
     length = getattr(past, "get_seq_length", None)
     if callable(length):
         return int(length())
-    return 1
+    if isinstance(past, tuple | list) and past and isinstance(past[0], tuple | list):
+        return int(past[0][0].shape[-2])
+    raise InputNotSupported(f"a KV cache of type {type(past).__name__} is not supported")

@@ -5,10 +5,12 @@ rank, allocated once at attach. A forward hook adds, to the layer's output y,
 
     y + gain * (B @ A @ x + lora_bias) + (row - 1) * (y - base_bias)
 
-with gain = scaling * row. For LoRA, rsLoRA and NOLA row is 1 (the last
-term is exactly zero); for DoRA row = m / ||W + scaling * B @ A|| per output
-row, computed once per swap (`client.adapters.factors.dora_row_scale`), which
-is PEFT's unmerged DoRA forward. A module the adapter does not target has
+with gain = scaling * row (times the layer's `embed_scale` for a scaled
+embedding such as Gemma 3's, which PEFT applies to the adapter's output
+too). For LoRA, rsLoRA and NOLA row is 1 (the last term is exactly zero);
+for DoRA row = m / ||W + scaling * B @ A|| per output row, computed once
+per swap (`client.adapters.factors.dora_row_scale`), which is PEFT's
+unmerged DoRA forward. A module the adapter does not target has
 B = 0 and gain = 0 and contributes exactly zero; a rank r below the maximum
 fills the first r rows of A and columns of B and the rest are zero.
 
@@ -29,6 +31,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from client.adapters.factors import ModuleFactors
+from client.hotswap.errors import HostError
 from client.hotswap.targets import TargetSite
 
 Region = tuple[slice, ...]
@@ -144,6 +147,7 @@ class ModuleSlot:
         self.max_rank = max_rank
         self.device = device
         self.dtype = dtype
+        self.output_scale = output_scale(site)
         self.active = self._allocate(dora)
         self.spare = self._allocate(dora)
         self._handle: RemovableHandle | None = None
@@ -225,7 +229,7 @@ class ModuleSlot:
         elif not (clean and spare.bias_zero):
             written += spare.clear("lora_bias", ALL)
             spare.bias_zero = True
-        scaling = 0.0 if factors is None else factors.scaling
+        scaling = 0.0 if factors is None else factors.scaling * self.output_scale
         if row is None:
             written += spare.clear("gain", ALL, scaling)
         else:
@@ -244,3 +248,19 @@ class ModuleSlot:
     def flip(self) -> None:
         """Make the staged buffers active; call only with forwards excluded."""
         self.active, self.spare = self.spare, self.active
+
+
+def output_scale(site: TargetSite) -> float:
+    """The factor a scaled embedding multiplies its lookups by (`embed_scale`), else 1.0."""
+    if site.layer != "embedding":
+        return 1.0
+    scale = getattr(site.module, "embed_scale", None)
+    if scale is None:
+        return 1.0
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise HostError(
+                f"{site.name}: embed_scale has shape {list(scale.shape)}; a scalar is expected"
+            )
+        return float(scale.item())
+    return float(scale)

@@ -18,6 +18,8 @@ in one process, and each exposes only its own numbers at `/metrics`.
   heartbeat as unix time, from the callable given to `set_worker_source`.
 - `gc_runs_total{outcome}`, `gc_reclaimed_bytes_total`: garbage collection
   runs of this process (`observe_gc`).
+- `tag_watches_in_flight`: tag long-polls waiting for a change now
+  (`add_tag_watches`).
 
 Plus the `process_*` metrics of the serving process.
 """
@@ -32,6 +34,7 @@ from prometheus_client import (
     CONTENT_TYPE_PLAIN_0_0_4,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     ProcessCollector,
     generate_latest,
@@ -144,6 +147,11 @@ class Metrics:
             "Bytes garbage collection removed from the blob store.",
             registry=self.registry,
         )
+        self.tag_watches = Gauge(
+            "tag_watches_in_flight",
+            "Tag long-polls waiting for the tag to change.",
+            registry=self.registry,
+        )
         for direction in ("in", "out"):
             self.blob_bytes.labels(direction)  # present at 0 before the first transfer
         self._sources = _SourceCollector()
@@ -175,6 +183,10 @@ class Metrics:
 
     def observe_job(self, kind: str, outcome: str, seconds: float) -> None:
         self.job_duration.labels(kind, outcome).observe(seconds)
+
+    def add_tag_watches(self, delta: int) -> None:
+        """A tag long-poll starts waiting (+1) or ends (-1)."""
+        self.tag_watches.inc(delta)
 
     def observe_gc(self, *, outcome: str, bytes_reclaimed: int = 0) -> None:
         self.gc_runs.labels(outcome).inc()

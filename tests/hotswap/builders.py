@@ -134,3 +134,12 @@ def record_nola_digest(directory: Path) -> None:
     document = json.loads((directory / "adapter_config.json").read_text())
     document["factors_digest"] = config.nola.factors_digest
     (directory / "adapter_config.json").write_text(json.dumps(document))
+
+
+def rewrite_config(source: Path, target: Path, change: Callable[[dict[str, object]], None]) -> Path:
+    """A copy of a PEFT directory whose adapter_config.json went through `change`."""
+    rewrite_tensors(source, target, lambda tensors: None)
+    document = json.loads((target / "adapter_config.json").read_text())
+    change(document)
+    (target / "adapter_config.json").write_text(json.dumps(document))
+    return target

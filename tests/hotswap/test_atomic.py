@@ -15,6 +15,7 @@ from client.hotswap import (
     AdapterHost,
     AdapterShapeMismatch,
     BaseMismatch,
+    FlipTimeout,
     HostConfig,
     NonFiniteAdapter,
     RankTooLarge,
@@ -33,6 +34,7 @@ from tests.hotswap.builders import (
     nola_adapter,
     prompt_tuning,
     record_nola_digest,
+    rewrite_config,
     rewrite_tensors,
     save_adapter,
 )
@@ -108,7 +110,25 @@ CORRUPT: dict[str, tuple[Callable[[Path, Path], AdapterSource], type[SwapError],
         UnsupportedAdapter,
         "prefix_tuning adapter cannot be hot-swapped",
     ),
+    "unused_tensor": (  # e.g. bias="all": a base bias the host would silently not apply
+        lambda good, tmp: rewrite_tensors(good, tmp / "extra", _extra_bias),
+        UnsupportedAdapter,
+        r"does not use: base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.bias",
+    ),
+    "unknown_peft_feature": (
+        lambda good, tmp: rewrite_config(good, tmp / "feature", _trainable_tokens),
+        UnsupportedAdapter,
+        r"trainable_token_indices=\[1, 2\] is a PEFT feature",
+    ),
 }
+
+
+def _extra_bias(tensors: dict[str, torch.Tensor]) -> None:
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)
+
+
+def _trainable_tokens(config: dict[str, object]) -> None:
+    config["trainable_token_indices"] = [1, 2]
 
 
 def _prefix(tmp: Path) -> Path:
@@ -149,10 +169,83 @@ def test_corrupt_adapter_fails_and_changes_nothing(
         assert len(failures) == 1
         assert isinstance(failures[0].error, error)
         assert failures[0].active == active
+        assert host.cache.digests() == [active]  # a refused adapter never enters the LRU
         # The host still swaps afterwards.
         host.unload()
         host.swap(good)
         assert torch.equal(model_outputs(model, ids), before)
+
+
+Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def _huge_b(tensors: dict[str, torch.Tensor]) -> None:
+    tensors[Q0_B][0, 0] = 1e5  # finite in fp32, infinite in fp16
+
+
+def _huge_product(tensors: dict[str, torch.Tensor]) -> None:
+    tensors[Q0_A].fill_(300.0)  # each value fits fp16, the delta (2 * 4 * 300 * 300) does not
+    tensors[Q0_B].fill_(300.0)
+
+
+OVERFLOW = {"value": _huge_b, "delta": _huge_product}
+
+
+@pytest.mark.parametrize("mode", ["unmerged", "merged"])
+@pytest.mark.parametrize("case", list(OVERFLOW))
+def test_values_that_overflow_an_fp16_host_fail_and_change_nothing(
+    case: str, mode: str, good: Path, tmp_path: Path
+) -> None:
+    bad = rewrite_tensors(good, tmp_path / "bad", OVERFLOW[case])
+    model = tiny_llama().to(torch.float16)
+    ids = sample_ids()
+    config = HostConfig(targets=TARGETS, max_rank=8, mode=mode)  # type: ignore[arg-type]
+    with AdapterHost(model, config) as host:
+        host.swap(good)
+        before = model_outputs(model, ids)
+        assert bool(torch.isfinite(before).all())
+        with pytest.raises(NonFiniteAdapter, match=r"layers\.0\.self_attn\.q_proj.*float16"):
+            host.swap(bad)
+        assert torch.equal(model_outputs(model, ids), before)
+        assert host.active is not None
+        assert host.active.source == str(good)
+
+
+def test_pinned_request_keeps_its_adapter_and_a_flip_can_time_out(
+    good: Path, tmp_path: Path
+) -> None:
+    other = save_adapter(tiny_llama, lora(TARGETS, r=2), tmp_path / "other", seed=5)
+    model = tiny_llama()
+    ids = sample_ids()
+    with AdapterHost(model, HostConfig(targets=TARGETS, max_rank=8)) as host:
+        host.swap(good)
+        before = model_outputs(model, ids)
+        entered, release = threading.Event(), threading.Event()
+        seen: list[object] = []
+
+        def request() -> None:
+            with host.pinned() as digest:
+                seen.append(digest)
+                entered.set()
+                assert release.wait(30)
+                seen.append(model_outputs(model, ids))  # a later step of the same request
+
+        worker = threading.Thread(target=request)
+        worker.start()
+        try:
+            assert entered.wait(30)
+            with pytest.raises(FlipTimeout, match="still ran"):
+                host.swap(other, flip_timeout=0.05)
+            assert host.active_digest == seen[0]
+            # The abandoned flip holds nobody back: a forward of this thread runs.
+            assert torch.equal(model_outputs(model, ids), before)
+        finally:
+            release.set()
+            worker.join(30)
+        assert torch.equal(seen[1], before)  # type: ignore[arg-type]
+        event = host.swap(other)  # the timed-out attempt staged it: only the flip was left
+        assert event.bytes_copied == 0
+        assert not torch.equal(model_outputs(model, ids), before)
 
 
 def test_matching_base_fingerprint_and_structure_are_accepted(good: Path) -> None:

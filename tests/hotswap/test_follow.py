@@ -1,41 +1,92 @@
-"""Following a tag on a running registry: a move swaps within the poll interval, a bad
-adapter is reported and changes nothing, and switching back comes from the LRU (no network)."""
+"""A host on a running registry: following a tag (a move swaps within the poll interval, a bad
+adapter is reported and changes nothing, switching back comes from the LRU); failed pulls
+back off exponentially (a 404, e.g. a deleted blob, is final for that digest); stop() cuts a
+long poll short; a pulled layer altered on disk is refused; a swap still loading when the
+host is detached changes nothing."""
 
 from __future__ import annotations
 
+import itertools
+import os
 import queue
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import httpx
+import pytest
 import torch
 
 from client import Client
-from client.hotswap import AdapterHost, HostConfig, RankTooLarge, SwapEvent, SwapFailure
+from client.hotswap import (
+    AdapterDigestMismatch,
+    AdapterHost,
+    HostConfig,
+    HostError,
+    RankTooLarge,
+    SwapEvent,
+    SwapFailure,
+)
+from client.sdk.errors import NotFound, PeftregError
+from registry.storage.filesystem import blob_path
 from tests.adapters.tiny_models import sample_ids, tiny_llama
-from tests.fixtures.server import RegistryProcess
+from tests.fixtures.server import RegistryProcess, start_registry
 from tests.hotswap.builders import MAX_DIFF, lora, model_outputs, peft_outputs, save_adapter
 
 TARGETS = ["q_proj", "v_proj"]
 POLL = 3.0
+TENSORS = "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    process = start_registry(tmp_path_factory.mktemp("registry") / "home")
+    yield process
+    process.stop()
 
 
 class CountingTransport(httpx.BaseTransport):
-    """The real HTTP transport, recording (method, path) of every request sent."""
+    """The real HTTP transport, recording every request sent (and, when `hold` is given,
+    holding blob downloads until `release` is set)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: bool = False) -> None:
         self.inner = httpx.HTTPTransport()
-        self.sent: list[tuple[str, str]] = []
+        self.sent: list[httpx.Request] = []
+        self.hold = hold
+        self.reached = threading.Event()
+        self.release = threading.Event()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        self.sent.append((request.method, request.url.path))
+        self.sent.append(request)
+        if self.hold and "/blobs/" in request.url.path:
+            self.reached.set()
+            assert self.release.wait(30)
         return self.inner.handle_request(request)
 
     def close(self) -> None:
         self.inner.close()
 
-    def downloads(self) -> list[tuple[str, str]]:
-        return [(m, p) for m, p in self.sent if "/manifests/" in p or "/blobs/" in p]
+    def downloads(self) -> list[str]:
+        return [
+            r.url.path for r in self.sent if "/manifests/" in r.url.path or "/blobs/" in r.url.path
+        ]
+
+    def watching(self, known: str) -> bool:
+        """A long poll that passed `known` as the tag's digest was sent."""
+        return any(
+            r.url.path.endswith("/watch")
+            and parse_qs(r.url.query.decode()).get("digest") == [known]
+            for r in list(self.sent)
+        )
+
+
+def wait_until(condition: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 def _tag(client: Client, source: str, target: str) -> None:
@@ -43,20 +94,27 @@ def _tag(client: Client, source: str, target: str) -> None:
     client.put_manifest(target, manifest.content, manifest.media_type)
 
 
-def test_follow_a_tag(registry_server: RegistryProcess, tmp_path: Path) -> None:
+def _push(client: Client, path: Path, reference: str) -> tuple[str, str]:
+    """(manifest digest, tensors layer digest)."""
+    result = client.push(path, reference)
+    layer = next(f for f in result.files if f.title == TENSORS)
+    return str(result.digest), str(layer.digest)
+
+
+def test_follow_a_tag(server: RegistryProcess, tmp_path: Path) -> None:
     ids = sample_ids()
     paths = {
         "v1": save_adapter(tiny_llama, lora(TARGETS, r=4), tmp_path / "v1", seed=1),
         "v2": save_adapter(tiny_llama, lora(TARGETS, r=8), tmp_path / "v2", seed=2),
         "v3": save_adapter(tiny_llama, lora(["q_proj"], r=16), tmp_path / "v3", seed=3),
     }
-    with Client(registry_server.url, cache=tmp_path / "publisher-cache") as publisher:
+    with Client(server.url, cache=tmp_path / "publisher-cache") as publisher:
         digests = {
             tag: str(publisher.push(path, f"acme/bot:{tag}").digest) for tag, path in paths.items()
         }
         _tag(publisher, "acme/bot:v1", "acme/bot:prod")
         transport = CountingTransport()
-        client = Client(registry_server.url, transport=transport, cache=tmp_path / "cache")
+        client = Client(server.url, transport=transport, cache=tmp_path / "cache")
         model = tiny_llama()
         host = AdapterHost(model, HostConfig(targets=TARGETS, max_rank=8), client=client)
         swaps: queue.Queue[SwapEvent] = queue.Queue()
@@ -106,5 +164,139 @@ def test_follow_a_tag(registry_server: RegistryProcess, tmp_path: Path) -> None:
         sent = len(transport.sent)
         assert host.swap(f"acme/bot@{digests['v2']}").cached
         assert len(transport.sent) == sent
-        assert host.cache.digests() == [digests["v3"], digests["v1"], digests["v2"]]
+        # v3 failed its plan, so it never entered the cache (nothing good was evicted for it).
+        assert host.cache.digests() == [digests["v1"], digests["v2"]]
         host.detach()
+
+
+def test_failed_pulls_back_off_and_a_404_is_final(server: RegistryProcess, tmp_path: Path) -> None:
+    repo = "acme/flaky"
+    paths = [
+        save_adapter(tiny_llama, lora(TARGETS, r=4), tmp_path / f"a{i}", seed=20 + i)
+        for i in range(3)
+    ]
+    with Client(server.url, cache=tmp_path / "publisher-cache") as publisher:
+        pushed = [_push(publisher, path, f"{repo}:v{i}") for i, path in enumerate(paths)]
+        _tag(publisher, f"{repo}:v0", f"{repo}:prod")
+    transport = CountingTransport()
+    # No retries inside the SDK: the follower's own backoff is what is measured.
+    client = Client(server.url, transport=transport, cache=tmp_path / "cache", retries=0)
+    host = AdapterHost(tiny_llama(), HostConfig(targets=TARGETS), client=client)
+    swaps: queue.Queue[SwapEvent] = queue.Queue()
+    failures: queue.Queue[tuple[float, SwapFailure]] = queue.Queue()
+    follower = host.follow(
+        client,
+        f"{repo}:prod",
+        on_swap=swaps.put,
+        on_error=lambda failure: failures.put((time.monotonic(), failure)),
+        poll_timeout=POLL,
+        min_backoff=0.1,
+        max_backoff=5.0,
+    )
+    try:
+        assert swaps.get(timeout=30).digest == pushed[0][0]
+
+        # The store cannot read v1's tensors blob (a directory stands where the file was):
+        # the registry answers 500, and the follower retries, backing off.
+        stored = blob_path(server.home / "storage", _parse(pushed[1][1]))  # type: ignore[arg-type]
+        os.remove(stored)
+        stored.mkdir()
+        with Client(server.url) as publisher:
+            _tag(publisher, f"{repo}:v1", f"{repo}:prod")
+        times = []
+        for _ in range(5):
+            seen, failure = failures.get(timeout=30)
+            assert isinstance(failure.error, PeftregError)
+            assert failure.error.status not in (401, 403, 404)
+            times.append(seen)
+        intervals = [b - a for a, b in itertools.pairwise(times)]
+        for index, interval in enumerate(intervals):  # 0.1, 0.2, 0.4, 0.8 s at least
+            assert interval >= 0.1 * 2**index * 0.95, intervals
+        assert host.active_digest == pushed[0][0]
+
+        # v2's tensors blob is deleted from the store: 404, reported once, not retried.
+        os.remove(blob_path(server.home / "storage", _parse(pushed[2][1])))  # type: ignore[arg-type]
+        with Client(server.url) as publisher:
+            _tag(publisher, f"{repo}:v2", f"{repo}:prod")
+        while True:
+            _seen, failure = failures.get(timeout=30)
+            if isinstance(failure.error, NotFound):  # (one retry of v1 may come first)
+                break
+        assert isinstance(failure.error, NotFound)
+        wait_until(lambda: transport.watching(pushed[2][0]))  # waiting for the next move
+        assert failures.empty()
+        assert follower.known == pushed[2][0]
+        assert host.active_digest == pushed[0][0]
+
+        # stop() cuts the long poll (30 s) short.
+        stopped = time.monotonic()
+        follower.stop(timeout=10)
+        assert not follower.running
+        assert time.monotonic() - stopped < 2.0
+    finally:
+        follower.stop()
+        host.detach()
+        client.close()
+
+
+def _parse(digest: str) -> object:
+    from client.digest import Digest
+
+    return Digest.parse(digest)
+
+
+def test_a_pulled_layer_altered_on_disk_is_refused(server: RegistryProcess, tmp_path: Path) -> None:
+    good = save_adapter(tiny_llama, lora(TARGETS, r=4), tmp_path / "good", seed=31)
+    other = save_adapter(tiny_llama, lora(TARGETS, r=4), tmp_path / "other", seed=32)
+    ids = sample_ids()
+    with Client(server.url, cache=tmp_path / "cache") as client:
+        _push(client, good, "acme/tamper:good")
+        _manifest, layer = _push(client, other, "acme/tamper:other")
+        client.pull("acme/tamper:other")  # into the local cache
+        cached = client.cache.blob_path(_parse(layer))  # type: ignore[arg-type]
+        os.chmod(cached, 0o644)
+        data = bytearray(cached.read_bytes())
+        data[-1] ^= 0x01  # same size, one bit of the last tensor value flipped
+        cached.write_bytes(bytes(data))
+        model = tiny_llama()
+        with AdapterHost(model, HostConfig(targets=TARGETS), client=client) as host:
+            host.swap("acme/tamper:good")
+            before = model_outputs(model, ids)
+            with pytest.raises(AdapterDigestMismatch, match="does not match its manifest"):
+                host.swap("acme/tamper:other")  # an LRU miss: the cached blob is read
+            assert torch.equal(model_outputs(model, ids), before)
+            assert len(host.cache) == 1
+
+
+def test_a_swap_loading_during_detach_changes_nothing(
+    server: RegistryProcess, tmp_path: Path
+) -> None:
+    path = save_adapter(tiny_llama, lora(TARGETS, r=4), tmp_path / "a", seed=41)
+    with Client(server.url, cache=tmp_path / "publisher-cache") as publisher:
+        _push(publisher, path, "acme/race:v1")
+    transport = CountingTransport(hold=True)
+    model = tiny_llama()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    errors: list[BaseException] = []
+    with Client(server.url, transport=transport, cache=tmp_path / "cache") as client:
+        host = AdapterHost(model, HostConfig(targets=TARGETS, mode="merged"), client=client)
+
+        def swap() -> None:
+            try:
+                host.swap("acme/race:v1")
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=swap)
+        worker.start()
+        try:
+            assert transport.reached.wait(30)  # the swap is downloading the adapter
+            host.detach()
+        finally:
+            transport.release.set()
+            worker.join(30)
+    assert len(errors) == 1
+    assert isinstance(errors[0], HostError)
+    assert "detached" in str(errors[0])
+    assert host.active_digest is None
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())

@@ -1,11 +1,17 @@
-"""Attaching a host: targets, clear errors, the cache's bounds, detaching cleanly."""
+"""Attaching a host: targets, clear errors, the cache's bounds, detaching cleanly (buffers
+released, an existing instance forward put back), fixed slot memory, scaled embeddings."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
+from peft import PeftModel
+from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 
 from client.hotswap import (
     AdapterCache,
@@ -17,7 +23,15 @@ from client.hotswap import (
     UnsupportedAdapter,
 )
 from tests.adapters.tiny_models import sample_ids, tiny_llama
-from tests.hotswap.builders import TinyMLP, lora, model_outputs, prompt_tuning, save_adapter
+from tests.hotswap.builders import (
+    MAX_DIFF,
+    TinyMLP,
+    lora,
+    model_outputs,
+    peft_outputs,
+    prompt_tuning,
+    save_adapter,
+)
 
 
 def test_targets_by_name_pattern_and_all_linear() -> None:
@@ -52,7 +66,7 @@ def test_attach_errors_name_the_cause() -> None:
     with pytest.raises(HostError, match="no get_input_embeddings"):
         AdapterHost(TinyMLP(), HostConfig(max_virtual_tokens=2))
     host = AdapterHost(model, HostConfig(targets=["q_proj"]))
-    with pytest.raises(HostError, match="already wrapped"):
+    with pytest.raises(HostError, match="already wrapped by another AdapterHost"):
         AdapterHost(model, HostConfig(targets=["v_proj"]))
     host.detach()
     with pytest.raises(HostError, match="detached"):
@@ -134,3 +148,144 @@ def test_module_fingerprint_is_the_saved_directorys(tmp_path: Path) -> None:
         in_memory = module_fingerprint(model)
         assert in_memory == on_disk
         assert module_fingerprint(model, content=False).structure_hash == on_disk.structure_hash
+
+
+class CountingHook(ModelHook):
+    """An accelerate hook (what device maps install): it replaces the instance's forward."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def pre_forward(
+        self, module: torch.nn.Module, *args: object, **kwargs: object
+    ) -> tuple[tuple[object, ...], dict[str, object]]:
+        self.calls += 1
+        return args, kwargs
+
+
+def test_a_hooked_instance_forward_is_wrapped_and_put_back(tmp_path: Path) -> None:
+    path = save_adapter(tiny_llama, lora(["q_proj"]), tmp_path / "a")
+    ids = sample_ids()
+    want = peft_outputs(tiny_llama, path, ids)
+    model = tiny_llama()
+    hook = CountingHook()
+    add_hook_to_module(model, hook)
+    hooked = vars(model)["forward"]
+    host = AdapterHost(model, HostConfig(targets=["q_proj"]))
+    host.swap(path)
+    assert (model_outputs(model, ids) - want).abs().max().item() <= MAX_DIFF
+    assert hook.calls == 1  # accelerate's forward ran, inside the gate
+    with pytest.raises(HostError, match="already wrapped by another AdapterHost"):
+        AdapterHost(model, HostConfig(targets=["v_proj"]))
+    host.detach()
+    assert vars(model)["forward"] is hooked
+    model_outputs(model, ids)
+    assert hook.calls == 2
+
+
+@pytest.mark.parametrize("mode", ["unmerged", "merged"])
+def test_detach_releases_the_hosts_buffers(mode: str) -> None:
+    model = tiny_llama()
+    config = HostConfig(targets=["q_proj"], mode=mode, max_virtual_tokens=2)  # type: ignore[arg-type]
+    host = AdapterHost(model, config)
+    assert host.prompt is not None
+    held = [weakref.ref(host.prompt.active.embeds), weakref.ref(host.prompt.spare.embeds)]
+    held += [
+        weakref.ref(t) for s in host.slots.values() for t in s.active.tensors() + s.spare.tensors()
+    ]
+    if host.pristine is not None:
+        held += [weakref.ref(t) for t in host.pristine.weights.values()]
+    assert len(held) > 2
+    host.detach()
+    gc.collect()
+    assert [ref for ref in held if ref() is not None] == []
+    assert host.nbytes == 0
+    assert (host.slots, host.pristine, host.prompt) == ({}, None, None)
+
+
+def test_slot_memory_is_reused_across_ranks(tmp_path: Path) -> None:
+    """Swapping ranks 2, 4 and 8 (and unloading) writes into the buffers allocated at attach."""
+    paths = [
+        save_adapter(tiny_llama, lora(["q_proj", "v_proj"], r=r), tmp_path / f"r{r}", seed=r)
+        for r in (2, 4, 8)
+    ]
+    model = tiny_llama()
+    config = HostConfig(targets=["q_proj", "v_proj"], max_rank=8, max_virtual_tokens=2)
+    with AdapterHost(model, config) as host:
+        assert host.prompt is not None
+
+        def pointers() -> set[int]:
+            tensors = [
+                t for s in host.slots.values() for t in s.active.tensors() + s.spare.tensors()
+            ]
+            tensors += [host.prompt.active.embeds, host.prompt.spare.embeds]  # type: ignore[union-attr]
+            return {t.data_ptr() for t in tensors}
+
+        attached, reserved = pointers(), host.nbytes
+        copied = 0
+        for path in [*paths, paths[0], paths[2], paths[1]]:
+            copied += host.swap(path).bytes_copied
+            assert pointers() == attached
+        assert copied > 0
+        host.unload()
+        assert pointers() == attached
+        assert host.nbytes == reserved
+
+
+def test_a_directory_swapped_again_comes_from_the_cache(tmp_path: Path) -> None:
+    first = save_adapter(tiny_llama, lora(["q_proj"]), tmp_path / "a", seed=1)
+    second = save_adapter(tiny_llama, lora(["q_proj"]), tmp_path / "b", seed=2)
+    with AdapterHost(tiny_llama(), HostConfig(targets=["q_proj"])) as host:
+        assert not host.swap(first).cached
+        assert not host.swap(second).cached
+        again = host.swap(first)
+        assert again.cached  # found by its directory identity: the tensors were not re-read
+        assert host.cache.digests() == [host.load(second).digest, again.digest]
+
+
+class ScaledEmbeddingModel(torch.nn.Module):
+    """Gemma 3's scaled token embeddings (lookups times embed_scale) under a linear head."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed_tokens = Gemma3TextScaledWordEmbedding(64, 16, padding_idx=0, embed_scale=4.0)
+        self.head = torch.nn.Linear(16, 8)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.embed_tokens  # (so PEFT saves the base weight beside the adapter)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed_tokens(x))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("mode", ["unmerged", "merged"])
+def test_scaled_embeddings_match_peft(mode: str, tmp_path: Path) -> None:
+    path = save_adapter(ScaledEmbeddingModel, lora(["embed_tokens"]), tmp_path / "a")
+    ids = sample_ids()
+    model = ScaledEmbeddingModel()
+    with torch.no_grad():
+        base = model(ids)
+        want = PeftModel.from_pretrained(ScaledEmbeddingModel(), str(path)).eval()(ids)
+    config = HostConfig(targets=["embed_tokens"], mode=mode)  # type: ignore[arg-type]
+    with AdapterHost(model, config) as host, torch.no_grad():
+        host.swap(path)
+        got = model(ids)
+    assert (want - base).abs().max().item() > 1e-3
+    assert (want - got).abs().max().item() <= MAX_DIFF
+
+
+def test_an_adapter_that_replaces_the_embedding_is_refused(tmp_path: Path) -> None:
+    """PEFT saves a targeted embedding's base weight; a different one would replace ours."""
+    other_base = save_adapter(
+        lambda: ScaledEmbeddingModel(seed=1), lora(["embed_tokens"]), tmp_path / "a"
+    )
+    with AdapterHost(ScaledEmbeddingModel(), HostConfig(targets=["embed_tokens"])) as host:
+        with pytest.raises(
+            UnsupportedAdapter, match="carries its own base weight for embed_tokens"
+        ):
+            host.swap(other_base)
+        assert host.active_digest is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,10 @@ def test_hundred_random_swaps_then_unload_restore_weights_bitwise(tmp_path: Path
         assert torch.equal(model_outputs(model, ids), base_logits)
 
 
-def test_merge_that_overflows_rolls_back_to_the_previous_adapter(tmp_path: Path) -> None:
-    """Finite factors whose product overflows fp32: refused under the gate, weights restored."""
+def test_a_merge_that_overflows_is_refused_before_the_flip(tmp_path: Path) -> None:
+    """Finite factors whose product overflows fp32: the merged weights are computed and
+    checked before the forward gate is taken, so a request holding the gate (pinned) does not
+    delay the refusal, and nothing live is touched."""
     good = save_adapter(tiny_llama, lora(["q_proj", "v_proj"], r=4), tmp_path / "good")
 
     def explode(tensors: dict[str, torch.Tensor]) -> None:
@@ -72,8 +75,22 @@ def test_merge_that_overflows_rolls_back_to_the_previous_adapter(tmp_path: Path)
         host.swap(good)
         weights = _snapshot(model)
         logits = model_outputs(model, ids)
-        with pytest.raises(NonFiniteAdapter, match=r"layers\.1\.self_attn\.v_proj"):
-            host.swap(bad)
+        entered, release = threading.Event(), threading.Event()
+
+        def request() -> None:
+            with host.pinned():
+                entered.set()
+                assert release.wait(30)
+
+        worker = threading.Thread(target=request)
+        worker.start()
+        try:
+            assert entered.wait(30)
+            with pytest.raises(NonFiniteAdapter, match=r"layers\.1\.self_attn\.v_proj"):
+                host.swap(bad, flip_timeout=0.5)  # a check under the gate would time out
+        finally:
+            release.set()
+            worker.join(30)
         assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
         assert torch.equal(model_outputs(model, ids), logits)
         assert host.active is not None

@@ -1,14 +1,17 @@
 """The tag long-poll: returns at once when the digest differs, when the tag moves during the
-wait, or at the timeout unchanged; refuses unknown repositories, bad digests and strangers."""
+wait (proved to be waiting by the server's `tag_watches_in_flight` gauge), or at the timeout
+unchanged; refuses unknown repositories, bad digests and strangers."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from client import Client
 from tests.conftest import ADMIN_TOKEN
@@ -22,6 +25,7 @@ from tests.integration.oci_helpers import (
 )
 
 REPO = "acme/watched"
+MAX_WATCHES = 100  # registry.api.routes.watch.MAX_WATCHES_PER_PRINCIPAL
 WATCH = f"/api/v1/repositories/{REPO}/tags/prod/watch"
 
 
@@ -68,28 +72,44 @@ def test_times_out_unchanged(http: httpx.Client) -> None:
     assert 1.0 <= elapsed < 5
 
 
-def test_a_move_during_the_wait_ends_it(http: httpx.Client, server: RegistryProcess) -> None:
-    first, second = _two_versions(http)
-    sent = threading.Event()
-    answer: list[httpx.Response] = []
+def watches_in_flight(http: httpx.Client) -> float:
+    """The server's `tag_watches_in_flight` gauge (long-polls waiting now)."""
+    body = http.get("/metrics").text
+    for family in text_string_to_metric_families(body):
+        if family.name == "tag_watches_in_flight":
+            return float(family.samples[0].value)
+    raise AssertionError("tag_watches_in_flight is not exposed")
 
-    def on_request(_request: httpx.Request) -> None:
-        sent.set()
+
+def test_a_move_during_the_wait_ends_it(http: httpx.Client, server: RegistryProcess) -> None:
+    """Two callers wait on the same tag (one shared poller); a move by another client ends
+    both waits, and their answers come after the move."""
+    first, second = _two_versions(http)
+    answers: list[tuple[float, httpx.Response]] = []
 
     def watch() -> None:
-        with httpx.Client(
-            base_url=server.url, timeout=60, event_hooks={"request": [on_request]}
-        ) as watcher:
-            answer.append(watcher.get(WATCH, params={"digest": first, "timeout": 30}))
+        with httpx.Client(base_url=server.url, timeout=60) as watcher:
+            response = watcher.get(WATCH, params={"digest": first, "timeout": 30})
+            answers.append((time.monotonic(), response))
 
-    thread = threading.Thread(target=watch)
-    started = time.monotonic()
-    thread.start()
-    assert sent.wait(10)
+    threads = [threading.Thread(target=watch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 20
+    while watches_in_flight(http) < 2:  # both are waiting on the server now
+        assert time.monotonic() < deadline, "the watches never started waiting"
+        time.sleep(0.02)
+    assert answers == []
     _move(http, REPO, "prod", f"{REPO}-2", b"two")  # another client moves the tag
-    thread.join(30)
-    assert answer[0].json() == {"tag": "prod", "digest": second, "changed": True}
-    assert time.monotonic() - started < 10
+    moved = time.monotonic()
+    for thread in threads:
+        thread.join(30)
+    assert len(answers) == 2
+    for answered, response in answers:
+        assert response.json() == {"tag": "prod", "digest": second, "changed": True}
+        assert answered >= moved
+        assert answered - moved < 10
+    assert watches_in_flight(http) == 0
 
 
 def test_tag_created_and_deleted(http: httpx.Client) -> None:
@@ -105,6 +125,36 @@ def test_tag_created_and_deleted(http: httpx.Client) -> None:
     assert http.delete(f"/v2/{repo}/manifests/canary").status_code == 202
     deleted = http.get(path, params={"digest": created["digest"], "timeout": 5}).json()
     assert deleted == {"tag": "canary", "digest": None, "changed": True}
+
+
+def test_waits_per_principal_are_capped(http: httpx.Client, server: RegistryProcess) -> None:
+    """The 101st concurrent wait of one principal (here: anonymous) is refused; the 100
+    waiting ones all end when the tag moves."""
+    repo = "acme/crowded"
+    first, second = _two_versions(http, repo)
+    path = f"/api/v1/repositories/{repo}/tags/prod/watch"
+
+    async def crowd() -> tuple[list[httpx.Response], httpx.Response]:
+        limits = httpx.Limits(max_connections=MAX_WATCHES + 10)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
+            params = {"digest": first, "timeout": 30}
+            waits = [
+                asyncio.create_task(client.get(path, params=params)) for _ in range(MAX_WATCHES)
+            ]
+            deadline = time.monotonic() + 30
+            while (await asyncio.to_thread(watches_in_flight, http)) < MAX_WATCHES:
+                assert time.monotonic() < deadline, "the waits never all started"
+                await asyncio.sleep(0.05)
+            refused = await client.get(path, params=params)
+            await asyncio.to_thread(_move, http, repo, "prod", f"{repo}-2", b"two")
+            return list(await asyncio.gather(*waits)), refused
+
+    answers, refused = asyncio.run(crowd())
+    assert refused.status_code == 400
+    assert error_codes(refused) == ["INVALID_REQUEST"]
+    assert "100 tag watches" in refused.text
+    assert {response.json()["digest"] for response in answers} == {second}
+    assert watches_in_flight(http) == 0
 
 
 def test_errors(http: httpx.Client) -> None:
@@ -128,32 +178,24 @@ def test_sdk_watch_tag(server: RegistryProcess, http: httpx.Client) -> None:
         assert client.watch_tag("acme/sdk-watch", "next", first, timeout=5) == second
 
 
-def test_reading_a_tag_needs_read_scope(tmp_path_factory: pytest.TempPathFactory) -> None:
-    secured = start_registry(
-        tmp_path_factory.mktemp("secured") / "home",
-        {"PEFTREG_ANONYMOUS": "none", "PEFTREG_ADMIN_TOKEN": ADMIN_TOKEN},
-    )
-    try:
-        with httpx.Client(base_url=secured.url, headers=bearer(ADMIN_TOKEN), timeout=30) as admin:
-            _two_versions(admin)
-            tokens = {}
-            for label, pattern in (("reader", "acme/*"), ("stranger", "other/*")):
-                response = admin.post(
-                    "/api/v1/tokens",
-                    json={"name": label, "grants": [{"pattern": pattern, "scope": "read"}]},
-                )
-                tokens[label] = response.json()["token"]
-        params = {"timeout": "0"}
-        anonymous = httpx.get(f"{secured.url}{WATCH}", params=params)
-        assert anonymous.status_code == 401
-        assert error_codes(anonymous) == ["UNAUTHORIZED"]
-        stranger = httpx.get(
-            f"{secured.url}{WATCH}", params=params, headers=bearer(tokens["stranger"])
-        )
-        assert stranger.status_code == 403
-        assert error_codes(stranger) == ["DENIED"]
-        reader = httpx.get(f"{secured.url}{WATCH}", params=params, headers=bearer(tokens["reader"]))
-        assert reader.status_code == 200
-        assert reader.json()["changed"] is True
-    finally:
-        secured.stop()
+def test_reading_a_tag_needs_read_scope(secured_server: RegistryProcess) -> None:
+    url = secured_server.url
+    with httpx.Client(base_url=url, headers=bearer(ADMIN_TOKEN), timeout=30) as admin:
+        _two_versions(admin)
+        tokens = {}
+        for label, pattern in (("reader", "acme/*"), ("stranger", "other/*")):
+            response = admin.post(
+                "/api/v1/tokens",
+                json={"name": label, "grants": [{"pattern": pattern, "scope": "read"}]},
+            )
+            tokens[label] = response.json()["token"]
+    params = {"timeout": "0"}
+    anonymous = httpx.get(f"{url}{WATCH}", params=params)
+    assert anonymous.status_code == 401
+    assert error_codes(anonymous) == ["UNAUTHORIZED"]
+    stranger = httpx.get(f"{url}{WATCH}", params=params, headers=bearer(tokens["stranger"]))
+    assert stranger.status_code == 403
+    assert error_codes(stranger) == ["DENIED"]
+    reader = httpx.get(f"{url}{WATCH}", params=params, headers=bearer(tokens["reader"]))
+    assert reader.status_code == 200
+    assert reader.json()["changed"] is True

@@ -3,15 +3,23 @@
 Returns as soon as the tag's digest differs from the `digest` the caller
 knows (an empty or absent `digest` means "no tag"; a tag created, moved or
 deleted all count), or after `timeout` seconds (capped at
-MAX_WATCH_SECONDS) with `changed: false`. The wait is a coroutine: the tag
-is re-read every POLL_SECONDS in a short transaction on a worker thread, so
-no thread is held for the whole wait. A caller that disconnects ends it.
-Reading a tag needs `read` on the repository, as listing its tags does.
+MAX_WATCH_SECONDS) with `changed: false`. Reading a tag needs `read` on the
+repository, as listing its tags does.
+
+The repository is resolved once, in the request's first transaction (which
+also reads the tag). A request that has to wait subscribes to the app's one
+`TagPoller` for that (repository, tag): a coroutine that re-reads the tag
+every POLL_SECONDS in a short transaction on a worker thread while anyone
+waits on it, however many callers wait, and ends when the last one leaves.
+Waiting holds no thread. A caller that disconnects stops waiting; one
+principal may hold at most MAX_WATCHES_PER_PRINCIPAL waits at once. The
+waits in progress are the `tag_watches_in_flight` gauge.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from functools import partial
 from typing import Annotated
 
@@ -25,11 +33,14 @@ from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transacti
 from registry.catalog.repositories import find_repository, valid_name
 from registry.catalog.tags import valid_tag
 from registry.db.models import Tag
-from registry.errors import DigestInvalid
+from registry.errors import DigestInvalid, InvalidRequest
+from registry.state import Services
 
 router = APIRouter(prefix="/api/v1", tags=["management"])
 MAX_WATCH_SECONDS = 60.0
 POLL_SECONDS = 0.2
+DISCONNECT_CHECK_SECONDS = 1.0
+MAX_WATCHES_PER_PRINCIPAL = 100
 
 
 class TagWatchOut(BaseModel):
@@ -38,12 +49,77 @@ class TagWatchOut(BaseModel):
     changed: bool
 
 
-def current_digest(session: Session, *, name: str, tag: str) -> str | None:
-    """The digest `tag` points at in `name` (None: no such tag); the repository must exist."""
-    repository = find_repository(session, name=name)
+def tag_digest(session: Session, *, repository_id: int, tag: str) -> str | None:
     return session.scalar(
-        select(Tag.manifest_digest).where(Tag.repository_id == repository.id, Tag.name == tag)
+        select(Tag.manifest_digest).where(Tag.repository_id == repository_id, Tag.name == tag)
     )
+
+
+def resolve(session: Session, *, name: str, tag: str) -> tuple[int, str | None]:
+    """(the repository's id, the tag's digest or None); the repository must exist."""
+    repository = find_repository(session, name=name)
+    return repository.id, tag_digest(session, repository_id=repository.id, tag=tag)
+
+
+class TagPoller:
+    """Reads one tag every POLL_SECONDS while it has waiters; `updated` is set after each read."""
+
+    def __init__(self, services: Services, repository_id: int, tag: str, digest: str | None):
+        self.read = partial(tag_digest, repository_id=repository_id, tag=tag)
+        self.services = services
+        self.digest = digest
+        self.reads = 0
+        self.error: BaseException | None = None
+        self.waiters = 0
+        self.updated = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        try:
+            while self.waiters:
+                await asyncio.sleep(POLL_SECONDS)
+                self.digest = await in_transaction(self.services, self.read)
+                self.reads += 1
+                self._wake()
+        except Exception as exc:  # a database failure: every waiter answers with it
+            self.error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        updated, self.updated = self.updated, asyncio.Event()
+        updated.set()
+
+
+class TagWatchHub:
+    """The app's pollers by (repository id, tag), and the waits per principal."""
+
+    def __init__(self) -> None:
+        self.pollers: dict[tuple[int, str], TagPoller] = {}
+        self.per_principal: Counter[str] = Counter()
+
+    def join(self, services: Services, key: tuple[int, str], digest: str | None) -> TagPoller:
+        poller = self.pollers.get(key)
+        if poller is None or poller.task is None or poller.task.done():
+            poller = TagPoller(services, key[0], key[1], digest)
+            self.pollers[key] = poller
+        poller.waiters += 1
+        if poller.task is None:
+            poller.task = asyncio.create_task(poller.run())
+        return poller
+
+    def leave(self, key: tuple[int, str], poller: TagPoller) -> None:
+        poller.waiters -= 1
+        if poller.waiters == 0 and self.pollers.get(key) is poller:
+            del self.pollers[key]
+
+
+def _hub(request: Request) -> TagWatchHub:
+    hub = getattr(request.app.state, "tag_watch_hub", None)
+    if hub is None:
+        hub = TagWatchHub()
+        request.app.state.tag_watch_hub = hub
+    assert isinstance(hub, TagWatchHub)
+    return hub
 
 
 def _known(digest: str | None) -> str | None:
@@ -53,6 +129,27 @@ def _known(digest: str | None) -> str | None:
         return str(Digest.parse(digest))
     except InvalidDigest as exc:
         raise DigestInvalid(str(exc), detail={"digest": digest}) from None
+
+
+async def _wait(
+    request: Request, poller: TagPoller, known: str | None, deadline: float
+) -> str | None:
+    """The tag's digest once a read made after this call began differs from `known` (a
+    shared poller's earlier read may be older than the caller's), or at the deadline."""
+    loop = asyncio.get_running_loop()
+    start = poller.reads
+    while poller.error is None and (poller.reads == start or poller.digest == known):
+        remaining = deadline - loop.time()
+        if remaining <= 0 or await request.is_disconnected():
+            return known
+        updated = poller.updated
+        try:
+            await asyncio.wait_for(updated.wait(), min(remaining, DISCONNECT_CHECK_SECONDS))
+        except TimeoutError:
+            continue
+    if poller.error is not None:
+        raise poller.error
+    return poller.digest
 
 
 @router.get("/repositories/{name:path}/tags/{tag}/watch", response_model=TagWatchOut)
@@ -72,12 +169,26 @@ async def watch_tag(
     known = _known(digest)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(timeout, MAX_WATCH_SECONDS)
-    read = partial(current_digest, name=name, tag=tag)
-    while True:
-        current = await in_transaction(services, read)
-        if current != known:
-            return TagWatchOut(tag=tag, digest=current, changed=True)
-        remaining = deadline - loop.time()
-        if remaining <= 0 or await request.is_disconnected():
-            return TagWatchOut(tag=tag, digest=current, changed=False)
-        await asyncio.sleep(min(POLL_SECONDS, remaining))
+    repository_id, current = await in_transaction(services, partial(resolve, name=name, tag=tag))
+    if current != known or timeout <= 0:
+        return TagWatchOut(tag=tag, digest=current, changed=current != known)
+    hub = _hub(request)
+    if hub.per_principal[principal.name] >= MAX_WATCHES_PER_PRINCIPAL:
+        raise InvalidRequest(
+            f"{principal.name} already waits on {MAX_WATCHES_PER_PRINCIPAL} tag watches; "
+            "end some before starting another",
+            detail={"limit": MAX_WATCHES_PER_PRINCIPAL},
+        )
+    key = (repository_id, tag)
+    poller = hub.join(services, key, current)
+    hub.per_principal[principal.name] += 1
+    services.metrics.add_tag_watches(1)
+    try:
+        current = await _wait(request, poller, known, deadline)
+    finally:
+        services.metrics.add_tag_watches(-1)
+        hub.per_principal[principal.name] -= 1
+        if not hub.per_principal[principal.name]:
+            del hub.per_principal[principal.name]
+        hub.leave(key, poller)
+    return TagWatchOut(tag=tag, digest=current, changed=current != known)

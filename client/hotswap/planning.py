@@ -1,0 +1,218 @@
+"""Planning a swap: an adapter checked against one host before anything is written.
+
+`SwapPlanner.plan` checks the base identity the adapter records, that every
+module it targets has a slot of the right layer kind and shape, the ranks,
+the virtual tokens, the saved embedding base layers, and that every value
+staged fits the dtype it is staged in: a value finite in fp32 can be
+infinite in an fp16 slot. For each module the largest entry of the delta,
+scaling * rank * max|B| * max|A|, must be representable too. DoRA row factors
+(which need the base weights) are computed and checked by `dora_rows` when
+the factors are staged. Merged mode checks the merged weights themselves
+(`client.hotswap.merged`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from client.adapters.factors import ModuleFactors, delta_weight, dora_row_scale
+from client.hotswap.adapter import FactorBounds, LoadedAdapter, largest
+from client.hotswap.config import HostConfig
+from client.hotswap.errors import (
+    AdapterShapeMismatch,
+    BaseMismatch,
+    NonFiniteAdapter,
+    RankTooLarge,
+    TooManyVirtualTokens,
+    UnsupportedAdapter,
+)
+from client.hotswap.prompt import PromptSlot
+from client.hotswap.slots import ModuleSlot
+from client.hotswap.targets import TargetSite
+
+EMPTY = "empty"  # what the spare buffers hold after an unload was staged in them
+
+
+@dataclass(frozen=True)
+class SwapPlan:
+    """A checked swap: what each slot gets (absent: nothing)."""
+
+    adapter: LoadedAdapter | None
+    factors: dict[str, ModuleFactors] = field(default_factory=dict)
+    prompt: torch.Tensor | None = None
+
+    @property
+    def content(self) -> str:
+        return EMPTY if self.adapter is None else self.adapter.digest
+
+
+def dtype_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def check_fits(what: str, value: float, dtype: torch.dtype) -> None:
+    """Refuse `value` (a largest magnitude) that is not finite in `dtype`."""
+    if not value <= dtype_max(dtype):  # also refuses NaN
+        raise NonFiniteAdapter(
+            f"{what}: a value of magnitude {value:.3g} overflows {dtype} (max "
+            f"{dtype_max(dtype):.3g}); refusing the adapter"
+        )
+
+
+class SwapPlanner:
+    """The checks of one host; `base_weight(name)` gives a site's original weight."""
+
+    def __init__(
+        self,
+        config: HostConfig,
+        sites: Sequence[TargetSite],
+        slots: Mapping[str, ModuleSlot],
+        prompt: PromptSlot | None,
+        base_identity: tuple[str | None, str | None],
+        base_weight: Callable[[str], torch.Tensor],
+    ) -> None:
+        self.config = config
+        self.sites = {site.name: site for site in sites}
+        self.slots = slots
+        self.prompt = prompt
+        self.base_fingerprint, self.base_structure_hash = base_identity
+        self.base_weight = base_weight
+        self._verified_base_layers: set[str] = set()  # adapter digests already checked
+
+    def plan(self, adapter: LoadedAdapter | None) -> SwapPlan:
+        """Check `adapter` against this host (raises SwapError); nothing is written."""
+        if adapter is None:
+            return SwapPlan(None)
+        self._check_base(adapter)
+        for name, factors in adapter.factors.items():
+            self._check_module(adapter, name, factors)
+            self._check_values(name, factors, adapter.bounds.get(name))
+        self._check_base_layers(adapter)
+        prompt = adapter.prompt
+        if prompt is not None:
+            self._check_prompt(adapter, prompt)
+        return SwapPlan(adapter, dict(adapter.factors), prompt)
+
+    def _check_base(self, adapter: LoadedAdapter) -> None:
+        base = adapter.config.base
+        if base.fingerprint and self.base_fingerprint:
+            if base.fingerprint != self.base_fingerprint:
+                raise BaseMismatch(
+                    f"{adapter.source} was made for the base {base.fingerprint}; this host's "
+                    f"model is {self.base_fingerprint}"
+                )
+            return
+        known = self.base_structure_hash
+        if base.structure_hash and known and base.structure_hash != known:
+            raise BaseMismatch(
+                f"{adapter.source} was made for a base of structure {base.structure_hash}; "
+                f"this host's model has structure {known} (tensor names, dtypes and shapes; "
+                "load the base in its registered dtype, or attach with "
+                "HostConfig(verify_base='shapes'))"
+            )
+
+    def _check_module(self, adapter: LoadedAdapter, name: str, factors: ModuleFactors) -> None:
+        site = self.sites.get(name)
+        if site is None:
+            raise AdapterShapeMismatch(
+                f"{adapter.source} targets {name}, which has no slot on this host (targets "
+                f"{self.config.targets!r})"
+            )
+        if factors.layer != site.layer or factors.weight_shape != site.weight_shape:
+            raise AdapterShapeMismatch(
+                f"{name}: the adapter's {factors.layer} delta has shape "
+                f"{list(factors.weight_shape)}, the model's {site.layer} weight "
+                f"{list(site.weight_shape)}"
+            )
+        if factors.rank > self.config.max_rank:
+            raise RankTooLarge(
+                f"{name}: rank {factors.rank} is above the host's max_rank {self.config.max_rank}"
+            )
+        if self.config.mode == "unmerged":
+            if factors.magnitude is not None and not self.config.dora:
+                raise UnsupportedAdapter(
+                    f"{adapter.source} is DoRA; this host was attached with dora=False"
+                )
+        elif factors.bias is not None and site.bias is None:
+            raise UnsupportedAdapter(f"{name}: the adapter has a lora_B bias, the base none")
+
+    def _check_values(self, name: str, factors: ModuleFactors, bounds: FactorBounds | None) -> None:
+        """Unmerged: A, B, bias, gain and the delta's largest entry fit the slot's dtype."""
+        slot = self.slots.get(name)
+        if slot is None:
+            return  # merged mode: the merged weights are checked in their dtype
+        if bounds is None:  # a hand-made LoadedAdapter
+            bounds = FactorBounds(largest(factors.a), largest(factors.b), largest(factors.bias))
+        dtype = slot.dtype
+        gain = abs(factors.scaling * slot.output_scale)
+        check_fits(f"{name}.lora_A", bounds.a, dtype)
+        check_fits(f"{name}.lora_B", bounds.b, dtype)
+        check_fits(f"{name}.lora_B.bias", bounds.bias, dtype)
+        check_fits(f"{name} scaling", gain, dtype)
+        delta = gain * factors.rank * bounds.b * bounds.a
+        check_fits(f"{name} delta (scaling * r * |B| * |A|)", delta, dtype)
+        check_fits(f"{name} bias delta (scaling * |bias|)", gain * bounds.bias, dtype)
+
+    def _check_base_layers(self, adapter: LoadedAdapter) -> None:
+        """A saved embedding base weight must be the host's own (else the adapter replaces it)."""
+        if not adapter.base_layers or adapter.digest in self._verified_base_layers:
+            return
+        for name, saved in adapter.base_layers.items():
+            weight = self.base_weight(name)
+            if tuple(saved.shape) != tuple(weight.shape) or not torch.equal(
+                saved.to(weight.device, weight.dtype), weight
+            ):
+                raise UnsupportedAdapter(
+                    f"{adapter.source} carries its own base weight for {name} (PEFT's "
+                    "save_embedding_layers) that differs from this model's (a resized or "
+                    "retrained vocabulary); a hot-swap host does not replace base weights"
+                )
+        self._verified_base_layers.add(adapter.digest)
+
+    def _check_prompt(self, adapter: LoadedAdapter, prompt: torch.Tensor) -> None:
+        if self.prompt is None:
+            raise UnsupportedAdapter(
+                f"{adapter.source} is a soft prompt; attach the host with "
+                f"max_virtual_tokens >= {prompt.shape[0]}"
+            )
+        if prompt.shape[0] > self.prompt.max_tokens:
+            raise TooManyVirtualTokens(
+                f"{adapter.source} has {prompt.shape[0]} virtual tokens; the host's slot "
+                f"holds {self.prompt.max_tokens}"
+            )
+        if prompt.shape[1] != self.prompt.dim:
+            raise AdapterShapeMismatch(
+                f"{adapter.source}: virtual tokens of dimension {prompt.shape[1]}, the "
+                f"model's embeddings {self.prompt.dim}"
+            )
+        bound = adapter.prompt_bound or largest(prompt)  # (a hand-made LoadedAdapter)
+        check_fits("prompt_embeddings", bound, self.prompt.dtype)
+
+    def dora_rows(self, plan: SwapPlan) -> dict[str, torch.Tensor]:
+        """m / ||W + scaling * B @ A|| per output row of each DoRA module (fp32, on the
+        slot's device), checked finite, and the gains and row factors staged from them
+        checked against the slot's dtype."""
+        rows: dict[str, torch.Tensor] = {}
+        for name, factors in plan.factors.items():
+            if factors.magnitude is None:
+                continue
+            slot = self.slots[name]
+            weight = self.sites[name].weight.detach().to(slot.device, torch.float32)
+            delta = delta_weight(factors, slot.device)
+            if factors.layer != "linear":
+                weight, delta = weight.T, delta.T
+            rows[name] = dora_row_scale(weight, delta, factors.magnitude)
+        if not rows:
+            return rows
+        largest = torch.stack([row.abs().max() for row in rows.values()]).tolist()
+        for name, value in zip(rows, largest, strict=True):
+            if not value < float("inf"):
+                raise NonFiniteAdapter(f"DoRA row factors of {name} are not finite")
+            slot = self.slots[name]
+            gain = abs(plan.factors[name].scaling * slot.output_scale) * value
+            check_fits(f"{name} DoRA gain", gain, slot.dtype)
+            check_fits(f"{name} DoRA row factor", value + 1.0, slot.dtype)
+        return rows
