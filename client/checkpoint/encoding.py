@@ -5,10 +5,17 @@ shape before it reads any data, so that shard headers can be written first.
 An encoder therefore answers twice for each base tensor: `plan` (from the
 name, shape and dtype alone) and `encode` (with the fp32 values), and the two
 must agree exactly.
+
+A plan of exactly `[PlannedTensor(name, dtype, shape)]` (the input's own name
+and shape, in the output dtype) means "stored as it is, cast to `dtype`": the
+merge then streams such a tensor (copied or cast block by block, or merged in
+row blocks) and does not call `encode` for it. An encoder that changes values
+must therefore rename them, change their shape or dtype, or split them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,14 +33,24 @@ class PlannedTensor:
         count = 1
         for size in self.shape:
             count *= size
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * self.dtype.itemsize
+
+
+def stored_as_is(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, planned: Sequence[PlannedTensor]
+) -> bool:
+    """Whether an encoder's plan for (name, shape) stores the tensor as it is, cast to `dtype`
+    (see the module doc): then its values never go through `encode`."""
+    return list(planned) == [PlannedTensor(name, dtype, tuple(shape))]
 
 
 class TensorEncoder(Protocol):
     """Turns one (merged) fp32 tensor into the tensors stored for it."""
 
     def plan(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[PlannedTensor]:
-        """The tensors `encode` will return for this input, in order; `dtype` is the output's."""
+        """The tensors `encode` will return for this input, in order; `dtype` is the output's.
+
+        Called once per input tensor of a checkpoint, in order, then `config_update`."""
         ...
 
     def encode(

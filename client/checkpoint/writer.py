@@ -3,13 +3,19 @@
 A checkpoint's output tensors are planned (name, dtype, shape) before any data
 is read, so `plan_shards` can assign them to shards and each shard's header
 can be written up front. `CheckpointWriter` then takes the data in plan order,
-checks each tensor against its plan (dtype, shape, byte count) and appends it;
-the data is never gathered in memory.
+checks each tensor against its plan (dtype, shape, byte count) and writes it
+at its planned offset; the data is never gathered in memory.
 
 Layout, as the safetensors library writes it: a little-endian u64 N, then N
 bytes of compact JSON `{"__metadata__": {"format": "pt"}, name: {"dtype",
 "shape", "data_offsets": [begin, end]}, ...}` padded with spaces so the data
-section starts 8-byte aligned, then the tensors' bytes back to back.
+section starts 8-byte aligned, then the tensors' bytes back to back. Within a
+shard the data is laid out, as the safetensors library lays it out, by
+decreasing element size (plan order among equal sizes): every size is a power
+of two and every tensor's byte count a multiple of its own element size, so
+each tensor starts at a multiple of its element size (readers that map a file
+and view tensors in place need that). Tensors still arrive in plan order; each
+is written at its offset.
 
 Shards follow Hugging Face's rule: tensors are added in order and a new shard
 starts when the next tensor would push the current one past `max_shard_bytes`
@@ -17,15 +23,20 @@ starts when the next tensor would push the current one past `max_shard_bytes`
 `model.safetensors`; several are `model-00001-of-00003.safetensors`, ... with a
 `model.safetensors.index.json` (`metadata.total_size`, `weight_map`).
 
-`StagedDirectory` builds an output directory next to its final place and
-renames it in only once complete, so nothing half-written is ever visible.
+Durability: each shard and the index are fsynced when complete
+(`write_durably` and `copy_durably` do the same for other files).
+`StagedDirectory` builds an output directory next to its final place and, on
+`commit`, fsyncs it, renames it into place and fsyncs the parent, so nothing
+half-written is ever visible, even after a crash.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,9 +49,12 @@ from client.cache import remove_tree
 from client.checkpoint.encoding import PlannedTensor
 from client.sdk.errors import Conflict, InvalidRequest
 
+logger = logging.getLogger(__name__)
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+# 5 GB (10^9 bytes): transformers' `save_pretrained` default, and `peftreg merge`'s "5GB".
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 DEFAULT_METADATA: Mapping[str, str] = {"format": "pt"}
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -78,10 +92,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class PlannedShard:
-    """One output file: its name, its tensors in order, and its header bytes."""
+    """One output file: its name, its tensors in plan order, where each one's data lies
+    (offsets relative to the data section, in plan order) and its header bytes."""
 
     file_name: str
     tensors: tuple[PlannedTensor, ...]
+    offsets: tuple[int, ...]
     header: bytes  # the u64 length prefix and the padded JSON
 
     @property
@@ -100,20 +116,38 @@ def shard_file_name(index: int, count: int) -> str:
     return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
+def storage_order(tensors: Sequence[PlannedTensor]) -> list[int]:
+    """Indices of `tensors` in the order their data is laid out: decreasing element size,
+    plan order among equal sizes (see the module doc)."""
+    return sorted(range(len(tensors)), key=lambda index: -tensors[index].dtype.itemsize)
+
+
+def data_offsets(tensors: Sequence[PlannedTensor]) -> list[int]:
+    """Each tensor's data offset (in plan order), laid out in `storage_order`."""
+    offsets = [0] * len(tensors)
+    position = 0
+    for index in storage_order(tensors):
+        offsets[index] = position
+        position += tensors[index].nbytes
+    return offsets
+
+
 def encode_header(
     tensors: Sequence[PlannedTensor], metadata: Mapping[str, str] = DEFAULT_METADATA
 ) -> bytes:
-    """The u64 length and the JSON header, space-padded to 8-byte alignment."""
-    document: dict[str, object] = {"__metadata__": dict(metadata)}
-    offset = 0
+    """The u64 length and the JSON header (tensors in storage order), space-padded to
+    8-byte alignment."""
     for tensor in tensors:
-        end = offset + tensor.nbytes
+        dtype_name(tensor.dtype)  # refuses a dtype safetensors cannot store
+    offsets = data_offsets(tensors)
+    document: dict[str, object] = {"__metadata__": dict(metadata)}
+    for index in storage_order(tensors):
+        tensor = tensors[index]
         document[tensor.name] = {
             "dtype": dtype_name(tensor.dtype),
             "shape": list(tensor.shape),
-            "data_offsets": [offset, end],
+            "data_offsets": [offsets[index], offsets[index] + tensor.nbytes],
         }
-        offset = end
     raw = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return len(raw).to_bytes(8, "little") + raw
@@ -143,7 +177,10 @@ def plan_shards(
         size += tensor.nbytes
     return [
         PlannedShard(
-            shard_file_name(index, len(groups)), tuple(group), encode_header(group, metadata)
+            shard_file_name(index, len(groups)),
+            tuple(group),
+            tuple(data_offsets(group)),
+            encode_header(group, metadata),
         )
         for index, group in enumerate(groups)
     ]
@@ -167,6 +204,29 @@ def _write_all(handle: io.FileIO, data: memoryview) -> int:
     return total
 
 
+def fsync_directory(path: Path) -> None:
+    """Make a directory's entries (files created or renamed in it) durable."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Create `path` with `data`, fsynced before it is closed."""
+    with io.FileIO(path, "xb") as handle:
+        _write_all(handle, memoryview(data))
+        os.fsync(handle.fileno())
+
+
+def copy_durably(source: Path, target: Path) -> None:
+    """Copy a file's bytes to a new `target`, fsynced before it is closed."""
+    with source.open("rb") as reader, io.FileIO(target, "xb") as handle:
+        shutil.copyfileobj(reader, handle)
+        os.fsync(handle.fileno())
+
+
 class CheckpointWriter:
     """Writes planned safetensors shards (and the index) into `directory`, in plan order."""
 
@@ -183,9 +243,13 @@ class CheckpointWriter:
         self._queue = [
             (shard_index, t) for shard_index, s in enumerate(self.shards) for t in s.tensors
         ]
+        self._offsets = [
+            len(shard.header) + offset for shard in self.shards for offset in shard.offsets
+        ]  # absolute file offsets, in _queue order
         self._position = 0  # index into _queue of the next tensor
         self._shard: int | None = None
         self._handle: io.FileIO | None = None
+        self._shard_bytes = 0  # bytes written to the open shard
         self.bytes_written = 0
 
     # -- public API -----------------------------------------------------------------
@@ -233,8 +297,8 @@ class CheckpointWriter:
                     t.name: shard.file_name for shard in self.shards for t in shard.tensors
                 },
             }
-            (self.directory / INDEX_FILE).write_text(
-                json.dumps(index, indent=2) + "\n", encoding="utf-8"
+            write_durably(
+                self.directory / INDEX_FILE, (json.dumps(index, indent=2) + "\n").encode()
             )
         return self.shard_names
 
@@ -270,6 +334,7 @@ class CheckpointWriter:
 
     def _append(self, planned: PlannedTensor, chunks: Iterable[memoryview]) -> None:
         assert self._handle is not None
+        self._handle.seek(self._offsets[self._position])
         total = 0
         for chunk in chunks:
             total += len(chunk)
@@ -283,6 +348,7 @@ class CheckpointWriter:
                 f"{planned.name}: {total} bytes given, {planned.nbytes} planned"
             )
         self.bytes_written += total
+        self._shard_bytes += total
         self._position += 1
 
     def _open_shard(self, index: int) -> None:
@@ -292,6 +358,7 @@ class CheckpointWriter:
         self._handle = handle
         self._shard = index
         _write_all(handle, memoryview(shard.header))
+        self._shard_bytes = len(shard.header)
         self.bytes_written += len(shard.header)
 
     def _close_shard(self) -> None:
@@ -299,12 +366,13 @@ class CheckpointWriter:
             return
         assert self._shard is not None
         expected = self.shards[self._shard].file_bytes
-        position = self._handle.tell()
+        written = self._shard_bytes
+        if written == expected:
+            os.fsync(self._handle.fileno())
         self.close()
-        if position != expected:
+        if written != expected:
             raise CheckpointWriteError(
-                f"{self.shards[self._shard].file_name}: {position} bytes written, "
-                f"{expected} planned"
+                f"{self.shards[self._shard].file_name}: {written} bytes written, {expected} planned"
             )
 
 
@@ -313,7 +381,9 @@ class StagedDirectory:
 
     Refuses (Conflict) a non-directory at `output`, or a non-empty directory
     unless `replace`. Leaving the block without `commit` removes the staging
-    directory, so nothing appears at `output`.
+    directory, so nothing appears at `output`. The files written into `path`
+    must be made durable by their writers (`CheckpointWriter`, `write_durably`,
+    `copy_durably`); `commit` makes the directory entries durable.
     """
 
     def __init__(self, output: Path, *, replace: bool = False) -> None:
@@ -324,25 +394,51 @@ class StagedDirectory:
         self._committed = False
 
     def __enter__(self) -> StagedDirectory:
+        missing = [p for p in self.output.parents if not p.exists()]
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        for created in reversed(missing):  # outermost first: make each new entry durable
+            fsync_directory(created.parent)
         self.path.mkdir()
         return self
 
     def commit(self) -> Path:
+        """fsync the staging directory, rename it to `output` (a replaced output is moved
+        aside first, and removed only once the new one is in place), fsync the parent."""
         check_output(self.output, replace=self.replace)
-        retired = self.output.parent / f".{self.output.name}.peftreg-old-{uuid.uuid4().hex}"
+        fsync_directory(self.path)
+        retired: Path | None = None
         if self.output.is_dir():
+            retired = self.output.parent / f".{self.output.name}.peftreg-old-{uuid.uuid4().hex}"
             os.rename(self.output, retired)
         try:
             os.replace(self.path, self.output)
-        except BaseException:
-            if retired.exists() and not self.output.exists():
-                os.rename(retired, self.output)
+        except BaseException as error:
+            if retired is not None:
+                self._restore(retired, error)
             raise
-        finally:
-            remove_tree(retired)
+        fsync_directory(self.output.parent)
         self._committed = True
+        if retired is not None and retired.is_symlink():
+            retired.unlink()  # a replaced symlink: its target is left as it is
+        elif retired is not None:
+            remove_tree(retired)
         return self.output
+
+    def _restore(self, retired: Path, error: BaseException) -> None:
+        """Put the replaced output back after a failed rename; never delete it."""
+        try:
+            os.rename(retired, self.output)
+        except OSError as restore_error:
+            logger.error(
+                "could not restore %s after a failed replace; it is kept at %s",
+                self.output,
+                retired,
+                extra={"output": str(self.output), "kept_at": str(retired)},
+            )
+            raise CheckpointWriteError(
+                f"replacing {self.output} failed ({error}) and the previous directory could "
+                f"not be put back ({restore_error}); it is kept at {retired}"
+            ) from error
 
     def __exit__(
         self,
@@ -372,8 +468,13 @@ __all__ = [
     "PlannedShard",
     "StagedDirectory",
     "check_output",
+    "copy_durably",
+    "data_offsets",
     "dtype_name",
     "encode_header",
+    "fsync_directory",
     "plan_shards",
     "shard_file_name",
+    "storage_order",
+    "write_durably",
 ]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,6 +43,40 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise click.BadParameter(f"{text!r} must be positive")
     return size
+
+
+@contextmanager
+def single_threaded_cpu_merge(enabled: bool) -> Iterator[None]:
+    """torch on one intra-op thread for the block, then its setting restored.
+
+    A plain merge on the CPU is a stream of small memory-bound operations (row
+    blocks of a few MB); spreading each over threads costs a synchronization
+    per operation, which on a busy machine made a 1 GB merge several times
+    slower. The setting is process-wide, so only the CLI (which owns its
+    process) makes it; the library never does.
+    """
+    if not enabled:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def check_weights(weights: tuple[float, ...], adapters: int) -> None:
+    """One finite --weight per adapter, or none at all."""
+    if weights and len(weights) != adapters:
+        raise click.UsageError(
+            f"{len(weights)} --weight values for {adapters} adapters; give one per adapter"
+        )
+    for weight in weights:
+        if not math.isfinite(weight):
+            raise click.BadParameter(f"{weight} is not a finite number", param_hint="--weight")
 
 
 def int4_encoder(base_dir: Path, group_size: int, algorithm: str) -> TensorEncoder:
@@ -161,7 +198,7 @@ def _report(result: MergeResult, as_json: bool) -> None:
     "--max-shard-size",
     default="5GB",
     show_default=True,
-    help="Largest output shard, e.g. 5GB, 500MiB.",
+    help="Largest output shard, e.g. 5GB (5 * 10^9 bytes, as transformers counts), 500MiB.",
 )
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -187,14 +224,11 @@ def merge(
     Streams the base one tensor at a time and writes a Hugging Face model
     directory at OUTPUT (config.json, tokenizer files, safetensors shards).
     """
-    if weights and len(weights) != len(adapters):
-        raise click.UsageError(
-            f"{len(weights)} --weight values for {len(adapters)} adapters; give one per adapter"
-        )
+    check_weights(weights, len(adapters))
     import torch
 
     from client.merge.inputs import adapter_from_peft_directory
-    from client.merge.stream import merge_to_directory
+    from client.merge.stream import merge_to_directory, resolve_device
 
     max_shard_bytes = parse_size(max_shard_size)
     inputs = [
@@ -202,20 +236,24 @@ def merge(
         for index, path in enumerate(adapters)
     ]
     encoder = int4_encoder(base_dir, group_size, algorithm) if quantize == "int4" else None
+    # One intra-op thread for a plain CPU merge (see single_threaded_cpu_merge); INT4's
+    # scale search is compute-bound and keeps torch's threads.
+    single = encoder is None and resolve_device(device).type == "cpu"
     bar = _Bar() if not quiet and not as_json and sys.stderr.isatty() else None
     try:
-        result = merge_to_directory(
-            base_dir,
-            inputs,
-            output,
-            dtype=getattr(torch, dtype) if dtype else None,
-            base_quantization=base_quantization,
-            encoder=encoder,
-            device=device,
-            max_shard_bytes=max_shard_bytes,
-            progress=bar,
-            replace=force,
-        )
+        with single_threaded_cpu_merge(single):
+            result = merge_to_directory(
+                base_dir,
+                inputs,
+                output,
+                dtype=getattr(torch, dtype) if dtype else None,
+                base_quantization=base_quantization,
+                encoder=encoder,
+                device=device,
+                max_shard_bytes=max_shard_bytes,
+                progress=bar,
+                replace=force,
+            )
     finally:
         if bar is not None:
             bar.close()

@@ -4,7 +4,9 @@ In order, for the adapters together and then each against the base:
 
 1. prompt and prefix tuning add virtual tokens, not weight changes: nothing
    to merge; a DoRA adapter rescales rows, so it is not linear in its delta
-   and merges only alone with weight 1;
+   and merges only alone with weight 1; PEFT features whose effect is not a
+   per-module delta on the stored weights (`UNMERGEABLE_FEATURES`) are
+   refused, since merging their factors alone would be silently wrong;
 2. adapters that record different base fingerprints (or structure hashes)
    were trained on different bases and are never summed;
 3. an adapter that records the base fingerprint it was trained on must match
@@ -25,6 +27,27 @@ from client.merge.errors import IncompatibleBase, MergeError
 from client.merge.inputs import AdapterInput
 
 NOTHING_TO_MERGE = ("prompt_tuning", "prefix_tuning")
+# adapter_config.json keys (when set) whose adapters a plain weight merge would get wrong.
+UNMERGEABLE_FEATURES: dict[str, str] = {
+    "alora_invocation_tokens": (
+        "an activated LoRA (aLoRA) applies only after its invocation tokens, so merging it "
+        "would apply it to every token"
+    ),
+    "use_qalora": (
+        "QALoRA's A factor acts on pooled groups of input features, so B @ A is not the "
+        "weight change"
+    ),
+    "target_parameters": (
+        "it adapts raw parameters (e.g. fused MoE experts) that peftreg does not map to "
+        "stored weights"
+    ),
+    "layer_replication": (
+        "it duplicates base layers, which a merge into the stored weights cannot express"
+    ),
+    "trainable_token_indices": (
+        "it trains selected embedding rows (trainable tokens) that peftreg does not merge"
+    ),
+}
 
 
 class BaseIdentity(Protocol):
@@ -97,6 +120,16 @@ def _check_kinds(adapters: Sequence[AdapterInput]) -> None:
             )
 
 
+def _check_features(adapters: Sequence[AdapterInput]) -> None:
+    for adapter in adapters:
+        for key, reason in UNMERGEABLE_FEATURES.items():
+            if adapter.config.peft_config.get(key):
+                raise MergeError(
+                    f"{adapter.name} sets {key} in its adapter_config.json: {reason}; "
+                    "refusing to merge"
+                )
+
+
 def _check_same_base(adapters: Sequence[AdapterInput]) -> None:
     for attribute in ("fingerprint", "structure_hash"):
         recorded = {
@@ -117,6 +150,7 @@ def check_compatible(
 ) -> None:
     """Refuse (IncompatibleBase / MergeError) adapters that cannot merge into `base`."""
     _check_kinds(adapters)
+    _check_features(adapters)
     _check_same_base(adapters)
     shapes = {spec.name: spec.shape for spec in base.tensors}
     for adapter in adapters:
@@ -155,4 +189,10 @@ def check_compatible(
                 )
 
 
-__all__ = ["BaseIdentity", "base_tensor_name", "check_compatible", "missing_weight"]
+__all__ = [
+    "UNMERGEABLE_FEATURES",
+    "BaseIdentity",
+    "base_tensor_name",
+    "check_compatible",
+    "missing_weight",
+]

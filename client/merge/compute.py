@@ -9,26 +9,24 @@ a reusable output buffer when the output dtype has another element size).
 No fp32 copy of the whole tensor is made and nothing is allocated per
 tensor, so no fresh memory is faulted in. Where rows are not
 independent (DoRA on a Conv1D or embedding weight), where the weight is
-NF4 round-tripped or replaced, on CUDA, or with an encoder other than the
-plain cast, the whole tensor is computed in fp32 on the device instead.
+NF4 round-tripped or replaced, on CUDA, or where the encoder transforms the
+tensor (not `TensorPlan.as_is`), the whole tensor is computed in fp32 on the
+device instead, then cast or encoded.
 
-The row blocks run on one intra-op thread: each block is a few small,
-memory-bound operations, and splitting each one across threads costs a
-synchronization per operation, which on a busy machine (threads preempted
-while others spin) made a 1 GB merge ten times slower (measured: 0.8 s on
-one thread against 3.6-6 s on two, on 2 shared cores).
+This library never changes torch's thread settings (they are process-wide
+and merges may run on several threads of one process); a caller that owns
+its process may (`peftreg merge` runs the plain merge on one intra-op
+thread, see `client.cli.merge`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 
 from client.adapters.factors import ModuleFactors, merged_bias, merged_weight
-from client.checkpoint.encoding import CastEncoder, TensorEncoder
+from client.checkpoint.encoding import TensorEncoder
 from client.checkpoint.writer import CheckpointWriter
 from client.merge.base_checkpoint import BaseCheckpoint
 from client.merge.errors import MergeError
@@ -36,17 +34,6 @@ from client.merge.nf4 import nf4_round_trip
 from client.merge.plan import TensorPlan
 
 BLOCK_ELEMENTS = 1 << 20
-
-
-@contextmanager
-def intra_op_threads(count: int) -> Iterator[None]:
-    """torch's intra-op thread count set to `count` for the block (process-wide), then restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def row_factors(factors: ModuleFactors, start: int, stop: int) -> ModuleFactors:
@@ -115,7 +102,6 @@ class TensorMerger:
         self.writer = writer
         self.encoder = encoder
         self.device = device
-        self._cast_only = type(encoder) is CastEncoder
         self._buffer = torch.empty(0, dtype=torch.uint8)
 
     @property
@@ -134,10 +120,10 @@ class TensorMerger:
             del value
             self.writer.write(source.name, out)
             return
-        if self._cast_only and self.device.type == "cpu" and _row_blockable(plan):
+        if plan.as_is and self.device.type == "cpu" and _row_blockable(plan):
             # Each block is copied to fp32 before its rows are overwritten, so the merged
             # rows can go back into the read buffer when the element sizes agree.
-            if value.element_size() == torch.empty((), dtype=plan.out_dtype).element_size():
+            if value.element_size() == plan.out_dtype.itemsize:
                 out = value.view(plan.out_dtype)
             else:
                 out = self._output(source.shape, plan.out_dtype)
@@ -147,7 +133,7 @@ class TensorMerger:
             return
         merged = merged_fp32(plan, value, self.device)
         del value
-        if self._cast_only:
+        if plan.as_is:
             out = self._output(source.shape, plan.out_dtype)
             out.copy_(merged.to(plan.out_dtype))
             del merged
@@ -167,18 +153,17 @@ class TensorMerger:
         check_unchanged(plan, value)
         rows, columns = value.shape
         step = max(1, BLOCK_ELEMENTS // max(1, columns))
-        with intra_op_threads(1):
-            for start in range(0, rows, step):
-                stop = min(rows, start + step)
-                parts = [(row_factors(f, start, stop), mix) for f, mix in plan.weight]
-                out[start:stop].copy_(merged_weight(value[start:stop], parts, self.device))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            parts = [(row_factors(f, start, stop), mix) for f, mix in plan.weight]
+            out[start:stop].copy_(merged_weight(value[start:stop], parts, self.device))
 
     def _output(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A view of the reusable output buffer with this shape and dtype."""
         count = 1
         for size in shape:
             count *= size
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes = count * dtype.itemsize
         if self._buffer.numel() < nbytes:
             self._buffer = torch.empty(0, dtype=torch.uint8)  # release before growing
             self._buffer = torch.empty(nbytes, dtype=torch.uint8)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 
 from client.adapters.base_package import BASE_FILES
-from client.checkpoint.writer import INDEX_FILE
+from client.checkpoint.writer import INDEX_FILE, copy_durably, write_durably
 from client.merge.errors import MergeError
 
 CONFIG_FILE = "config.json"
@@ -62,11 +61,11 @@ def output_model_config(
 
 
 def write_model_files(base_dir: Path, directory: Path, config: Mapping[str, Any]) -> None:
-    """config.json, and a copy of every tokenizer / generation file the base has."""
-    (directory / CONFIG_FILE).write_text(
-        json.dumps(dict(config), indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
+    """config.json, and a copy of every tokenizer / generation file the base has (each
+    fsynced: the directory is committed right after)."""
+    document = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
+    write_durably(directory / CONFIG_FILE, document.encode("utf-8"))
     for title in BASE_FILES:
         source = Path(base_dir) / title
         if title not in (CONFIG_FILE, INDEX_FILE) and source.is_file():
-            shutil.copyfile(source, directory / title)
+            copy_durably(source, directory / title)

@@ -5,6 +5,10 @@ and `<module>.bias` for a `lora_B` bias), checks dtypes and shapes, and
 plans every base tensor in file order: copied through (untouched, same dtype;
 non-float tensors always), cast, or computed in fp32 (merged, NF4
 round-tripped, replaced whole), with the encoder's planned outputs.
+
+Copy and cast are decided per tensor: an untouched tensor whose encoder plan
+stores it as it is (`encoding.stored_as_is`, e.g. an embedding or `lm_head`
+that INT4 leaves dense) streams through whatever the encoder.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Literal
 import torch
 
 from client.adapters.factors import ModuleFactors
-from client.checkpoint.encoding import CastEncoder, PlannedTensor, TensorEncoder
+from client.checkpoint.encoding import PlannedTensor, TensorEncoder, stored_as_is
 from client.merge.base_checkpoint import BaseCheckpoint, BaseTensor
 from client.merge.compat import base_tensor_name, missing_weight
 from client.merge.errors import IncompatibleBase, MergeError
@@ -45,6 +49,7 @@ class TensorPlan:
     unchanged: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # copies to check
     nf4: bool = False  # round-trip through NF4 first (QLoRA base)
     nf4_transposed: bool = False  # a GPT-2 Conv1D weight: quantized as its transpose
+    as_is: bool = False  # the encoder stores it as it is, cast: `encode` is not called
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,6 @@ def plan_merge(
     """Every base tensor's plan, in file order; raises before any tensor data is read."""
     matcher = _Matcher(checkpoint, loaded, tied_embeddings)
     conv1d = any(f.layer == "conv1d" for a in loaded for f in a.factors.values())
-    exact_cast = type(encoder) is CastEncoder
     plans: list[TensorPlan] = []
     for tensor in checkpoint.tensors:
         if tensor.dtype_name not in MERGEABLE_DTYPES:
@@ -158,10 +162,11 @@ def plan_merge(
             continue
         out_dtype = dtype or tensor.dtype
         nf4 = base_quantization == "nf4" and is_nf4_quantized(tensor)
+        outputs = encoder.plan(tensor.name, tensor.shape, out_dtype)
         plan = TensorPlan(
             source=tensor,
             out_dtype=out_dtype,
-            outputs=encoder.plan(tensor.name, tensor.shape, out_dtype),
+            outputs=outputs,
             mode="compute",
             weight=matcher.weights.get(tensor.name, []),
             bias=matcher.biases.get(tensor.name, []),
@@ -169,9 +174,10 @@ def plan_merge(
             unchanged=matcher.unchanged.get(tensor.name, []),
             nf4=nf4,
             nf4_transposed=nf4 and conv1d,
+            as_is=stored_as_is(tensor.name, tensor.shape, out_dtype, outputs),
         )
         touched = plan.weight or plan.bias or plan.unchanged or plan.nf4
-        if not touched and plan.replacement is None and exact_cast:
+        if not touched and plan.replacement is None and plan.as_is:
             plan.mode = "copy" if out_dtype == tensor.dtype else "cast"
         plans.append(plan)
     return MergePlan(plans, len(matcher.modules))

@@ -12,9 +12,12 @@ The same code serves the registry's merge jobs and the local `peftreg merge`.
    (`compute.TensorMerger`), then streamed into the writer. Only one base
    tensor is held at a time.
 3. config.json (dtype, the encoder's `quantization_config`, extra keys) and
-   the tokenizer and generation files are written, and the staging directory
-   is renamed into place. On any error or cancellation nothing is left at the
-   output.
+   the tokenizer and generation files are written, every file is fsynced, and
+   the staging directory is fsynced, renamed into place and its parent
+   fsynced. On any error or cancellation nothing is left at the output.
+
+Before any of this, an output that would overwrite or contain an input (the
+base or an adapter directory) is refused (`destination.check_destination`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from client.checkpoint.writer import (
 from client.merge.base_checkpoint import BaseCheckpoint
 from client.merge.compat import BaseIdentity, check_compatible
 from client.merge.compute import TensorMerger
+from client.merge.destination import check_destination
 from client.merge.errors import MergeCancelled, MergeError
 from client.merge.inputs import AdapterInput, load_adapter
 from client.merge.model_dir import (
@@ -150,7 +154,9 @@ def merge_to_directory(
     NF4-dequantized Linear weights a QLoRA adapter was trained against.
     `cancelled()` is polled between tensors (MergeCancelled, nothing left at
     `output`); `progress(fraction, tensor name)` is called after each tensor.
-    `replace`: replace a non-empty `output` (Conflict otherwise).
+    `replace`: replace a non-empty `output` (Conflict otherwise). An output that is,
+    contains or lies inside the base directory, or is or contains an adapter's
+    directory, is refused (`destination.check_destination`).
     """
     with BaseCheckpoint(Path(base_dir)) as checkpoint:
         return merge_checkpoint(
@@ -193,13 +199,12 @@ def merge_checkpoint(
         raise MergeError(f"output dtype {dtype} is not one of float16, bfloat16, float32")
     if base_quantization not in ("none", "nf4"):
         raise MergeError(f"base quantization {base_quantization!r} is not none or nf4")
+    output = Path(output).absolute()
+    check_destination(output, checkpoint.directory, adapters)
     model_config = read_model_config(checkpoint.directory)
     tied = bool(model_config.get("tie_word_embeddings", False))
     identity = _base_identity(checkpoint, adapters, base_config)
     check_compatible(identity, adapters, tied_embeddings=tied)
-    output = Path(output).absolute()
-    if output.resolve() == checkpoint.directory.resolve():
-        raise MergeError(f"the output {output} is the base directory itself; write elsewhere")
     check_output(output, replace=replace)
     compute_device = resolve_device(device)
     plan = plan_merge(

@@ -58,6 +58,12 @@ class Int4Encoder:
     of `<module>.weight` names that are Linear weights (see
     `linear_layers.linear_weight_names`); None falls back to the name heuristic.
     `device` is where the math runs; None runs it where each tensor already is.
+
+    The encoder records what it planned (for `ignore_list` and
+    `config_update`), so it describes one checkpoint at a time: a merge calls
+    `plan` for every tensor, then `config_update`. A `plan` call after
+    `config_update` starts a new checkpoint and forgets the previous one's
+    record; one encoder must not serve two merges at the same time.
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class Int4Encoder:
         self._left_unquantized: set[str] = set()
         self._planned_weights: set[str] = set()
         self._planned_tensors = 0
+        self._finished = False  # config_update was called: the next plan starts afresh
 
     @classmethod
     def for_model_config(
@@ -100,6 +107,8 @@ class Int4Encoder:
         return cls(group_size, algorithm, [*ignore, *tied], layout.weights, device)
 
     def plan(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> list[PlannedTensor]:
+        if self._finished:
+            self._reset()
         self._planned_tensors += 1
         if not self._is_linear_weight(name, shape):
             return self._passthrough.plan(name, shape, dtype)
@@ -166,6 +175,7 @@ class Int4Encoder:
 
     def config_update(self) -> dict[str, Any]:
         """The `quantization_config`; refuses a checkpoint in which nothing was quantized."""
+        self._finished = True
         if self._planned_tensors and not self._quantized:
             raise QuantizationError(self._nothing_quantized_reason())
         return {
@@ -183,6 +193,13 @@ class Int4Encoder:
             "symmetric": True,
             "ignore": self.ignore_list(),
         }
+
+    def _reset(self) -> None:
+        self._quantized.clear()
+        self._left_unquantized.clear()
+        self._planned_weights.clear()
+        self._planned_tensors = 0
+        self._finished = False
 
     def _nothing_quantized_reason(self) -> str:
         if self._left_unquantized:

@@ -12,7 +12,8 @@ tied to another module's parameter (GPT-2's or a tied Llama's `lm_head`,
 stored once as the embedding) is reported separately: it is never quantized
 and must be listed in `ignore`.
 
-When transformers is not installed or does not know the architecture,
+When transformers is not installed, does not know the architecture, or
+building it fails in any way (remote code, odd configs),
 `linear_weight_names` returns None and callers fall back to
 `is_linear_weight_by_name`: a 2-D `.weight` whose name has no part meaning an
 embedding or the output head (`embed`, `wte`, `wpe`, `lm_head`, `shared`,
@@ -99,7 +100,7 @@ def _meta_model(config_json: Mapping[str, Any]) -> torch.nn.Module | None:
             else:
                 auto_model: Any = transformers.AutoModelForCausalLM
                 model = auto_model.from_config(config)
-    except (ValueError, KeyError, TypeError, AttributeError, ImportError) as error:
+    except Exception as error:  # any failure to build means: find Linear layers by name
         LOG.warning(
             "cannot build %s on the meta device (%s); Linear layers found by name",
             model_type,
@@ -111,10 +112,14 @@ def _meta_model(config_json: Mapping[str, Any]) -> torch.nn.Module | None:
 
 
 def _model_class(transformers: Any, architectures: object) -> Any:
-    """The first architecture named in config.json that this transformers defines."""
+    """The first architecture named in config.json that this transformers defines as a
+    `PreTrainedModel` subclass."""
     if not isinstance(architectures, list):
         return None
     for name in architectures:
-        if isinstance(name, str) and isinstance(getattr(transformers, name, None), type):
-            return getattr(transformers, name)
+        if not isinstance(name, str):
+            continue
+        candidate = getattr(transformers, name, None)
+        if isinstance(candidate, type) and issubclass(candidate, transformers.PreTrainedModel):
+            return candidate
     return None

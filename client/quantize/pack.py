@@ -6,7 +6,9 @@ to word i // 8 at bit 4 * (i % 8), so the first element sits in the low
 nibble. A row whose length is not a multiple of 8 is padded with zero nibbles.
 Read as bytes (little-endian), byte j of a row holds element 2j in its low
 nibble and element 2j + 1 in its high nibble, which is how both functions
-below work: on whole tensors, on whatever device the tensor is on.
+below work, on whatever device the tensor is on. `pack_int4` writes into its
+int32 result in blocks of rows (`PACK_CHUNK_ELEMENTS` values), so its
+temporaries stay block-sized whatever the tensor's size.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ INT4_MIN = -8
 INT4_MAX = 7
 INT4_OFFSET = 8
 VALUES_PER_WORD = 8
+PACK_CHUNK_ELEMENTS = 1 << 20
 
 
 def packed_columns(columns: int) -> int:
@@ -38,6 +41,18 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"int4 values must lie in [-8, 7], got [{int(low)}, {int(high)}]")
     rows, columns = values.shape
     words = packed_columns(columns)
+    packed = torch.empty((rows, words), dtype=torch.int32, device=values.device)
+    packed_bytes = packed.view(torch.uint8)  # (rows, words * 4)
+    step = max(1, PACK_CHUNK_ELEMENTS // max(1, columns))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        packed_bytes[start:stop] = _packed_row_bytes(values[start:stop], words)
+    return packed
+
+
+def _packed_row_bytes(values: torch.Tensor, words: int) -> torch.Tensor:
+    """(rows, columns) values in [-8, 7] -> (rows, words * 4) bytes of the packed words."""
+    rows, columns = values.shape
     nibbles = (values.to(torch.int16) + INT4_OFFSET).to(torch.uint8)
     padding = words * VALUES_PER_WORD - columns
     if padding:
@@ -46,7 +61,7 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
     packed_bytes = pairs[..., 0] | (pairs[..., 1] << 4)
     if sys.byteorder == "big" and packed_bytes.device.type == "cpu":
         packed_bytes = packed_bytes.view(rows, words, 4).flip(-1).reshape(rows, words * 4)
-    return packed_bytes.contiguous().view(torch.int32)
+    return packed_bytes
 
 
 def unpack_int4(packed: torch.Tensor, columns: int) -> torch.Tensor:

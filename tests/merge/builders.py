@@ -10,6 +10,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
+from client.formats.safetensors_header import DTYPE_SIZES, read_header
 from tests.adapters.tiny_models import same_weights
 
 TOLERANCE = 1e-6
@@ -67,3 +68,16 @@ def max_difference(
         assert tuple(value.shape) == tuple(expected.shape), name
         worst = max(worst, (convert(value) - expected).abs().max().item() if value.numel() else 0.0)
     return worst
+
+
+def assert_aligned(directory: Path) -> None:
+    """Every tensor of every shard starts at a multiple of its element size (file offset)."""
+    shards = sorted(directory.glob("*.safetensors"))
+    assert shards
+    for shard in shards:
+        with shard.open("rb") as stream:
+            header = read_header(stream, shard.stat().st_size)
+        assert header.data_start % 8 == 0, shard.name
+        for entry in header.tensors.values():
+            begin = header.data_start + entry.begin
+            assert begin % DTYPE_SIZES[entry.dtype] == 0, (shard.name, entry.name, begin)

@@ -11,9 +11,11 @@ from click.testing import CliRunner, Result
 from peft import LoraConfig
 
 from client.cli.main import cli
+from client.quantize import dequantize, unpack_int4
 from tests.adapters.tiny_models import tiny_gpt2, tiny_llama
 from tests.merge.builders import (
     TOLERANCE,
+    assert_aligned,
     directory_tensors,
     max_difference,
     peft_merged,
@@ -146,7 +148,10 @@ def test_merge_command_int4(setup: tuple[Path, Path, Path], tmp_path: Path) -> N
     assert tensors["model.layers.0.self_attn.q_proj.weight_packed"].dtype == torch.int32
     assert "model.layers.0.self_attn.q_proj.weight" not in tensors
     assert "lm_head.weight" in tensors  # not quantized
-    # transformers (with compressed-tensors) loads it and runs it.
+    assert_aligned(out)
+    # transformers (with compressed-tensors) loads it and runs it (decompressing it): each
+    # Linear's weight is then exactly the dequantized codes, and those are within half a
+    # step of peft's merged weight.
     from transformers import AutoModelForCausalLM
 
     from tests.adapters.tiny_models import sample_ids
@@ -156,3 +161,52 @@ def test_merge_command_int4(setup: tuple[Path, Path, Path], tmp_path: Path) -> N
         logits = model(input_ids=sample_ids()).logits
     assert logits.shape == (2, 12, 64)
     assert bool(torch.isfinite(logits).all())
+    loaded = dict(model.named_modules())
+    merged = peft_merged(tiny_llama(), first).state_dict()
+    original = tiny_llama().state_dict()
+    modules = [n.removesuffix(".weight_packed") for n in tensors if n.endswith(".weight_packed")]
+    assert len(modules) == 14
+    for module in modules:
+        shape = tuple(tensors[f"{module}.weight_shape"].tolist())
+        scale = tensors[f"{module}.weight_scale"]
+        decoded = dequantize(unpack_int4(tensors[f"{module}.weight_packed"], shape[1]), scale, 32)
+        assert torch.equal(loaded[module].weight, decoded), module
+        step = scale.float().repeat_interleave(32, dim=1)
+        error = (decoded - merged[f"{module}.weight"]).abs()
+        assert bool((error <= 0.5 * step + 1e-6).all()), module
+    q_proj = "model.layers.0.self_attn.q_proj"
+    step = tensors[f"{q_proj}.weight_scale"].float().repeat_interleave(32, dim=1)
+    unmerged = (loaded[q_proj].weight - original[f"{q_proj}.weight"]).abs()
+    assert bool((unmerged > 0.5 * step + 1e-6).any())  # the adapter's delta is in the codes
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf"])
+def test_merge_command_refuses_a_weight_that_is_not_finite(
+    setup: tuple[Path, Path, Path], tmp_path: Path, weight: str
+) -> None:
+    base, first, _ = setup
+    result = _run(
+        "merge", str(first), "--base", str(base), "-o", str(tmp_path / "out"), "--weight", weight
+    )
+    assert result.exit_code == 2
+    assert "--weight" in result.stderr
+    assert "is not a finite number" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_command_restores_the_thread_count(
+    setup: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    base, first, _ = setup
+    threads = torch.get_num_threads()
+    result = _run("merge", str(first), "--base", str(base), "-o", str(tmp_path / "o"), "-q")
+    assert result.exit_code == 0, result.output
+    assert torch.get_num_threads() == threads
+
+
+def test_default_shard_size_is_the_library_default() -> None:
+    from client.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES
+    from client.cli.merge import merge, parse_size
+
+    option = next(p for p in merge.params if p.name == "max_shard_size")
+    assert parse_size(str(option.default)) == DEFAULT_MAX_SHARD_BYTES == 5 * 10**9

@@ -51,6 +51,12 @@ CASES: dict[str, tuple[Callable[[], PreTrainedModel], Callable[[], PeftConfig]]]
             r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"], use_dora=True
         ),
     ),
+    "dora_embedding": (
+        tiny_llama,
+        lambda: LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"], use_dora=True
+        ),
+    ),
     "modules_to_save": (
         tiny_llama,
         lambda: LoraConfig(

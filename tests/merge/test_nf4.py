@@ -82,3 +82,17 @@ def test_blocks_of_64_partial_last_block_zero_block_and_dtype() -> None:
     assert torch.equal(half, half.to(torch.float16).float())
     assert torch.equal(half, nf4_round_trip(weight.to(torch.float16).float(), dtype=torch.float16))
     assert not torch.equal(half, nf4_round_trip(weight.to(torch.float16).float()))
+
+
+def test_a_value_exactly_on_a_pivot_takes_the_lower_code() -> None:
+    """bitsandbytes' dQuantizeNF4 tests `x > pivot` (fp32 constants), so a tie goes down."""
+    pivots = torch.tensor(NF4_PIVOTS, dtype=torch.float32)
+    # absmax 1 (the leading 1.0 and -1.0): each value is its own scaled value, exactly.
+    weight = torch.cat([torch.tensor([1.0, -1.0]), pivots])
+    codes, absmax = nf4_quantize(weight, block_size=weight.numel())
+    assert absmax.tolist() == [1.0]
+    assert codes[2:].tolist() == list(range(15))  # pivot i separates codes i and i + 1
+    # One float32 step above a pivot goes up.
+    above = torch.nextafter(pivots, torch.full_like(pivots, 2.0))
+    codes, _ = nf4_quantize(torch.cat([torch.tensor([1.0, -1.0]), above]), block_size=17)
+    assert codes[2:].tolist() == list(range(1, 16))

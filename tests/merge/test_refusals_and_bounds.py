@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import weakref
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,7 +26,10 @@ from client.merge import (
     merge_to_directory,
 )
 from client.merge.base_checkpoint import BaseCheckpoint, BaseTensor
+from client.merge.compat import UNMERGEABLE_FEATURES
+from client.merge.model_dir import read_model_config
 from client.merge.stream import merge_checkpoint
+from client.quantize import Int4Encoder
 from tests.adapters.tiny_models import tiny_gpt2, tiny_llama
 from tests.merge.builders import directory_tensors, peft_merged, save_adapter, save_base
 
@@ -34,6 +39,12 @@ OTHER = "sha256:" + "0" * 64
 def _with_base(adapter: AdapterInput, **fields: str) -> AdapterInput:
     base = BaseReference(**fields)  # type: ignore[arg-type]
     config = adapter.config.model_copy(update={"base": base})
+    return AdapterInput(config, adapter.tensors_path, adapter.weight, label=adapter.label)
+
+
+def _with_peft_config(adapter: AdapterInput, **settings: Any) -> AdapterInput:
+    peft_config = {**adapter.config.peft_config, **settings}
+    config = adapter.config.model_copy(update={"peft_config": peft_config})
     return AdapterInput(config, adapter.tensors_path, adapter.weight, label=adapter.label)
 
 
@@ -305,3 +316,87 @@ def test_sharded_base_is_read_through_its_index(
     with pytest.raises(MergeError, match="is the base directory itself"):
         merge_to_directory(base, [adapter], base, replace=True)
     assert (base / "consolidated.safetensors").is_file()
+
+
+FEATURES = {
+    "alora_invocation_tokens": [13, 7, 42],
+    "use_qalora": True,
+    "target_parameters": ["mlp.experts.gate_up_proj"],
+    "layer_replication": [[0, 2], [1, 2]],
+    "trainable_token_indices": [1, 2, 3],
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_peft_features_a_merge_would_get_wrong_are_refused(
+    feature: str, llama_base: Path, lora: Path, tmp_path: Path
+) -> None:
+    assert set(FEATURES) == set(UNMERGEABLE_FEATURES)
+    adapter = _with_peft_config(
+        adapter_from_peft_directory(lora, label="acme/odd:v1"), **{feature: FEATURES[feature]}
+    )
+    with CountingCheckpoint(llama_base, 4096) as checkpoint:
+        with pytest.raises(MergeError) as caught:
+            merge_checkpoint(checkpoint, [adapter], tmp_path / "out")
+        assert checkpoint.bytes_read == 0
+    message = str(caught.value)
+    assert f"acme/odd:v1 sets {feature}" in message
+    assert UNMERGEABLE_FEATURES[feature] in message
+    assert list(tmp_path.iterdir()) == []
+    # Unset (None, False, empty) is an ordinary adapter.
+    unset = _with_peft_config(adapter_from_peft_directory(lora), **{feature: None})
+    assert merge_to_directory(llama_base, [unset], tmp_path / "ok").merged_modules == 6
+
+
+def test_outputs_over_around_or_inside_the_inputs_are_refused(
+    llama_base: Path, lora: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    base = models / "tiny" / "base"
+    shutil.copytree(llama_base, base)
+    adapter_dir = tmp_path / "adapters" / "lora"
+    shutil.copytree(lora, adapter_dir)
+    (tmp_path / "link").symlink_to(models)
+    adapter = adapter_from_peft_directory(adapter_dir)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    refused = {
+        base: "is the base directory itself",
+        base.parent: "contains the base directory",
+        models: "contains the base directory",
+        tmp_path: "contains the base directory",
+        tmp_path / "link": "contains the base directory",  # resolved through the symlink
+        base / "merged": "is inside the base directory",
+        adapter_dir: "is the directory of adapter",
+        adapter_dir.parent: "contains the directory of adapter",
+    }
+    for output, reason in refused.items():
+        with pytest.raises(MergeError, match=reason):
+            merge_to_directory(base, [adapter], output, replace=True)
+    after = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert after == before  # nothing touched, nothing added
+    # A sibling is fine, and may be replaced.
+    merge_to_directory(base, [adapter], models / "tiny" / "merged")
+    merge_to_directory(base, [adapter], models / "tiny" / "merged", replace=True)
+    assert (base / "model.safetensors").read_bytes() == before[base / "model.safetensors"]
+
+
+def test_int4_streams_the_tensors_it_stores_as_they_are(
+    llama_base: Path, lora: Path, tmp_path: Path
+) -> None:
+    encoder = Int4Encoder.for_model_config(read_model_config(llama_base), group_size=16)
+    with CountingCheckpoint(llama_base, chunk_bytes=4096) as checkpoint:
+        merge_checkpoint(
+            checkpoint, [adapter_from_peft_directory(lora)], tmp_path / "out", encoder=encoder
+        )
+        quantized = {f"{module}.weight" for module in encoder.quantized_modules}
+        assert len(quantized) == 14  # every Linear of the 2 layers; lm_head is ignored
+        # Only the weights INT4 transforms are read whole; embeddings, lm_head and norms
+        # are copied through in chunks.
+        assert {t.name for t in checkpoint.whole} == quantized
+        streamed = {t.name for t in checkpoint.chunked}
+        assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= streamed
+        assert streamed | quantized == set(checkpoint.by_name)
+    got = directory_tensors(tmp_path / "out")
+    base = directory_tensors(llama_base)
+    for name in streamed:
+        assert torch.equal(got[name], base[name]), name

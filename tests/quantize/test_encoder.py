@@ -211,3 +211,42 @@ def test_a_checkpoint_with_nothing_quantized_is_refused() -> None:
     conv1d_only.plan("transformer.h.0.attn.c_attn.weight", (32, 96), torch.bfloat16)
     with pytest.raises(QuantizationError, match=r"no torch\.nn\.Linear weights"):
         conv1d_only.config_update()
+
+
+def test_a_new_plan_sequence_forgets_the_previous_checkpoint() -> None:
+    """plan* then config_update describes one checkpoint; the next plan starts afresh."""
+    config = tiny_llama().config.to_dict()
+    encoder = Int4Encoder.for_model_config(config, group_size=128)
+    encode_all(encoder, torch.bfloat16)
+    first = encoder.config_update()["quantization_config"]["ignore"]
+    assert first == ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    only = "model.layers.0.self_attn.q_proj.weight"
+    encoder.plan(only, (128, 128), torch.bfloat16)
+    assert encoder.quantized_modules == ["model.layers.0.self_attn.q_proj"]
+    second = encoder.config_update()["quantization_config"]["ignore"]
+    # Nothing of the first checkpoint remains: every other Linear was never planned.
+    assert second[0] == "lm_head"
+    assert set(second[1:]) == llama_linear_modules() - {"model.layers.0.self_attn.q_proj"}
+    encode_all(encoder, torch.bfloat16)  # a third, whole checkpoint: the first's record again
+    assert encoder.config_update()["quantization_config"]["ignore"] == first
+
+
+def test_architectures_that_fail_to_build_fall_back_to_names() -> None:
+    config = tiny_llama().config.to_dict()
+    # An architecture name that is a transformers class but not a model: not instantiated.
+    not_a_model = {**config, "architectures": ["LlamaConfig", "LlamaForCausalLM"]}
+    assert linear_weight_names(not_a_model) == linear_weight_names(config)
+    only_config = {**config, "architectures": ["LlamaConfig"]}  # AutoModelForCausalLM then
+    assert linear_weight_names(only_config) == linear_weight_names(config)
+    # Any exception while building on the meta device means: find Linear layers by name.
+    broken = {**config, "num_attention_heads": 0}
+    assert linear_weight_names(broken) is None
+    encoder = Int4Encoder.for_model_config(broken, group_size=64)
+    q_proj = encoder.plan("model.layers.0.self_attn.q_proj.weight", (128, 128), torch.bfloat16)
+    assert [t.name.rsplit(".", 1)[1] for t in q_proj] == [
+        "weight_packed",
+        "weight_scale",
+        "weight_shape",
+    ]
+    embed = encoder.plan("model.embed_tokens.weight", (256, 128), torch.float32)
+    assert [t.name for t in embed] == ["model.embed_tokens.weight"]

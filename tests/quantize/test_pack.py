@@ -9,7 +9,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import (
     unpack_from_int32,
 )
 
-from client.quantize import pack_int4, unpack_int4
+from client.quantize import pack, pack_int4, unpack_int4
 
 
 def random_codes(rows: int, columns: int, seed: int = 0) -> torch.Tensor:
@@ -43,3 +43,17 @@ def test_pack_refuses_out_of_range_and_float_values() -> None:
         pack_int4(torch.zeros(2, 8))
     with pytest.raises(ValueError, match="cannot hold"):
         unpack_int4(torch.zeros(2, 2, dtype=torch.int32), 24)
+
+
+@pytest.mark.parametrize("columns", [0, 5, 16, 130])
+def test_packing_in_row_blocks_is_bit_exact(columns: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 40 values: one row at a time for wide rows, several for narrow ones, and a
+    short last block."""
+    monkeypatch.setattr(pack, "PACK_CHUNK_ELEMENTS", 40)
+    codes = random_codes(11, columns, seed=columns + 1)
+    ours = pack_int4(codes)
+    assert ours.shape == (11, -(-columns // 8))
+    assert torch.equal(ours, pack_to_int32(codes, 4))
+    assert torch.equal(unpack_int4(ours, columns), codes)
+    wide = random_codes(3, 8, seed=2).to(torch.int64)  # any integer dtype
+    assert torch.equal(pack_int4(wide), pack_to_int32(wide.to(torch.int8), 4))
