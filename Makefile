@@ -51,6 +51,7 @@ bench: install-test
 ## Streaming merge against peft merge_and_unload + save_pretrained on a ~1 GB fp16 model.
 bench-merge: install-test
 	$(PY) benchmarks/bench_merge.py
+	$(PY) benchmarks/bench_merge.py --workdir /dev/shm --no-int4
 
 ## Hot-swap latency of a rank-16 LoRA on a ~0.5B Llama against peft's hotswap_adapter.
 bench-swap: install-test

@@ -253,8 +253,16 @@ def main() -> None:
     add_shape_arguments(parser)
     parser.add_argument("--no-int4", action="store_true", help="Skip the INT4 export.")
     parser.add_argument("--repeat", type=int, default=3, help="Runs of each merge.")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="Where models are written (default: the system temp dir). A tmpfs such as "
+        "/dev/shm takes the disk's write speed out of both sides.",
+    )
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="peftreg-bench-merge-") as tmp:
+    print(f"work directory: {args.workdir or tempfile.gettempdir()}")
+    with tempfile.TemporaryDirectory(prefix="peftreg-bench-merge-", dir=args.workdir) as tmp:
         root = Path(tmp)
         shape = [
             f"--layers={args.layers}",
