@@ -248,7 +248,7 @@ def human(size: float) -> str:
     return f"{size / 2**20:,.0f} MiB"
 
 
-def main() -> None:
+def main() -> None:  # noqa: PLR0915
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     add_shape_arguments(parser)
     parser.add_argument("--no-int4", action="store_true", help="Skip the INT4 export.")
