@@ -25,6 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 from registry.catalog import blobs
+from registry.context import set_request_id
 from registry.jobs import queue
 from registry.jobs.context import (
     Completion,
@@ -178,6 +179,7 @@ class JobWorker:
             work_dir=work_dir,
             log=lambda line: self._log(job_id, line),
         )
+        set_request_id(job_id)  # log lines and audit rows of this job carry its id
         started = time.monotonic()
         beating = threading.Event()
         beat = threading.Thread(
@@ -190,6 +192,7 @@ class JobWorker:
             beating.set()
             beat.join()
             shutil.rmtree(work_dir, ignore_errors=True)
+            set_request_id(None)
         logger.info("job %s (%s) %s after %.1fs", job_id, kind, outcome, time.monotonic() - started)
         if self.observe is not None:
             self.observe(kind, outcome, time.monotonic() - started)

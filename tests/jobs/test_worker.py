@@ -6,6 +6,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
+from registry.context import current_request_id
 from registry.db.models import Job
 from registry.jobs import queue
 from registry.jobs.context import JobContext, JobInputError
@@ -42,6 +43,7 @@ def _logs(services: Services, job_id: str) -> list[str]:
 def test_success_records_result_progress_and_logs(services: Services) -> None:
     def handler(context: JobContext) -> dict[str, Any]:
         assert context.work_dir.is_dir()
+        assert current_request_id() == context.job_id  # logs and audit rows carry it
         context.log("working")
         context.progress(0.5, "half")
         return {"answer": 42}
