@@ -55,7 +55,7 @@ class AdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reference: str
-    weight: float = 1.0
+    weight: float = Field(default=1.0, allow_inf_nan=False)
 
 
 class ExportRequest(BaseModel):
