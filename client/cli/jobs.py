@@ -8,9 +8,8 @@ from pathlib import Path
 import click
 
 from client.cli.common import echo_json, echo_table, fail, make_client, parse_reference
+from client.cli.recipe_options import recipe_options
 from client.sdk.jobs import JobInfo
-
-DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _describe(job: JobInfo) -> str:
@@ -22,24 +21,7 @@ def _describe(job: JobInfo) -> str:
 @click.argument("references", nargs=-1, required=True)
 @click.option("--base", "base", required=True, help="The registered base: REPO:TAG or REPO@DIGEST.")
 @click.option("--merge", is_flag=True, help="Merge the adapter(s) into the base (required).")
-@click.option(
-    "--weight",
-    "weights",
-    type=float,
-    multiple=True,
-    help="Weight of each adapter in a weighted sum, in order (default 1 each).",
-)
-@click.option("--dtype", type=click.Choice(DTYPES), help="Output dtype (default: the base's).")
-@click.option(
-    "--base-quantization",
-    type=click.Choice(["none", "nf4"]),
-    default="none",
-    show_default=True,
-    help="Merge a QLoRA adapter into the NF4-dequantized base it was trained against.",
-)
-@click.option("--quantize", type=click.Choice(["none", "int4"]), default="none", show_default=True)
-@click.option("--group-size", type=int, default=128, show_default=True)
-@click.option("--algorithm", type=click.Choice(["rtn", "mse"]), default="rtn", show_default=True)
+@recipe_options
 @click.option("--wait", is_flag=True, help="Wait until the job ends.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after SECONDS.")
 @click.option(

@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 
 from client.cli.common import echo_json, human_size
+from client.cli.recipe_options import recipe_options
 from client.merge.errors import MergeError
 
 if TYPE_CHECKING:  # torch is imported only when a merge runs, never by `peftreg --help`
     from client.checkpoint.encoding import TensorEncoder
     from client.merge.stream import MergeResult
 
-DTYPES = ("float16", "bfloat16", "float32")
 SIZE_UNITS = {
     "": 1,
     "B": 1,
@@ -157,36 +157,7 @@ def _report(result: MergeResult, as_json: bool) -> None:
 @click.option(
     "--output", "-o", required=True, type=click.Path(path_type=Path), help="Directory to write."
 )
-@click.option(
-    "--weight",
-    "weights",
-    multiple=True,
-    type=float,
-    help="Weight of each adapter in the sum, once per adapter in order (default 1 each).",
-)
-@click.option("--dtype", type=click.Choice(DTYPES), help="Output dtype (default: the base's).")
-@click.option(
-    "--base-quantization",
-    type=click.Choice(["none", "nf4"]),
-    default="none",
-    show_default=True,
-    help="nf4: merge a QLoRA adapter into the NF4-dequantized base it was trained against.",
-)
-@click.option(
-    "--quantize",
-    type=click.Choice(["none", "int4"]),
-    default="none",
-    show_default=True,
-    help="int4: write a compressed-tensors W4A16 (pack-quantized) checkpoint.",
-)
-@click.option("--group-size", type=int, default=128, show_default=True, help="INT4 group size.")
-@click.option(
-    "--algorithm",
-    type=click.Choice(["rtn", "mse"]),
-    default="rtn",
-    show_default=True,
-    help="INT4 scale search: round-to-nearest, or MSE-optimal clipping.",
-)
+@recipe_options
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
