@@ -95,6 +95,16 @@ def authorize_global_admin(principal: Principal) -> None:
     raise Denied(f"{principal.name} is not an administrator")
 
 
+async def in_read_transaction(services: Services, work: Callable[[Session], T]) -> T:
+    """Run read-only `work(session)` in one snapshot on a worker thread (no write lock)."""
+
+    def run() -> T:
+        with services.read_transaction() as session:
+            return work(session)
+
+    return await run_in_threadpool(run)
+
+
 async def in_transaction(services: Services, work: Callable[[Session], T]) -> T:
     """Run `work(session)` in one transaction on a worker thread."""
 

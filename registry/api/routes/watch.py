@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from client.digest import Digest, InvalidDigest
-from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_read_transaction
 from registry.catalog.repositories import find_repository, valid_name
 from registry.catalog.tags import valid_tag
 from registry.db.models import Tag
@@ -78,7 +78,7 @@ class TagPoller:
         try:
             while self.waiters:
                 await asyncio.sleep(POLL_SECONDS)
-                self.digest = await in_transaction(self.services, self.read)
+                self.digest = await in_read_transaction(self.services, self.read)
                 self.reads += 1
                 self._wake()
         except Exception as exc:  # a database failure: every waiter answers with it
@@ -169,7 +169,9 @@ async def watch_tag(
     known = _known(digest)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(timeout, MAX_WATCH_SECONDS)
-    repository_id, current = await in_transaction(services, partial(resolve, name=name, tag=tag))
+    repository_id, current = await in_read_transaction(
+        services, partial(resolve, name=name, tag=tag)
+    )
     if current != known or timeout <= 0:
         return TagWatchOut(tag=tag, digest=current, changed=current != known)
     hub = _hub(request)
