@@ -16,19 +16,18 @@ from pathlib import Path
 
 from client.adapters.schema import (
     BASE_CONFIG_MEDIA_TYPE,
-    FILE_MEDIA_TYPE,
-    JSON_FILE_MEDIA_TYPE,
-    SAFETENSORS_MEDIA_TYPE,
     BaseConfig,
     TensorSpec,
+    layer_media_type,
 )
 from client.digest import Digest, digest_file
 from client.formats.fingerprint import TensorRecord, fingerprint_records, tensor_records
 from client.formats.safetensors_header import SafetensorsError
-from client.manifest import BASE_ARTIFACT, OCI_MANIFEST, TITLE_ANNOTATION, canonical_json
+from client.manifest import BASE_ARTIFACT, OCI_MANIFEST, canonical_json
 from client.reference import Reference
 from client.sdk.client import Client
 from client.sdk.errors import InvalidRequest
+from client.transfer.push import LocalFile, build_manifest
 
 BASE_FILES = (
     "config.json",
@@ -46,51 +45,15 @@ BASE_FILES = (
 
 
 @dataclass(frozen=True)
-class BaseFile:
-    title: str
-    path: Path
-    media_type: str
-    digest: Digest
-    size: int
-
-
-@dataclass(frozen=True)
 class BasePackage:
     config: BaseConfig
     config_bytes: bytes
-    files: list[BaseFile]
+    files: list[LocalFile]
 
     def manifest(self, annotations: Mapping[str, str] | None = None) -> bytes:
-        document: dict[str, object] = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "artifactType": BASE_ARTIFACT,
-            "config": {
-                "mediaType": BASE_CONFIG_MEDIA_TYPE,
-                "digest": str(Digest.of_bytes(self.config_bytes)),
-                "size": len(self.config_bytes),
-            },
-            "layers": [
-                {
-                    "mediaType": item.media_type,
-                    "digest": str(item.digest),
-                    "size": item.size,
-                    "annotations": {TITLE_ANNOTATION: item.title},
-                }
-                for item in self.files
-            ],
-        }
-        if annotations:
-            document["annotations"] = dict(annotations)
-        return canonical_json(document)
-
-
-def _media_type(title: str) -> str:
-    if title.endswith(".safetensors"):
-        return SAFETENSORS_MEDIA_TYPE
-    if title.endswith(".json"):
-        return JSON_FILE_MEDIA_TYPE
-    return FILE_MEDIA_TYPE
+        return build_manifest(
+            self.files, BASE_ARTIFACT, annotations, (BASE_CONFIG_MEDIA_TYPE, self.config_bytes)
+        )
 
 
 def build_base_config(directory: Path) -> BaseConfig:
@@ -140,7 +103,9 @@ def build_base_package(directory: Path) -> BasePackage:
         if item.is_file() and (item.name in BASE_FILES or item.name.endswith(".safetensors"))
     )
     files = [
-        BaseFile(title, directory / title, _media_type(title), *digest_file(directory / title))
+        LocalFile(
+            title, directory / title, *digest_file(directory / title), layer_media_type(title)
+        )
         for title in titles
     ]
     return BasePackage(config, canonical_json(config.model_dump(mode="json")), files)

@@ -18,6 +18,16 @@ NOLA_SAFETENSORS_MEDIA_TYPE = "application/vnd.peftreg.nola.safetensors"
 JSON_FILE_MEDIA_TYPE = "application/json"
 FILE_MEDIA_TYPE = "application/octet-stream"
 
+
+def layer_media_type(title: str) -> str:
+    """The media type of a model or adapter directory's file, by its name."""
+    if title.endswith(".safetensors"):
+        return SAFETENSORS_MEDIA_TYPE
+    if title.endswith(".json"):
+        return JSON_FILE_MEDIA_TYPE
+    return FILE_MEDIA_TYPE
+
+
 AdapterKind = Literal["lora", "dora", "prompt_tuning", "prefix_tuning", "nola"]
 ScalingRule = Literal["alpha/r", "alpha/sqrt(r)", "none"]
 # The quantization of the base weights the adapter was trained against.

@@ -21,8 +21,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from client.digest import Digest, digest_file
-from client.manifest import CHECKPOINT_ARTIFACT, OCI_MANIFEST, TITLE_ANNOTATION, canonical_json
+from client.adapters.schema import layer_media_type
+from client.digest import digest_file
+from client.manifest import CHECKPOINT_ARTIFACT, canonical_json
+from client.transfer.push import LocalFile, build_manifest
 
 CHECKPOINT_CONFIG_MEDIA_TYPE = "application/vnd.peftreg.checkpoint.config.v1+json"
 JOB_ANNOTATION = "io.peftreg.job"
@@ -63,33 +65,10 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-@dataclass(frozen=True)
-class CheckpointFile:
-    title: str
-    path: Path
-    media_type: str
-    digest: Digest
-    size: int
-
-
-def _media_type(title: str) -> str:
-    from client.adapters.schema import (
-        FILE_MEDIA_TYPE,
-        JSON_FILE_MEDIA_TYPE,
-        SAFETENSORS_MEDIA_TYPE,
-    )
-
-    if title.endswith(".safetensors"):
-        return SAFETENSORS_MEDIA_TYPE
-    if title.endswith(".json"):
-        return JSON_FILE_MEDIA_TYPE
-    return FILE_MEDIA_TYPE
-
-
-def checkpoint_files(directory: Path) -> list[CheckpointFile]:
+def checkpoint_files(directory: Path) -> list[LocalFile]:
     """Every regular file at the top of a model directory, sorted by name."""
     return [
-        CheckpointFile(item.name, item, _media_type(item.name), *digest_file(item))
+        LocalFile(item.name, item, *digest_file(item), layer_media_type(item.name))
         for item in sorted(directory.iterdir())
         if item.is_file()
     ]
@@ -99,7 +78,7 @@ def checkpoint_files(directory: Path) -> list[CheckpointFile]:
 class CheckpointPackage:
     config: CheckpointConfig
     config_bytes: bytes
-    files: list[CheckpointFile]
+    files: list[LocalFile]
     manifest: bytes
 
 
@@ -113,29 +92,14 @@ def build_checkpoint_package(
     """The config blob, the files and the manifest for a model directory."""
     config_bytes = canonical_json(config.model_dump(mode="json"))
     files = checkpoint_files(directory)
-    document: dict[str, Any] = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "artifactType": CHECKPOINT_ARTIFACT,
-        "config": {
-            "mediaType": CHECKPOINT_CONFIG_MEDIA_TYPE,
-            "digest": str(Digest.of_bytes(config_bytes)),
-            "size": len(config_bytes),
-        },
-        "layers": [
-            {
-                "mediaType": item.media_type,
-                "digest": str(item.digest),
-                "size": item.size,
-                "annotations": {TITLE_ANNOTATION: item.title},
-            }
-            for item in files
-        ],
-    }
-    if subject is not None:
-        document["subject"] = dict(subject)
     notes = {QUANTIZATION_ANNOTATION: str(config.quantization.get("quantization", "none"))}
     if config.job:
         notes[JOB_ANNOTATION] = config.job
-    document["annotations"] = {**notes, **dict(annotations or {})}
-    return CheckpointPackage(config, config_bytes, files, canonical_json(document))
+    manifest = build_manifest(
+        files,
+        CHECKPOINT_ARTIFACT,
+        {**notes, **dict(annotations or {})},
+        (CHECKPOINT_CONFIG_MEDIA_TYPE, config_bytes),
+        subject,
+    )
+    return CheckpointPackage(config, config_bytes, files, manifest)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,12 +62,13 @@ def collect_files(path: Path) -> list[tuple[str, Path]]:
 
 
 def build_manifest(
-    files: list[LocalFile],
+    files: Sequence[LocalFile],
     artifact_type: str,
     annotations: Mapping[str, str] | None,
     config: tuple[str, bytes] = (EMPTY_JSON, EMPTY_CONFIG),
+    subject: Mapping[str, object] | None = None,
 ) -> bytes:
-    """`config` is the config blob's (media type, bytes)."""
+    """`config` is the config blob's (media type, bytes); `subject` a manifest descriptor."""
     document: dict[str, object] = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -87,6 +88,8 @@ def build_manifest(
             for item in files
         ],
     }
+    if subject is not None:
+        document["subject"] = dict(subject)
     if annotations:
         document["annotations"] = dict(annotations)
     return canonical_json(document)
