@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,8 +131,17 @@ def _recipe(
     }
 
 
+@contextmanager
+def _opened(base: Path | str | BaseCheckpoint) -> Iterator[BaseCheckpoint]:
+    if isinstance(base, BaseCheckpoint):
+        yield base
+        return
+    with BaseCheckpoint(Path(base)) as checkpoint:
+        yield checkpoint
+
+
 def merge_to_directory(
-    base_dir: Path,
+    base: Path | str | BaseCheckpoint,
     adapters: Sequence[AdapterInput],
     output: Path,
     *,
@@ -146,7 +156,7 @@ def merge_to_directory(
     config_extra: Mapping[str, Any] | None = None,
     replace: bool = False,
 ) -> MergeResult:
-    """Merge `adapters` (summed with their weights) into the base in `base_dir`, writing a
+    """Merge `adapters` (summed with their weights) into the base in `base`, writing a
     Hugging Face model directory at `output` (see the module doc).
 
     `dtype`: the output's float dtype (each tensor's own by default; non-float
@@ -157,108 +167,75 @@ def merge_to_directory(
     `replace`: replace a non-empty `output` (Conflict otherwise). An output that is,
     contains or lies inside the base directory, or is or contains an adapter's
     directory, is refused (`destination.check_destination`).
+
+    `base` is the base model directory, or an open `BaseCheckpoint` (the reader seam).
     """
-    with BaseCheckpoint(Path(base_dir)) as checkpoint:
-        return merge_checkpoint(
+    started = time.perf_counter()
+    with _opened(base) as checkpoint:
+        encoder = encoder or CastEncoder()
+        if dtype is not None and dtype not in OUTPUT_DTYPES:
+            raise MergeError(f"output dtype {dtype} is not one of float16, bfloat16, float32")
+        if base_quantization not in ("none", "nf4"):
+            raise MergeError(f"base quantization {base_quantization!r} is not none or nf4")
+        output = Path(output).absolute()
+        check_destination(output, checkpoint.directory, adapters)
+        model_config = read_model_config(checkpoint.directory)
+        tied = bool(model_config.get("tie_word_embeddings", False))
+        identity = _base_identity(checkpoint, adapters, base_config)
+        check_compatible(identity, adapters, tied_embeddings=tied)
+        check_output(output, replace=replace)
+        compute_device = resolve_device(device)
+        plan = plan_merge(
             checkpoint,
-            adapters,
-            output,
-            base_config=base_config,
+            [load_adapter(adapter) for adapter in adapters],
             dtype=dtype,
             base_quantization=base_quantization,
             encoder=encoder,
-            device=device,
-            max_shard_bytes=max_shard_bytes,
-            progress=progress,
-            cancelled=cancelled,
-            config_extra=config_extra,
-            replace=replace,
+            tied_embeddings=tied,
         )
-
-
-def merge_checkpoint(
-    checkpoint: BaseCheckpoint,
-    adapters: Sequence[AdapterInput],
-    output: Path,
-    *,
-    base_config: BaseConfig | None = None,
-    dtype: torch.dtype | None = None,
-    base_quantization: BaseQuantizationChoice = "none",
-    encoder: TensorEncoder | None = None,
-    device: str | torch.device = "auto",
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    progress: Progress | None = None,
-    cancelled: Callable[[], bool] | None = None,
-    config_extra: Mapping[str, Any] | None = None,
-    replace: bool = False,
-) -> MergeResult:
-    """`merge_to_directory` over an open `BaseCheckpoint` (the reader seam)."""
-    started = time.perf_counter()
-    encoder = encoder or CastEncoder()
-    if dtype is not None and dtype not in OUTPUT_DTYPES:
-        raise MergeError(f"output dtype {dtype} is not one of float16, bfloat16, float32")
-    if base_quantization not in ("none", "nf4"):
-        raise MergeError(f"base quantization {base_quantization!r} is not none or nf4")
-    output = Path(output).absolute()
-    check_destination(output, checkpoint.directory, adapters)
-    model_config = read_model_config(checkpoint.directory)
-    tied = bool(model_config.get("tie_word_embeddings", False))
-    identity = _base_identity(checkpoint, adapters, base_config)
-    check_compatible(identity, adapters, tied_embeddings=tied)
-    check_output(output, replace=replace)
-    compute_device = resolve_device(device)
-    plan = plan_merge(
-        checkpoint,
-        [load_adapter(adapter) for adapter in adapters],
-        dtype=dtype,
-        base_quantization=base_quantization,
-        encoder=encoder,
-        tied_embeddings=tied,
-    )
-    config_update = encoder.config_update()
-    outputs = plan.outputs
-    total = sum(item.source.nbytes for item in plan.tensors) or 1
-    done = 0
-    with StagedDirectory(output, replace=replace) as staging:
-        with CheckpointWriter(staging.path, outputs, max_shard_bytes=max_shard_bytes) as writer:
-            merger = TensorMerger(checkpoint, writer, encoder, compute_device)
-            for item in plan.tensors:
-                if cancelled is not None and cancelled():
-                    raise MergeCancelled(f"merge into {output} cancelled; nothing was written")
-                merger.write(item)
-                done += item.source.nbytes
-                if progress is not None:
-                    progress(done / total, item.source.name)
-            shards = writer.finish()
-            written = writer.bytes_written
-        document = output_model_config(model_config, dtype, config_update, config_extra)
-        write_model_files(checkpoint.directory, staging.path, document)
-        if cancelled is not None and cancelled():
-            raise MergeCancelled(f"merge into {output} cancelled; nothing was written")
-        staging.commit()
-    seconds = time.perf_counter() - started
-    logger.info(
-        "merged %d adapters into %s",
-        len(adapters),
-        output,
-        extra={"tensors": len(outputs), "bytes": written, "seconds": round(seconds, 3)},
-    )
-    return MergeResult(
-        output=output,
-        shards=shards,
-        tensors=len(outputs),
-        bytes_written=written,
-        merged_modules=plan.merged_modules,
-        seconds=seconds,
-        device=str(compute_device),
-        recipe=_recipe(identity, adapters, dtype, base_quantization, encoder),
-        notes=_notes(adapters, base_quantization),
-    )
+        config_update = encoder.config_update()
+        outputs = plan.outputs
+        total = sum(item.source.nbytes for item in plan.tensors) or 1
+        done = 0
+        with StagedDirectory(output, replace=replace) as staging:
+            with CheckpointWriter(staging.path, outputs, max_shard_bytes=max_shard_bytes) as writer:
+                merger = TensorMerger(checkpoint, writer, encoder, compute_device)
+                for item in plan.tensors:
+                    if cancelled is not None and cancelled():
+                        raise MergeCancelled(f"merge into {output} cancelled; nothing was written")
+                    merger.write(item)
+                    done += item.source.nbytes
+                    if progress is not None:
+                        progress(done / total, item.source.name)
+                shards = writer.finish()
+                written = writer.bytes_written
+            document = output_model_config(model_config, dtype, config_update, config_extra)
+            write_model_files(checkpoint.directory, staging.path, document)
+            if cancelled is not None and cancelled():
+                raise MergeCancelled(f"merge into {output} cancelled; nothing was written")
+            staging.commit()
+        seconds = time.perf_counter() - started
+        logger.info(
+            "merged %d adapters into %s",
+            len(adapters),
+            output,
+            extra={"tensors": len(outputs), "bytes": written, "seconds": round(seconds, 3)},
+        )
+        return MergeResult(
+            output=output,
+            shards=shards,
+            tensors=len(outputs),
+            bytes_written=written,
+            merged_modules=plan.merged_modules,
+            seconds=seconds,
+            device=str(compute_device),
+            recipe=_recipe(identity, adapters, dtype, base_quantization, encoder),
+            notes=_notes(adapters, base_quantization),
+        )
 
 
 __all__ = [
     "MergeResult",
-    "merge_checkpoint",
     "merge_to_directory",
     "read_model_config",  # re-exported: callers building an encoder for the base read it here
     "resolve_device",

@@ -28,7 +28,7 @@ from client.merge import (
 from client.merge.base_checkpoint import BaseCheckpoint, BaseTensor
 from client.merge.compat import UNMERGEABLE_FEATURES
 from client.merge.model_dir import read_model_config
-from client.merge.stream import merge_checkpoint
+from client.merge.stream import merge_to_directory as merge_from_reader
 from client.quantize import Int4Encoder
 from tests.adapters.tiny_models import tiny_gpt2, tiny_llama
 from tests.merge.builders import directory_tensors, peft_merged, save_adapter, save_base
@@ -90,7 +90,7 @@ def test_fingerprint_mismatch_is_refused_before_any_work(
     output = tmp_path / "out"
     with CountingCheckpoint(llama_base, 4096) as checkpoint:
         with pytest.raises(IncompatibleBase) as caught:
-            merge_checkpoint(checkpoint, [adapter], output)
+            merge_from_reader(checkpoint, [adapter], output)
         assert checkpoint.bytes_read == 0
         assert checkpoint.whole == []
     message = str(caught.value)
@@ -215,7 +215,7 @@ def test_cancellation_leaves_nothing(llama_base: Path, lora: Path, tmp_path: Pat
 def test_one_base_tensor_at_a_time(llama_base: Path, lora: Path, tmp_path: Path) -> None:
     with CountingCheckpoint(llama_base, chunk_bytes=4096) as checkpoint:
         progress: list[tuple[float, str]] = []
-        merge_checkpoint(
+        merge_from_reader(
             checkpoint,
             [adapter_from_peft_directory(lora)],
             tmp_path / "out",
@@ -337,7 +337,7 @@ def test_peft_features_a_merge_would_get_wrong_are_refused(
     )
     with CountingCheckpoint(llama_base, 4096) as checkpoint:
         with pytest.raises(MergeError) as caught:
-            merge_checkpoint(checkpoint, [adapter], tmp_path / "out")
+            merge_from_reader(checkpoint, [adapter], tmp_path / "out")
         assert checkpoint.bytes_read == 0
     message = str(caught.value)
     assert f"acme/odd:v1 sets {feature}" in message
@@ -385,7 +385,7 @@ def test_int4_streams_the_tensors_it_stores_as_they_are(
 ) -> None:
     encoder = Int4Encoder.for_model_config(read_model_config(llama_base), group_size=16)
     with CountingCheckpoint(llama_base, chunk_bytes=4096) as checkpoint:
-        merge_checkpoint(
+        merge_from_reader(
             checkpoint, [adapter_from_peft_directory(lora)], tmp_path / "out", encoder=encoder
         )
         quantized = {f"{module}.weight" for module in encoder.quantized_modules}
