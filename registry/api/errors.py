@@ -87,8 +87,13 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         where = ".".join(str(part) for part in first.get("loc", ()))
+        # Where and why only: the rejected input itself may not be JSON (NaN, bytes).
+        detail = [
+            {"loc": list(error.get("loc", ())), "msg": error.get("msg"), "type": error.get("type")}
+            for error in exc.errors()
+        ]
         return JSONResponse(
-            error_body("INVALID_REQUEST", f"{where}: {first.get('msg')}", exc.errors()), 400
+            error_body("INVALID_REQUEST", f"{where}: {first.get('msg')}", detail), 400
         )
 
     async def on_http(_request: Request, exc: Exception) -> JSONResponse:

@@ -166,6 +166,14 @@ def test_unknown_base_and_wrong_artifact_types_are_clear(
     assert "not trained against an NF4 base" in nf4.json()["errors"][0]["message"]
     with pytest.raises(PeftregError):
         client.export(pushed.adapter_ref, pushed.base_ref, quantize="int8")
+    not_finite = httpx.post(
+        url,
+        content=b'{"adapters": [{"reference": "%s", "weight": NaN}], "base": "%s"}'
+        % (pushed.adapter_ref.encode(), pushed.base_ref.encode()),
+        headers={"Content-Type": "application/json"},
+    )
+    assert not_finite.status_code in (400, 422)
+    assert "finite" in not_finite.json()["errors"][0]["message"]
     assert client.jobs() == []
 
 
