@@ -36,7 +36,7 @@ from client.sdk.errors import InvalidRequest
 from registry.auth.scopes import Grant, Principal
 from registry.catalog import blobs, manifests
 from registry.errors import BaseIncompatible, BlobUnknown, JobInvalid, NameUnknown
-from registry.jobs.context import JobContext, JobInputError
+from registry.jobs.context import JobContext
 from registry.jobs.sources import (
     AdapterArtifact,
     BaseArtifact,
@@ -98,7 +98,7 @@ class PlannedExport:
     repository: str
 
 
-def _merge_inputs(base: BaseArtifact, adapters: list[tuple[AdapterArtifact, float]]) -> list[Any]:
+def _merge_inputs(adapters: list[tuple[AdapterArtifact, float]]) -> list[Any]:
     from client.merge.inputs import AdapterInput
 
     return [
@@ -114,7 +114,7 @@ def _merge_inputs(base: BaseArtifact, adapters: list[tuple[AdapterArtifact, floa
 
 
 def check_sources(
-    base: BaseArtifact, adapters: list[tuple[AdapterArtifact, float]], request: ExportRequest
+    base: BaseArtifact, adapters: list[tuple[AdapterArtifact, float]], base_quantization: str
 ) -> None:
     """Refuse, before any work, a merge that cannot be right."""
     from client.merge.compat import check_compatible
@@ -126,14 +126,14 @@ def check_sources(
                 f"{adapter.repository}@{adapter.digest} is a {adapter.config.kind} adapter; only "
                 f"{', '.join(MERGEABLE)} adapters merge into weights"
             )
-        if request.base_quantization == "nf4" and adapter.config.base.quantization != "nf4":
+        if base_quantization == "nf4" and adapter.config.base.quantization != "nf4":
             raise JobInvalid(
                 f"{adapter.repository}@{adapter.digest} was not trained against an NF4 base "
                 f"(its manifest says {adapter.config.base.quantization!r}); merge it without "
                 "base_quantization=nf4"
             )
     try:
-        check_compatible(base.config, _merge_inputs(base, adapters))
+        check_compatible(base.config, _merge_inputs(adapters))
     except IncompatibleBase as exc:
         raise BaseIncompatible(
             str(exc),
@@ -162,7 +162,7 @@ def plan_export(session: Session, services: Services, request: ExportRequest) ->
     for item in request.adapters:
         ref = parse_reference(item.reference)
         adapters.append((load_adapter(session, store, ref.repository, ref.identifier), item.weight))
-    check_sources(base, adapters, request)
+    check_sources(base, adapters, request.base_quantization)
     inputs = {
         "base": {"repository": base.repository, "digest": base.digest},
         "adapters": [
@@ -243,15 +243,6 @@ def run_export(context: JobContext) -> Publication:
             for item in context.inputs["adapters"]
         ]
     params = context.params
-    request = ExportRequest(
-        adapters=[{"reference": f"{a.repository}@{a.digest}", "weight": w} for a, w in adapters],
-        base=f"{base.repository}@{base.digest}",
-        **{k: v for k, v in params.items() if k != "merge"},
-    )
-    try:
-        check_sources(base, adapters, request)
-    except (JobInvalid, BaseIncompatible) as exc:
-        raise JobInputError(exc.message) from None
     context.log(f"base {base.repository}@{base.digest} ({base.config.parameters} parameters)")
     bases = services.settings.resolved_work_dir() / "bases"
     bases.mkdir(parents=True, exist_ok=True)

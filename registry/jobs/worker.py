@@ -205,8 +205,6 @@ class JobWorker:
             context.check()
         except JobCancelled:
             return self._record(queue.mark_cancelled, context, "cancelled")
-        except ShuttingDown as exc:
-            return self._record(queue.release, context, "released", reason=exc.reason)
         except LeaseLost:
             return "lease_lost"
         except JobInterrupted as exc:
