@@ -65,7 +65,7 @@ COPY pyproject.toml README.md ./
 COPY registry ./registry
 COPY client ./client
 COPY migrations ./migrations
-RUN pip install ${PACKAGE_INDEX_URL:+--index-url "$PACKAGE_INDEX_URL"} ".[postgres]" \
+RUN pip install ${PACKAGE_INDEX_URL:+--index-url "$PACKAGE_INDEX_URL"} ".[postgres,worker]" \
     && peftreg --version
 
 # --- runtime ----------------------------------------------------------------
