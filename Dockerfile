@@ -3,8 +3,8 @@
 # One image for the peftreg API (`peftreg serve`), the job worker
 # (`peftreg worker`) and the maintenance commands (`db upgrade`, `gc`, `fsck`).
 #
-#   docker build -t peftreg:0.1.0 .
-#   docker build --build-arg VARIANT=cuda -t peftreg:0.1.0-cuda .
+#   docker build -t peftreg:0.2.0 .
+#   docker build --build-arg VARIANT=cuda -t peftreg:0.2.0-cuda .
 #
 # VARIANT selects the base image and the torch build:
 #   cpu   a slim Python base and torch==$TORCH_VERSION+cpu
@@ -60,12 +60,20 @@ RUN set -eu; \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         "$spec"
 
+# Everything else from the server lock (exact versions with hashes): the
+# service, its PostgreSQL and S3 drivers, and the worker's transformers.
 WORKDIR /src
+COPY requirements/server.txt ./requirements/server.txt
+RUN pip install ${PACKAGE_INDEX_URL:+--index-url "$PACKAGE_INDEX_URL"} \
+        --require-hashes --no-deps -r requirements/server.txt
+# `peftreg` is a link to client/, which links registry/ and migrations/ in.
 COPY pyproject.toml README.md ./
+COPY peftreg ./peftreg
 COPY registry ./registry
 COPY client ./client
 COPY migrations ./migrations
-RUN pip install ${PACKAGE_INDEX_URL:+--index-url "$PACKAGE_INDEX_URL"} ".[postgres,worker]" \
+RUN pip install ${PACKAGE_INDEX_URL:+--index-url "$PACKAGE_INDEX_URL"} --no-deps . \
+    && pip check \
     && peftreg --version
 
 # --- runtime ----------------------------------------------------------------

@@ -1,61 +1,78 @@
-# peftreg developer entry points. Everything runs in a virtual environment at .venv.
+# peftreg developer entry points. Everything runs in a virtual environment at .venv,
+# installed from requirements/lock.txt: exact versions with hashes, for Python 3.11
+# and the CPU build of torch. `make lock` refreshes the lock from pyproject.toml.
 #
-# torch is installed explicitly, pinned by TORCH_SPEC, before the package: an
-# unpinned torch would pull gigabytes of CUDA wheels. Override it for your
-# machine, e.g. `make serve TORCH_SPEC="torch==2.13.0+cu128"`.
+# torch comes from the lock (CPU build). For another build, name it, e.g.
+# `make install TORCH_SPEC="torch==2.13.0+cu128"`: it replaces the locked torch.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements/lock.txt
+TORCH_SPEC ?=
 PEFTREG_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 export PEFTREG_TEST_POSTGRES_URL
 PYTEST_ARGS ?=
 
-.PHONY: install install-test serve test lint typecheck unit bench bench-merge bench-swap clean
+.PHONY: install lock test-latest serve test lint typecheck unit bench bench-merge bench-swap clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e .
-	touch $@
-
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet --no-deps "$(TORCH_SPEC)")
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test
 
 ## Install and start the registry on the embedded default (SQLite + files under PEFTREG_HOME).
 serve: install
 	$(VENV)/bin/peftreg serve
 
-lint: install-test
+lint: install
 	$(VENV)/bin/ruff check registry client migrations tests
 	$(VENV)/bin/ruff format --check registry client migrations tests
 
-typecheck: install-test
+typecheck: install
 	$(VENV)/bin/mypy
 
 ## Install the test dependencies, lint, type-check and run the whole suite.
 test: lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: install-test
+bench: install
 	$(PY) benchmarks/bench_transfer.py
 	$(PY) benchmarks/bench_pull.py
 
 ## Streaming merge against peft merge_and_unload + save_pretrained on a ~1 GB fp16 model.
-bench-merge: install-test
+bench-merge: install
 	$(PY) benchmarks/bench_merge.py
 	$(PY) benchmarks/bench_merge.py --workdir /dev/shm --no-int4
 
 ## Hot-swap latency of a rank-16 LoRA on a ~0.5B Llama against peft's hotswap_adapter.
-bench-swap: install-test
+bench-swap: install
 	$(PY) benchmarks/bench_swap.py
 
+## Re-resolve the lock from pyproject.toml (newest releases the ranges allow).
+lock:
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet pip-tools
+	.venv-lock/bin/pip-compile --quiet --extra test --generate-hashes --allow-unsafe \
+		--strip-extras --no-emit-find-links --no-emit-index-url --upgrade \
+		-o $(LOCK) pyproject.toml requirements/torch.in
+	.venv-lock/bin/python requirements/strip_self.py $(LOCK)
+
+## The suite against the newest releases, in .venv-latest, to see drift before users do.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet --upgrade pip
+	.venv-latest/bin/pip install --quiet -r requirements/torch.in
+	.venv-latest/bin/pip install --quiet --upgrade -e ".[test]"
+	.venv-latest/bin/pip freeze --exclude-editable > .venv-latest/freeze.txt
+	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-lock .venv-latest build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -9,9 +9,9 @@ own (`getrusage(RUSAGE_SELF).ru_maxrss` reported by the child):
 - peft: from_pretrained (fp16), PeftModel.from_pretrained, merge_and_unload,
   save_pretrained (timed without and with an fsync of what it wrote, since
   peftreg's time includes fsyncing its output);
-- peftreg: `client.merge.merge_to_directory` (fp16 out) on the CPU, where
+- peftreg: `peftreg.merge.merge_to_directory` (fp16 out) on the CPU, where
   peft runs, with torch on one intra-op thread as `peftreg merge` runs it;
-- peftreg + INT4: the same with `client.quantize.Int4Encoder` (W4A16,
+- peftreg + INT4: the same with `peftreg.quantize.Int4Encoder` (W4A16,
   compressed-tensors pack-quantized, group 128) and torch's default threads
   (as `peftreg merge --quantize int4` runs it), for INT4 export time per GB,
   with and without the merge's own time.
@@ -134,15 +134,15 @@ def child_peft(root: Path, out: Path) -> dict[str, Any]:
 
 
 def child_peftreg(root: Path, out: Path, quantize: bool) -> dict[str, Any]:
-    from client.checkpoint.encoding import TensorEncoder
-    from client.cli.merge import single_threaded_cpu_merge
-    from client.merge import adapter_from_peft_directory, merge_to_directory
+    from peftreg.checkpoint.encoding import TensorEncoder
+    from peftreg.cli.merge import single_threaded_cpu_merge
+    from peftreg.merge import adapter_from_peft_directory, merge_to_directory
 
     encoder: TensorEncoder | None = None
     encoding = [0.0]  # seconds inside the INT4 encoder (quantize + pack)
     started = time.perf_counter()
     if quantize:
-        from client.quantize import Int4Encoder
+        from peftreg.quantize import Int4Encoder
 
         config = json.loads((root / "base" / "config.json").read_text())
         int4 = Int4Encoder.for_model_config(config, group_size=128, device="cpu")
@@ -277,8 +277,8 @@ def main() -> None:  # noqa: PLR0915
             f"{size / GB:.2f} GB of safetensors; LoRA r=16 on all linear layers"
         )
         with_int4 = not args.no_int4
-        if with_int4 and importlib.util.find_spec("client.quantize") is None:
-            print("client.quantize is not installed: INT4 export skipped")
+        if with_int4 and importlib.util.find_spec("peftreg.quantize") is None:
+            print("peftreg.quantize is not installed: INT4 export skipped")
             with_int4 = False
         peft_runs: list[dict[str, Any]] = []
         our_runs: list[dict[str, Any]] = []

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client import Client
+from peftreg import Client
 from tests.fixtures.server import start_registry
 
 MiB = 1024 * 1024

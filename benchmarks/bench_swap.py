@@ -46,7 +46,7 @@ from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
 from peft.utils.save_and_load import _insert_adapter_name_into_state_dict, load_peft_weights
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from client.hotswap import AdapterHost, HostConfig, SwapEvent
+from peftreg.hotswap import AdapterHost, HostConfig, SwapEvent
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16

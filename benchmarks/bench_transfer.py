@@ -62,7 +62,7 @@ class Server:
         home.mkdir(parents=True)
         self.log = (home / "server.log").open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "client.cli.main", "serve", "--log-level", "warning"],
+            [sys.executable, "-m", "peftreg.cli.main", "serve", "--log-level", "warning"],
             env=env,
             cwd=REPO_ROOT,
             stdout=self.log,

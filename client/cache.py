@@ -33,9 +33,9 @@ from pathlib import Path, PurePosixPath
 import platformdirs
 from filelock import FileLock
 
-from client.digest import Digest, InvalidDigest, digest_file
-from client.names import InvalidName, check_repository_name, check_tag
-from client.sdk.errors import DigestMismatch, InvalidReferenceError
+from peftreg.digest import Digest, InvalidDigest, digest_file
+from peftreg.names import InvalidName, check_repository_name, check_tag
+from peftreg.sdk.errors import DigestMismatch, InvalidReferenceError
 
 ENV_CACHE = "PEFTREG_CACHE"
 ENV_OFFLINE = "PEFTREG_OFFLINE"

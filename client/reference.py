@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from client.digest import Digest, InvalidDigest
-from client.names import InvalidName, check_repository_name, check_tag
+from peftreg.digest import Digest, InvalidDigest
+from peftreg.names import InvalidName, check_repository_name, check_tag
 
 
 class InvalidReference(ValueError):

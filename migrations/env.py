@@ -3,7 +3,7 @@
 Reads neither settings nor the process environment: the database comes from
 the Alembic config, either as a live connection in
 `config.attributes["connection"]` or as the `sqlalchemy.url` main option
-(see `registry.db.migrate.alembic_config`).
+(see `peftreg.registry.db.migrate.alembic_config`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from alembic import context
 from sqlalchemy import Connection, create_engine, event, pool, text
 from sqlalchemy.engine import make_url
 
-from registry.db.models import Base
+from peftreg.registry.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI
 
-from registry.api.errors import install_error_handlers
-from registry.api.middleware import RequestIdMiddleware
-from registry.api.routes import (
+from peftreg.registry.api.errors import install_error_handlers
+from peftreg.registry.api.middleware import RequestIdMiddleware
+from peftreg.registry.api.routes import (
     health,
     jobs,
     management,
@@ -21,21 +23,23 @@ from registry.api.routes import (
     oci_uploads,
     watch,
 )
-from registry.background import BackgroundThreads
-from registry.db.engine import make_engine, make_session_factory
-from registry.observability.http_metrics import HttpMetricsMiddleware
-from registry.observability.metrics import Metrics
-from registry.observability.store_metrics import InstrumentedBlobStore
-from registry.settings import Settings
-from registry.state import Services
-from registry.storage.factory import open_blob_store
+from peftreg.registry.background import BackgroundThreads
+from peftreg.registry.db.engine import make_engine, make_session_factory
+from peftreg.registry.observability.http_metrics import HttpMetricsMiddleware
+from peftreg.registry.observability.metrics import Metrics
+from peftreg.registry.observability.store_metrics import InstrumentedBlobStore
+from peftreg.registry.settings import Settings
+from peftreg.registry.state import Services
+from peftreg.registry.storage.factory import open_blob_store
+
+logger = logging.getLogger(__name__)
 
 
 def build_services(settings: Settings) -> Services:
     settings.home.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url()
     if settings.should_auto_migrate():
-        from registry.db.migrate import upgrade
+        from peftreg.registry.db.migrate import upgrade
 
         upgrade(url)
     engine = make_engine(url, echo=settings.database_echo)
@@ -53,11 +57,18 @@ def background_threads(settings: Settings, services: Services) -> BackgroundThre
     """What runs beside the API in this process: the embedded worker, periodic jobs."""
     threads = BackgroundThreads()
     if settings.should_run_embedded_worker():
-        from registry.jobs.worker import embedded_worker
+        if importlib.util.find_spec("torch") is None:
+            # A job claimed here could only fail: leave the queue to workers that compute.
+            logger.warning(
+                "embedded worker off: torch is not installed (install torch and "
+                "'peftreg[worker]' to run merge and INT4 jobs in this process)"
+            )
+        else:
+            from peftreg.registry.jobs.worker import embedded_worker
 
-        threads.add("embedded-worker", lambda stop: embedded_worker(services).run(stop))
+            threads.add("embedded-worker", lambda stop: embedded_worker(services).run(stop))
     if settings.gc_interval_seconds > 0:
-        from registry.maintenance.gc import run_periodic_gc
+        from peftreg.registry.maintenance.gc import run_periodic_gc
 
         threads.add("periodic-gc", partial(run_periodic_gc, services))
     return threads
@@ -69,7 +80,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        from registry.jobs.observe import observe_jobs
+        from peftreg.registry.jobs.observe import observe_jobs
 
         observe_jobs(services)
         threads.start()

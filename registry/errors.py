@@ -1,6 +1,6 @@
 """Errors of the registry's domain layer.
 
-Each names its cause; `registry.api.errors` maps every class once to an
+Each names its cause; `peftreg.registry.api.errors` maps every class once to an
 HTTP status and an OCI error code.
 """
 

@@ -10,10 +10,10 @@ from functools import cached_property
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from registry.db.engine import read_only_engine
-from registry.observability.metrics import Metrics
-from registry.settings import Settings
-from registry.storage.base import BlobStore
+from peftreg.registry.db.engine import read_only_engine
+from peftreg.registry.observability.metrics import Metrics
+from peftreg.registry.settings import Settings
+from peftreg.registry.storage.base import BlobStore
 
 
 @dataclass

@@ -14,20 +14,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.adapters.schema import (
+from peftreg.adapters.schema import (
     BASE_CONFIG_MEDIA_TYPE,
     BaseConfig,
     TensorSpec,
     layer_media_type,
 )
-from client.digest import Digest, digest_file
-from client.formats.fingerprint import TensorRecord, fingerprint_records, tensor_records
-from client.formats.safetensors_header import SafetensorsError
-from client.manifest import BASE_ARTIFACT, OCI_MANIFEST, canonical_json
-from client.reference import Reference
-from client.sdk.client import Client
-from client.sdk.errors import InvalidRequest
-from client.transfer.push import LocalFile, build_manifest
+from peftreg.digest import Digest, digest_file
+from peftreg.formats.fingerprint import TensorRecord, fingerprint_records, tensor_records
+from peftreg.formats.safetensors_header import SafetensorsError
+from peftreg.manifest import BASE_ARTIFACT, OCI_MANIFEST, canonical_json
+from peftreg.reference import Reference
+from peftreg.sdk.client import Client
+from peftreg.sdk.errors import InvalidRequest
+from peftreg.transfer.push import LocalFile, build_manifest
 
 BASE_FILES = (
     "config.json",

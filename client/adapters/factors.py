@@ -12,7 +12,7 @@ merge`) and hot-swap both use it.
 - DoRA: with W and delta in (out, in) layout, norm = ||W + delta||_2 over the
   input dimension (one value per output row) and W' = (m / norm)[:, None] * (W + delta).
 - NOLA: factors are materialized from seeds and coefficients (see
-  `client.adapters.nola`) and checked against the recorded digest first.
+  `peftreg.adapters.nola`) and checked against the recorded digest first.
 
 Everything is computed in fp32; callers cast once to the output dtype.
 """
@@ -25,8 +25,8 @@ from typing import Literal
 
 import torch
 
-from client.adapters.schema import AdapterConfig
-from client.sdk.errors import InvalidRequest
+from peftreg.adapters.schema import AdapterConfig
+from peftreg.sdk.errors import InvalidRequest
 
 PEFT_PREFIX = "base_model.model."
 LayerKind = Literal["linear", "conv1d", "embedding"]
@@ -76,7 +76,7 @@ def adapter_factors(
     or `nola.safetensors` for NOLA (materialized and digest-checked here).
     """
     if config.kind == "nola":
-        from client.adapters.nola import materialize
+        from peftreg.adapters.nola import materialize
 
         tensors = materialize(config, tensors)
     elif config.kind not in ("lora", "dora"):

@@ -63,9 +63,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from client.adapters.schema import AdapterConfig, NolaSpec, TargetModule
-from client.formats.safetensors_header import SafetensorsHeader
-from client.sdk.errors import InvalidRequest
+from peftreg.adapters.schema import AdapterConfig, NolaSpec, TargetModule
+from peftreg.formats.safetensors_header import SafetensorsHeader
+from peftreg.sdk.errors import InvalidRequest
 
 CHUNK_ELEMENTS = 1 << 24  # 64 MiB of fp32 basis per chunk
 PEFT_PREFIX = "base_model.model."
@@ -175,7 +175,7 @@ def factors_digest(factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> 
 
 def _load(tensors: Mapping[str, torch.Tensor] | Path | str) -> Mapping[str, torch.Tensor]:
     if isinstance(tensors, Path | str):
-        from client.adapters.peft_import import read_safetensors_header
+        from peftreg.adapters.peft_import import read_safetensors_header
 
         read_safetensors_header(Path(tensors))  # strict check before loading
         return load_file(str(tensors), device="cpu")
@@ -318,7 +318,7 @@ def import_reference_checkpoint(
     Pickle checkpoints are never loaded: convert them to safetensors first.
     Returns the AdapterConfig and the written directory.
     """
-    from client.adapters.peft_import import (
+    from peftreg.adapters.peft_import import (
         PICKLE_SUFFIXES,
         pickle_message,
         read_peft_directory,

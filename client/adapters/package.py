@@ -14,17 +14,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.adapters.peft_export import write_peft_directory
-from client.adapters.peft_import import NOLA_FILE, TENSORS_FILE, ImportedAdapter
-from client.adapters.schema import (
+from peftreg.adapters.peft_import import NOLA_FILE, TENSORS_FILE, ImportedAdapter
+from peftreg.adapters.schema import (
     ADAPTER_CONFIG_MEDIA_TYPE,
     FILE_MEDIA_TYPE,
     NOLA_SAFETENSORS_MEDIA_TYPE,
     SAFETENSORS_MEDIA_TYPE,
     AdapterConfig,
 )
-from client.manifest import TITLE_ANNOTATION, ImageManifest, canonical_json
-from client.sdk.errors import InvalidRequest
+from peftreg.manifest import TITLE_ANNOTATION, ImageManifest, canonical_json
+from peftreg.sdk.errors import InvalidRequest
 
 KIND_ANNOTATION = "io.peftreg.adapter.kind"
 RANK_ANNOTATION = "io.peftreg.adapter.rank"
@@ -74,6 +73,9 @@ def export_snapshot_as_peft(
         for title in titles
         if title not in (tensors_title, TENSORS_FILE, "adapter_config.json")
     }
+    # Writing tensors needs torch; pushing and pulling files does not.
+    from peftreg.adapters.peft_export import write_peft_directory
+
     return write_peft_directory(
         config, snapshot / tensors_title, output, extra_files=extras, replace=replace
     )

@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from client.adapters.nola import materialize
-from client.adapters.peft_import import (
+from peftreg.adapters.nola import materialize
+from peftreg.adapters.peft_import import (
     CONFIG_FILE,
     TENSORS_FILE,
     PeftImportError,
     read_safetensors_header,
 )
-from client.adapters.schema import AdapterConfig
-from client.sdk.errors import Conflict
+from peftreg.adapters.schema import AdapterConfig
+from peftreg.sdk.errors import Conflict
 
 NOLA_NOTE = "exported NOLA as its materialized LoRA (PEFT has no NOLA)"
 

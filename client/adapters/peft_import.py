@@ -1,7 +1,7 @@
 """Read a PEFT adapter directory into an `AdapterConfig`, never unpickling anything.
 
 A PEFT directory is `adapter_config.json` + `adapter_model.safetensors`
-(or, for NOLA, our own `nola.safetensors`; see `client.adapters.nola`).
+(or, for NOLA, our own `nola.safetensors`; see `peftreg.adapters.nola`).
 Pickle files (`.bin`, `.pt`, `.pth`, `.pkl`, ...) are refused by name and
 never opened. The safetensors header is parsed by the strict parser before
 anything else trusts it; tensor data is not read here.
@@ -23,19 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.adapters.schema import (
+from peftreg.adapters.schema import (
     AdapterConfig,
     AdapterKind,
     BaseReference,
     TargetModule,
     TensorSpec,
 )
-from client.formats.safetensors_header import (
+from peftreg.formats.safetensors_header import (
     SafetensorsError,
     SafetensorsHeader,
     read_header,
 )
-from client.sdk.errors import InvalidRequest
+from peftreg.sdk.errors import InvalidRequest
 
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter_model.safetensors"
@@ -237,7 +237,7 @@ def read_peft_directory(
             **common,
         )
     elif kind == "nola":
-        from client.adapters.nola import nola_config_parts
+        from peftreg.adapters.nola import nola_config_parts
 
         targets, spec, parameters = nola_config_parts(peft_config, tensors_path, header)
         common["parameters"] = parameters

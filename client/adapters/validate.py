@@ -25,39 +25,30 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from client.adapters.schema import AdapterConfig, BaseConfig, TargetModule
-from client.formats.safetensors_header import SafetensorsHeader, TensorEntry
-from client.manifest import canonical_json
+from peftreg.adapters.schema import AdapterConfig, BaseConfig, TargetModule
+from peftreg.formats.safetensors_header import SafetensorsHeader, TensorEntry
+from peftreg.manifest import canonical_json
 
-if TYPE_CHECKING:  # torch loads when values are first checked, not when the registry starts
-    import torch
+if TYPE_CHECKING:  # numpy loads when values are first checked, not when the registry starts
+    import numpy as np
 
 PREFIX = "base_model.model."
 WEIGHT_DTYPES = frozenset({"F32", "F16", "BF16"})
 NOLA_INDEX_DTYPES = frozenset({"I64"})
-TORCH_DTYPE_NAMES: dict[str, str] = {
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F64": "float64",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
+# safetensors dtype -> numpy dtype of its little-endian values (BF16 is widened below).
+NUMPY_DTYPES: dict[str, str] = {
+    "F32": "<f4",
+    "F16": "<f2",
+    "F64": "<f8",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
 }
-
-
-@cache
-def torch_dtype(safetensors_dtype: str) -> torch.dtype | None:
-    import torch
-
-    name = TORCH_DTYPE_NAMES.get(safetensors_dtype)
-    return None if name is None else getattr(torch, name)
 
 
 EMBEDDING_SUFFIXES = (
@@ -108,22 +99,25 @@ def split_tensor_name(name: str) -> _Part | None:
     return None
 
 
-def values_from_bytes(data: bytes, entry: TensorEntry) -> torch.Tensor:
-    """A flat CPU tensor of some of a tensor's raw little-endian values."""
-    import torch
+def values_from_bytes(data: bytes, entry: TensorEntry) -> np.ndarray[Any, Any]:
+    """A flat array of some of a tensor's raw little-endian values (BF16 widened to
+    float32 exactly, so NaN and Inf stay what they are). numpy, not torch: the service
+    checks values without the tensor library."""
+    import numpy as np
 
-    dtype = torch_dtype(entry.dtype)
+    if entry.dtype == "BF16":
+        high = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+        return high.view(np.float32)
+    dtype = NUMPY_DTYPES.get(entry.dtype)
     if dtype is None:
         raise AdapterInvalid(
             f"tensor {entry.name!r}: dtype {entry.dtype} cannot be checked", location=entry.name
         )
-    if not data:
-        return torch.empty(0, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=dtype)
+    return np.frombuffer(data, dtype=dtype)
 
 
 # Reads the values of one tensor as flat pieces, in order, each of bounded size.
-TensorValues = Callable[[str], Iterable["torch.Tensor"]]
+TensorValues = Callable[[str], Iterable["np.ndarray[Any, Any]"]]
 
 
 def validate_adapter(
@@ -274,18 +268,18 @@ def _check_rank(target: TargetModule, header: SafetensorsHeader) -> None:
 
 
 def _check_values(header: SafetensorsHeader, read_values: TensorValues) -> None:
-    import torch
+    import numpy as np
 
     for name, entry in sorted(header.tensors.items(), key=lambda item: item[1].begin):
         if entry.dtype not in WEIGHT_DTYPES or entry.numel == 0:
             continue
         non_finite = nan = 0
         for piece in read_values(name):
-            finite = torch.isfinite(piece)
+            finite = np.isfinite(piece)
             if not bool(finite.all()):
                 bad = piece[~finite]
-                non_finite += int(bad.numel())
-                nan += int(torch.isnan(bad).sum())
+                non_finite += int(bad.size)
+                nan += int(np.isnan(bad).sum())
         if non_finite:
             what = "NaN" if nan else "Inf"
             raise AdapterInvalid(
@@ -423,7 +417,7 @@ def max_rank(config: AdapterConfig) -> int | None:
 
 
 def structure_hash_of(tensors: list[tuple[str, str, tuple[int, ...]]]) -> str:
-    """The base structure hash (as `client.formats.fingerprint`) from (name, dtype, shape)."""
+    """The base structure hash (as `peftreg.formats.fingerprint`) from (name, dtype, shape)."""
     ordered = sorted(tensors)
     return (
         "sha256:"

@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from client.adapters.schema import layer_media_type
-from client.digest import digest_file
-from client.manifest import CHECKPOINT_ARTIFACT, canonical_json
-from client.transfer.push import LocalFile, build_manifest
+from peftreg.adapters.schema import layer_media_type
+from peftreg.digest import digest_file
+from peftreg.manifest import CHECKPOINT_ARTIFACT, canonical_json
+from peftreg.transfer.push import LocalFile, build_manifest
 
 CHECKPOINT_CONFIG_MEDIA_TYPE = "application/vnd.peftreg.checkpoint.config.v1+json"
 JOB_ANNOTATION = "io.peftreg.job"

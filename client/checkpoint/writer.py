@@ -45,9 +45,9 @@ from types import TracebackType
 
 import torch
 
-from client.cache import remove_tree
-from client.checkpoint.encoding import PlannedTensor
-from client.sdk.errors import Conflict, InvalidRequest
+from peftreg.cache import remove_tree
+from peftreg.checkpoint.encoding import PlannedTensor
+from peftreg.sdk.errors import Conflict, InvalidRequest
 
 logger = logging.getLogger(__name__)
 

@@ -1,3 +1,3 @@
-from client.cli.main import main
+from peftreg.cli.main import main
 
 main()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from client.cli.config import load_file, resolve, save_file
-from client.sdk.client import Client
+from peftreg.cli.config import load_file, resolve, save_file
+from peftreg.sdk.client import Client
 
 
 @click.command()

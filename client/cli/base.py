@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from client.adapters.base_package import push_base
-from client.cli.common import echo_json, human_size, make_client, parse_reference
+from peftreg.adapters.base_package import push_base
+from peftreg.cli.common import echo_json, human_size, make_client, parse_reference
 
 
 @click.group()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from client.cache import Cache
-from client.cli.common import EXIT_ERROR, echo_json, echo_table, fail, human_size
+from peftreg.cache import Cache
+from peftreg.cli.common import EXIT_ERROR, echo_json, echo_table, fail, human_size
 
 
 @click.group()

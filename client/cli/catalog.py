@@ -8,12 +8,12 @@ from typing import Any
 
 import click
 
-from client.adapters.schema import NOLA_SAFETENSORS_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE
-from client.cli.common import echo_json, echo_table, human_size, make_client, parse_reference
-from client.manifest import TITLE_ANNOTATION
-from client.sdk.client import Client
-from client.sdk.errors import InvalidRequest
-from client.sdk.models import Version
+from peftreg.adapters.schema import NOLA_SAFETENSORS_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE
+from peftreg.cli.common import echo_json, echo_table, human_size, make_client, parse_reference
+from peftreg.manifest import TITLE_ANNOTATION
+from peftreg.sdk.client import Client
+from peftreg.sdk.errors import InvalidRequest
+from peftreg.sdk.models import Version
 
 
 def resolve_base(client: Client, text: str) -> str:

@@ -12,16 +12,15 @@ from typing import Any
 import click
 from pydantic import BaseModel
 
-from client.cache import Cache
-from client.cli.config import resolve
-from client.reference import InvalidReference, Reference
-from client.sdk.client import Client
-from client.sdk.errors import InvalidReferenceError, PeftregError
-from client.transfer.progress import NullProgress, Progress
+from peftreg.cache import Cache
+from peftreg.cli.config import resolve
+from peftreg.cli.group import EXIT_ERROR, EXIT_USAGE, PeftregGroup, fail
+from peftreg.reference import InvalidReference, Reference
+from peftreg.sdk.client import Client
+from peftreg.sdk.errors import InvalidReferenceError
+from peftreg.transfer.progress import NullProgress, Progress
 
 ENV_RETRIES = "PEFTREG_RETRIES"
-EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 
 def make_client(*, offline: bool | None = None) -> Client:
@@ -102,22 +101,15 @@ def human_size(size: int) -> str:
     return f"{value:.1f} TiB"
 
 
-def fail(message: str, code: int = EXIT_ERROR) -> click.exceptions.Exit:
-    click.echo(f"peftreg: {message}", err=True)
-    return click.exceptions.Exit(code)
-
-
-class PeftregGroup(click.Group):
-    """Turns the SDK's errors into one line on stderr and a non-zero exit."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except InvalidReferenceError as exc:
-            raise fail(str(exc), EXIT_USAGE) from None
-        except PeftregError as exc:
-            raise fail(str(exc)) from None
-        except OSError as exc:
-            raise fail(str(exc)) from None
-        except KeyboardInterrupt:
-            raise fail("interrupted", 130) from None
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_USAGE",
+    "PeftregGroup",
+    "echo_json",
+    "echo_table",
+    "fail",
+    "human_size",
+    "make_client",
+    "make_progress",
+    "parse_reference",
+]

@@ -14,7 +14,7 @@ from typing import Any
 
 import platformdirs
 
-from client.sdk.client import DEFAULT_URL
+from peftreg.sdk.client import DEFAULT_URL
 
 ENV_CONFIG = "PEFTREG_CONFIG"
 ENV_URL = "PEFTREG_URL"

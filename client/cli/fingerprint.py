@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from client.formats.fingerprint import fingerprint_directory
-from client.formats.safetensors_header import SafetensorsError
+from peftreg.formats.fingerprint import fingerprint_directory
+from peftreg.formats.safetensors_header import SafetensorsError
 
 
 @click.command()

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from client.cli.common import echo_json, echo_table, fail, make_client, parse_reference
-from client.cli.recipe_options import recipe_options
-from client.sdk.jobs import JobInfo
+from peftreg.cli.common import echo_json, echo_table, fail, make_client, parse_reference
+from peftreg.cli.recipe_options import recipe_options
+from peftreg.sdk.jobs import JobInfo
 
 
 def _describe(job: JobInfo) -> str:

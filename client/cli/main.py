@@ -1,57 +1,75 @@
-"""Entry point of the `peftreg` command."""
+"""Entry point of the `peftreg` command.
+
+Subcommands are imported when they are invoked (or listed by --help), so
+`peftreg --version` and a push load no more than they use.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import click
 
-from client.cli.auth import login, logout
-from client.cli.base import base
-from client.cli.cache import cache
-from client.cli.catalog import diff, history, list_repositories, rm, show
-from client.cli.common import PeftregGroup
-from client.cli.fingerprint import fingerprint
-from client.cli.jobs import export, jobs
-from client.cli.maintenance import fsck, gc
-from client.cli.merge import merge
-from client.cli.nola import nola
-from client.cli.server import db, serve
-from client.cli.tokens import token
-from client.cli.transfer import pull, push, tag
-from client.cli.worker import worker
+from peftreg.cli.extras import missing_extra_message
+from peftreg.cli.group import PeftregGroup, fail
+
+# Command name -> "module:attribute" of its click command.
+COMMANDS: dict[str, str] = {
+    "serve": "peftreg.cli.server:serve",
+    "db": "peftreg.cli.server:db",
+    "worker": "peftreg.cli.worker:worker",
+    "gc": "peftreg.cli.maintenance:gc",
+    "fsck": "peftreg.cli.maintenance:fsck",
+    "login": "peftreg.cli.auth:login",
+    "logout": "peftreg.cli.auth:logout",
+    "push": "peftreg.cli.transfer:push",
+    "pull": "peftreg.cli.transfer:pull",
+    "ls": "peftreg.cli.catalog:list_repositories",
+    "show": "peftreg.cli.catalog:show",
+    "diff": "peftreg.cli.catalog:diff",
+    "base": "peftreg.cli.base:base",
+    "tag": "peftreg.cli.transfer:tag",
+    "history": "peftreg.cli.catalog:history",
+    "rm": "peftreg.cli.catalog:rm",
+    "token": "peftreg.cli.tokens:token",
+    "cache": "peftreg.cli.cache:cache",
+    "fingerprint": "peftreg.cli.fingerprint:fingerprint",
+    "nola": "peftreg.cli.nola:nola",
+    "export": "peftreg.cli.jobs:export",
+    "jobs": "peftreg.cli.jobs:jobs",
+    "merge": "peftreg.cli.merge:merge",
+}
 
 
-@click.group(cls=PeftregGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(PeftregGroup):
+    """A group whose subcommands live in modules imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attribute = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            message = missing_extra_message(cmd_name, exc.name)
+            if message is None:
+                raise
+            raise fail(message) from None
+        command: Any = getattr(module, attribute)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target} is not a click command")
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="peftreg")
 def cli() -> None:
     """peftreg: a registry for parameter-efficient fine-tuning adapters."""
-
-
-cli.add_command(serve)
-cli.add_command(db)
-cli.add_command(worker)
-cli.add_command(gc)
-cli.add_command(fsck)
-for command in (
-    login,
-    logout,
-    push,
-    pull,
-    list_repositories,
-    show,
-    diff,
-    base,
-    tag,
-    history,
-    rm,
-    token,
-    cache,
-    fingerprint,
-    nola,
-    export,
-    jobs,
-    merge,
-):
-    cli.add_command(command)
 
 
 def main() -> None:

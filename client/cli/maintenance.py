@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from client.cli.common import EXIT_ERROR, echo_json, fail, human_size
+from peftreg.cli.common import EXIT_ERROR, echo_json, fail, human_size
 
 if TYPE_CHECKING:
-    from registry.state import Services
+    from peftreg.registry.state import Services
 
 MIN_GRACE = timedelta(minutes=10)
 """Shorter grace periods need `--force`: a push takes longer than that to name its blobs."""
@@ -45,8 +45,8 @@ class Duration(click.ParamType[timedelta, Any]):
 
 
 def _services() -> Services:
-    from registry.app import build_services
-    from registry.settings import Settings
+    from peftreg.registry.app import build_services
+    from peftreg.registry.settings import Settings
 
     return build_services(Settings())
 
@@ -63,7 +63,7 @@ def _reported(command: str) -> Iterator[None]:
     from pydantic import ValidationError
     from sqlalchemy.exc import SQLAlchemyError
 
-    from registry.storage.errors import StorageError
+    from peftreg.registry.storage.errors import StorageError
 
     try:
         yield
@@ -102,7 +102,7 @@ def gc(dry_run: bool, grace: timedelta | None, force: bool, as_json: bool) -> No
             "lose blobs they already uploaded; pass --force if that is really what you want",
             param_hint="'--grace'",
         )
-    from registry.maintenance.gc import collect_garbage
+    from peftreg.registry.maintenance.gc import collect_garbage
 
     with _reported("gc"):
         services = _services()
@@ -131,7 +131,7 @@ def gc(dry_run: bool, grace: timedelta | None, force: bool, as_json: bool) -> No
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def fsck(verify_digests: bool, as_json: bool) -> None:
     """Check every blob's bytes and every manifest's references; exit 1 on errors."""
-    from registry.maintenance.fsck import check_store
+    from peftreg.registry.maintenance.fsck import check_store
 
     with _reported("fsck"):
         report = check_store(_services(), verify_digests=verify_digests)

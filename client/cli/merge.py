@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
-from client.cli.common import echo_json, human_size
-from client.cli.recipe_options import recipe_options
-from client.merge.errors import MergeError
+from peftreg.cli.common import echo_json, human_size
+from peftreg.cli.recipe_options import recipe_options
+from peftreg.merge.errors import MergeError
 
 if TYPE_CHECKING:  # torch is imported only when a merge runs, never by `peftreg --help`
-    from client.checkpoint.encoding import TensorEncoder
-    from client.merge.stream import MergeResult
+    from peftreg.checkpoint.encoding import TensorEncoder
+    from peftreg.merge.stream import MergeResult
 
 SIZE_UNITS = {
     "": 1,
@@ -82,10 +82,10 @@ def check_weights(weights: tuple[float, ...], adapters: int) -> None:
 def int4_encoder(base_dir: Path, group_size: int, algorithm: str) -> TensorEncoder:
     """The INT4 (compressed-tensors pack-quantized) encoder for the base's architecture,
     imported only when asked for."""
-    from client.merge.model_dir import read_model_config
+    from peftreg.merge.model_dir import read_model_config
 
     try:
-        from client.quantize import Int4Encoder
+        from peftreg.quantize import Int4Encoder
     except ImportError as exc:
         raise MergeError(f"--quantize int4 is not available in this installation: {exc}") from None
     model_config = read_model_config(base_dir)
@@ -198,8 +198,8 @@ def merge(
     check_weights(weights, len(adapters))
     import torch
 
-    from client.merge.inputs import adapter_from_peft_directory
-    from client.merge.stream import merge_to_directory, resolve_device
+    from peftreg.merge.inputs import adapter_from_peft_directory
+    from peftreg.merge.stream import merge_to_directory, resolve_device
 
     max_shard_bytes = parse_size(max_shard_size)
     inputs = [

@@ -30,7 +30,7 @@ def import_checkpoint(
     Bases are regenerated with the pinned CPU generator and the factors'
     digest is recorded, so any later reconstruction that differs is refused.
     """
-    from client.adapters.nola import compression_ratio, import_reference_checkpoint
+    from peftreg.adapters.nola import compression_ratio, import_reference_checkpoint
 
     config, written = import_reference_checkpoint(
         checkpoint,

@@ -17,9 +17,9 @@ def serve(host: str | None, port: int | None, log_level: str) -> None:
     """Run the registry (uvicorn). Defaults: SQLite and files under PEFTREG_HOME."""
     import uvicorn
 
-    from registry.app import create_app
-    from registry.observability.logging import configure_logging
-    from registry.settings import Settings
+    from peftreg.registry.app import create_app
+    from peftreg.registry.observability.logging import configure_logging
+    from peftreg.registry.settings import Settings
 
     overrides: dict[str, object] = {}
     if host is not None:
@@ -61,8 +61,8 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True)
 def db_upgrade(revision: str) -> None:
     """Migrate the database named by PEFTREG_DATABASE_URL (or the embedded one)."""
-    from registry.db.migrate import upgrade
-    from registry.settings import Settings
+    from peftreg.registry.db.migrate import upgrade
+    from peftreg.registry.settings import Settings
 
     settings = Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -74,8 +74,8 @@ def db_upgrade(revision: str) -> None:
 @click.argument("revision")
 def db_downgrade(revision: str) -> None:
     """Migrate the database down to REVISION (`base` removes every table)."""
-    from registry.db.migrate import downgrade
-    from registry.settings import Settings
+    from peftreg.registry.db.migrate import downgrade
+    from peftreg.registry.settings import Settings
 
     downgrade(Settings().resolved_database_url(), revision)
     click.echo(f"database at {revision}")

@@ -6,8 +6,8 @@ from datetime import datetime
 
 import click
 
-from client.cli.common import echo_json, echo_table, make_client
-from client.sdk.errors import InvalidRequest
+from peftreg.cli.common import echo_json, echo_table, make_client
+from peftreg.sdk.errors import InvalidRequest
 
 
 @click.group()

@@ -7,12 +7,12 @@ from typing import get_args
 
 import click
 
-from client.adapters.schema import BaseQuantization, BaseReference
-from client.cli.common import make_client, make_progress, parse_reference
-from client.digest import Digest
-from client.manifest import parse_manifest
-from client.sdk.errors import InvalidRequest
-from client.transfer.pull import PullResult
+from peftreg.adapters.schema import BaseQuantization, BaseReference
+from peftreg.cli.common import make_client, make_progress, parse_reference
+from peftreg.digest import Digest
+from peftreg.manifest import parse_manifest
+from peftreg.sdk.errors import InvalidRequest
+from peftreg.transfer.pull import PullResult
 
 
 def _annotations(values: tuple[str, ...]) -> dict[str, str]:
@@ -117,8 +117,8 @@ def pull(
 
 
 def _export_peft(result: PullResult, output: Path, force: bool) -> None:
-    from client.adapters.package import export_snapshot_as_peft
-    from client.adapters.schema import AdapterConfig
+    from peftreg.adapters.package import export_snapshot_as_peft
+    from peftreg.adapters.schema import AdapterConfig
 
     if result.adapter_config is None:
         raise InvalidRequest(

@@ -45,11 +45,11 @@ def worker(
     signal exits at once (the job's lease then expires and another worker
     takes it).
     """
-    from registry.app import build_services
-    from registry.jobs.handlers import default_handlers
-    from registry.jobs.worker import JobWorker
-    from registry.observability.logging import configure_logging
-    from registry.settings import Settings
+    from peftreg.registry.app import build_services
+    from peftreg.registry.jobs.handlers import default_handlers
+    from peftreg.registry.jobs.worker import JobWorker
+    from peftreg.registry.observability.logging import configure_logging
+    from peftreg.registry.settings import Settings
 
     settings = Settings()
     configure_logging(settings.log_format, log_level)
@@ -65,7 +65,7 @@ def worker(
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        from registry.jobs.observe import observe_jobs
+        from peftreg.registry.jobs.observe import observe_jobs
 
         observe_jobs(services)
         start_http_server(metrics_port, registry=services.metrics.registry)

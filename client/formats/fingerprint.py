@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.formats.safetensors_header import SafetensorsError, read_header
-from client.manifest import canonical_json
+from peftreg.formats.safetensors_header import SafetensorsError, read_header
+from peftreg.manifest import canonical_json
 
 READ_CHUNK = 8 * 1024 * 1024
 

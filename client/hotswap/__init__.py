@@ -9,11 +9,11 @@ identity, shapes, finite values, NOLA digests), free of recompiles under
 
 from __future__ import annotations
 
-from client.hotswap.adapter import LoadedAdapter, adapter_from_directory, adapter_from_pull
-from client.hotswap.base import module_fingerprint
-from client.hotswap.cache import AdapterCache
-from client.hotswap.config import HostConfig
-from client.hotswap.errors import (
+from peftreg.hotswap.adapter import LoadedAdapter, adapter_from_directory, adapter_from_pull
+from peftreg.hotswap.base import module_fingerprint
+from peftreg.hotswap.cache import AdapterCache
+from peftreg.hotswap.config import HostConfig
+from peftreg.hotswap.errors import (
     AdapterDigestMismatch,
     AdapterShapeMismatch,
     BaseMismatch,
@@ -27,9 +27,9 @@ from client.hotswap.errors import (
     TooManyVirtualTokens,
     UnsupportedAdapter,
 )
-from client.hotswap.events import SwapEvent, SwapFailure
-from client.hotswap.follow import TagFollower
-from client.hotswap.host import AdapterHost
+from peftreg.hotswap.events import SwapEvent, SwapFailure
+from peftreg.hotswap.follow import TagFollower
+from peftreg.hotswap.host import AdapterHost
 
 __all__ = [
     "AdapterCache",

@@ -3,8 +3,8 @@
 Loading is independent of any host: it reads the config and the tensors
 file (the safetensors header is parsed strictly first; nothing is unpickled;
 a pulled layer is hashed against its manifest descriptor), refuses tensors
-and PEFT features a host would not serve (`client.hotswap.contents`),
-resolves the LoRA-family factors with `client.adapters.factors` (NOLA is
+and PEFT features a host would not serve (`peftreg.hotswap.contents`),
+resolves the LoRA-family factors with `peftreg.adapters.factors` (NOLA is
 materialized and checked against its recorded digest there), and refuses
 non-finite values, recording each tensor's largest magnitude. What depends
 on the host (base identity, target modules, shapes, ranks, virtual tokens,
@@ -25,32 +25,32 @@ import torch
 from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
-from client.adapters.factors import FactorError, ModuleFactors, adapter_factors
-from client.adapters.nola import NolaDigestMismatch, NolaError
-from client.adapters.package import config_blob
-from client.adapters.peft_import import (
+from peftreg.adapters.factors import FactorError, ModuleFactors, adapter_factors
+from peftreg.adapters.nola import NolaDigestMismatch, NolaError
+from peftreg.adapters.package import config_blob
+from peftreg.adapters.peft_import import (
     NOLA_FILE,
     TENSORS_FILE,
     PeftImportError,
     read_peft_directory,
     read_safetensors_header,
 )
-from client.adapters.schema import AdapterConfig
-from client.formats.safetensors_header import SafetensorsError, read_header
-from client.hotswap.contents import (
+from peftreg.adapters.schema import AdapterConfig
+from peftreg.formats.safetensors_header import SafetensorsError, read_header
+from peftreg.hotswap.contents import (
     PROMPT_TENSOR,
     check_consumed,
     check_features,
     saved_base_layers,
 )
-from client.hotswap.errors import (
+from peftreg.hotswap.errors import (
     AdapterDigestMismatch,
     AdapterShapeMismatch,
     NonFiniteAdapter,
     SwapError,
     UnsupportedAdapter,
 )
-from client.transfer.pull import PullResult
+from peftreg.transfer.pull import PullResult
 
 LORA_KINDS = ("lora", "dora", "nola")
 SERVED_KINDS = (*LORA_KINDS, "prompt_tuning")

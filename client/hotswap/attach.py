@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from client.hotswap.base import module_fingerprint
-from client.hotswap.config import HostConfig
-from client.hotswap.errors import HostError
-from client.hotswap.prompt import PromptSlot
+from peftreg.hotswap.base import module_fingerprint
+from peftreg.hotswap.config import HostConfig
+from peftreg.hotswap.errors import HostError
+from peftreg.hotswap.prompt import PromptSlot
 
 
 def slot_device(config: HostConfig, weight: torch.Tensor) -> torch.device:

@@ -1,4 +1,4 @@
-"""The identity of a base model in memory, as `client.formats.fingerprint` computes it on disk.
+"""The identity of a base model in memory, as `peftreg.formats.fingerprint` computes it on disk.
 
 The state dict stands in for the safetensors files: names, safetensors dtype
 names, shapes and (for the content fingerprint) the sha256 of each tensor's
@@ -13,7 +13,7 @@ import hashlib
 import torch
 from torch import nn
 
-from client.formats.fingerprint import BaseFingerprint, TensorRecord, fingerprint_records
+from peftreg.formats.fingerprint import BaseFingerprint, TensorRecord, fingerprint_records
 
 SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",

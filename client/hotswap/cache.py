@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-from client.hotswap.adapter import LoadedAdapter
+from peftreg.hotswap.adapter import LoadedAdapter
 
 
 class AdapterCache:

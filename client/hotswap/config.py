@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from client.hotswap.errors import HostError
+from peftreg.hotswap.errors import HostError
 
 SwapMode = Literal["unmerged", "merged"]
 BaseCheck = Literal["fingerprint", "structure", "shapes"]

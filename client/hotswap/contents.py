@@ -19,10 +19,10 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from client.adapters.factors import PEFT_PREFIX
-from client.adapters.nola import nola_key
-from client.adapters.schema import AdapterConfig
-from client.hotswap.errors import UnsupportedAdapter
+from peftreg.adapters.factors import PEFT_PREFIX
+from peftreg.adapters.nola import nola_key
+from peftreg.adapters.schema import AdapterConfig
+from peftreg.hotswap.errors import UnsupportedAdapter
 
 PROMPT_TENSOR = "prompt_embeddings"
 UNSUPPORTED_FEATURES = (

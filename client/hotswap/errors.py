@@ -7,7 +7,7 @@ adapter (not found, unreachable, digest mismatch) keep their own SDK types.
 
 from __future__ import annotations
 
-from client.sdk.errors import InvalidRequest
+from peftreg.sdk.errors import InvalidRequest
 
 
 class HostError(InvalidRequest):

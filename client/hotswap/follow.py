@@ -30,15 +30,15 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
-from client.digest import Digest
-from client.hotswap.errors import HostError, SwapError, TagMissing
-from client.hotswap.events import FailureListener, SwapFailure, SwapListener, notify
-from client.reference import InvalidReference, Reference
-from client.sdk.client import Client
-from client.sdk.errors import PeftregError
+from peftreg.digest import Digest
+from peftreg.hotswap.errors import HostError, SwapError, TagMissing
+from peftreg.hotswap.events import FailureListener, SwapFailure, SwapListener, notify
+from peftreg.reference import InvalidReference, Reference
+from peftreg.sdk.client import Client
+from peftreg.sdk.errors import PeftregError
 
 if TYPE_CHECKING:
-    from client.hotswap.host import AdapterHost
+    from peftreg.hotswap.host import AdapterHost
 
 logger = logging.getLogger(__name__)
 FINAL_STATUSES = frozenset({401, 403, 404})  # retrying the same digest will not help

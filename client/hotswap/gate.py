@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.hotswap.errors import FlipTimeout, HostError
+from peftreg.hotswap.errors import FlipTimeout, HostError
 
 InputTransform = Callable[[tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]
 MARKER = "__peftreg_gate__"  # set on the wrapper this module installs

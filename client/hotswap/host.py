@@ -10,9 +10,9 @@
     host.unload()
 
 A swap goes: load (the in-memory LRU, else pull or read, and check;
-`client.hotswap.loading`) -> plan (base identity, target modules, shapes,
+`peftreg.hotswap.loading`) -> plan (base identity, target modules, shapes,
 ranks, virtual tokens, values against the slots' dtype; nothing written;
-`client.hotswap.planning`) -> the adapter enters the LRU -> DoRA row factors
+`peftreg.hotswap.planning`) -> the adapter enters the LRU -> DoRA row factors
 computed and checked -> stage into the spare buffers -> flip under the
 forward gate. Any failure before the flip leaves the active adapter, and so
 the model's outputs, untouched. In merged mode the merged weights are
@@ -30,28 +30,28 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from client.adapters.factors import ModuleFactors
-from client.hotswap.adapter import LoadedAdapter
-from client.hotswap.attach import base_identity, prompt_slot, slot_device, slot_dtype
-from client.hotswap.cache import AdapterCache
-from client.hotswap.config import HostConfig
-from client.hotswap.errors import FlipTimeout, HostError
-from client.hotswap.events import (
+from peftreg.adapters.factors import ModuleFactors
+from peftreg.hotswap.adapter import LoadedAdapter
+from peftreg.hotswap.attach import base_identity, prompt_slot, slot_device, slot_dtype
+from peftreg.hotswap.cache import AdapterCache
+from peftreg.hotswap.config import HostConfig
+from peftreg.hotswap.errors import FlipTimeout, HostError
+from peftreg.hotswap.events import (
     FailureListener,
     Listeners,
     SwapEvent,
     SwapFailure,
     SwapListener,
 )
-from client.hotswap.follow import TagFollower
-from client.hotswap.gate import ForwardGate, GatedForward
-from client.hotswap.loading import AdapterLoader, AdapterSource, source_label
-from client.hotswap.merged import PristineWeights
-from client.hotswap.planning import EMPTY, SwapPlan, SwapPlanner
-from client.hotswap.prompt import PromptSlot
-from client.hotswap.slots import ModuleSlot
-from client.hotswap.targets import TargetSite, resolve_targets
-from client.sdk.client import Client
+from peftreg.hotswap.follow import TagFollower
+from peftreg.hotswap.gate import ForwardGate, GatedForward
+from peftreg.hotswap.loading import AdapterLoader, AdapterSource, source_label
+from peftreg.hotswap.merged import PristineWeights
+from peftreg.hotswap.planning import EMPTY, SwapPlan, SwapPlanner
+from peftreg.hotswap.prompt import PromptSlot
+from peftreg.hotswap.slots import ModuleSlot
+from peftreg.hotswap.targets import TargetSite, resolve_targets
+from peftreg.sdk.client import Client
 
 __all__ = ["AdapterHost", "AdapterSource", "SwapPlan", "source_label"]
 

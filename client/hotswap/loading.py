@@ -5,7 +5,7 @@ local PEFT directory (`Path`) or an already `LoadedAdapter`. Every kind is
 looked up in the cache by its digest before anything is read: a tag is
 resolved to its digest (one small request), a directory is named by its
 `directory_identity` (config and tensor header, no tensor data). A miss is
-pulled or read and checked (`client.hotswap.adapter`). The loader never
+pulled or read and checked (`peftreg.hotswap.adapter`). The loader never
 inserts into the cache itself: the host does that once the adapter passed
 its plan, so an adapter the host refuses does not evict good ones.
 """
@@ -14,17 +14,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.hotswap.adapter import (
+from peftreg.hotswap.adapter import (
     LoadedAdapter,
     adapter_from_local,
     adapter_from_pull,
     inspect_directory,
 )
-from client.hotswap.cache import AdapterCache
-from client.hotswap.errors import HostError
-from client.reference import Reference
-from client.sdk.client import Client
-from client.transfer.pull import PullResult
+from peftreg.hotswap.cache import AdapterCache
+from peftreg.hotswap.errors import HostError
+from peftreg.reference import Reference
+from peftreg.sdk.client import Client
+from peftreg.transfer.pull import PullResult
 
 AdapterSource = str | Reference | PullResult | Path | LoadedAdapter
 

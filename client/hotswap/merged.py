@@ -3,7 +3,7 @@
 The targeted weights (and biases) are copied once at attach into a pristine
 store. A swap first computes, outside the forward gate, W' = merged_weight(W0,
 adapter) for each module the new adapter targets, from the pristine W0
-(`client.adapters.factors`), cast once to the weight's dtype and checked
+(`peftreg.adapters.factors`), cast once to the weight's dtype and checked
 finite there (`compute`). Only then, under the gate, are the results copied
 into the live weights, and a module the previous adapter targeted but the
 new one does not gets W0 copied back (`write`). Nothing is ever subtracted,
@@ -18,9 +18,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from client.adapters.factors import ModuleFactors, merged_bias, merged_weight
-from client.hotswap.errors import NonFiniteAdapter
-from client.hotswap.targets import TargetSite
+from peftreg.adapters.factors import ModuleFactors, merged_bias, merged_weight
+from peftreg.hotswap.errors import NonFiniteAdapter
+from peftreg.hotswap.targets import TargetSite
 
 Merged = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # module -> (W', b' or None)
 

@@ -8,7 +8,7 @@ infinite in an fp16 slot. For each module the largest entry of the delta,
 scaling * rank * max|B| * max|A|, must be representable too. DoRA row factors
 (which need the base weights) are computed and checked by `dora_rows` when
 the factors are staged. Merged mode checks the merged weights themselves
-(`client.hotswap.merged`).
+(`peftreg.hotswap.merged`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from client.adapters.factors import ModuleFactors, delta_weight, dora_row_scale
-from client.hotswap.adapter import FactorBounds, LoadedAdapter, largest
-from client.hotswap.config import HostConfig
-from client.hotswap.errors import (
+from peftreg.adapters.factors import ModuleFactors, delta_weight, dora_row_scale
+from peftreg.hotswap.adapter import FactorBounds, LoadedAdapter, largest
+from peftreg.hotswap.config import HostConfig
+from peftreg.hotswap.errors import (
     AdapterShapeMismatch,
     BaseMismatch,
     NonFiniteAdapter,
@@ -29,9 +29,9 @@ from client.hotswap.errors import (
     TooManyVirtualTokens,
     UnsupportedAdapter,
 )
-from client.hotswap.prompt import PromptSlot
-from client.hotswap.slots import ModuleSlot
-from client.hotswap.targets import TargetSite
+from peftreg.hotswap.prompt import PromptSlot
+from peftreg.hotswap.slots import ModuleSlot
+from peftreg.hotswap.targets import TargetSite
 
 EMPTY = "empty"  # what the spare buffers hold after an unload was staged in them
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from client.hotswap.errors import HostError, InputNotSupported
-from client.hotswap.slots import copy_into, fill
+from peftreg.hotswap.errors import HostError, InputNotSupported
+from peftreg.hotswap.slots import copy_into, fill
 
 IGNORE_INDEX = -100
 
@@ -120,7 +120,7 @@ class PromptSlot:
         if len(args) > len(self._positional):
             raise InputNotSupported("too many positional arguments for the model's forward")
         kwargs = {**dict(zip(self._positional, args, strict=False)), **kwargs}
-        cached = _cached_length(kwargs.get("past_key_values"))
+        cached = _cached_length(_kv_cache(kwargs))
         if 0 < cached < self.max_tokens:
             raise InputNotSupported(
                 f"the KV cache holds {cached} positions, fewer than the {self.max_tokens} "
@@ -186,6 +186,20 @@ class PromptSlot:
             return shifted
         virtual = (prefix.cumsum(-1) - 1).clamp(min=0)
         return torch.cat([virtual, shifted], dim=1)
+
+
+# transformers' generate() hands the KV cache over as `past_key_values` (4.x) or
+# as `cache` (5.25 and later); a model's forward takes one of the two.
+KV_CACHE_ARGUMENTS = ("past_key_values", "cache")
+
+
+def _kv_cache(kwargs: dict[str, Any]) -> Any:
+    """The KV cache among a forward's arguments, under whichever name it came."""
+    for name in KV_CACHE_ARGUMENTS:
+        past = kwargs.get(name)
+        if past is not None:
+            return past
+    return None
 
 
 def _cached_length(past: Any) -> int:

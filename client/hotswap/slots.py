@@ -9,7 +9,7 @@ with gain = scaling * row (times the layer's `embed_scale` for a scaled
 embedding such as Gemma 3's, which PEFT applies to the adapter's output
 too). For LoRA, rsLoRA and NOLA row is 1 (the last term is exactly zero);
 for DoRA row = m / ||W + scaling * B @ A|| per output row, computed once
-per swap (`client.adapters.factors.dora_row_scale`), which is PEFT's
+per swap (`peftreg.adapters.factors.dora_row_scale`), which is PEFT's
 unmerged DoRA forward. A module the adapter does not target has
 B = 0 and gain = 0 and contributes exactly zero; a rank r below the maximum
 fills the first r rows of A and columns of B and the rest are zero.
@@ -30,9 +30,9 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from client.adapters.factors import ModuleFactors
-from client.hotswap.errors import HostError
-from client.hotswap.targets import TargetSite
+from peftreg.adapters.factors import ModuleFactors
+from peftreg.hotswap.errors import HostError
+from peftreg.hotswap.targets import TargetSite
 
 Region = tuple[slice, ...]
 ALL: Region = (slice(None),)

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from client.adapters.factors import LayerKind
-from client.hotswap.config import ALL_LINEAR
-from client.hotswap.errors import HostError
+from peftreg.adapters.factors import LayerKind
+from peftreg.hotswap.config import ALL_LINEAR
+from peftreg.hotswap.errors import HostError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Merging adapters into their base: a streaming library used by merge jobs and `peftreg merge`.
 
-The names below load on first use, so importing `client.merge.errors` (as the
+The names below load on first use, so importing `peftreg.merge.errors` (as the
 CLI does) never imports torch.
 """
 
@@ -10,15 +10,15 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "check_compatible": "client.merge.compat",
-    "IncompatibleBase": "client.merge.errors",
-    "MergeCancelled": "client.merge.errors",
-    "MergeError": "client.merge.errors",
-    "AdapterInput": "client.merge.inputs",
-    "adapter_from_peft_directory": "client.merge.inputs",
-    "adapter_from_snapshot": "client.merge.inputs",
-    "MergeResult": "client.merge.stream",
-    "merge_to_directory": "client.merge.stream",
+    "check_compatible": "peftreg.merge.compat",
+    "IncompatibleBase": "peftreg.merge.errors",
+    "MergeCancelled": "peftreg.merge.errors",
+    "MergeError": "peftreg.merge.errors",
+    "AdapterInput": "peftreg.merge.inputs",
+    "adapter_from_peft_directory": "peftreg.merge.inputs",
+    "adapter_from_snapshot": "peftreg.merge.inputs",
+    "MergeResult": "peftreg.merge.stream",
+    "merge_to_directory": "peftreg.merge.stream",
 }
 
 __all__ = list(_EXPORTS)

@@ -21,11 +21,11 @@ from types import TracebackType
 
 import torch
 
-from client.adapters.schema import TensorSpec
-from client.checkpoint.writer import INDEX_FILE, SAFETENSORS_DTYPES
-from client.formats.fingerprint import TensorRecord, fingerprint_records
-from client.formats.safetensors_header import SafetensorsError, read_header
-from client.merge.errors import MergeError
+from peftreg.adapters.schema import TensorSpec
+from peftreg.checkpoint.writer import INDEX_FILE, SAFETENSORS_DTYPES
+from peftreg.formats.fingerprint import TensorRecord, fingerprint_records
+from peftreg.formats.safetensors_header import SafetensorsError, read_header
+from peftreg.merge.errors import MergeError
 
 CHUNK_BYTES = 4 * 2**20
 
@@ -55,7 +55,7 @@ class BaseLayout:
     """What the headers alone tell about a base: its structure hash and tensors.
 
     Has no content fingerprint (that needs every byte hashed; see
-    `client.adapters.base_package.build_base_config`).
+    `peftreg.adapters.base_package.build_base_config`).
     """
 
     structure_hash: str

@@ -19,12 +19,14 @@ In order, for the adapters together and then each against the base:
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from client.adapters.factors import PEFT_PREFIX
-from client.adapters.schema import AdapterConfig, TargetModule, TensorSpec
-from client.merge.errors import IncompatibleBase, MergeError
-from client.merge.inputs import AdapterInput
+from peftreg.adapters.schema import AdapterConfig, TargetModule, TensorSpec
+from peftreg.adapters.validate import PREFIX as PEFT_PREFIX
+from peftreg.merge.errors import IncompatibleBase, MergeError
+
+if TYPE_CHECKING:  # the check reads configs only: the service plans exports without torch
+    from peftreg.merge.inputs import AdapterInput
 
 NOTHING_TO_MERGE = ("prompt_tuning", "prefix_tuning")
 # adapter_config.json keys (when set) whose adapters a plain weight merge would get wrong.

@@ -16,7 +16,7 @@ device instead, then cast or encoded.
 This library never changes torch's thread settings (they are process-wide
 and merges may run on several threads of one process); a caller that owns
 its process may (`peftreg merge` runs the plain merge on one intra-op
-thread, see `client.cli.merge`).
+thread, see `peftreg.cli.merge`).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from dataclasses import replace
 
 import torch
 
-from client.adapters.factors import ModuleFactors, merged_bias, merged_weight
-from client.checkpoint.encoding import TensorEncoder
-from client.checkpoint.writer import CheckpointWriter
-from client.merge.base_checkpoint import BaseCheckpoint
-from client.merge.errors import MergeError
-from client.merge.nf4 import nf4_round_trip
-from client.merge.plan import TensorPlan
+from peftreg.adapters.factors import ModuleFactors, merged_bias, merged_weight
+from peftreg.checkpoint.encoding import TensorEncoder
+from peftreg.checkpoint.writer import CheckpointWriter
+from peftreg.merge.base_checkpoint import BaseCheckpoint
+from peftreg.merge.errors import MergeError
+from peftreg.merge.nf4 import nf4_round_trip
+from peftreg.merge.plan import TensorPlan
 
 BLOCK_ELEMENTS = 1 << 20
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from client.merge.errors import MergeError
-from client.merge.inputs import AdapterInput
+from peftreg.merge.errors import MergeError
+from peftreg.merge.inputs import AdapterInput
 
 
 def _refusal(output: Path, target: Path, what: str, directory: Path) -> str | None:

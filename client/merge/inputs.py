@@ -3,7 +3,7 @@
 An `AdapterInput` comes from a PEFT directory on disk or from a pulled
 snapshot (whose AdapterConfig is the artifact's config blob). Adapter tensors
 are small, so `load_adapter` reads them whole (after the strict header check)
-and turns them into factors (`client.adapters.factors`) plus the full-weight
+and turns them into factors (`peftreg.adapters.factors`) plus the full-weight
 replacements PEFT saves for `modules_to_save` (`base_model.model.<name>`).
 """
 
@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from client.adapters.factors import PEFT_PREFIX, ModuleFactors, adapter_factors
-from client.adapters.peft_import import (
+from peftreg.adapters.factors import PEFT_PREFIX, ModuleFactors, adapter_factors
+from peftreg.adapters.peft_import import (
     NOLA_FILE,
     TENSORS_FILE,
     read_peft_directory,
     read_safetensors_header,
 )
-from client.adapters.schema import AdapterConfig
-from client.merge.errors import MergeError
+from peftreg.adapters.schema import AdapterConfig
+from peftreg.merge.errors import MergeError
 
 LORA_PARTS = (
     ".lora_A.weight",

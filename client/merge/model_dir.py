@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from client.adapters.base_package import BASE_FILES
-from client.checkpoint.writer import INDEX_FILE, copy_durably, write_durably
-from client.merge.errors import MergeError
+from peftreg.adapters.base_package import BASE_FILES
+from peftreg.checkpoint.writer import INDEX_FILE, copy_durably, write_durably
+from peftreg.merge.errors import MergeError
 
 CONFIG_FILE = "config.json"
 

@@ -19,12 +19,12 @@ from typing import Literal
 
 import torch
 
-from client.adapters.factors import ModuleFactors
-from client.checkpoint.encoding import PlannedTensor, TensorEncoder, stored_as_is
-from client.merge.base_checkpoint import BaseCheckpoint, BaseTensor
-from client.merge.compat import base_tensor_name, missing_weight
-from client.merge.errors import IncompatibleBase, MergeError
-from client.merge.inputs import LoadedAdapter
+from peftreg.adapters.factors import ModuleFactors
+from peftreg.checkpoint.encoding import PlannedTensor, TensorEncoder, stored_as_is
+from peftreg.merge.base_checkpoint import BaseCheckpoint, BaseTensor
+from peftreg.merge.compat import base_tensor_name, missing_weight
+from peftreg.merge.errors import IncompatibleBase, MergeError
+from peftreg.merge.inputs import LoadedAdapter
 
 BaseQuantizationChoice = Literal["none", "nf4"]
 Contributions = list[tuple[ModuleFactors, float]]

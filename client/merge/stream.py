@@ -32,28 +32,28 @@ from typing import Any
 
 import torch
 
-from client.adapters.base_package import build_base_config
-from client.adapters.schema import BaseConfig
-from client.checkpoint.encoding import CastEncoder, TensorEncoder
-from client.checkpoint.writer import (
+from peftreg.adapters.base_package import build_base_config
+from peftreg.adapters.schema import BaseConfig
+from peftreg.checkpoint.encoding import CastEncoder, TensorEncoder
+from peftreg.checkpoint.writer import (
     DEFAULT_MAX_SHARD_BYTES,
     CheckpointWriter,
     StagedDirectory,
     check_output,
 )
-from client.merge.base_checkpoint import BaseCheckpoint
-from client.merge.compat import BaseIdentity, check_compatible
-from client.merge.compute import TensorMerger
-from client.merge.destination import check_destination
-from client.merge.errors import MergeCancelled, MergeError
-from client.merge.inputs import AdapterInput, load_adapter
-from client.merge.model_dir import (
+from peftreg.merge.base_checkpoint import BaseCheckpoint
+from peftreg.merge.compat import BaseIdentity, check_compatible
+from peftreg.merge.compute import TensorMerger
+from peftreg.merge.destination import check_destination
+from peftreg.merge.errors import MergeCancelled, MergeError
+from peftreg.merge.inputs import AdapterInput, load_adapter
+from peftreg.merge.model_dir import (
     dtype_label,
     output_model_config,
     read_model_config,
     write_model_files,
 )
-from client.merge.plan import BaseQuantizationChoice, plan_merge
+from peftreg.merge.plan import BaseQuantizationChoice, plan_merge
 
 logger = logging.getLogger(__name__)
 

@@ -1,21 +1,21 @@
 """INT4 (W4A16) weight quantization written in the compressed-tensors `pack-quantized` format."""
 
-from client.quantize.encoder import Int4Encoder
-from client.quantize.errors import (
+from peftreg.quantize.encoder import Int4Encoder
+from peftreg.quantize.errors import (
     InvalidGroupSize,
     QuantizationError,
     UnknownAlgorithm,
     UnquantizableTensor,
 )
-from client.quantize.int4 import (
+from peftreg.quantize.int4 import (
     Int4Algorithm,
     ReconstructionError,
     dequantize,
     quantize_groups,
     reconstruction_error,
 )
-from client.quantize.linear_layers import linear_weight_names
-from client.quantize.pack import pack_int4, unpack_int4
+from peftreg.quantize.linear_layers import linear_weight_names
+from peftreg.quantize.pack import pack_int4, unpack_int4
 
 __all__ = [
     "Int4Algorithm",

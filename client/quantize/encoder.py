@@ -34,17 +34,17 @@ from typing import Any
 
 import torch
 
-from client.checkpoint.encoding import CastEncoder, PlannedTensor
-from client.quantize.errors import QuantizationError, UnquantizableTensor
-from client.quantize.int4 import (
+from peftreg.checkpoint.encoding import CastEncoder, PlannedTensor
+from peftreg.quantize.errors import QuantizationError, UnquantizableTensor
+from peftreg.quantize.int4 import (
     Int4Algorithm,
     quantize_groups,
     validate_algorithm,
     validate_group_size,
 )
-from client.quantize.linear_layers import is_linear_weight_by_name, linear_layout
-from client.quantize.pack import pack_int4, packed_columns
-from client.quantize.quantization_config import PACK_QUANTIZED, w4a16_quantization_config
+from peftreg.quantize.linear_layers import is_linear_weight_by_name, linear_layout
+from peftreg.quantize.pack import pack_int4, packed_columns
+from peftreg.quantize.quantization_config import PACK_QUANTIZED, w4a16_quantization_config
 
 WEIGHT_SUFFIX = ".weight"
 DEFAULT_IGNORE: tuple[str, ...] = ("lm_head",)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from client.sdk.errors import InvalidRequest
+from peftreg.sdk.errors import InvalidRequest
 
 
 class QuantizationError(InvalidRequest):

@@ -34,8 +34,8 @@ from typing import Literal, get_args
 
 import torch
 
-from client.quantize.errors import InvalidGroupSize, UnknownAlgorithm, UnquantizableTensor
-from client.quantize.pack import INT4_MAX, INT4_MIN
+from peftreg.quantize.errors import InvalidGroupSize, UnknownAlgorithm, UnquantizableTensor
+from peftreg.quantize.pack import INT4_MAX, INT4_MIN
 
 Int4Algorithm = Literal["rtn", "mse"]
 ALGORITHMS: tuple[str, ...] = get_args(Int4Algorithm)

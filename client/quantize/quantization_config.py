@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from client.quantize.int4 import Int4Algorithm
+from peftreg.quantize.int4 import Int4Algorithm
 
 PACK_QUANTIZED = "pack-quantized"
 OBSERVER_BY_ALGORITHM: dict[str, str] = {"rtn": "minmax", "mse": "mse"}

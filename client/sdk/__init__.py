@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from client.sdk.errors import (
+from peftreg.sdk.errors import (
     CacheMiss,
     Conflict,
     DigestMismatch,
@@ -26,7 +26,7 @@ from client.sdk.errors import (
 )
 
 if TYPE_CHECKING:
-    from client.sdk.client import DEFAULT_URL, Client
+    from peftreg.sdk.client import DEFAULT_URL, Client
 
 __all__ = [
     "DEFAULT_URL",
@@ -50,7 +50,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("Client", "DEFAULT_URL"):
-        from client.sdk import client
+        from peftreg.sdk import client
 
         return getattr(client, name)
-    raise AttributeError(f"module 'client.sdk' has no attribute {name!r}")
+    raise AttributeError(f"module 'peftreg.sdk' has no attribute {name!r}")

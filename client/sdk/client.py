@@ -13,16 +13,16 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from client.adapters.schema import BaseConfig, BaseReference
-from client.cache import Cache, offline_from_env
-from client.digest import Digest
-from client.manifest import BASE_ARTIFACT, MANIFEST_MEDIA_TYPES, OCI_MANIFEST
-from client.reference import Reference
-from client.sdk import jobs as job_api
-from client.sdk.errors import DigestMismatch, InvalidRequest
-from client.sdk.http import DEFAULT_TIMEOUT, HttpSession
-from client.sdk.jobs import JobInfo, JobLogLine
-from client.sdk.models import (
+from peftreg.adapters.schema import BaseConfig, BaseReference
+from peftreg.cache import Cache, offline_from_env
+from peftreg.digest import Digest
+from peftreg.manifest import BASE_ARTIFACT, MANIFEST_MEDIA_TYPES, OCI_MANIFEST
+from peftreg.reference import Reference
+from peftreg.sdk import jobs as job_api
+from peftreg.sdk.errors import DigestMismatch, InvalidRequest
+from peftreg.sdk.http import DEFAULT_TIMEOUT, HttpSession
+from peftreg.sdk.jobs import JobInfo, JobLogLine
+from peftreg.sdk.models import (
     AuditEvent,
     DeletedVersion,
     Grant,
@@ -35,8 +35,8 @@ from client.sdk.models import (
     Version,
     VersionDetail,
 )
-from client.transfer import download, pull, push, upload
-from client.transfer.progress import Progress
+from peftreg.transfer import download, pull, push, upload
+from peftreg.transfer.progress import Progress
 
 DEFAULT_URL = "http://127.0.0.1:8750"
 _LINK_RE = re.compile(r'<([^>]+)>;\s*rel="next"')
@@ -147,7 +147,7 @@ class Client:
             size = len(source)
             computed = Digest.of_bytes(source)
         else:
-            from client.digest import digest_file
+            from peftreg.digest import digest_file
 
             computed, size = digest_file(source)
         wanted = _digest(digest) if digest is not None else computed

@@ -18,7 +18,7 @@ from urllib.parse import urljoin
 
 import httpx
 
-from client.sdk.errors import PeftregError, TransportError, error_class
+from peftreg.sdk.errors import PeftregError, TransportError, error_class
 
 Scalar = str | int | float | bool | None
 QueryParams = Mapping[str, Scalar | Sequence[Scalar]] | list[tuple[str, Scalar]]

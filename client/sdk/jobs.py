@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from client.sdk.errors import PeftregError
-from client.sdk.http import HttpSession
+from peftreg.sdk.errors import PeftregError
+from peftreg.sdk.http import HttpSession
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

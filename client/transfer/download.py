@@ -25,11 +25,11 @@ from pathlib import Path
 
 import httpx
 
-from client.cache import Cache
-from client.digest import Digest, digest_file
-from client.sdk.errors import DigestMismatch, PeftregError, ServerError, TransportError
-from client.sdk.http import HttpSession
-from client.transfer.progress import NullProgress, Progress
+from peftreg.cache import Cache
+from peftreg.digest import Digest, digest_file
+from peftreg.sdk.errors import DigestMismatch, PeftregError, ServerError, TransportError
+from peftreg.sdk.http import HttpSession
+from peftreg.transfer.progress import NullProgress, Progress
 
 PARALLEL_THRESHOLD = 64 * 1024 * 1024
 PARALLEL_PARTS = 4

@@ -16,21 +16,21 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from client.cache import Cache, link_or_copy, remove_tree
-from client.digest import Digest, InvalidDigest
-from client.manifest import (
+from peftreg.cache import Cache, link_or_copy, remove_tree
+from peftreg.digest import Digest, InvalidDigest
+from peftreg.manifest import (
     MANIFEST_MEDIA_TYPES,
     TITLE_ANNOTATION,
     ImageManifest,
     InvalidManifest,
     parse_manifest,
 )
-from client.reference import Reference
-from client.sdk.errors import CacheMiss, Conflict, DigestMismatch, InvalidRequest
-from client.sdk.http import HttpSession
-from client.transfer.download import download_blob
-from client.transfer.progress import NullProgress, Progress
-from client.transfer.titles import check_titles
+from peftreg.reference import Reference
+from peftreg.sdk.errors import CacheMiss, Conflict, DigestMismatch, InvalidRequest
+from peftreg.sdk.http import HttpSession
+from peftreg.transfer.download import download_blob
+from peftreg.transfer.progress import NullProgress, Progress
+from peftreg.transfer.titles import check_titles
 
 SnapshotFile = tuple[PurePosixPath, Digest, int]
 
@@ -153,7 +153,7 @@ def _adapter_config(
     http: HttpSession | None, cache: Cache, reference: Reference, content: bytes
 ) -> bytes | None:
     """The config blob of an adapter artifact, through the cache (offline: from it)."""
-    from client.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
+    from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
 
     parsed = parse_manifest(content, None)
     if not isinstance(parsed, ImageManifest):

@@ -6,21 +6,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.adapters.schema import BaseReference
-from client.digest import Digest, digest_file
-from client.manifest import (
+from peftreg.adapters.schema import BaseReference
+from peftreg.digest import Digest, digest_file
+from peftreg.manifest import (
     ADAPTER_ARTIFACT,
     EMPTY_JSON,
     OCI_MANIFEST,
     TITLE_ANNOTATION,
     canonical_json,
 )
-from client.reference import Reference
-from client.sdk.errors import DigestMismatch, InvalidRequest
-from client.sdk.http import HttpSession
-from client.transfer.progress import NullProgress, Progress
-from client.transfer.titles import check_titles
-from client.transfer.upload import CHUNK_SIZE, upload_blob
+from peftreg.reference import Reference
+from peftreg.sdk.errors import DigestMismatch, InvalidRequest
+from peftreg.sdk.http import HttpSession
+from peftreg.transfer.progress import NullProgress, Progress
+from peftreg.transfer.titles import check_titles
+from peftreg.transfer.upload import CHUNK_SIZE, upload_blob
 
 GENERIC_ARTIFACT = "application/vnd.peftreg.artifact.v1"
 LAYER_MEDIA_TYPE = "application/octet-stream"
@@ -114,9 +114,9 @@ def push_path(
     unless another artifact type is asked for; its pickle files are refused
     before anything is uploaded.
     """
-    from client.adapters.package import adapter_annotations, adapter_artifact_files
-    from client.adapters.peft_import import is_peft_directory, read_peft_directory
-    from client.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
+    from peftreg.adapters.package import adapter_annotations, adapter_artifact_files
+    from peftreg.adapters.peft_import import is_peft_directory, read_peft_directory
+    from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
 
     progress = progress or NullProgress()
     config: tuple[str, bytes] = (EMPTY_JSON, EMPTY_CONFIG)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from client.sdk.errors import UnsafePath
+from peftreg.sdk.errors import UnsafePath
 
 
 def check_title(title: str) -> PurePosixPath:

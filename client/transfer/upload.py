@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from client.digest import Digest
-from client.sdk.errors import NotFound, PeftregError, RangeNotSatisfiable, TransportError
-from client.sdk.http import HttpSession
-from client.transfer.progress import NullProgress, Progress
+from peftreg.digest import Digest
+from peftreg.sdk.errors import NotFound, PeftregError, RangeNotSatisfiable, TransportError
+from peftreg.sdk.http import HttpSession
+from peftreg.transfer.progress import NullProgress, Progress
 
 CHUNK_SIZE = 16 * 1024 * 1024
 MONOLITHIC_MAX = CHUNK_SIZE

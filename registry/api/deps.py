@@ -11,10 +11,10 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from registry.auth import tokens
-from registry.auth.scopes import Principal, Scope, anonymous_principal
-from registry.errors import Denied, Unauthorized
-from registry.state import Services
+from peftreg.registry.auth import tokens
+from peftreg.registry.auth.scopes import Principal, Scope, anonymous_principal
+from peftreg.registry.errors import Denied, Unauthorized
+from peftreg.registry.state import Services
 
 T = TypeVar("T")
 

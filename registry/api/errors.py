@@ -15,9 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from registry import errors
-from registry.context import current_request_id
-from registry.storage.errors import StorageUnavailable
+from peftreg.registry import errors
+from peftreg.registry.context import current_request_id
+from peftreg.registry.storage.errors import StorageUnavailable
 
 ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
     errors.NameInvalid: (400, "NAME_INVALID"),

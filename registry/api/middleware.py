@@ -8,7 +8,7 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from registry.context import set_request_id
+from peftreg.registry.context import set_request_id
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry.auth.scopes import SCOPE_ORDER, Grant, Principal
-from registry.db.models import ApiToken
-from registry.errors import InvalidRequest, TokenUnknown, Unauthorized
+from peftreg.registry.auth.scopes import SCOPE_ORDER, Grant, Principal
+from peftreg.registry.db.models import ApiToken
+from peftreg.registry.errors import InvalidRequest, TokenUnknown, Unauthorized
 
 TOKEN_PREFIX = "prt_"  # noqa: S105 - a public prefix, not a secret
 

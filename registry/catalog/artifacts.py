@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from client.adapters.schema import (
+from peftreg.adapters.schema import (
     ADAPTER_CONFIG_MEDIA_TYPE,
     BASE_CONFIG_MEDIA_TYPE,
     NOLA_SAFETENSORS_MEDIA_TYPE,
@@ -37,18 +37,18 @@ from client.adapters.schema import (
 )
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
-from client.adapters.validate import (
+from peftreg.adapters.validate import (
     AdapterInvalid,
     max_rank,
     structure_hash_of,
     validate_adapter,
     values_from_bytes,
 )
-from client.digest import Digest
-from client.formats.safetensors_header import SafetensorsError, SafetensorsHeader, read_header
-from client.manifest import (
+from peftreg.digest import Digest
+from peftreg.formats.safetensors_header import SafetensorsError, SafetensorsHeader, read_header
+from peftreg.manifest import (
     ADAPTER_ARTIFACT,
     BASE_ARTIFACT,
     TITLE_ANNOTATION,
@@ -56,10 +56,10 @@ from client.manifest import (
     ImageIndex,
     ImageManifest,
 )
-from registry.db.models import ArtifactIndex, Manifest
-from registry.errors import ArtifactInvalid, SafetensorsInvalid
-from registry.storage.base import BlobReader
-from registry.storage.errors import BlobNotFound
+from peftreg.registry.db.models import ArtifactIndex, Manifest
+from peftreg.registry.errors import ArtifactInvalid, SafetensorsInvalid
+from peftreg.registry.storage.base import BlobReader
+from peftreg.registry.storage.errors import BlobNotFound
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 MAX_ADAPTER_DATA_BYTES = 2 * 1024 * 1024 * 1024
@@ -187,7 +187,7 @@ def _inspect_adapter(session: Session, store: BlobReader, parsed: ImageManifest)
         )
     digest = Digest.parse(layer.digest)
 
-    def read_values(name: str) -> Iterator[torch.Tensor]:
+    def read_values(name: str) -> Iterator[np.ndarray[Any, Any]]:
         entry = header.tensors[name]
         start, end = header.absolute_range(name)
         itemsize = entry.nbytes // entry.numel if entry.numel else 1

@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from registry.context import current_request_id
-from registry.db.models import AuditEvent
+from peftreg.registry.context import current_request_id
+from peftreg.registry.db.models import AuditEvent
 
 
 def record(

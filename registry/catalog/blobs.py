@@ -4,7 +4,7 @@ Every upload and mount refreshes the blob's `touched_at`, and so does an
 existence check (HEAD) of a blob last touched more than half the grace
 period ago; an upload's store commit runs under the digest's lock
 (`lock_digest`): together they are what lets garbage collection run while
-clients push (the argument is in `registry.maintenance.gc`).
+clients push (the argument is in `peftreg.registry.maintenance.gc`).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from sqlalchemy import exists, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from client.digest import Digest, InvalidDigest
-from registry.auth.scopes import Principal
-from registry.catalog import audit
-from registry.catalog.repositories import ensure_repository, find_repository
-from registry.db.models import Blob, RepositoryBlob, UploadSession
-from registry.db.upsert import insert_ignore
-from registry.errors import (
+from peftreg.digest import Digest, InvalidDigest
+from peftreg.registry.auth.scopes import Principal
+from peftreg.registry.catalog import audit
+from peftreg.registry.catalog.repositories import ensure_repository, find_repository
+from peftreg.registry.db.models import Blob, RepositoryBlob, UploadSession
+from peftreg.registry.db.upsert import insert_ignore
+from peftreg.registry.errors import (
     BlobUnknown,
     BlobUploadUnknown,
     DigestInvalid,
@@ -29,8 +29,8 @@ from registry.errors import (
     NameUnknown,
     UploadInUse,
 )
-from registry.storage.base import BlobStore
-from registry.storage.errors import DigestMismatch, UploadBusy, UploadNotFound
+from peftreg.registry.storage.base import BlobStore
+from peftreg.registry.storage.errors import DigestMismatch, UploadBusy, UploadNotFound
 
 
 def parse_digest(text: str) -> Digest:

@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from client.digest import Digest, InvalidDigest
-from client.manifest import (
+from peftreg.digest import Digest, InvalidDigest
+from peftreg.manifest import (
     OCI_INDEX,
     Descriptor,
     ImageIndex,
@@ -18,11 +18,15 @@ from client.manifest import (
     InvalidManifest,
     parse_manifest,
 )
-from registry.auth.scopes import Principal
-from registry.catalog import artifacts, audit, tags
-from registry.catalog.repositories import ensure_repository, find_repository, is_immutable_tag
-from registry.db.models import Blob, Manifest, ManifestReference, Repository, RepositoryBlob
-from registry.errors import (
+from peftreg.registry.auth.scopes import Principal
+from peftreg.registry.catalog import artifacts, audit, tags
+from peftreg.registry.catalog.repositories import (
+    ensure_repository,
+    find_repository,
+    is_immutable_tag,
+)
+from peftreg.registry.db.models import Blob, Manifest, ManifestReference, Repository, RepositoryBlob
+from peftreg.registry.errors import (
     DigestInvalid,
     ManifestBlobUnknown,
     ManifestInvalid,
@@ -30,7 +34,7 @@ from registry.errors import (
     TagImmutable,
     VersionInUse,
 )
-from registry.storage.base import BlobReader
+from peftreg.registry.storage.base import BlobReader
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ def put_manifest(
     Every blob the manifest names (config, layers; child manifests of an
     index) must already be in the repository, so a manifest never refers to
     bytes that are not there. With `store`, adapter and base artifacts are
-    validated against their blobs (`registry.catalog.artifacts`) and indexed;
+    validated against their blobs (`peftreg.registry.catalog.artifacts`) and indexed;
     an invalid one raises before anything is recorded.
     """
     digest = str(Digest.of_bytes(content))

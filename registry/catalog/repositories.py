@@ -7,10 +7,10 @@ import fnmatch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from client.names import InvalidName, check_repository_name
-from registry.db.models import Repository
-from registry.db.upsert import insert_ignore
-from registry.errors import NameInvalid, NameUnknown
+from peftreg.names import InvalidName, check_repository_name
+from peftreg.registry.db.models import Repository
+from peftreg.registry.db.upsert import insert_ignore
+from peftreg.registry.errors import NameInvalid, NameUnknown
 
 DEFAULT_IMMUTABLE_TAGS = ["v*"]
 

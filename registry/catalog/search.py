@@ -10,9 +10,9 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from registry.auth.scopes import Principal
-from registry.db.models import ArtifactIndex, Manifest, Repository, Tag
-from registry.errors import InvalidRequest
+from peftreg.registry.auth.scopes import Principal
+from peftreg.registry.db.models import ArtifactIndex, Manifest, Repository, Tag
+from peftreg.registry.errors import InvalidRequest
 
 T = TypeVar("T")
 

@@ -7,13 +7,13 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from client.names import InvalidName, check_tag
-from registry.auth.scopes import Principal
-from registry.catalog import audit
-from registry.catalog.repositories import is_immutable_tag
-from registry.db.models import Repository, Tag, TagEvent
-from registry.db.upsert import insert_ignore
-from registry.errors import ManifestUnknown, TagImmutable, TagInvalid
+from peftreg.names import InvalidName, check_tag
+from peftreg.registry.auth.scopes import Principal
+from peftreg.registry.catalog import audit
+from peftreg.registry.catalog.repositories import is_immutable_tag
+from peftreg.registry.db.models import Repository, Tag, TagEvent
+from peftreg.registry.db.upsert import insert_ignore
+from peftreg.registry.errors import ManifestUnknown, TagImmutable, TagInvalid
 
 
 def valid_tag(tag: str) -> str:

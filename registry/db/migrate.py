@@ -16,7 +16,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import make_url
 
-import migrations
+from peftreg import migrations
 
 
 def script_location() -> Path:

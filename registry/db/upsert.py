@@ -8,7 +8,7 @@ from sqlalchemy import inspect
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from registry.db.models import Base
+from peftreg.registry.db.models import Base
 
 
 def insert_ignore(session: Session, model: type[Base], **values: Any) -> bool:

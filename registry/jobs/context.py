@@ -10,8 +10,8 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session
 
-from client.digest import Digest
-from registry.state import Services
+from peftreg.digest import Digest
+from peftreg.registry.state import Services
 
 
 class JobInterrupted(Exception):

@@ -17,27 +17,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.orm import Session
 
-from client.checkpoint.encoding import CastEncoder, TensorEncoder
-from client.checkpoint.package import (
+from peftreg.checkpoint.package import (
     CheckpointConfig,
     CheckpointPackage,
     SourceArtifact,
     build_checkpoint_package,
     library_versions,
 )
-from client.digest import Digest
-from client.manifest import OCI_MANIFEST
-from client.sdk.errors import InvalidRequest
-from registry.auth.scopes import Grant, Principal
-from registry.catalog import blobs, manifests
-from registry.errors import BaseIncompatible, BlobUnknown, JobInvalid, NameUnknown
-from registry.jobs.context import JobContext
-from registry.jobs.sources import (
+from peftreg.digest import Digest
+from peftreg.manifest import OCI_MANIFEST
+from peftreg.registry.auth.scopes import Grant, Principal
+from peftreg.registry.catalog import blobs, manifests
+from peftreg.registry.errors import BaseIncompatible, BlobUnknown, JobInvalid, NameUnknown
+from peftreg.registry.jobs.context import JobContext
+from peftreg.registry.jobs.sources import (
     AdapterArtifact,
     BaseArtifact,
     load_adapter,
@@ -45,7 +43,11 @@ from registry.jobs.sources import (
     materialize,
     parse_reference,
 )
-from registry.state import Services
+from peftreg.registry.state import Services
+from peftreg.sdk.errors import InvalidRequest
+
+if TYPE_CHECKING:  # the API plans exports without torch; the worker computes with it
+    from peftreg.checkpoint.encoding import TensorEncoder
 
 EXPORT = "export"
 MERGEABLE = ("lora", "dora", "nola")
@@ -99,7 +101,7 @@ class PlannedExport:
 
 
 def _merge_inputs(adapters: list[tuple[AdapterArtifact, float]]) -> list[Any]:
-    from client.merge.inputs import AdapterInput
+    from peftreg.merge.inputs import AdapterInput
 
     return [
         AdapterInput(
@@ -117,8 +119,8 @@ def check_sources(
     base: BaseArtifact, adapters: list[tuple[AdapterArtifact, float]], base_quantization: str
 ) -> None:
     """Refuse, before any work, a merge that cannot be right."""
-    from client.merge.compat import check_compatible
-    from client.merge.errors import IncompatibleBase
+    from peftreg.merge.compat import check_compatible
+    from peftreg.merge.errors import IncompatibleBase
 
     for adapter, _ in adapters:
         if adapter.config.kind not in MERGEABLE:
@@ -176,8 +178,8 @@ def plan_export(session: Session, services: Services, request: ExportRequest) ->
 
 def _encoder(params: dict[str, Any], base_dir: Path, device: str) -> TensorEncoder:
     if params.get("quantize") == "int4":
-        from client.merge.stream import read_model_config
-        from client.quantize import Int4Encoder
+        from peftreg.merge.stream import read_model_config
+        from peftreg.quantize import Int4Encoder
 
         return Int4Encoder.for_model_config(
             read_model_config(base_dir),
@@ -185,6 +187,8 @@ def _encoder(params: dict[str, Any], base_dir: Path, device: str) -> TensorEncod
             algorithm=params["algorithm"],
             device=device,
         )
+    from peftreg.checkpoint.encoding import CastEncoder
+
     return CastEncoder()
 
 
@@ -226,9 +230,9 @@ class Publication:
 def run_export(context: JobContext) -> Publication:
     import torch
 
-    from client.merge.errors import MergeCancelled
-    from client.merge.inputs import AdapterInput
-    from client.merge.stream import merge_to_directory
+    from peftreg.merge.errors import MergeCancelled
+    from peftreg.merge.inputs import AdapterInput
+    from peftreg.merge.stream import merge_to_directory
 
     services = context.services
     store = services.store

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from registry.jobs.export import EXPORT, run_export
-from registry.jobs.worker import Handler
+from peftreg.registry.jobs.export import EXPORT, run_export
+from peftreg.registry.jobs.worker import Handler
 
 
 def default_handlers() -> dict[str, Handler]:

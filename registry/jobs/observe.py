@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from registry.jobs import queue
-from registry.state import Services
+from peftreg.registry.jobs import queue
+from peftreg.registry.state import Services
 
 
 def observe_jobs(services: Services) -> None:

@@ -29,9 +29,9 @@ from typing import Any, Literal
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from registry.db.models import Job, JobLog, Worker
-from registry.db.upsert import insert_ignore
-from registry.errors import JobFinished, JobUnknown
+from peftreg.registry.db.models import Job, JobLog, Worker
+from peftreg.registry.db.upsert import insert_ignore
+from peftreg.registry.errors import JobFinished, JobUnknown
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})

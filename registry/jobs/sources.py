@@ -11,14 +11,14 @@ from pathlib import Path
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from client.adapters.schema import (
+from peftreg.adapters.schema import (
     ADAPTER_CONFIG_MEDIA_TYPE,
     BASE_CONFIG_MEDIA_TYPE,
     AdapterConfig,
     BaseConfig,
 )
-from client.digest import Digest
-from client.manifest import (
+from peftreg.digest import Digest
+from peftreg.manifest import (
     ADAPTER_ARTIFACT,
     BASE_ARTIFACT,
     TITLE_ANNOTATION,
@@ -26,10 +26,10 @@ from client.manifest import (
     InvalidManifest,
     parse_manifest,
 )
-from client.reference import InvalidReference, Reference
-from registry.catalog import manifests
-from registry.errors import JobInvalid
-from registry.storage.base import BlobReader
+from peftreg.reference import InvalidReference, Reference
+from peftreg.registry.catalog import manifests
+from peftreg.registry.errors import JobInvalid
+from peftreg.registry.storage.base import BlobReader
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 

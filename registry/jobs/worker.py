@@ -24,10 +24,10 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from registry.catalog import blobs
-from registry.context import set_request_id
-from registry.jobs import queue
-from registry.jobs.context import (
+from peftreg.registry.catalog import blobs
+from peftreg.registry.context import set_request_id
+from peftreg.registry.jobs import queue
+from peftreg.registry.jobs.context import (
     Completion,
     JobCancelled,
     JobContext,
@@ -36,7 +36,7 @@ from registry.jobs.context import (
     LeaseLost,
     ShuttingDown,
 )
-from registry.state import Services
+from peftreg.registry.state import Services
 
 logger = logging.getLogger(__name__)
 
@@ -297,8 +297,8 @@ def _is_input_error(exc: Exception) -> bool:
     The library's `InvalidRequest`s, and registry refusals of the output other
     than a vanished blob (which a new attempt uploads again).
     """
-    from client.sdk.errors import InvalidRequest
-    from registry.errors import ManifestBlobUnknown, RegistryError
+    from peftreg.registry.errors import ManifestBlobUnknown, RegistryError
+    from peftreg.sdk.errors import InvalidRequest
 
     if isinstance(exc, ManifestBlobUnknown):
         return False
@@ -307,7 +307,7 @@ def _is_input_error(exc: Exception) -> bool:
 
 def embedded_worker(services: Services) -> JobWorker:
     """The worker `peftreg serve` runs in-process on the embedded default."""
-    from registry.jobs.handlers import default_handlers
+    from peftreg.registry.jobs.handlers import default_handlers
 
     return JobWorker(
         services,

@@ -36,10 +36,10 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session, aliased
 
-from client.digest import Digest, InvalidDigest
-from registry.db.models import Blob, Manifest, ManifestReference, Repository, RepositoryBlob
-from registry.state import Services
-from registry.storage.errors import BlobNotFound
+from peftreg.digest import Digest, InvalidDigest
+from peftreg.registry.db.models import Blob, Manifest, ManifestReference, Repository, RepositoryBlob
+from peftreg.registry.state import Services
+from peftreg.registry.storage.errors import BlobNotFound
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ A. In one transaction, candidate rows (unreferenced, `touched_at` older than
    On SQLite every write transaction is `BEGIN IMMEDIATE`: the single writer
    lock gives the same exclusion.
 B. After that commit, for each digest: in a new transaction holding the
-   digest's lock (`registry.catalog.blobs.lock_digest`: an advisory lock on
+   digest's lock (`peftreg.registry.catalog.blobs.lock_digest`: an advisory lock on
    PostgreSQL, the writer lock on SQLite), the bytes are deleted only if
    there is still no row.
 
@@ -97,12 +97,12 @@ from typing import Any
 from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import Session
 
-from client.digest import Digest
-from registry.catalog import audit
-from registry.catalog.blobs import lock_digest
-from registry.db.models import Blob, ManifestReference, RepositoryBlob, UploadSession
-from registry.state import Services
-from registry.storage.errors import BlobNotFound, StorageError, UploadBusy
+from peftreg.digest import Digest
+from peftreg.registry.catalog import audit
+from peftreg.registry.catalog.blobs import lock_digest
+from peftreg.registry.db.models import Blob, ManifestReference, RepositoryBlob, UploadSession
+from peftreg.registry.state import Services
+from peftreg.registry.storage.errors import BlobNotFound, StorageError, UploadBusy
 
 logger = logging.getLogger(__name__)
 

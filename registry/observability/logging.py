@@ -2,7 +2,7 @@
 
 Both the API server (`peftreg serve`) and job workers (`peftreg worker`)
 call it once at start-up. Every record carries `request_id` while a request
-is being served (from `registry.context`), so a line can be matched to the
+is being served (from `peftreg.registry.context`), so a line can be matched to the
 `X-Request-Id` a user quotes.
 
 JSON lines hold `time` (ISO 8601, UTC), `level`, `logger`, `message`, the
@@ -19,7 +19,7 @@ from typing import IO, Literal
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
-from registry.context import current_request_id
+from peftreg.registry.context import current_request_id
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s %(message)s"

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import TypeVar
 
-from client.digest import Digest
-from registry.observability.metrics import Metrics
-from registry.storage.base import BlobStore, UploadWriter
+from peftreg.digest import Digest
+from peftreg.registry.observability.metrics import Metrics
+from peftreg.registry.storage.base import BlobStore, UploadWriter
 
 T = TypeVar("T")
 

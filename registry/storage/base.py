@@ -3,7 +3,7 @@
 Split by capability, as in distribution/distribution: reading, ingesting
 (upload sessions) and administration (delete, listing, readiness). The
 service only ever sees `BlobStore`; backends are chosen from settings by
-`registry.storage.factory.open_blob_store`.
+`peftreg.registry.storage.factory.open_blob_store`.
 
 Invariant shared by every backend and checked by the conformance suite in
 `tests/storage/`: a blob is visible under its digest only after its bytes
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Protocol
 
-from client.digest import Digest
+from peftreg.digest import Digest
 
 
 class UploadWriter(Protocol):

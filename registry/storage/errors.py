@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from client.digest import Digest
+from peftreg.digest import Digest
 
 
 class StorageError(Exception):

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from registry.settings import Settings
-from registry.storage.base import BlobStore
+from peftreg.registry.settings import Settings
+from peftreg.registry.storage.base import BlobStore
 
 
 def open_blob_store(settings: Settings) -> BlobStore:
     if settings.storage == "filesystem":
-        from registry.storage.filesystem import FilesystemBlobStore
+        from peftreg.registry.storage.filesystem import FilesystemBlobStore
 
         return FilesystemBlobStore(settings.resolved_storage_path())
     if settings.storage == "s3":
-        from registry.storage.s3 import S3BlobStore
+        from peftreg.registry.storage.s3 import S3BlobStore
 
         return S3BlobStore.from_settings(settings)
     raise ValueError(f"unknown storage backend {settings.storage!r}")

@@ -22,8 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from client.digest import Digest, InvalidDigest, digest_stream
-from registry.storage.errors import (
+from peftreg.digest import Digest, InvalidDigest, digest_stream
+from peftreg.registry.storage.errors import (
     BlobNotFound,
     DigestMismatch,
     StorageUnavailable,
@@ -31,8 +31,8 @@ from registry.storage.errors import (
     UploadNotFound,
     UploadOffsetMismatch,
 )
-from registry.storage.hashing import RunningHashes
-from registry.storage.upload_ids import check_upload_id, new_upload_id
+from peftreg.registry.storage.hashing import RunningHashes
+from peftreg.registry.storage.upload_ids import check_upload_id, new_upload_id
 
 READ_CHUNK = 1024 * 1024
 logger = logging.getLogger(__name__)

@@ -34,9 +34,9 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from client.digest import Digest, InvalidDigest
-from registry.settings import Settings
-from registry.storage.errors import (
+from peftreg.digest import Digest, InvalidDigest
+from peftreg.registry.settings import Settings
+from peftreg.registry.storage.errors import (
     BlobNotFound,
     DigestMismatch,
     StorageError,
@@ -44,8 +44,8 @@ from registry.storage.errors import (
     UploadNotFound,
     UploadOffsetMismatch,
 )
-from registry.storage.hashing import RunningHashes
-from registry.storage.upload_ids import check_upload_id, new_upload_id
+from peftreg.registry.storage.hashing import RunningHashes
+from peftreg.registry.storage.upload_ids import check_upload_id, new_upload_id
 
 if TYPE_CHECKING:
     from botocore.response import StreamingBody

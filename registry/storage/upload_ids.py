@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from registry.storage.errors import UploadNotFound
+from peftreg.registry.storage.errors import UploadNotFound
 
 
 def new_upload_id() -> str:

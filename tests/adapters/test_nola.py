@@ -15,8 +15,8 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from client.adapters import nola
-from client.adapters.nola import (
+from peftreg.adapters import nola
+from peftreg.adapters.nola import (
     NolaDigestMismatch,
     compression_ratio,
     factors_digest,
@@ -25,9 +25,9 @@ from client.adapters.nola import (
     materialize,
     materialize_factors,
 )
-from client.adapters.peft_import import read_peft_directory
-from client.adapters.schema import NOLA_SAFETENSORS_MEDIA_TYPE
-from client.sdk import errors
+from peftreg.adapters.peft_import import read_peft_directory
+from peftreg.adapters.schema import NOLA_SAFETENSORS_MEDIA_TYPE
+from peftreg.sdk import errors
 from tests.adapters.tiny_models import LLAMA_NAME, same_weights, sample_ids, tiny_llama
 from tests.client.conftest import CliEnv
 from tests.fixtures.server import RegistryProcess, start_registry
@@ -84,7 +84,7 @@ def test_chunked_generation_is_identical_and_matches_the_reference_math(
 _CHILD = """
 import sys, torch
 from safetensors.torch import load_file
-from client.adapters.nola import materialize_factors, factors_digest
+from peftreg.adapters.nola import materialize_factors, factors_digest
 print(factors_digest(materialize_factors(load_file(sys.argv[1]), sys.argv[2] == "1")))
 """
 
@@ -219,7 +219,7 @@ def test_nola_push_pull_exports_materialized_lora(
     shown = cli.run("show", "acme/nola:v1")
     assert shown.exit_code == 0, shown.output
     assert f"{compression_ratio(config):.1f}x smaller than LoRA" in shown.stdout
-    from client import Client
+    from peftreg import Client
 
     with Client(server.url) as client:
         detail = client.version("acme/nola:v1")

@@ -21,9 +21,9 @@ from peft import (
 )
 from transformers import PreTrainedModel
 
-from client import Client
-from client.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE
-from client.manifest import ADAPTER_ARTIFACT, TITLE_ANNOTATION
+from peftreg import Client
+from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE
+from peftreg.manifest import ADAPTER_ARTIFACT, TITLE_ANNOTATION
 from tests.adapters.tiny_models import same_weights, sample_ids, tiny_gpt2, tiny_llama
 from tests.client.conftest import CliEnv
 from tests.fixtures.server import RegistryProcess, start_registry

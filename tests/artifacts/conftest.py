@@ -19,7 +19,7 @@ import torch
 from click.testing import CliRunner, Result
 from safetensors.torch import save
 
-from client.adapters.schema import (
+from peftreg.adapters.schema import (
     ADAPTER_CONFIG_MEDIA_TYPE,
     SAFETENSORS_MEDIA_TYPE,
     AdapterConfig,
@@ -27,8 +27,8 @@ from client.adapters.schema import (
     TargetModule,
     TensorSpec,
 )
-from client.cli.main import cli
-from client.manifest import ADAPTER_ARTIFACT, OCI_MANIFEST, TITLE_ANNOTATION, canonical_json
+from peftreg.cli.main import cli
+from peftreg.manifest import ADAPTER_ARTIFACT, OCI_MANIFEST, TITLE_ANNOTATION, canonical_json
 from tests.fixtures.server import RegistryProcess, start_registry
 
 HIDDEN, KV, VOCAB = 16, 8, 64

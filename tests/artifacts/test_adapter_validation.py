@@ -9,7 +9,7 @@ import httpx
 import torch
 from safetensors.torch import save
 
-from client.manifest import BASE_ARTIFACT
+from peftreg.manifest import BASE_ARTIFACT
 from tests.artifacts.conftest import (
     K_PROJ,
     Q_PROJ,

@@ -8,8 +8,8 @@ import struct
 import httpx
 import pytest
 
-from client.adapters.schema import TensorSpec
-from client.manifest import canonical_json
+from peftreg.adapters.schema import TensorSpec
+from peftreg.manifest import canonical_json
 from tests.artifacts.conftest import Q_PROJ, adapter_config, error, push_adapter
 from tests.fixtures.server import RegistryProcess
 

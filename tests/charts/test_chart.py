@@ -221,7 +221,7 @@ def test_api_probes_readiness_on_readyz_and_liveness_on_healthz(rendered: Render
 
 
 def test_probed_and_scraped_paths_are_routes_of_the_service(rendered: Rendered) -> None:
-    from registry.api.routes import health, metrics
+    from peftreg.registry.api.routes import health, metrics
 
     served = {
         getattr(route, "path", None) for route in [*health.router.routes, *metrics.router.routes]
@@ -314,7 +314,7 @@ def test_default_worker_is_cpu_only(default: Rendered) -> None:
     for section in ("requests", "limits"):
         assert "nvidia.com/gpu" not in container["resources"][section]
     assert container["args"][:5] == ["worker", "--device", "cpu", "--concurrency", "1"]
-    assert container["image"] == "peftreg:0.1.0"
+    assert container["image"] == "peftreg:0.2.0"
     assert "nodeSelector" not in spec
     assert "tolerations" not in spec
 
@@ -326,7 +326,7 @@ def test_production_workers_request_gpus_on_the_gpu_pool(production: Rendered) -
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
     assert container["args"][:5] == ["worker", "--device", "cuda", "--concurrency", "1"]
-    assert container["image"] == "registry.example.com/ml-platform/peftreg:0.1.0-cuda"
+    assert container["image"] == "registry.example.com/ml-platform/peftreg:0.2.0-cuda"
     assert spec["nodeSelector"] == {"node-pool": "gpu", "nvidia.com/gpu.present": "true"}
     assert spec["tolerations"] == [
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -342,7 +342,7 @@ def test_production_workers_can_be_cpu_only_by_values() -> None:
     rendered = render(production_values(worker__gpu={"enabled": False}))
     _, container = worker(rendered)
     assert "nvidia.com/gpu" not in str(container["resources"])
-    assert container["image"].endswith(":0.1.0")
+    assert container["image"].endswith(":0.2.0")
     assert "--device" in container["args"]
     assert container["args"][container["args"].index("--device") + 1] == "cpu"
 
@@ -570,10 +570,10 @@ def test_every_container_has_requests_and_limits(rendered: Rendered) -> None:
 def test_api_and_worker_image_come_from_values(production: Rendered) -> None:
     images = {where: container["image"] for where, container in production.containers()}
     assert images == {
-        f"{RELEASE}-api/api": "registry.example.com/ml-platform/peftreg:0.1.0",
-        f"{RELEASE}-worker/worker": "registry.example.com/ml-platform/peftreg:0.1.0-cuda",
-        f"{RELEASE}-migrate/migrate": "registry.example.com/ml-platform/peftreg:0.1.0",
-        f"{RELEASE}-gc/gc": "registry.example.com/ml-platform/peftreg:0.1.0",
+        f"{RELEASE}-api/api": "registry.example.com/ml-platform/peftreg:0.2.0",
+        f"{RELEASE}-worker/worker": "registry.example.com/ml-platform/peftreg:0.2.0-cuda",
+        f"{RELEASE}-migrate/migrate": "registry.example.com/ml-platform/peftreg:0.2.0",
+        f"{RELEASE}-gc/gc": "registry.example.com/ml-platform/peftreg:0.2.0",
     }
 
 
@@ -683,7 +683,7 @@ def parse_peftreg_command(args: list[str]) -> tuple[str, dict[str, Any]]:
     """
     import click
 
-    from client.cli.main import cli
+    from peftreg.cli.main import cli
 
     command: click.Command = cli
     path: list[str] = []
@@ -727,7 +727,7 @@ def test_gc_dry_run_parses_with_the_peftreg_cli() -> None:
 def run_peftreg(args: list[str], environment: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as output:
         return subprocess.Popen(
-            [sys.executable, "-m", "client.cli.main", *args],
+            [sys.executable, "-m", "peftreg.cli.main", *args],
             env=environment,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -792,7 +792,7 @@ def test_chart_configuration_is_accepted_by_the_service_settings(
     rendered: Rendered, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each container's environment, read by the service's own `Settings`."""
-    from registry.settings import Settings
+    from peftreg.registry.settings import Settings
 
     known = {f"PEFTREG_{field.upper()}" for field in Settings.model_fields}
     for where, container in rendered.containers():

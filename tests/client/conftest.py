@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from client.cli.main import cli
+from peftreg.cli.main import cli
 from tests.fixtures.server import RegistryProcess
 
 CLIENT_ENV = ("PEFTREG_URL", "PEFTREG_TOKEN", "PEFTREG_CACHE", "PEFTREG_CONFIG", "PEFTREG_OFFLINE")
@@ -33,7 +33,7 @@ class CliEnv:
         env.update(self.env)
         env.update(extra)
         return subprocess.run(
-            [sys.executable, "-m", "client.cli.main", *args],
+            [sys.executable, "-m", "peftreg.cli.main", *args],
             env=env,
             capture_output=True,
             text=True,

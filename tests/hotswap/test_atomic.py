@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.hotswap import (
+from peftreg.hotswap import (
     AdapterDigestMismatch,
     AdapterHost,
     AdapterShapeMismatch,
@@ -26,7 +26,7 @@ from client.hotswap import (
     adapter_from_directory,
     module_fingerprint,
 )
-from client.hotswap.host import AdapterSource
+from peftreg.hotswap.host import AdapterSource
 from tests.adapters.tiny_models import sample_ids, tiny_llama
 from tests.hotswap.builders import (
     lora,
@@ -303,7 +303,12 @@ def test_concurrent_forwards_see_one_adapter_or_the_other(
             host.swap(adapter)
             expected[adapter.digest] = model_outputs(model, ids)
         assert len({tuple(t.flatten().tolist()[:8]) for t in expected.values()}) == 3
-        results: list[torch.Tensor] = []
+        # Each forward records the number of swaps finished when it started. The
+        # main thread waits, after swap i, for a forward that started after it;
+        # that forward ran wholly between swap i and swap i + 1 (the main thread
+        # was waiting), so it must see adapter i: liveness without timing luck.
+        results: list[tuple[int, torch.Tensor]] = []
+        finished = [0]
         stop = threading.Event()
         ran = threading.Condition()
         errors: list[BaseException] = []
@@ -311,28 +316,44 @@ def test_concurrent_forwards_see_one_adapter_or_the_other(
         def forwards() -> None:
             try:
                 while not stop.is_set():
+                    with ran:
+                        started_after = finished[0]
                     output = model_outputs(model, ids)
                     with ran:
-                        results.append(output)
+                        results.append((started_after, output))
                         ran.notify_all()
             except BaseException as exc:
-                errors.append(exc)
+                with ran:
+                    errors.append(exc)
+                    ran.notify_all()
+
+        def first_forward_after(count: int) -> torch.Tensor | None:
+            return next((out for after, out in reversed(results) if after == count), None)
 
         worker = threading.Thread(target=forwards)
         worker.start()
+        between: list[torch.Tensor] = []
         try:
             for index in range(swaps):  # cycling through three adapters: every swap stages
                 host.swap(adapters[index % 3])
-                with ran:  # at least one forward per swap, while the next one stages
-                    assert ran.wait_for(lambda i=index: len(results) > i, timeout=30)
+                with ran:
+                    finished[0] = index + 1
+                    assert ran.wait_for(
+                        lambda i=index: first_forward_after(i + 1) is not None or bool(errors),
+                        timeout=120,
+                    )
+                    found = first_forward_after(index + 1)
+                    assert found is not None
+                    between.append(found)
         finally:
             stop.set()
             worker.join(timeout=60)
         assert not errors
-        assert len(results) >= swaps
+        for index, output in enumerate(between):
+            assert torch.equal(output, expected[adapters[index % 3].digest])
         matched = [
             next((d for d, want in expected.items() if torch.equal(got, want)), None)
-            for got in results
+            for _, got in results
         ]
         assert None not in matched, "a forward saw a mix of two adapters"
         assert len(set(matched)) == 3

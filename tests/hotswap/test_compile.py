@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from client.hotswap import AdapterHost, HostConfig
+from peftreg.hotswap import AdapterHost, HostConfig
 from tests.adapters.tiny_models import sample_ids, tiny_llama
 from tests.hotswap.builders import lora, nola_adapter, prompt_tuning, save_adapter
 

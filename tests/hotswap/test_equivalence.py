@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.hotswap import AdapterHost, HostConfig
-from client.hotswap.config import SwapMode
+from peftreg.hotswap import AdapterHost, HostConfig
+from peftreg.hotswap.config import SwapMode
 from tests.adapters.tiny_models import sample_ids, tiny_gpt2, tiny_llama
 from tests.hotswap.builders import (
     MAX_DIFF,

@@ -19,8 +19,8 @@ import httpx
 import pytest
 import torch
 
-from client import Client
-from client.hotswap import (
+from peftreg import Client
+from peftreg.hotswap import (
     AdapterDigestMismatch,
     AdapterHost,
     HostConfig,
@@ -29,8 +29,8 @@ from client.hotswap import (
     SwapEvent,
     SwapFailure,
 )
-from client.sdk.errors import NotFound, PeftregError
-from registry.storage.filesystem import blob_path
+from peftreg.registry.storage.filesystem import blob_path
+from peftreg.sdk.errors import NotFound, PeftregError
 from tests.adapters.tiny_models import sample_ids, tiny_llama
 from tests.fixtures.server import RegistryProcess, start_registry
 from tests.hotswap.builders import MAX_DIFF, lora, model_outputs, peft_outputs, save_adapter
@@ -240,7 +240,7 @@ def test_failed_pulls_back_off_and_a_404_is_final(server: RegistryProcess, tmp_p
 
 
 def _parse(digest: str) -> object:
-    from client.digest import Digest
+    from peftreg.digest import Digest
 
     return Digest.parse(digest)
 

@@ -1,6 +1,10 @@
 """KV-cached `generate()` on a host with a soft-prompt slot: greedy decoding gives
 peft.PeftModel's tokens (and logits within 1e-5) for prompt tuning, and for a LoRA on a host
-that reserves virtual tokens it does not use."""
+that reserves virtual tokens it does not use.
+
+The reference is peft's greedy decoding by whole-sequence forwards, without a KV cache:
+peft 0.21's own cached `generate()` prepends the virtual tokens again at every step when
+transformers (5.25 and later) passes the cache as `cache=`."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel
 
-from client.hotswap import AdapterHost, HostConfig
+from peftreg.hotswap import AdapterHost, HostConfig
 from tests.adapters.tiny_models import sample_ids, tiny_gpt2, tiny_llama
 from tests.hotswap.builders import MAX_DIFF, lora, prompt_tuning, save_adapter
 
@@ -39,12 +43,27 @@ def _generate(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, 
     return out.sequences, torch.stack(out.logits)
 
 
+def _greedy_without_cache(
+    model: torch.nn.Module, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequences, the logits of every generated step), greedy, one whole forward per token."""
+    sequences, logits = ids, []
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            step = model(input_ids=sequences, attention_mask=torch.ones_like(sequences))
+            last = step.logits[:, -1]
+            logits.append(last)
+            sequences = torch.cat([sequences, last.argmax(-1, keepdim=True)], dim=1)
+    return sequences, torch.stack(logits)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_generate_matches_peft(case: str, tmp_path: Path) -> None:
     make, config, targets = CASES[case]
     path = save_adapter(make, config(), tmp_path / "a")
     ids = sample_ids()
-    want_ids, want_logits = _generate(PeftModel.from_pretrained(make(), str(path)).eval(), ids)
+    reference = PeftModel.from_pretrained(make(), str(path)).eval()
+    want_ids, want_logits = _greedy_without_cache(reference, ids)
     base_ids, _ = _generate(make(), ids)
     model = make()
     with AdapterHost(model, HostConfig(targets=targets, max_virtual_tokens=8)) as host:

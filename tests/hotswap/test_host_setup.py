@@ -13,7 +13,7 @@ from accelerate.hooks import ModelHook, add_hook_to_module
 from peft import PeftModel
 from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
 
-from client.hotswap import (
+from peftreg.hotswap import (
     AdapterCache,
     AdapterHost,
     HostConfig,
@@ -102,7 +102,7 @@ def test_adapters_the_host_does_not_serve(tmp_path: Path) -> None:
 
 
 def _fake(digest: str, values: int) -> LoadedAdapter:
-    from client.adapters.schema import AdapterConfig, BaseReference
+    from peftreg.adapters.schema import AdapterConfig, BaseReference
 
     config = AdapterConfig(
         kind="prompt_tuning",
@@ -137,8 +137,8 @@ def test_cache_is_lru_bounded_by_entries_and_bytes() -> None:
 
 
 def test_module_fingerprint_is_the_saved_directorys(tmp_path: Path) -> None:
-    from client.formats.fingerprint import fingerprint_directory
-    from client.hotswap import module_fingerprint
+    from peftreg.formats.fingerprint import fingerprint_directory
+    from peftreg.hotswap import module_fingerprint
     from tests.adapters.tiny_models import tiny_gpt2
 
     for make in (tiny_llama, tiny_gpt2):  # GPT-2 ties lm_head to the token embeddings

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.hotswap import AdapterHost, HostConfig, NonFiniteAdapter
+from peftreg.hotswap import AdapterHost, HostConfig, NonFiniteAdapter
 from tests.adapters.tiny_models import sample_ids, tiny_llama
 from tests.hotswap.builders import lora, model_outputs, rewrite_tensors, save_adapter
 

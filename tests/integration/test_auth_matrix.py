@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import pytest
 
-from client.sdk.client import Client
-from registry.app import create_app
-from registry.settings import Settings
+from peftreg.registry.app import create_app
+from peftreg.registry.settings import Settings
+from peftreg.sdk.client import Client
 from tests.conftest import ADMIN_TOKEN
 from tests.fixtures.server import RegistryProcess
 from tests.integration.oci_helpers import (

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from client import Client
+from peftreg import Client
 from tests.conftest import ADMIN_TOKEN
 from tests.fixtures.server import RegistryProcess, start_registry
 from tests.integration.oci_helpers import (

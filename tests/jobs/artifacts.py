@@ -8,8 +8,8 @@ from pathlib import Path
 from peft import LoraConfig
 from transformers import PreTrainedModel
 
-from client.adapters.base_package import push_base
-from client.sdk.client import Client
+from peftreg.adapters.base_package import push_base
+from peftreg.sdk.client import Client
 from tests.adapters.tiny_models import tiny_llama
 from tests.merge.builders import save_adapter, save_base
 

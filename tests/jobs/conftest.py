@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from registry.app import build_services
-from registry.db.migrate import upgrade
-from registry.settings import Settings
-from registry.state import Services
+from peftreg.registry.app import build_services
+from peftreg.registry.db.migrate import upgrade
+from peftreg.registry.settings import Settings
+from peftreg.registry.state import Services
 from tests.fixtures.postgres import fresh_database, postgres_admin_url
 
 

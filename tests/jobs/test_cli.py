@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from client.cli.main import cli
-from client.sdk.client import Client
+from peftreg.cli.main import cli
+from peftreg.sdk.client import Client
 from tests.fixtures.server import RegistryProcess
 from tests.jobs.artifacts import push_base_and_adapter
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from client.checkpoint.package import CHECKPOINT_CONFIG_MEDIA_TYPE
-from client.manifest import CHECKPOINT_ARTIFACT
-from client.sdk.client import Client
-from client.sdk.errors import PeftregError
-from client.sdk.jobs import JobFailed, JobInfo
+from peftreg.checkpoint.package import CHECKPOINT_CONFIG_MEDIA_TYPE
+from peftreg.manifest import CHECKPOINT_ARTIFACT
+from peftreg.sdk.client import Client
+from peftreg.sdk.errors import PeftregError
+from peftreg.sdk.jobs import JobFailed, JobInfo
 from tests.adapters.tiny_models import sample_ids
 from tests.fixtures.server import RegistryProcess, start_registry
 from tests.jobs.artifacts import push_base_and_adapter

@@ -8,10 +8,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from registry.db.models import Job, JobLog
-from registry.errors import JobFinished, JobUnknown
-from registry.jobs import queue
-from registry.state import Services
+from peftreg.registry.db.models import Job, JobLog
+from peftreg.registry.errors import JobFinished, JobUnknown
+from peftreg.registry.jobs import queue
+from peftreg.registry.state import Services
 
 LEASE = timedelta(seconds=60)
 INPUTS = {"base": {"repository": "acme/base", "digest": "sha256:" + "b" * 64}}

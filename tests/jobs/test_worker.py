@@ -6,12 +6,12 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-from registry.context import current_request_id
-from registry.db.models import Job
-from registry.jobs import queue
-from registry.jobs.context import JobContext, JobInputError
-from registry.jobs.worker import JobWorker
-from registry.state import Services
+from peftreg.registry.context import current_request_id
+from peftreg.registry.db.models import Job
+from peftreg.registry.jobs import queue
+from peftreg.registry.jobs.context import JobContext, JobInputError
+from peftreg.registry.jobs.worker import JobWorker
+from peftreg.registry.state import Services
 
 
 def _enqueue(services: Services, kind: str, attempts: int = 3) -> str:
@@ -193,8 +193,8 @@ def test_a_failure_while_publishing_is_recorded_not_stuck(services: Services) ->
 def test_output_blobs_are_kept_from_gc_while_the_job_runs(services: Services) -> None:
     from datetime import UTC, datetime
 
-    from client.digest import Digest
-    from registry.db.models import Blob
+    from peftreg.digest import Digest
+    from peftreg.registry.db.models import Blob
 
     digest = Digest.of_bytes(b"an early shard")
     old = datetime(2020, 1, 1, tzinfo=UTC)

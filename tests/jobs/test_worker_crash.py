@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from client.manifest import CHECKPOINT_ARTIFACT
-from client.sdk.client import Client
-from client.sdk.jobs import JobInfo
+from peftreg.manifest import CHECKPOINT_ARTIFACT
+from peftreg.sdk.client import Client
+from peftreg.sdk.jobs import JobInfo
 from tests.fixtures.server import RegistryProcess, clean_environment, start_registry
 from tests.jobs.artifacts import push_base_and_adapter
 
@@ -41,7 +41,7 @@ def start_worker(server: RegistryProcess, name: str, **env: str) -> subprocess.P
     }
     log = (server.home / f"{name}.log").open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "client.cli.main", "worker", "--device", "cpu"],
+        [sys.executable, "-m", "peftreg.cli.main", "worker", "--device", "cpu"],
         env=environment,
         stdout=log,
         stderr=subprocess.STDOUT,

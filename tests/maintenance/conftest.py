@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from client.cli.main import cli
-from registry.app import build_services
-from registry.settings import Settings
-from registry.state import Services
+from peftreg.cli.main import cli
+from peftreg.registry.app import build_services
+from peftreg.registry.settings import Settings
+from peftreg.registry.state import Services
 from tests.fixtures.postgres import fresh_database, postgres_admin_url
 from tests.fixtures.seaweed import SeaweedS3, run_seaweed
 from tests.fixtures.server import RegistryProcess, start_registry

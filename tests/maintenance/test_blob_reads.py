@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from client.digest import Digest
-from registry.app import build_services, create_app
-from registry.settings import Settings
-from registry.state import Services
-from registry.storage.base import BlobStore
+from peftreg.digest import Digest
+from peftreg.registry.app import build_services, create_app
+from peftreg.registry.settings import Settings
+from peftreg.registry.state import Services
+from peftreg.registry.storage.base import BlobStore
 from tests.integration.oci_helpers import digest_of, error_codes, push_blob
 
 REPO = "acme/reads"

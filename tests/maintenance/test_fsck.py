@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 from click.testing import CliRunner, Result
 
-from client.cli.main import cli
-from client.digest import Digest
-from registry.app import build_services
-from registry.maintenance.fsck import check_store
-from registry.settings import Settings
+from peftreg.cli.main import cli
+from peftreg.digest import Digest
+from peftreg.registry.app import build_services
+from peftreg.registry.maintenance.fsck import check_store
+from peftreg.registry.settings import Settings
 from tests.fixtures.server import RegistryProcess
 from tests.integration.oci_helpers import digest_of, make_artifact, push_artifact
 

@@ -19,13 +19,13 @@ from typing import Any
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from client.digest import Digest
-from registry.app import build_services, create_app
-from registry.db.models import Blob
-from registry.maintenance.fsck import check_store
-from registry.maintenance.gc import collect_garbage
-from registry.settings import Settings
-from registry.storage.base import BlobStore
+from peftreg.digest import Digest
+from peftreg.registry.app import build_services, create_app
+from peftreg.registry.db.models import Blob
+from peftreg.registry.maintenance.fsck import check_store
+from peftreg.registry.maintenance.gc import collect_garbage
+from peftreg.registry.settings import Settings
+from peftreg.registry.storage.base import BlobStore
 from tests.integration.oci_helpers import digest_of, make_artifact, push_artifact, push_blob
 
 REPO = "acme/fsck-live"

@@ -23,14 +23,14 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select, update
 
-from client.cli.main import cli
-from client.digest import Digest
-from registry.app import build_services, create_app
-from registry.db.models import AuditEvent, Blob, UploadSession
-from registry.maintenance.fsck import check_store
-from registry.maintenance.gc import collect_garbage
-from registry.settings import Settings
-from registry.state import Services
+from peftreg.cli.main import cli
+from peftreg.digest import Digest
+from peftreg.registry.app import build_services, create_app
+from peftreg.registry.db.models import AuditEvent, Blob, UploadSession
+from peftreg.registry.maintenance.fsck import check_store
+from peftreg.registry.maintenance.gc import collect_garbage
+from peftreg.registry.settings import Settings
+from peftreg.registry.state import Services
 from tests.fixtures.server import clean_environment
 from tests.integration.oci_helpers import (
     digest_of,
@@ -232,7 +232,7 @@ def test_maintenance_cli_reports_backend_failures_in_one_line(tmp_path: Path) ->
         assert "127.0.0.1" in line
     # As an operator sees it: with logging unconfigured, nothing else reaches stderr.
     ran = subprocess.run(
-        [sys.executable, "-m", "client.cli.main", "gc", "--dry-run"],
+        [sys.executable, "-m", "peftreg.cli.main", "gc", "--dry-run"],
         env={**clean_environment(), **unreachable},
         capture_output=True,
         text=True,
@@ -292,7 +292,7 @@ def test_stray_files_in_the_store_are_skipped(
         stray.write_bytes(b"not a blob")
     (path.parent / ("0" * 64)).mkdir()  # a directory where a blob file belongs
 
-    with caplog.at_level(logging.WARNING, logger="registry.storage.filesystem"):
+    with caplog.at_level(logging.WARNING, logger="peftreg.registry.storage.filesystem"):
         assert [str(d) for d in services.store.list_digests()] == [digest_of(garbage)]
         assert collect(services) == {digest_of(garbage)}
     assert all(stray.exists() for stray in strays), "GC deletes only blobs"

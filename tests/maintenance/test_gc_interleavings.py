@@ -1,4 +1,4 @@
-"""The races of `registry.maintenance.gc`'s docstring, forced one interleaving at a time.
+"""The races of `peftreg.registry.maintenance.gc`'s docstring, forced one interleaving at a time.
 
 On PostgreSQL, the test's own transaction takes the lock garbage collection
 (or a push) would hold, starts the other side in a thread, waits until that
@@ -21,17 +21,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import Session
 
-from client.digest import Digest
-from client.manifest import OCI_MANIFEST
-from registry.app import build_services, create_app
-from registry.auth.scopes import anonymous_principal
-from registry.catalog.blobs import lock_digest
-from registry.catalog.manifests import put_manifest
-from registry.db.models import Blob, RepositoryBlob
-from registry.maintenance.fsck import check_store
-from registry.maintenance.gc import GcReport, collect_garbage
-from registry.settings import Settings
-from registry.state import Services
+from peftreg.digest import Digest
+from peftreg.manifest import OCI_MANIFEST
+from peftreg.registry.app import build_services, create_app
+from peftreg.registry.auth.scopes import anonymous_principal
+from peftreg.registry.catalog.blobs import lock_digest
+from peftreg.registry.catalog.manifests import put_manifest
+from peftreg.registry.db.models import Blob, RepositoryBlob
+from peftreg.registry.maintenance.fsck import check_store
+from peftreg.registry.maintenance.gc import GcReport, collect_garbage
+from peftreg.registry.settings import Settings
+from peftreg.registry.state import Services
 from tests.fixtures.postgres import fresh_database, postgres_admin_url
 from tests.integration.oci_helpers import digest_of, make_artifact, push_blob
 

@@ -15,11 +15,11 @@ import pytest
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.orm import Session
 
-from registry.app import build_services
-from registry.db import migrate
-from registry.db.models import Blob
-from registry.maintenance.gc import collect_garbage
-from registry.settings import Settings
+from peftreg.registry.app import build_services
+from peftreg.registry.db import migrate
+from peftreg.registry.db.models import Blob
+from peftreg.registry.maintenance.gc import collect_garbage
+from peftreg.registry.settings import Settings
 from tests.fixtures.postgres import fresh_database, postgres_admin_url
 
 OLD_DIGEST = "sha256:" + "ab" * 32

@@ -38,12 +38,12 @@ from pathlib import Path
 import httpx
 from sqlalchemy import select, update
 
-from client.digest import Digest
-from client.sdk import Client, NotFound
-from registry.db.models import AuditEvent, Blob, UploadSession
-from registry.maintenance.fsck import check_store
-from registry.maintenance.gc import GcReport, collect_garbage
-from registry.state import Services
+from peftreg.digest import Digest
+from peftreg.registry.db.models import AuditEvent, Blob, UploadSession
+from peftreg.registry.maintenance.fsck import check_store
+from peftreg.registry.maintenance.gc import GcReport, collect_garbage
+from peftreg.registry.state import Services
+from peftreg.sdk import Client, NotFound
 from tests.integration.oci_helpers import push_blob
 from tests.maintenance.conftest import Backend
 

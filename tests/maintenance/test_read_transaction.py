@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import DBAPIError
 
-from registry.app import build_services
-from registry.db.models import Blob
-from registry.settings import Settings
-from registry.state import Services
+from peftreg.registry.app import build_services
+from peftreg.registry.db.models import Blob
+from peftreg.registry.settings import Settings
+from peftreg.registry.state import Services
 from tests.fixtures.postgres import fresh_database, postgres_admin_url
 
 

@@ -10,7 +10,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-from client.formats.safetensors_header import DTYPE_SIZES, read_header
+from peftreg.formats.safetensors_header import DTYPE_SIZES, read_header
 from tests.adapters.tiny_models import same_weights
 
 TOLERANCE = 1e-6

@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner, Result
 from peft import LoraConfig
 
-from client.cli.main import cli
-from client.quantize import dequantize, unpack_int4
+from peftreg.cli.main import cli
+from peftreg.quantize import dequantize, unpack_int4
 from tests.adapters.tiny_models import tiny_gpt2, tiny_llama
 from tests.merge.builders import (
     TOLERANCE,
@@ -205,8 +205,8 @@ def test_merge_command_restores_the_thread_count(
 
 
 def test_default_shard_size_is_the_library_default() -> None:
-    from client.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES
-    from client.cli.merge import merge, parse_size
+    from peftreg.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES
+    from peftreg.cli.merge import merge, parse_size
 
     option = next(p for p in merge.params if p.name == "max_shard_size")
     assert parse_size(str(option.default)) == DEFAULT_MAX_SHARD_BYTES == 5 * 10**9

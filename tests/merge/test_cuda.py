@@ -12,9 +12,9 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from client.merge import adapter_from_peft_directory, merge_to_directory
-from client.merge.model_dir import read_model_config
-from client.quantize import Int4Encoder, quantize_groups, unpack_int4
+from peftreg.merge import adapter_from_peft_directory, merge_to_directory
+from peftreg.merge.model_dir import read_model_config
+from peftreg.quantize import Int4Encoder, quantize_groups, unpack_int4
 from tests.adapters.tiny_models import tiny_llama
 from tests.merge.builders import directory_tensors, max_difference, save_adapter, save_base
 

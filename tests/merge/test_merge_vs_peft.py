@@ -13,9 +13,9 @@ from peft import LoraConfig, PeftConfig, PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from client.adapters.peft_export import write_peft_directory
-from client.merge import adapter_from_peft_directory, compute, merge_to_directory
-from client.merge.nf4 import nf4_round_trip
+from peftreg.adapters.peft_export import write_peft_directory
+from peftreg.merge import adapter_from_peft_directory, compute, merge_to_directory
+from peftreg.merge.nf4 import nf4_round_trip
 from tests.adapters.test_nola import ALPHA, reference_checkpoint
 from tests.adapters.tiny_models import same_weights, sample_ids, tiny_gpt2, tiny_llama
 from tests.merge.builders import (
@@ -132,7 +132,7 @@ def test_gpt2_tied_output_loads_with_the_same_logits(tmp_path: Path) -> None:
 
 
 def test_nola_equals_peft_merge_of_its_materialized_lora(tmp_path: Path) -> None:
-    from client.adapters.nola import import_reference_checkpoint
+    from peftreg.adapters.nola import import_reference_checkpoint
 
     base = tiny_llama()
     base_dir = save_base(base, tmp_path / "base")

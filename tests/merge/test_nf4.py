@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from client.merge.nf4 import NF4_CODE, NF4_PIVOTS, nf4_quantize, nf4_round_trip
+from peftreg.merge.nf4 import NF4_CODE, NF4_PIVOTS, nf4_quantize, nf4_round_trip
 
 
 def test_code_book_is_the_qlora_normal_float_construction() -> None:

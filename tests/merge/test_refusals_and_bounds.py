@@ -14,9 +14,9 @@ from peft import LoraConfig, PromptTuningConfig
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from client.adapters.base_package import build_base_config
-from client.adapters.schema import BaseReference
-from client.merge import (
+from peftreg.adapters.base_package import build_base_config
+from peftreg.adapters.schema import BaseReference
+from peftreg.merge import (
     AdapterInput,
     IncompatibleBase,
     MergeCancelled,
@@ -25,11 +25,11 @@ from client.merge import (
     adapter_from_snapshot,
     merge_to_directory,
 )
-from client.merge.base_checkpoint import BaseCheckpoint, BaseTensor
-from client.merge.compat import UNMERGEABLE_FEATURES
-from client.merge.model_dir import read_model_config
-from client.merge.stream import merge_to_directory as merge_from_reader
-from client.quantize import Int4Encoder
+from peftreg.merge.base_checkpoint import BaseCheckpoint, BaseTensor
+from peftreg.merge.compat import UNMERGEABLE_FEATURES
+from peftreg.merge.model_dir import read_model_config
+from peftreg.merge.stream import merge_to_directory as merge_from_reader
+from peftreg.quantize import Int4Encoder
 from tests.adapters.tiny_models import tiny_gpt2, tiny_llama
 from tests.merge.builders import directory_tensors, peft_merged, save_adapter, save_base
 
@@ -246,7 +246,7 @@ def test_one_base_tensor_at_a_time(llama_base: Path, lora: Path, tmp_path: Path)
 
 
 def test_pulled_snapshot_input_and_qlora_note(llama_base: Path, lora: Path, tmp_path: Path) -> None:
-    from client.adapters.package import config_blob
+    from peftreg.adapters.package import config_blob
 
     imported = adapter_from_peft_directory(lora)
     qlora = imported.config.model_copy(update={"base": BaseReference(quantization="nf4")})

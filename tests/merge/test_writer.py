@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from client.checkpoint.encoding import PlannedTensor
-from client.checkpoint.writer import (
+from peftreg.checkpoint.encoding import PlannedTensor
+from peftreg.checkpoint.writer import (
     INDEX_FILE,
     SAFETENSORS_DTYPES,
     CheckpointWriteError,
@@ -24,9 +24,9 @@ from client.checkpoint.writer import (
     shard_file_name,
     write_durably,
 )
-from client.formats.safetensors_header import DTYPE_SIZES, read_header
-from client.merge.model_dir import write_model_files
-from client.sdk.errors import Conflict
+from peftreg.formats.safetensors_header import DTYPE_SIZES, read_header
+from peftreg.merge.model_dir import write_model_files
+from peftreg.sdk.errors import Conflict
 from tests.merge.builders import assert_aligned
 
 

@@ -18,7 +18,7 @@ class JsonLoggingRegistry(RegistryProcess):
         env = {**self.env, "PEFTREG_HOME": str(self.home), "PEFTREG_PORT": str(self.port)}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "client.cli.main", "serve", "--log-level", "info"],
+                [sys.executable, "-m", "peftreg.cli.main", "serve", "--log-level", "info"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from registry.app import build_services, create_app
-from registry.settings import Settings
+from peftreg.registry.app import build_services, create_app
+from peftreg.registry.settings import Settings
 from tests.integration.oci_helpers import digest_of, push_blob
 from tests.observability.test_metrics import parse, value
 

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from registry.context import set_request_id
-from registry.observability.logging import configure_logging
+from peftreg.registry.context import set_request_id
+from peftreg.registry.observability.logging import configure_logging
 from tests.fixtures.server import RegistryProcess
 
 DEADLINE = 15.0
@@ -48,7 +48,7 @@ def test_request_log_lines_are_json_with_the_request_id(
     assert response.json()["request_id"] == request_id
 
     record = line_for(json_logging_server, request_id)
-    assert record["logger"] == "registry.api.middleware"
+    assert record["logger"] == "peftreg.registry.api.middleware"
     assert record["level"] == "INFO"
     assert record["method"] == "GET"
     assert record["path"] == "/v2/acme/nothing/tags/list"

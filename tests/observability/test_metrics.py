@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from client.sdk import Client
-from registry.observability.metrics import Metrics
+from peftreg.registry.observability.metrics import Metrics
+from peftreg.sdk import Client
 from tests.fixtures.server import RegistryProcess
 
 REPO = "acme/metrics"

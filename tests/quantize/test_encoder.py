@@ -8,8 +8,8 @@ from compressed_tensors.quantization import QuantizationConfig
 from transformers import GPT2Config
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
-from client.checkpoint.encoding import TensorEncoder
-from client.quantize import (
+from peftreg.checkpoint.encoding import TensorEncoder
+from peftreg.quantize import (
     Int4Encoder,
     InvalidGroupSize,
     QuantizationError,
@@ -19,8 +19,8 @@ from client.quantize import (
     quantize_groups,
     unpack_int4,
 )
-from client.quantize.linear_layers import linear_layout
-from client.sdk.errors import InvalidRequest
+from peftreg.quantize.linear_layers import linear_layout
+from peftreg.sdk.errors import InvalidRequest
 from tests.quantize.tiny_int4 import stored_tensors, tiny_llama
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

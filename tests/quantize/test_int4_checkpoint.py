@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from client.quantize import Int4Encoder, dequantize, unpack_int4
+from peftreg.quantize import Int4Encoder, dequantize, unpack_int4
 from tests.quantize.tiny_int4 import tiny_llama, write_checkpoint
 
 LOGIT_RELATIVE_FROBENIUS_BOUND = 0.25

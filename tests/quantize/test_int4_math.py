@@ -10,7 +10,7 @@ from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_d
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 from compressed_tensors.quantization.utils import calculate_qparams
 
-from client.quantize import (
+from peftreg.quantize import (
     InvalidGroupSize,
     ReconstructionError,
     UnknownAlgorithm,
@@ -20,7 +20,7 @@ from client.quantize import (
     quantize_groups,
     reconstruction_error,
 )
-from client.sdk.errors import InvalidRequest
+from peftreg.sdk.errors import InvalidRequest
 from tests.quantize.tiny_int4 import tiny_llama
 
 SCALE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -9,7 +9,7 @@ from compressed_tensors.compressors.pack_quantized.helpers import (
     unpack_from_int32,
 )
 
-from client.quantize import pack, pack_int4, unpack_int4
+from peftreg.quantize import pack, pack_int4, unpack_int4
 
 
 def random_codes(rows: int, columns: int, seed: int = 0) -> torch.Tensor:

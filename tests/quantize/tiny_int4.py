@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from client.checkpoint.encoding import TensorEncoder
+from peftreg.checkpoint.encoding import TensorEncoder
 
 
 def tiny_llama(

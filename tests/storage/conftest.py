@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from registry.settings import Settings
-from registry.storage.base import BlobStore
-from registry.storage.factory import open_blob_store
+from peftreg.registry.settings import Settings
+from peftreg.registry.storage.base import BlobStore
+from peftreg.registry.storage.factory import open_blob_store
 from tests.fixtures.seaweed import SeaweedS3, run_seaweed
 
 # Exercised with a prefix that lacks its trailing slash, to cover normalisation.

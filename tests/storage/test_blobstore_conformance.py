@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.digest import Digest
-from registry.settings import Settings
-from registry.storage.base import BlobStore
-from registry.storage.errors import (
+from peftreg.digest import Digest
+from peftreg.registry.settings import Settings
+from peftreg.registry.storage.base import BlobStore
+from peftreg.registry.storage.errors import (
     BlobNotFound,
     DigestMismatch,
     StorageUnavailable,
@@ -28,8 +28,8 @@ from registry.storage.errors import (
     UploadNotFound,
     UploadOffsetMismatch,
 )
-from registry.storage.factory import open_blob_store
-from registry.storage.s3 import S3BlobStore
+from peftreg.registry.storage.factory import open_blob_store
+from peftreg.registry.storage.s3 import S3BlobStore
 from tests.fixtures.seaweed import SeaweedS3
 from tests.storage.conftest import S3_PREFIX, SettingsFactory
 

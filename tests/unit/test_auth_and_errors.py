@@ -4,13 +4,13 @@ import inspect
 
 import pytest
 
-from registry import errors
-from registry.api.deps import presented_token
-from registry.api.errors import ERROR_TABLE, status_and_code
-from registry.api.routes.oci_blobs import parse_range
-from registry.auth.scopes import Grant, Principal, anonymous_principal
-from registry.auth.tokens import bootstrap_admin
-from registry.settings import Settings
+from peftreg.registry import errors
+from peftreg.registry.api.deps import presented_token
+from peftreg.registry.api.errors import ERROR_TABLE, status_and_code
+from peftreg.registry.api.routes.oci_blobs import parse_range
+from peftreg.registry.auth.scopes import Grant, Principal, anonymous_principal
+from peftreg.registry.auth.tokens import bootstrap_admin
+from peftreg.registry.settings import Settings
 
 
 def test_scopes_are_ordered_and_patterns_cross_namespaces() -> None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from client.formats.fingerprint import fingerprint_directory
-from client.formats.safetensors_header import SafetensorsError
+from peftreg.formats.fingerprint import fingerprint_directory
+from peftreg.formats.safetensors_header import SafetensorsError
 
 
 def model_tensors() -> dict[str, torch.Tensor]:

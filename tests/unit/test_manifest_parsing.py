@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from client.manifest import (
+from peftreg.manifest import (
     EMPTY_JSON,
     EMPTY_JSON_DIGEST,
     OCI_INDEX,

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from client.digest import Digest, InvalidDigest
-from client.names import InvalidName, check_repository_name, check_tag
-from client.reference import InvalidReference, Reference
+from peftreg.digest import Digest, InvalidDigest
+from peftreg.names import InvalidName, check_repository_name, check_tag
+from peftreg.reference import InvalidReference, Reference
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from client.formats.safetensors_header import SafetensorsError, read_header
+from peftreg.formats.safetensors_header import SafetensorsError, read_header
 
 
 def raw_file(path: Path, header: Any, data: bytes, *, length: int | None = None) -> Path:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from client.sdk.errors import UnsafePath
-from client.transfer.titles import check_titles
+from peftreg.sdk.errors import UnsafePath
+from peftreg.transfer.titles import check_titles
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from client.adapters.validate import AdapterInvalid, _check_values, values_from_bytes
-from client.formats.safetensors_header import read_header
+from peftreg.adapters.validate import AdapterInvalid, _check_values, values_from_bytes
+from peftreg.formats.safetensors_header import read_header
 
 
 def pieces_of(path: Path, piece_bytes: int) -> tuple[object, list[int]]:
@@ -48,3 +48,18 @@ def test_finite_values_pass(tmp_path: Path) -> None:
     save_file({"w": torch.randn(33, 7)}, str(path))
     (header, read_values), _ = pieces_of(path, piece_bytes=64)
     _check_values(header, read_values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_values_are_read_exactly_in_every_weight_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
+    """numpy reads what torch wrote, bf16 widened bit for bit, non-finite values kept."""
+    tensor = torch.tensor([1.5, -2.25, 3.0e-3, float("nan"), float("inf"), -65504.0], dtype=dtype)
+    path = tmp_path / "t.safetensors"
+    save_file({"t": tensor}, str(path))
+    (_, read_values), _ = pieces_of(path, piece_bytes=1 << 20)
+    (values,) = list(read_values("t"))  # type: ignore[operator]
+    want = tensor.float().numpy()
+    assert values.tolist()[:3] == want.tolist()[:3]
+    assert values[3] != values[3]  # NaN
+    assert values[4] == float("inf")
+    assert values[5] == want[5]

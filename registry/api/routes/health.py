@@ -7,8 +7,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
-from registry.api.deps import ServicesDep
-from registry.state import Services
+from peftreg.registry.api.deps import ServicesDep
+from peftreg.registry.state import Services
 
 router = APIRouter()
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from registry.api.deps import (
+from peftreg.registry.api.deps import (
     PrincipalDep,
     ServicesDep,
     authorize,
@@ -28,12 +28,12 @@ from registry.api.deps import (
     authorize_global_admin,
     in_transaction,
 )
-from registry.auth.scopes import Principal, Scope
-from registry.catalog import manifests
-from registry.db.models import Job
-from registry.errors import ManifestUnknown, NameUnknown
-from registry.jobs import queue
-from registry.jobs.export import EXPORT, ExportRequest, export_access, plan_export
+from peftreg.registry.auth.scopes import Principal, Scope
+from peftreg.registry.catalog import manifests
+from peftreg.registry.db.models import Job
+from peftreg.registry.errors import ManifestUnknown, NameUnknown
+from peftreg.registry.jobs import queue
+from peftreg.registry.jobs.export import EXPORT, ExportRequest, export_access, plan_export
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
 
@@ -99,7 +99,7 @@ async def request_export(
     authorize(principal, "write", written)
     # The compatibility check needs the merge library (and torch): load it before
     # the transaction, not while holding SQLite's write lock.
-    await run_in_threadpool(importlib.import_module, "client.merge.compat")
+    await run_in_threadpool(importlib.import_module, "peftreg.merge.compat")
 
     def work(session: Session) -> tuple[JobOut, bool]:
         planned = plan_export(session, services, body)

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from client.digest import Digest
-from registry.api.deps import (
+from peftreg.digest import Digest
+from peftreg.registry.api.deps import (
     PrincipalDep,
     ServicesDep,
     authorize,
@@ -19,7 +19,7 @@ from registry.api.deps import (
     authorize_global_admin,
     in_transaction,
 )
-from registry.api.schemas import (
+from peftreg.registry.api.schemas import (
     ArtifactSummaryOut,
     AuditEventOut,
     DeletedVersionOut,
@@ -35,12 +35,12 @@ from registry.api.schemas import (
     VersionOut,
     VersionPage,
 )
-from registry.auth import tokens
-from registry.catalog import audit, manifests, search, tags
-from registry.catalog.repositories import find_repository, is_immutable_tag, valid_name
-from registry.db.models import ArtifactIndex, AuditEvent, Manifest, Tag
-from registry.state import Services
-from registry.storage.errors import BlobNotFound
+from peftreg.registry.auth import tokens
+from peftreg.registry.catalog import audit, manifests, search, tags
+from peftreg.registry.catalog.repositories import find_repository, is_immutable_tag, valid_name
+from peftreg.registry.db.models import ArtifactIndex, AuditEvent, Manifest, Tag
+from peftreg.registry.state import Services
+from peftreg.registry.storage.errors import BlobNotFound
 
 router = APIRouter(prefix="/api/v1", tags=["management"])
 MAX_DECODED_CONFIG = 1024 * 1024

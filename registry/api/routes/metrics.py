@@ -12,8 +12,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
-from registry.api.deps import ServicesDep
-from registry.observability.metrics import CONTENT_TYPE
+from peftreg.registry.api.deps import ServicesDep
+from peftreg.registry.observability.metrics import CONTENT_TYPE
 
 router = APIRouter()
 

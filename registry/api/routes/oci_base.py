@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from registry.api.deps import PrincipalDep, ServicesDep, authorize_any, in_transaction
-from registry.db.models import Repository
+from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize_any, in_transaction
+from peftreg.registry.db.models import Repository
 
 router = APIRouter()
 

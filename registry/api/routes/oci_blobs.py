@@ -10,11 +10,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
-from registry.catalog import blobs
-from registry.catalog.repositories import valid_name
-from registry.errors import BlobUnknown, RangeInvalid
-from registry.storage.errors import BlobNotFound
+from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from peftreg.registry.catalog import blobs
+from peftreg.registry.catalog.repositories import valid_name
+from peftreg.registry.errors import BlobUnknown, RangeInvalid
+from peftreg.registry.storage.errors import BlobNotFound
 
 router = APIRouter()
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")

@@ -11,12 +11,12 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
-from client.manifest import OCI_INDEX
-from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
-from registry.catalog import manifests, tags
-from registry.catalog.blobs import parse_digest
-from registry.catalog.repositories import find_repository, valid_name
-from registry.errors import ManifestTooLarge
+from peftreg.manifest import OCI_INDEX
+from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from peftreg.registry.catalog import manifests, tags
+from peftreg.registry.catalog.blobs import parse_digest
+from peftreg.registry.catalog.repositories import find_repository, valid_name
+from peftreg.registry.errors import ManifestTooLarge
 
 router = APIRouter()
 

@@ -10,12 +10,12 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
-from registry.catalog import blobs
-from registry.catalog.repositories import valid_name
-from registry.errors import BlobUploadInvalid, BlobUploadUnknown, RangeInvalid, UploadInUse
-from registry.state import Services
-from registry.storage.errors import UploadBusy, UploadNotFound, UploadOffsetMismatch
+from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from peftreg.registry.catalog import blobs
+from peftreg.registry.catalog.repositories import valid_name
+from peftreg.registry.errors import BlobUploadInvalid, BlobUploadUnknown, RangeInvalid, UploadInUse
+from peftreg.registry.state import Services
+from peftreg.registry.storage.errors import UploadBusy, UploadNotFound, UploadOffsetMismatch
 
 router = APIRouter()
 WRITE_BUFFER = 4 * 1024 * 1024

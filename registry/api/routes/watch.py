@@ -28,13 +28,13 @@ from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from client.digest import Digest, InvalidDigest
-from registry.api.deps import PrincipalDep, ServicesDep, authorize, in_read_transaction
-from registry.catalog.repositories import find_repository, valid_name
-from registry.catalog.tags import valid_tag
-from registry.db.models import Tag
-from registry.errors import DigestInvalid, InvalidRequest
-from registry.state import Services
+from peftreg.digest import Digest, InvalidDigest
+from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_read_transaction
+from peftreg.registry.catalog.repositories import find_repository, valid_name
+from peftreg.registry.catalog.tags import valid_tag
+from peftreg.registry.db.models import Tag
+from peftreg.registry.errors import DigestInvalid, InvalidRequest
+from peftreg.registry.state import Services
 
 router = APIRouter(prefix="/api/v1", tags=["management"])
 MAX_WATCH_SECONDS = 60.0
