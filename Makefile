@@ -55,14 +55,17 @@ bench-merge: install
 bench-swap: install
 	$(PY) benchmarks/bench_swap.py
 
-## Re-resolve the lock from pyproject.toml (newest releases the ranges allow).
+## Re-resolve the locks from pyproject.toml, keeping today's pins where the ranges allow;
+## `make lock LOCK_FLAGS=--upgrade` moves every package to its newest allowed release.
+LOCK_FLAGS ?=
+COMPILE := .venv-lock/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	--no-emit-find-links --no-emit-index-url $(LOCK_FLAGS)
 lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet pip-tools
-	.venv-lock/bin/pip-compile --quiet --extra test --generate-hashes --allow-unsafe \
-		--strip-extras --no-emit-find-links --no-emit-index-url --upgrade \
-		-o $(LOCK) pyproject.toml requirements/torch.in
-	.venv-lock/bin/python requirements/strip_self.py $(LOCK)
+	$(COMPILE) --extra test -o $(LOCK) pyproject.toml requirements/torch.in
+	$(COMPILE) --extra server --extra worker -o requirements/server.txt pyproject.toml
+	.venv-lock/bin/python requirements/strip_self.py $(LOCK) requirements/server.txt
 
 ## The suite against the newest releases, in .venv-latest, to see drift before users do.
 test-latest:

@@ -9,9 +9,10 @@ import re
 import sys
 from pathlib import Path
 
-path = Path(sys.argv[1])
-text = path.read_text()
-entry = re.compile(
+ENTRY = re.compile(
     r"(?:# WARNING: pip install will require.*\n(?:#.*\n)*)?peftreg @ file:.*\n(?:    #.*\n)*"
 )
-path.write_text(entry.sub("", text))
+
+for name in sys.argv[1:]:
+    path = Path(name)
+    path.write_text(ENTRY.sub("", path.read_text()))

@@ -8,13 +8,14 @@ transformers (5.25 and later) passes the cache as `cache=`."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftConfig, PeftModel
-from transformers import PreTrainedModel
+from transformers import LlamaForCausalLM, PreTrainedModel
 
 from peftreg.hotswap import AdapterHost, HostConfig
 from tests.adapters.tiny_models import sample_ids, tiny_gpt2, tiny_llama
@@ -76,8 +77,19 @@ def test_greedy_generate_matches_peft(case: str, tmp_path: Path) -> None:
     assert (got_logits - want_logits).abs().max().item() <= MAX_DIFF
 
 
-def test_cached_steps_equal_whole_sequence_forwards(tmp_path: Path) -> None:
-    """Step by step with a DynamicCache (the caller's own loop) = one whole-sequence forward."""
+# The KV cache's argument names the installed transformers takes: `past_key_values`
+# always, and `cache` from 5.25 on.
+CACHE_ARGUMENTS = [
+    name
+    for name in ("past_key_values", "cache")
+    if name == "past_key_values" or name in inspect.signature(LlamaForCausalLM.forward).parameters
+]
+
+
+@pytest.mark.parametrize("cache_argument", CACHE_ARGUMENTS)
+def test_cached_steps_equal_whole_sequence_forwards(tmp_path: Path, cache_argument: str) -> None:
+    """Step by step with a DynamicCache (the caller's own loop) = one whole-sequence forward,
+    with the cache passed under either name transformers has used (`cache=` from 5.25)."""
     from transformers import DynamicCache
 
     path = save_adapter(tiny_llama, prompt_tuning(3), tmp_path / "p")
@@ -88,10 +100,10 @@ def test_cached_steps_equal_whole_sequence_forwards(tmp_path: Path) -> None:
         with torch.no_grad():
             whole = model(input_ids=ids).logits[:, 6:]
             cache = DynamicCache(config=model.config)
-            first = model(input_ids=ids[:, :8], past_key_values=cache, use_cache=True).logits
+            first = model(input_ids=ids[:, :8], use_cache=True, **{cache_argument: cache}).logits
             steps = [first[:, 6:]]
             for index in range(8, ids.shape[1]):
-                out = model(input_ids=ids[:, index : index + 1], past_key_values=cache)
+                out = model(input_ids=ids[:, index : index + 1], **{cache_argument: cache})
                 steps.append(out.logits)
     assert cache.get_seq_length() == 6 + ids.shape[1]
     assert (torch.cat(steps, dim=1) - whole).abs().max().item() <= MAX_DIFF
