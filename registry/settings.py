@@ -57,6 +57,14 @@ class Settings(BaseSettings):
 
     anonymous: AnonymousAccess = "auto"
     admin_token: SecretStr | None = None
+    token_signing_key: SecretStr | None = None
+    """HMAC key of the registry tokens `/token` issues; every API replica needs the same
+    one (unset: a random key per process, fine for one `peftreg serve`)."""
+    token_service: str | None = None
+    """The `service` of the Bearer challenge and of issued tokens (default: the Host header)."""
+    token_realm: str | None = None
+    """Where clients fetch registry tokens (default: `<the request's base URL>/token`)."""
+    registry_token_seconds: int = Field(default=300, ge=1, le=24 * 3600)
 
     embedded_worker: bool | None = None
     work_dir: Path | None = None
