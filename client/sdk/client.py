@@ -421,8 +421,16 @@ class Client:
         *,
         replace: bool = False,
         progress: Progress | None = None,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        fallback_to_cache: bool = True,
     ) -> pull.PullResult:
-        """Pull into the cache (and `output`); offline, from the cache only."""
+        """Pull into the cache (and `output`); offline, from the cache only.
+
+        `include`/`exclude`: globs over file titles. With `fallback_to_cache`,
+        an unreachable registry is answered from the cache when it holds the
+        reference (the result's `offline_fallback` says why).
+        """
         return pull.pull(
             None if self.offline else self.http,
             self.cache,
@@ -430,6 +438,9 @@ class Client:
             output=Path(output) if output is not None else None,
             replace=replace,
             progress=progress,
+            include=include,
+            exclude=exclude,
+            fallback_to_cache=fallback_to_cache,
         )
 
     # jobs ---------------------------------------------------------------------
