@@ -110,6 +110,14 @@ class Unauthorized(RegistryError):
         self.insufficient_scope = insufficient_scope
 
 
+class InsufficientScope(Unauthorized):
+    """A registry token without the access a request needs: 403 with a challenge naming it
+    (RFC 6750's `insufficient_scope`), so clients fetch a token for that scope."""
+
+    def __init__(self, message: str, *, access: str) -> None:
+        super().__init__(message, access=access, insufficient_scope=True)
+
+
 class Denied(RegistryError):
     pass
 

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from peftreg.registry.auth import registry_tokens, tokens
 from peftreg.registry.auth.scopes import Principal, Scope, anonymous_principal
-from peftreg.registry.errors import Denied, Unauthorized
+from peftreg.registry.errors import Denied, InsufficientScope, Unauthorized
 from peftreg.registry.state import Services
 
 T = TypeVar("T")
@@ -86,8 +86,8 @@ def authorize(principal: Principal, scope: Scope, repository: str) -> None:
     """Raise unless the principal holds `scope` on `repository`.
 
     Anonymous callers get 401 (with the challenge, so clients send
-    credentials), as do registry tokens lacking the access (the challenge
-    names it, so clients fetch a token for it); peftreg tokens lacking the
+    credentials); registry tokens lacking the access get 403 with a challenge
+    naming it (so clients fetch a token for it); peftreg tokens lacking the
     grant get 403.
     """
     if principal.can(scope, repository):
@@ -98,10 +98,8 @@ def authorize(principal: Principal, scope: Scope, repository: str) -> None:
             f"authentication required for {scope} access to {repository}", access=access
         )
     if principal.scoped:
-        raise Unauthorized(
-            f"the registry token grants no {scope} access to {repository}",
-            access=access,
-            insufficient_scope=True,
+        raise InsufficientScope(
+            f"the registry token grants no {scope} access to {repository}", access=access
         )
     raise Denied(f"{principal.name} lacks {scope} access to {repository}")
 

@@ -39,6 +39,7 @@ ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
     errors.VersionInUse: (409, "VERSION_IN_USE"),
     errors.DeleteUnsupported: (405, "UNSUPPORTED"),
     errors.Unauthorized: (401, "UNAUTHORIZED"),
+    errors.InsufficientScope: (403, "DENIED"),
     errors.Denied: (403, "DENIED"),
     errors.TokenUnknown: (404, "TOKEN_UNKNOWN"),
     errors.NotFound: (404, "NOT_FOUND"),

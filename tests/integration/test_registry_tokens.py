@@ -128,13 +128,14 @@ def test_token_carries_only_the_access_its_peftreg_token_grants(registry: Regist
     assert ok.json()["tags"] == ["prod"]
     # a repository the token does not name, even one the peftreg token could read
     other_acme = registry.http.get("/v2/acme/elsewhere/tags/list", headers=bearer(token))
-    assert other_acme.status_code == 401
+    assert other_acme.status_code == 403
     refused = registry.http.get("/v2/other/bot/tags/list", headers=bearer(token))
-    assert refused.status_code == 401
-    # a push with a pull-only token: a challenge asking for push, so clients fetch a new token
+    assert refused.status_code == 403
+    # a push with a pull-only token: 403 with a challenge asking for push (RFC 6750)
     assert push_blob(registry.http, REPO, b"x").status_code == 401
     denied = registry.http.post(f"/v2/{REPO}/blobs/uploads/", headers=bearer(token))
-    assert denied.status_code == 401
+    assert denied.status_code == 403
+    assert error_codes(denied) == ["DENIED"]
     params = challenge_params(denied.headers["WWW-Authenticate"])
     assert params["scope"] == f"repository:{REPO}:pull,push"
     assert params["error"] == "insufficient_scope"
@@ -150,7 +151,7 @@ def test_token_scope_is_limited_to_what_was_asked(registry: Registry) -> None:
         content=b"y",
         headers=bearer(token),
     )
-    assert response.status_code == 401
+    assert response.status_code == 403
     wider = fetch_token(registry, f"repository:{REPO}:pull,push,*", auth=("ci", registry.writer))
     access = claims(wider)["access"]
     assert access == [{"type": "repository", "name": REPO, "actions": ["pull", "push"]}]
@@ -165,7 +166,7 @@ def test_token_scope_is_limited_to_what_was_asked(registry: Registry) -> None:
     delete = registry.http.delete(
         f"/v2/{REPO}/manifests/{registry.manifest}", headers=bearer(wider)
     )
-    assert delete.status_code == 401
+    assert delete.status_code == 403
     assert challenge_params(delete.headers["WWW-Authenticate"])["scope"] == f"repository:{REPO}:*"
 
 
