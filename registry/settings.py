@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 AnonymousAccess = Literal["auto", "none", "read", "write", "admin"]
@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     """Garbage collection spares blobs uploaded, mounted or checked this recently."""
     gc_interval_seconds: float = Field(default=0, ge=0)
     """`peftreg serve` collects garbage this often; 0 leaves it to `peftreg gc`."""
+
+    @field_validator("token_signing_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("PEFTREG_TOKEN_SIGNING_KEY must be at least 32 bytes (HMAC-SHA256)")
+        return value
 
     def resolved_database_url(self) -> str:
         if self.database_url:

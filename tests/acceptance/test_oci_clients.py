@@ -216,12 +216,14 @@ def test_skopeo_registry_token_from_the_token_endpoint(registry: Registry) -> No
     assert wrong.returncode != 0
 
 
-def test_docker_manifest_inspect_without_a_daemon(registry: Registry, tmp_path: Path) -> None:
-    config = tmp_path / "docker"
-    config.mkdir()
-    auth = base64.b64encode(f"ci-robot:{registry.reader}".encode()).decode()
-    (config / "config.json").write_text(json.dumps({"auths": {registry.host: {"auth": auth}}}))
-    result = subprocess.run(
+def docker_manifest_inspect(
+    registry: Registry, tmp_path: Path, entry: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """`docker manifest inspect` (no daemon needed) with `entry` as the host's credentials."""
+    config = tmp_path / "docker" / str(len(list(tmp_path.glob("docker/*"))))
+    config.mkdir(parents=True)
+    (config / "config.json").write_text(json.dumps({"auths": {registry.host: entry}}))
+    return subprocess.run(
         ["docker", "manifest", "inspect", "--insecure", f"{registry.host}/acme/src:latest"],
         capture_output=True,
         text=True,
@@ -229,13 +231,25 @@ def test_docker_manifest_inspect_without_a_daemon(registry: Registry, tmp_path: 
         check=False,
         env={**os.environ, "DOCKER_CONFIG": str(config)},
     )
+
+
+def test_docker_manifest_inspect_without_a_daemon(registry: Registry, tmp_path: Path) -> None:
+    # Basic credentials, exchanged at the Bearer realm
+    auth = base64.b64encode(f"ci-robot:{registry.reader}".encode()).decode()
+    result = docker_manifest_inspect(registry, tmp_path, {"auth": auth})
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
-    titles = sorted(
+    titles = [
         layer["annotations"]["org.opencontainers.image.title"] for layer in document["layers"]
-    )
-    assert titles == ["notes.md", "weights.dat"]
+    ]
+    assert sorted(titles) == ["notes.md", "weights.dat"]
+    # a registry token sent as is
+    with_token = docker_manifest_inspect(registry, tmp_path, {"registrytoken": registry.reader})
+    assert with_token.returncode == 0, with_token.stderr
+    assert json.loads(with_token.stdout) == document
+    wrong = base64.b64encode(b"ci-robot:prt_0_wrong").decode()
+    assert docker_manifest_inspect(registry, tmp_path, {"auth": wrong}).returncode != 0
 
 
 def test_oras_directory_layer_unpacks_and_referrers_list_it(

@@ -15,6 +15,7 @@ from pathlib import Path
 import jwt
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from peftreg.registry.app import build_services, create_app
 from peftreg.registry.auth import registry_tokens
@@ -224,6 +225,11 @@ def test_refusals_name_their_cause(registry: Registry) -> None:
         response = registry.http.get(f"/v2/{REPO}/tags/list", headers=bearer(token))
         assert response.status_code == 401, cause
         assert cause in response.json()["errors"][0]["message"], response.text
+
+
+def test_signing_key_must_be_long_enough() -> None:
+    with pytest.raises(ValidationError, match="at least 32 bytes"):
+        Settings(token_signing_key="short")
 
 
 def test_revoking_the_peftreg_token_revokes_its_registry_tokens(registry: Registry) -> None:
