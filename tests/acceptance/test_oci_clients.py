@@ -331,3 +331,11 @@ def test_oras_directory_layer_unpacks_and_referrers_list_it(
     assert len(referrers) == 1
     sbom = httpx.head(f"{registry.server.url}/v2/acme/dirs/manifests/sbom", headers=ADMIN)
     assert referrers[0]["digest"] == sbom.headers["Docker-Content-Digest"]
+
+    # oras' tag delete resolves the tag and deletes by digest
+    assert client.delete_tag(f"{registry.host}/acme/dirs", "sbom") is True
+    assert tags(registry, "acme/dirs") == ["v1"]
+    after = httpx.get(
+        f"{registry.server.url}/v2/acme/dirs/referrers/{subject.digest}", headers=ADMIN
+    )
+    assert after.json()["manifests"] == []
