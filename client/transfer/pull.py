@@ -200,8 +200,9 @@ def pull(
     downloaded = 0
     if missing and http is None:
         first = missing[0]
+        why = f"{fallback}; the cache cannot stand in" if fallback else "offline"
         raise CacheMiss(
-            f"offline: blob {first[1]} ({first[0]}) of {reference} is not in the cache; "
+            f"{why}: blob {first[1]} ({first[0]}) of {reference} is not in the cache; "
             f"{len(missing)} of {len(files)} files missing"
         )
     if http is not None:

@@ -211,6 +211,15 @@ def test_offline_fallback_serves_the_cache_with_a_warning(env: CliEnv, tmp_path:
     assert never_pulled.exit_code == 1
     assert "cannot reach" in never_pulled.stderr
 
+    # a cached reference whose files were only partly pulled cannot stand in
+    other = small_tree(tmp_path / "other", "partial")
+    assert env.run("push", str(other), "acme/offline:partial", "-q").exit_code == 0
+    assert env.run("pull", "acme/offline:partial", "--include", "*.json", "-q").exit_code == 0
+    partial = env.run("pull", "acme/offline:partial", **unreachable)
+    assert partial.exit_code == 1
+    assert "cannot reach" in partial.stderr
+    assert "the cache cannot stand in" in partial.stderr
+
     # a cached manifest that no longer matches its digest cannot be checked: no fallback
     manifest = env.cache / "manifests" / "sha256" / payload["digest"].split(":")[1]
     manifest.chmod(0o644)
