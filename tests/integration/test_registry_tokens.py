@@ -183,6 +183,26 @@ def test_basic_and_plain_bearer_peftreg_tokens_keep_working(registry: Registry) 
     assert claims(response.json()["token"])["access"][0]["name"] == REPO  # type: ignore[index]
 
 
+def test_oauth2_password_grant(registry: Registry) -> None:
+    form = {
+        "grant_type": "password",
+        "username": "ci",
+        "password": registry.reader,
+        "service": SERVICE,
+        "scope": f"repository:{REPO}:pull,push repository:other/bot:pull",
+    }
+    response = registry.http.post("/token", data=form)
+    assert response.status_code == 200, response.text
+    assert response.json()["scope"] == f"repository:{REPO}:pull"
+    token = response.json()["access_token"]
+    assert claims(token)["access"] == [{"type": "repository", "name": REPO, "actions": ["pull"]}]
+    assert registry.http.get(f"/v2/{REPO}/tags/list", headers=bearer(token)).status_code == 200
+    refresh = registry.http.post("/token", data={"grant_type": "refresh_token"})
+    assert refresh.status_code == 400
+    wrong = registry.http.post("/token", data={**form, "password": "prt_0_wrong"})
+    assert wrong.status_code == 401
+
+
 def test_refusals_name_their_cause(registry: Registry) -> None:
     wrong = registry.http.get(
         "/token", params={"scope": f"repository:{REPO}:pull"}, auth=("ci", "prt_0_nope")
