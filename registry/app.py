@@ -21,6 +21,8 @@ from peftreg.registry.api.routes import (
     oci_blobs,
     oci_manifests,
     oci_uploads,
+    schemas,
+    token,
     watch,
 )
 from peftreg.registry.background import BackgroundThreads
@@ -99,6 +101,8 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(oci_base.router)
+    app.include_router(token.router)
+    app.include_router(schemas.router)
     app.include_router(oci_uploads.router)
     app.include_router(oci_blobs.router)
     app.include_router(oci_manifests.router)

@@ -86,16 +86,44 @@ class TagImmutable(RegistryError):
     pass
 
 
+class DeleteUnsupported(RegistryError):
+    """An OCI DELETE the registry's policy forbids (an immutable release tag): 405."""
+
+
 class VersionInUse(RegistryError):
     """A manifest that tags still point at, deleted without `force`."""
 
 
 class Unauthorized(RegistryError):
-    pass
+    """No (valid) credentials: 401 with a challenge naming the access the request needs."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: Any = None,
+        access: str | None = None,
+        insufficient_scope: bool = False,
+    ) -> None:
+        super().__init__(message, detail=detail)
+        self.access = access  # `repository:ns/name:pull,push`, for the Bearer challenge
+        self.insufficient_scope = insufficient_scope
+
+
+class InsufficientScope(Unauthorized):
+    """A registry token without the access a request needs: 403 with a challenge naming it
+    (RFC 6750's `insufficient_scope`), so clients fetch a token for that scope."""
+
+    def __init__(self, message: str, *, access: str) -> None:
+        super().__init__(message, access=access, insufficient_scope=True)
 
 
 class Denied(RegistryError):
     pass
+
+
+class NotFound(RegistryError):
+    """A resource outside the OCI and job vocabularies that does not exist (404)."""
 
 
 class TokenUnknown(RegistryError):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 AnonymousAccess = Literal["auto", "none", "read", "write", "admin"]
@@ -57,6 +57,14 @@ class Settings(BaseSettings):
 
     anonymous: AnonymousAccess = "auto"
     admin_token: SecretStr | None = None
+    token_signing_key: SecretStr | None = None
+    """HMAC key of the registry tokens `/token` issues; every API replica needs the same
+    one (unset: a random key per process, fine for one `peftreg serve`)."""
+    token_service: str | None = None
+    """The `service` of the Bearer challenge and of issued tokens (default: the Host header)."""
+    token_realm: str | None = None
+    """Where clients fetch registry tokens (default: `<the request's base URL>/token`)."""
+    registry_token_seconds: int = Field(default=300, ge=1, le=24 * 3600)
 
     embedded_worker: bool | None = None
     work_dir: Path | None = None
@@ -76,6 +84,13 @@ class Settings(BaseSettings):
     """Garbage collection spares blobs uploaded, mounted or checked this recently."""
     gc_interval_seconds: float = Field(default=0, ge=0)
     """`peftreg serve` collects garbage this often; 0 leaves it to `peftreg gc`."""
+
+    @field_validator("token_signing_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < 32:
+            raise ValueError("PEFTREG_TOKEN_SIGNING_KEY must be at least 32 bytes (HMAC-SHA256)")
+        return value
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +43,14 @@ class Services:
         """
         with self._read_sessions.begin() as session:
             yield session
+
+    @cached_property
+    def token_key(self) -> bytes:
+        """The HMAC key signing registry tokens (see `Settings.token_signing_key`)."""
+        configured = self.settings.token_signing_key
+        if configured is not None:
+            return configured.get_secret_value().encode()
+        return secrets.token_bytes(32)
 
     @cached_property
     def _read_sessions(self) -> sessionmaker[Session]:

@@ -22,7 +22,7 @@ def base() -> None:
 def push_command(directory: Path, ref: str, as_json: bool) -> None:
     """Push the model in DIRECTORY (config.json, tokenizer, safetensors shards) as REF."""
     reference = parse_reference(ref)
-    with make_client(offline=False) as client:
+    with make_client(reference, offline=False) as client:
         digest, package = push_base(client, directory, reference)
     if as_json:
         echo_json(

@@ -1,11 +1,20 @@
-"""`peftreg cache ls|verify|prune`: the local cache of pulled artifacts."""
+"""`peftreg cache ls|verify|prune|rm`: the local cache of pulled artifacts."""
 
 from __future__ import annotations
 
 import click
 
 from peftreg.cache import Cache
-from peftreg.cli.common import EXIT_ERROR, echo_json, echo_table, fail, human_size
+from peftreg.cli.common import (
+    EXIT_ERROR,
+    echo_json,
+    echo_table,
+    emit,
+    fail,
+    human_size,
+    json_option,
+    parse_reference,
+)
 
 
 @click.group()
@@ -14,7 +23,7 @@ def cache() -> None:
 
 
 @cache.command(name="ls")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 def list_cache(as_json: bool) -> None:
     """List cached references and the cache's size."""
     store = Cache()
@@ -43,28 +52,66 @@ def list_cache(as_json: bool) -> None:
 
 @cache.command()
 @click.option("--delete", is_flag=True, help="Delete what is corrupted.")
-def verify(delete: bool) -> None:
+@json_option
+def verify(delete: bool, as_json: bool) -> None:
     """Re-hash every cached blob and manifest; exit 1 naming any corrupted."""
     store = Cache()
     problems = store.verify()
     for problem in problems:
-        click.echo(f"corrupted: {problem.path}: {problem.problem}")
+        if not as_json:
+            click.echo(f"corrupted: {problem.path}: {problem.problem}")
         if delete:
             problem.path.unlink(missing_ok=True)
+    if as_json:
+        echo_json(
+            {
+                "root": str(store.root),
+                "ok": not problems,
+                "deleted": delete and bool(problems),
+                "problems": [{"path": str(p.path), "problem": p.problem} for p in problems],
+            }
+        )
     if problems:
         store.remove_snapshots()
         raise fail(f"{len(problems)} corrupted item(s) in {store.root}", EXIT_ERROR)
-    click.echo("cache OK")
+    if not as_json:
+        click.echo("cache OK")
 
 
 @cache.command()
 @click.option("--all", "everything", is_flag=True, help="Empty the cache entirely.")
-def prune(everything: bool) -> None:
+@json_option
+def prune(everything: bool, as_json: bool) -> None:
     """Remove partial downloads and what no cached reference reaches."""
     store = Cache()
     if everything:
         size = store.size()
         store.clear()
-        click.echo(f"removed everything ({human_size(size)})")
+        emit(
+            as_json, {"all": True, "freed_bytes": size}, f"removed everything ({human_size(size)})"
+        )
         return
-    click.echo(f"freed {human_size(store.prune())}")
+    freed = store.prune()
+    emit(as_json, {"all": False, "freed_bytes": freed}, f"freed {human_size(freed)}")
+
+
+@cache.command(name="rm")
+@click.argument("ref")
+@json_option
+def remove(ref: str, as_json: bool) -> None:
+    """Forget REF (ns/name:tag, or ns/name@sha256:... with all its tags) and what only it used."""
+    from peftreg.cache_eviction import evict
+
+    reference = parse_reference(ref, default_tag=None)
+    result = evict(Cache(), reference)
+    emit(
+        as_json,
+        {
+            "reference": str(reference),
+            "refs": result.refs,
+            "manifests": result.manifests,
+            "blobs": result.blobs,
+            "freed_bytes": result.freed_bytes,
+        },
+        f"removed {reference} ({result.blobs} blobs, {human_size(result.freed_bytes)} freed)",
+    )

@@ -9,7 +9,15 @@ from typing import Any
 import click
 
 from peftreg.adapters.schema import NOLA_SAFETENSORS_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE
-from peftreg.cli.common import echo_json, echo_table, human_size, make_client, parse_reference
+from peftreg.cli.common import (
+    echo_json,
+    echo_table,
+    emit,
+    human_size,
+    json_option,
+    make_client,
+    parse_reference,
+)
 from peftreg.manifest import TITLE_ANNOTATION
 from peftreg.sdk.client import Client
 from peftreg.sdk.errors import InvalidRequest
@@ -118,7 +126,7 @@ def list_repositories(
 def show(ref: str, as_json: bool) -> None:
     """Show one version: digest, tags, files, annotations."""
     reference = parse_reference(ref)
-    with make_client(offline=False) as client:
+    with make_client(reference, offline=False) as client:
         detail = client.version(reference)
         config = detail.config
         if detail.adapter is not None and not isinstance(config, dict):
@@ -160,7 +168,7 @@ def history(ref: str, as_json: bool) -> None:
     reference = parse_reference(ref, default_tag=None)
     if reference.tag is None:
         raise InvalidRequest("history needs a tag reference (ns/name:tag)")
-    with make_client(offline=False) as client:
+    with make_client(reference, offline=False) as client:
         events = client.tag_history(reference.repository, reference.tag)
     if as_json:
         echo_json(events)
@@ -181,22 +189,36 @@ def history(ref: str, as_json: bool) -> None:
     is_flag=True,
     help="Delete the version itself, and every tag pointing at it.",
 )
-def rm(ref: str, force: bool) -> None:
+@json_option
+def rm(ref: str, force: bool, as_json: bool) -> None:
     """Remove a tag (ns/name:tag) or a version (ns/name@sha256:...).
 
     A version is refused while tags point at it unless --force. With a tag
     and --force, the whole version the tag names is deleted.
     """
     reference = parse_reference(ref, default_tag=None)
-    with make_client(offline=False) as client:
+    with make_client(reference, offline=False) as client:
         if reference.digest is None and not force:
             client.delete_manifest(reference)
-            click.echo(f"untagged {reference}")
+            emit(
+                as_json,
+                {"reference": str(reference), "untagged": reference.tag, "deleted": None},
+                f"untagged {reference}",
+            )
             return
         digest = reference.digest or client.resolve(reference)
         deleted = client.delete_version(reference.repository, digest, force=force)
     removed = f" (tags removed: {', '.join(deleted.tags_removed)})" if deleted.tags_removed else ""
-    click.echo(f"deleted {reference.repository}@{deleted.digest}{removed}")
+    emit(
+        as_json,
+        {
+            "reference": str(reference),
+            "untagged": None,
+            "deleted": str(deleted.digest),
+            "tags_removed": list(deleted.tags_removed),
+        },
+        f"deleted {reference.repository}@{deleted.digest}{removed}",
+    )
 
 
 def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
@@ -260,7 +282,8 @@ def diff(ref1: str, ref2: str, as_json: bool) -> None:
     """Compare two adapters: kind, rank, targets, and how far each common tensor moved."""
     import torch
 
-    with make_client(offline=False) as client:
+    references = (parse_reference(ref1), parse_reference(ref2))
+    with make_client(*references, offline=False) as client:
         config_a, tensors_a = _load_adapter(client, ref1)
         config_b, tensors_b = _load_adapter(client, ref2)
     targets_a = {t["module"] for t in config_a.get("targets") or []}

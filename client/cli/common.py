@@ -6,8 +6,8 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import click
 from pydantic import BaseModel
@@ -17,16 +17,43 @@ from peftreg.cli.config import resolve
 from peftreg.cli.group import EXIT_ERROR, EXIT_USAGE, PeftregGroup, fail
 from peftreg.reference import InvalidReference, Reference
 from peftreg.sdk.client import Client
-from peftreg.sdk.errors import InvalidReferenceError
+from peftreg.sdk.errors import InvalidReferenceError, InvalidRequest
 from peftreg.transfer.progress import NullProgress, Progress
 
 ENV_RETRIES = "PEFTREG_RETRIES"
 
 
-def make_client(*, offline: bool | None = None) -> Client:
-    settings = resolve()
+def registry_of(*references: Reference) -> str | None:
+    """The registry host the references name (None: the default registry)."""
+    hosts = {reference.registry for reference in references if reference.registry}
+    if len(hosts) > 1:
+        raise InvalidRequest(
+            f"the references name different registries: {', '.join(sorted(hosts))}"
+        )
+    return hosts.pop() if hosts else None
+
+
+def make_client(*references: Reference, offline: bool | None = None) -> Client:
+    """A client for the registry the references name (their host), else the default one."""
+    settings = resolve(registry_of(*references))
     retries = int(os.environ.get(ENV_RETRIES, "4"))
     return Client(settings.url, settings.token, retries=retries, cache=Cache(), offline=offline)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def json_option(command: F) -> F:
+    """`--json`: machine-readable output on stdout (every command has it)."""
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")(command)
+
+
+def emit(as_json: bool, payload: Any, text: str | None) -> None:
+    """Print `payload` as JSON with --json, else `text` (when there is any)."""
+    if as_json:
+        echo_json(payload)
+    elif text is not None:
+        click.echo(text)
 
 
 def parse_reference(text: str, *, default_tag: str | None = "latest") -> Reference:
@@ -107,8 +134,10 @@ __all__ = [
     "PeftregGroup",
     "echo_json",
     "echo_table",
+    "emit",
     "fail",
     "human_size",
+    "json_option",
     "make_client",
     "make_progress",
     "parse_reference",

@@ -1,16 +1,26 @@
-"""Where the CLI keeps the registry URL and token, and how the environment overrides it.
+"""Where the CLI keeps registry URLs and tokens, and how the environment overrides them.
 
 The file is `PEFTREG_CONFIG`, by default `<user config dir>/peftreg/config.json`,
-written with mode 0600. `PEFTREG_URL` and `PEFTREG_TOKEN` win over it.
+written with mode 0600:
+
+    {"url": <default registry>, "token": <its token>,
+     "registries": {"<host[:port]>": {"url": ..., "token": ...}}}
+
+A reference naming a host (`127.0.0.1:8750/acme/bot:v1`) selects that
+registry and the token stored for it; others use the default registry.
+`PEFTREG_URL` and `PEFTREG_TOKEN` win over the file for the default registry
+(the environment's token is never sent to another host).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import platformdirs
 
@@ -56,8 +66,79 @@ def save_file(data: dict[str, Any]) -> Path:
     return path
 
 
-def resolve() -> Settings:
+def host_of(url: str) -> str:
+    """`host[:port]` of a registry URL."""
+    return urlsplit(url).netloc
+
+
+def is_loopback_host(host: str) -> bool:
+    name = urlsplit(f"//{host}").hostname or host
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def url_for(text: str) -> str:
+    """A registry URL from a URL or a bare host (http on loopback, https elsewhere)."""
+    if "://" in text:
+        return text.rstrip("/")
+    scheme = "http" if is_loopback_host(text) else "https"
+    return f"{scheme}://{text.rstrip('/')}"
+
+
+def stored_registries(stored: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Per host: its URL and token, the default registry's included."""
+    found: dict[str, dict[str, str]] = {}
+    registries = stored.get("registries")
+    if isinstance(registries, dict):
+        for host, entry in registries.items():
+            if isinstance(host, str) and isinstance(entry, dict):
+                found[host] = {k: str(v) for k, v in entry.items() if isinstance(v, str)}
+    default_url = stored.get("url")
+    if isinstance(default_url, str) and stored.get("token"):
+        entry = found.setdefault(host_of(default_url), {"url": default_url})
+        entry.setdefault("token", str(stored["token"]))
+    return found
+
+
+def resolve(registry: str | None = None) -> Settings:
+    """URL and token of `registry` (a host), or of the default registry."""
     stored = load_file()
-    url = os.environ.get(ENV_URL) or stored.get("url") or DEFAULT_URL
-    token = os.environ.get(ENV_TOKEN) or stored.get("token") or None
-    return Settings(url=str(url), token=str(token) if token else None)
+    known = stored_registries(stored)
+    default_url = str(os.environ.get(ENV_URL) or stored.get("url") or DEFAULT_URL).rstrip("/")
+    env_token = os.environ.get(ENV_TOKEN) or None
+    if registry is None or registry == host_of(default_url):
+        token = env_token or known.get(host_of(default_url), {}).get("token")
+        return Settings(url=default_url, token=token or None)
+    entry = known.get(registry, {})
+    return Settings(url=entry.get("url") or url_for(registry), token=entry.get("token") or None)
+
+
+def remember(data: dict[str, Any], url: str, token: str | None) -> dict[str, Any]:
+    """The config with `url` as default registry and its token stored per host."""
+    found = data.get("registries")
+    registries: dict[str, Any] = found if isinstance(found, dict) else {}
+    entry: dict[str, str] = {"url": url}
+    if token:
+        entry["token"] = token
+    data["registries"] = {**registries, host_of(url): entry}
+    data["url"] = url
+    if token:
+        data["token"] = token
+    else:
+        data.pop("token", None)
+    return data
+
+
+def forget(data: dict[str, Any], host: str) -> bool:
+    """Drop the token stored for `host`; whether there was one."""
+    had = False
+    registries = data.get("registries")
+    if isinstance(registries, dict) and isinstance(registries.get(host), dict):
+        had = registries[host].pop("token", None) is not None
+    if host == host_of(str(data.get("url") or DEFAULT_URL)):
+        had = data.pop("token", None) is not None or had
+    return had

@@ -7,10 +7,10 @@ from typing import Any
 import click
 
 from peftreg.cli.extras import missing_extra_message
-from peftreg.sdk.errors import InvalidReferenceError, PeftregError
+from peftreg.sdk.errors import PeftregError
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+EXIT_ERROR = 1  # every refusal, an invalid reference included (as docker and oras)
+EXIT_USAGE = 2  # click's usage errors only: unknown option, missing argument
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> click.exceptions.Exit:
@@ -24,8 +24,6 @@ class PeftregGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except InvalidReferenceError as exc:
-            raise fail(str(exc), EXIT_USAGE) from None
         except PeftregError as exc:
             raise fail(str(exc)) from None
         except OSError as exc:

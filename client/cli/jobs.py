@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import click
 
-from peftreg.cli.common import echo_json, echo_table, fail, make_client, parse_reference
+from peftreg.cli.common import (
+    echo_json,
+    echo_table,
+    emit,
+    fail,
+    json_option,
+    make_client,
+    parse_reference,
+    to_jsonable,
+)
 from peftreg.cli.recipe_options import recipe_options
 from peftreg.sdk.jobs import JobInfo
 
@@ -129,8 +139,10 @@ def jobs_ls(status: str | None, kind: str | None, repository: str | None, as_jso
 
 @jobs.command("show")
 @click.argument("job_id")
-def jobs_show(job_id: str) -> None:
-    """Everything about one job, as JSON."""
+@json_option
+def jobs_show(job_id: str, as_json: bool) -> None:
+    """Everything about one job (JSON, with or without --json)."""
+    del as_json  # the output is JSON either way; the flag is accepted like everywhere
     with make_client() as client:
         echo_json(client.job(job_id))
 
@@ -138,7 +150,8 @@ def jobs_show(job_id: str) -> None:
 @jobs.command("logs")
 @click.argument("job_id")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
-def jobs_logs(job_id: str, follow: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per log line.")
+def jobs_logs(job_id: str, follow: bool, as_json: bool) -> None:
     """A job's log lines (kept after it ends, errors included)."""
     import time
 
@@ -146,7 +159,11 @@ def jobs_logs(job_id: str, follow: bool) -> None:
     with make_client() as client:
         while True:
             for line in client.job_logs(job_id, after=after):
-                click.echo(f"{line.at.isoformat(timespec='seconds')} [{line.level}] {line.line}")
+                if as_json:
+                    click.echo(json.dumps(to_jsonable(line), sort_keys=True))
+                else:
+                    at = line.at.isoformat(timespec="seconds")
+                    click.echo(f"{at} [{line.level}] {line.line}")
                 after = line.id
             if not follow or client.job(job_id).done:
                 break
@@ -156,8 +173,9 @@ def jobs_logs(job_id: str, follow: bool) -> None:
 
 @jobs.command("cancel")
 @click.argument("job_id")
-def jobs_cancel(job_id: str) -> None:
+@json_option
+def jobs_cancel(job_id: str, as_json: bool) -> None:
     """Cancel a queued job, or ask the worker of a running one to stop."""
     with make_client() as client:
         job = client.cancel_job(job_id)
-    click.echo(f"{job.id} {'cancelled' if job.status == 'cancelled' else 'cancelling'}")
+    emit(as_json, job, f"{job.id} {'cancelled' if job.status == 'cancelled' else 'cancelling'}")

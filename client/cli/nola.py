@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from peftreg.cli.common import emit, json_option
+
 
 @click.group()
 def nola() -> None:
@@ -18,12 +20,14 @@ def nola() -> None:
 @click.option("--alpha", "lora_alpha", type=float, required=True, help="LoRA alpha of training.")
 @click.option("--base-name", help="base_model_name_or_path to record.")
 @click.option("--fan-in-fan-out", is_flag=True, help="Targets are GPT-2 style Conv1D layers.")
+@json_option
 def import_checkpoint(
     checkpoint: Path,
     output: Path,
     lora_alpha: float,
     base_name: str | None,
     fan_in_fan_out: bool,
+    as_json: bool,
 ) -> None:
     """Convert a NOLA reference checkpoint (safetensors) into OUTPUT, ready to push.
 
@@ -40,8 +44,17 @@ def import_checkpoint(
         fan_in_fan_out=fan_in_fan_out,
     )
     assert config.nola is not None
-    click.echo(
+    payload = {
+        "output": str(written),
+        "modules": len(config.targets),
+        "stored_parameters": config.nola.stored_parameters,
+        "materialized_parameters": config.nola.materialized_parameters,
+        "compression": compression_ratio(config),
+    }
+    emit(
+        as_json,
+        payload,
         f"{written}: {len(config.targets)} modules, {config.nola.stored_parameters} stored "
         f"parameters for {config.nola.materialized_parameters} materialized "
-        f"(compression {compression_ratio(config):.1f}x against the equivalent LoRA)"
+        f"(compression {compression_ratio(config):.1f}x against the equivalent LoRA)",
     )

@@ -6,6 +6,8 @@ of the CLI works where only the library is installed.
 
 from __future__ import annotations
 
+import json
+
 import click
 
 
@@ -13,8 +15,14 @@ import click
 @click.option("--host", default=None, help="Address to bind (default PEFTREG_HOST or 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default PEFTREG_PORT or 8750).")
 @click.option("--log-level", default="info", show_default=True)
-def serve(host: str | None, port: int | None, log_level: str) -> None:
-    """Run the registry (uvicorn). Defaults: SQLite and files under PEFTREG_HOME."""
+@click.option(
+    "--json", "as_json", is_flag=True, help="Log JSON lines (as PEFTREG_LOG_FORMAT=json)."
+)
+def serve(host: str | None, port: int | None, log_level: str, as_json: bool) -> None:
+    """Run the registry (uvicorn). Defaults: SQLite and files under PEFTREG_HOME.
+
+    Nothing goes to stdout: logs and the start-up line go to stderr.
+    """
     import uvicorn
 
     from peftreg.registry.app import create_app
@@ -26,6 +34,8 @@ def serve(host: str | None, port: int | None, log_level: str) -> None:
         overrides["host"] = host
     if port is not None:
         overrides["port"] = port
+    if as_json:
+        overrides["log_format"] = "json"
     settings = Settings(**overrides)  # type: ignore[arg-type]
     configure_logging(settings.log_format, log_level)
     if settings.anonymous_scope() == "none" and settings.admin_token is None:
@@ -59,7 +69,8 @@ def db() -> None:
 
 @db.command("upgrade")
 @click.option("--revision", default="head", show_default=True)
-def db_upgrade(revision: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def db_upgrade(revision: str, as_json: bool) -> None:
     """Migrate the database named by PEFTREG_DATABASE_URL (or the embedded one)."""
     from peftreg.registry.db.migrate import upgrade
     from peftreg.registry.settings import Settings
@@ -67,15 +78,23 @@ def db_upgrade(revision: str) -> None:
     settings = Settings()
     settings.home.mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url(), revision)
-    click.echo(f"database at {revision}")
+    _report_revision(revision, as_json)
 
 
 @db.command("downgrade")
 @click.argument("revision")
-def db_downgrade(revision: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def db_downgrade(revision: str, as_json: bool) -> None:
     """Migrate the database down to REVISION (`base` removes every table)."""
     from peftreg.registry.db.migrate import downgrade
     from peftreg.registry.settings import Settings
 
     downgrade(Settings().resolved_database_url(), revision)
-    click.echo(f"database at {revision}")
+    _report_revision(revision, as_json)
+
+
+def _report_revision(revision: str, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"revision": revision}))
+    else:
+        click.echo(f"database at {revision}")

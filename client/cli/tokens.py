@@ -6,7 +6,7 @@ from datetime import datetime
 
 import click
 
-from peftreg.cli.common import echo_json, echo_table, make_client
+from peftreg.cli.common import echo_json, echo_table, emit, json_option, make_client
 from peftreg.sdk.errors import InvalidRequest
 
 
@@ -71,8 +71,9 @@ def list_tokens(as_json: bool) -> None:
 
 @token.command()
 @click.argument("token_id")
-def revoke(token_id: str) -> None:
+@json_option
+def revoke(token_id: str, as_json: bool) -> None:
     """Revoke a token by id."""
     with make_client(offline=False) as client:
         row = client.revoke_token(token_id)
-    click.echo(f"revoked {row.id} ({row.name})")
+    emit(as_json, row, f"revoked {row.id} ({row.name})")

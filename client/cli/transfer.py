@@ -8,7 +8,13 @@ from typing import get_args
 import click
 
 from peftreg.adapters.schema import BaseQuantization, BaseReference
-from peftreg.cli.common import make_client, make_progress, parse_reference
+from peftreg.cli.common import (
+    emit,
+    json_option,
+    make_client,
+    make_progress,
+    parse_reference,
+)
 from peftreg.digest import Digest
 from peftreg.manifest import parse_manifest
 from peftreg.sdk.errors import InvalidRequest
@@ -43,6 +49,7 @@ def _annotations(values: tuple[str, ...]) -> dict[str, str]:
     help="Quantization of the base the adapter was trained against (nf4 for QLoRA).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@json_option
 def push(
     path: Path,
     ref: str,
@@ -52,13 +59,14 @@ def push(
     base_ref: str | None,
     base_quantization: str | None,
     quiet: bool,
+    as_json: bool,
 ) -> None:
-    """Push a file or a directory (a layer per file) as REF (ns/name:tag).
+    """Push a file or a directory (a layer per file) as REF ([host/]ns/name:tag).
 
     A PEFT adapter directory is pushed as a typed adapter.
     """
     reference = parse_reference(ref)
-    with make_client(offline=False) as client:
+    with make_client(reference, offline=False) as client:
         base = client.base_reference(base_ref) if base_ref else None
         if base_quantization is not None:
             base = (base or BaseReference()).model_copy(update={"quantization": base_quantization})
@@ -71,12 +79,19 @@ def push(
             base=base,
             progress=make_progress(quiet),
         )
-    if not quiet:
+    if not quiet and not as_json:
         click.echo(
             f"{result.uploaded_blobs} uploaded, {result.skipped_blobs} already present",
             err=True,
         )
-    click.echo(f"{reference} {result.digest}")
+    payload = {
+        "reference": str(reference),
+        "registry": client.url,
+        "digest": str(result.digest),
+        "uploaded_blobs": result.uploaded_blobs,
+        "skipped_blobs": result.skipped_blobs,
+    }
+    emit(as_json, payload, f"{reference} {result.digest}")
 
 
 @click.command()
@@ -97,23 +112,79 @@ def push(
     show_default=True,
     help="files: the layers as pushed; peft: a PEFT adapter directory (needs --output).",
 )
+@click.option(
+    "--include",
+    multiple=True,
+    metavar="GLOB",
+    help="Pull only files whose name matches (repeatable), e.g. '*.safetensors'.",
+)
+@click.option(
+    "--exclude", multiple=True, metavar="GLOB", help="Skip files that match (repeatable)."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@json_option
 def pull(
-    ref: str, output: Path | None, force: bool, offline: bool, output_format: str, quiet: bool
+    ref: str,
+    output: Path | None,
+    force: bool,
+    offline: bool,
+    output_format: str,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    quiet: bool,
+    as_json: bool,
 ) -> None:
-    """Pull REF (ns/name:tag or ns/name@sha256:...) through the cache."""
+    """Pull REF ([host/]ns/name:tag or ns/name@sha256:...) through the cache.
+
+    With the registry unreachable, a reference already in the cache is served
+    from it, with a warning.
+    """
     reference = parse_reference(ref)
     if output_format == "peft" and output is None:
         raise InvalidRequest("--format peft needs --output DIR")
-    with make_client(offline=True if offline else None) as client:
+    if output_format == "peft" and (include or exclude):
+        raise InvalidRequest("--format peft writes the whole adapter: drop --include/--exclude")
+    with make_client(reference, offline=True if offline else None) as client:
+        progress = make_progress(quiet or as_json)
         if output_format == "peft":
-            result = client.pull(reference, None, progress=make_progress(quiet))
+            result = client.pull(reference, None, progress=progress)
             assert output is not None
+            _warn_fallback(result)
             _export_peft(result, output, force)
-            click.echo(str(output))
-            return
-        result = client.pull(reference, output, replace=force, progress=make_progress(quiet))
-    click.echo(str(result.path))
+            path = output
+        else:
+            result = client.pull(
+                reference,
+                output,
+                replace=force,
+                progress=progress,
+                include=include,
+                exclude=exclude,
+            )
+            _warn_fallback(result)
+            path = result.path
+    payload = {
+        "reference": str(reference),
+        "digest": str(result.digest),
+        "path": str(path),
+        "files": [
+            {"title": str(title), "digest": str(digest), "size": size}
+            for title, digest, size in result.files
+        ],
+        "unpacked": sorted(str(title) for title in result.unpacked),
+        "downloaded_bytes": result.downloaded,
+        "from_cache_offline": result.offline_fallback is not None,
+    }
+    emit(as_json, payload, str(path))
+
+
+def _warn_fallback(result: PullResult) -> None:
+    if result.offline_fallback is not None:
+        click.echo(
+            f"peftreg: warning: registry unreachable ({result.offline_fallback}); "
+            f"serving {result.reference} {result.digest} from the cache",
+            err=True,
+        )
 
 
 def _export_peft(result: PullResult, output: Path, force: bool) -> None:
@@ -134,13 +205,14 @@ def _export_peft(result: PullResult, output: Path, force: bool) -> None:
 @click.command()
 @click.argument("src_ref")
 @click.argument("dst_ref")
-def tag(src_ref: str, dst_ref: str) -> None:
+@json_option
+def tag(src_ref: str, dst_ref: str, as_json: bool) -> None:
     """Point DST_REF at the version SRC_REF names (mounting blobs across repositories)."""
     source = parse_reference(src_ref)
     target = parse_reference(dst_ref)
     if target.digest is not None:
         raise InvalidRequest(f"{dst_ref} must name a tag")
-    with make_client(offline=False) as client:
+    with make_client(source, target, offline=False) as client:
         manifest = client.get_manifest(source)
         if target.repository != source.repository:
             parsed = parse_manifest(manifest.content, manifest.media_type)
@@ -154,4 +226,8 @@ def tag(src_ref: str, dst_ref: str) -> None:
                         f"into {target.repository}"
                     )
         digest = client.put_manifest(target, manifest.content, manifest.media_type)
-    click.echo(f"{target} {digest}")
+    emit(
+        as_json,
+        {"source": str(source), "reference": str(target), "digest": str(digest)},
+        f"{target} {digest}",
+    )

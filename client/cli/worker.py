@@ -31,12 +31,16 @@ import click
     help="Serve this worker's Prometheus metrics (job durations, heartbeats) on PORT.",
 )
 @click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Log JSON lines (as PEFTREG_LOG_FORMAT=json)."
+)
 def worker(
     device: str | None,
     concurrency: int,
     shutdown_grace: float,
     metrics_port: int | None,
     log_level: str,
+    as_json: bool,
 ) -> None:
     """Claim and run jobs (merges, INT4 exports) until SIGTERM.
 
@@ -51,7 +55,7 @@ def worker(
     from peftreg.registry.observability.logging import configure_logging
     from peftreg.registry.settings import Settings
 
-    settings = Settings()
+    settings = Settings(log_format="json") if as_json else Settings()
     configure_logging(settings.log_format, log_level)
     services = build_services(settings)
     job_worker = JobWorker(

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -82,6 +83,15 @@ class Client:
         )
         self.cache = cache if isinstance(cache, Cache) else Cache(cache)
         self.offline = offline_from_env() if offline is None else offline
+
+    def _own_reference(self, value: Reference | str) -> Reference:
+        """The reference, refused when it names a registry host other than this client's."""
+        ref = _reference(value)
+        if ref.registry is not None and ref.registry != urlsplit(self.url).netloc:
+            raise InvalidRequest(
+                f"{value} names the registry {ref.registry}; this client talks to {self.url}"
+            )
+        return ref
 
     def close(self) -> None:
         self.http.close()
@@ -178,7 +188,7 @@ class Client:
     # OCI: manifests, tags, referrers -------------------------------------------
 
     def get_manifest(self, reference: Reference | str) -> ManifestResponse:
-        ref = _reference(reference)
+        ref = self._own_reference(reference)
         digest, content = pull.fetch_manifest(self.http, ref)
         response_type = self.http.request(
             "HEAD",
@@ -189,7 +199,7 @@ class Client:
 
     def resolve(self, reference: Reference | str) -> Digest:
         """The digest a tag (or digest) reference names, by HEAD."""
-        ref = _reference(reference)
+        ref = self._own_reference(reference)
         response = self.http.request(
             "HEAD",
             f"/v2/{ref.repository}/manifests/{ref.identifier}",
@@ -205,7 +215,7 @@ class Client:
         *,
         tags: Sequence[str] = (),
     ) -> Digest:
-        ref = _reference(reference)
+        ref = self._own_reference(reference)
         response = self.http.request(
             "PUT",
             f"/v2/{ref.repository}/manifests/{ref.identifier}",
@@ -217,7 +227,7 @@ class Client:
 
     def delete_manifest(self, reference: Reference | str) -> None:
         """By digest: delete the version (refused while tagged). By tag: untag."""
-        ref = _reference(reference)
+        ref = self._own_reference(reference)
         self.http.request("DELETE", f"/v2/{ref.repository}/manifests/{ref.identifier}")
 
     def list_tags(self, repository: str) -> list[str]:
@@ -275,7 +285,7 @@ class Client:
         return list(self._cursor_pages(path, params, Version))
 
     def version(self, reference: Reference | str) -> VersionDetail:
-        ref = _reference(reference)
+        ref = self._own_reference(reference)
         response = self.http.request(
             "GET", f"/api/v1/repositories/{ref.repository}/versions/{ref.identifier}"
         )
@@ -368,7 +378,7 @@ class Client:
         if base.startswith("sha256:"):
             Digest.parse(base)
             return BaseReference(fingerprint=base)
-        reference = _reference(base)
+        reference = self._own_reference(base)
         manifest = json.loads(self.get_manifest(reference).content)
         config_digest = manifest.get("config", {}).get("digest")
         if manifest.get("artifactType") != BASE_ARTIFACT or not config_digest:
@@ -406,7 +416,7 @@ class Client:
         return push.push_path(
             self.http,
             Path(path),
-            _reference(reference),
+            self._own_reference(reference),
             artifact_type=artifact_type,
             annotations=annotations,
             mount_from=mount_from,
@@ -421,15 +431,26 @@ class Client:
         *,
         replace: bool = False,
         progress: Progress | None = None,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        fallback_to_cache: bool = True,
     ) -> pull.PullResult:
-        """Pull into the cache (and `output`); offline, from the cache only."""
+        """Pull into the cache (and `output`); offline, from the cache only.
+
+        `include`/`exclude`: globs over file titles. With `fallback_to_cache`,
+        an unreachable registry is answered from the cache when it holds the
+        reference (the result's `offline_fallback` says why).
+        """
         return pull.pull(
             None if self.offline else self.http,
             self.cache,
-            _reference(reference),
+            self._own_reference(reference),
             output=Path(output) if output is not None else None,
             replace=replace,
             progress=progress,
+            include=include,
+            exclude=exclude,
+            fallback_to_cache=fallback_to_cache,
         )
 
     # jobs ---------------------------------------------------------------------

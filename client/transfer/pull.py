@@ -10,9 +10,12 @@ place and renamed into it, so it is never left half-written.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import logging
 import os
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -26,13 +29,21 @@ from peftreg.manifest import (
     parse_manifest,
 )
 from peftreg.reference import Reference
-from peftreg.sdk.errors import CacheMiss, Conflict, DigestMismatch, InvalidRequest
+from peftreg.sdk.errors import (
+    CacheMiss,
+    Conflict,
+    DigestMismatch,
+    InvalidRequest,
+    TransportError,
+)
 from peftreg.sdk.http import HttpSession
 from peftreg.transfer.download import download_blob
 from peftreg.transfer.progress import NullProgress, Progress
 from peftreg.transfer.titles import check_titles
+from peftreg.transfer.unpack import is_directory_layer, unpack_directory
 
 SnapshotFile = tuple[PurePosixPath, Digest, int]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,8 @@ class PullResult:
     files: list[SnapshotFile]
     downloaded: int  # bytes received from the registry
     adapter_config: bytes | None = None  # the config blob of a typed adapter artifact
+    offline_fallback: str | None = None  # why the cache was served: the registry's error
+    unpacked: frozenset[PurePosixPath] = frozenset()  # oras directory layers, unpacked
 
 
 def fetch_manifest(http: HttpSession, reference: Reference) -> tuple[Digest, bytes]:
@@ -80,6 +93,51 @@ def resolve_offline(cache: Cache, reference: Reference) -> tuple[Digest, bytes]:
     return digest, content
 
 
+def resolve_cached(cache: Cache, reference: Reference) -> tuple[Digest, bytes] | None:
+    """The cached manifest of `reference` when its bytes still match its digest, else None."""
+    try:
+        digest, content = resolve_offline(cache, reference)
+    except CacheMiss:
+        return None
+    if hashlib.new(digest.algorithm, content).hexdigest() != digest.hex:
+        return None
+    return digest, content
+
+
+def select_files(
+    files: list[SnapshotFile], include: Sequence[str], exclude: Sequence[str]
+) -> list[SnapshotFile]:
+    """The files whose titles match an `include` glob (all without one) and no `exclude`."""
+
+    def matches(title: PurePosixPath, patterns: Sequence[str]) -> bool:
+        return any(fnmatch.fnmatchcase(str(title), pattern) for pattern in patterns)
+
+    selected = [
+        item
+        for item in files
+        if (not include or matches(item[0], include)) and not matches(item[0], exclude)
+    ]
+    if (include or exclude) and not selected:
+        raise InvalidRequest(
+            "no file matches --include/--exclude; the artifact holds: "
+            + ", ".join(str(title) for title, _digest, _size in files)
+        )
+    return selected
+
+
+def directory_layers(content: bytes) -> frozenset[PurePosixPath]:
+    """Titles of the oras directory layers (tar+gzip marked for unpacking)."""
+    parsed = parse_manifest(content, None)
+    if not isinstance(parsed, ImageManifest):
+        return frozenset()
+    return frozenset(
+        PurePosixPath((layer.annotations or {})[TITLE_ANNOTATION])
+        for layer in parsed.layers
+        if is_directory_layer(layer.media_type, layer.annotations)
+        and (layer.annotations or {}).get(TITLE_ANNOTATION)
+    )
+
+
 def snapshot_files(reference: Reference, content: bytes) -> list[SnapshotFile]:
     """The (title, digest, size) of every layer, titles checked for safety."""
     try:
@@ -107,25 +165,44 @@ def pull(
     output: Path | None = None,
     replace: bool = False,
     progress: Progress | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    fallback_to_cache: bool = True,
 ) -> PullResult:
     """Pull into the cache and, with `output`, into that directory.
 
-    `http` None means offline: the cache is the only source.
+    `http` None means offline: the cache is the only source. With
+    `fallback_to_cache`, a registry that cannot be reached is answered from
+    the cache when it holds the reference and its manifest still matches its
+    digest (`offline_fallback` then says why); otherwise the error stands.
+    `include`/`exclude` are globs over file titles. oras directory layers are
+    unpacked into the output (without one, next to the cache's snapshot).
     """
     progress = progress or NullProgress()
     if output is not None:
         _check_output(output, replace)
+    fallback: str | None = None
     if http is None:
         digest, content = resolve_offline(cache, reference)
     else:
-        digest, content = fetch_manifest(http, reference)
-    files = snapshot_files(reference, content)
+        try:
+            digest, content = fetch_manifest(http, reference)
+        except TransportError as exc:
+            cached = resolve_cached(cache, reference) if fallback_to_cache else None
+            if cached is None:
+                raise
+            digest, content = cached
+            fallback = str(exc)
+            http = None
+            logger.warning("registry unreachable; serving %s from the cache: %s", reference, exc)
+    files = select_files(snapshot_files(reference, content), include, exclude)
     missing = [item for item in files if not cache.has_blob(item[1], item[2])]
     downloaded = 0
     if missing and http is None:
         first = missing[0]
+        why = f"{fallback}; the cache cannot stand in" if fallback else "offline"
         raise CacheMiss(
-            f"offline: blob {first[1]} ({first[0]}) of {reference} is not in the cache; "
+            f"{why}: blob {first[1]} ({first[0]}) of {reference} is not in the cache; "
             f"{len(missing)} of {len(files)} files missing"
         )
     if http is not None:
@@ -143,10 +220,13 @@ def pull(
     adapter_config = _adapter_config(http, cache, reference, content)
     snapshot = cache.materialize(digest, files)
     path = snapshot
+    unpack = directory_layers(content) & {title for title, _digest, _size in files}
+    if output is None and unpack:
+        output, replace = snapshot.with_name(f"{snapshot.name}.unpacked"), True
     if output is not None:
-        export(snapshot, files, output, replace=replace)
+        export(snapshot, files, output, replace=replace, unpack=unpack)
         path = output
-    return PullResult(reference, digest, path, files, downloaded, adapter_config)
+    return PullResult(reference, digest, path, files, downloaded, adapter_config, fallback, unpack)
 
 
 def _adapter_config(
@@ -177,8 +257,18 @@ def _check_output(output: Path, replace: bool) -> None:
         raise Conflict(f"{output} exists and is not empty; pass --force to replace it")
 
 
-def export(snapshot: Path, files: list[SnapshotFile], output: Path, *, replace: bool) -> None:
-    """Build the output directory next to its place, then rename it in."""
+def export(
+    snapshot: Path,
+    files: list[SnapshotFile],
+    output: Path,
+    *,
+    replace: bool,
+    unpack: frozenset[PurePosixPath] = frozenset(),
+) -> None:
+    """Build the output directory next to its place, then rename it in.
+
+    Titles in `unpack` are oras directory layers: unpacked, not copied.
+    """
     output = output.absolute()
     _check_output(output, replace)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +279,10 @@ def export(snapshot: Path, files: list[SnapshotFile], output: Path, *, replace: 
         for title, _digest, _size in files:
             dest = staging / title
             dest.parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(snapshot / title, dest)
+            if title in unpack:
+                unpack_directory(snapshot / title, title, staging)
+            else:
+                link_or_copy(snapshot / title, dest)
         if output.is_dir():
             os.rename(output, retired)
         os.rename(staging, output)

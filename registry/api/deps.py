@@ -5,15 +5,16 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
+from functools import partial
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from peftreg.registry.auth import tokens
+from peftreg.registry.auth import registry_tokens, tokens
 from peftreg.registry.auth.scopes import Principal, Scope, anonymous_principal
-from peftreg.registry.errors import Denied, Unauthorized
+from peftreg.registry.errors import Denied, InsufficientScope, Unauthorized
 from peftreg.registry.state import Services
 
 T = TypeVar("T")
@@ -47,7 +48,13 @@ def presented_token(authorization: str | None) -> str | None:
     raise Unauthorized(f"unsupported authorization scheme {scheme!r}")
 
 
-def identify(services: Services, authorization: str | None) -> Principal:
+def registry_service(request: Request, services: Services) -> str:
+    """The name registry tokens are issued for and checked against (their audience)."""
+    return services.settings.token_service or request.headers.get("host") or "peftreg"
+
+
+def identify(services: Services, authorization: str | None, *, service: str) -> Principal:
+    """Who presents `authorization`: a peftreg token, the admin token, or a registry token."""
     presented = presented_token(authorization)
     if presented is None:
         return anonymous_principal(services.settings.anonymous_scope())
@@ -56,13 +63,20 @@ def identify(services: Services, authorization: str | None) -> Principal:
         principal = tokens.bootstrap_admin(presented, admin.get_secret_value())
         if principal is not None:
             return principal
+    if registry_tokens.looks_like_registry_token(presented):
+        verified = registry_tokens.verify(presented, key=services.token_key, service=service)
+        if verified.token_id is not None:
+            with services.read_transaction() as session:
+                tokens.ensure_active(session, token_id=verified.token_id)
+        return verified.principal
     with services.transaction() as session:
         return tokens.authenticate(session, presented=presented)
 
 
 async def get_principal(request: Request, services: ServicesDep) -> Principal:
     authorization = request.headers.get("authorization")
-    return await run_in_threadpool(identify, services, authorization)
+    service = registry_service(request, services)
+    return await run_in_threadpool(partial(identify, services, authorization, service=service))
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -72,12 +86,21 @@ def authorize(principal: Principal, scope: Scope, repository: str) -> None:
     """Raise unless the principal holds `scope` on `repository`.
 
     Anonymous callers get 401 (with the challenge, so clients send
-    credentials); authenticated ones lacking the grant get 403.
+    credentials); registry tokens lacking the access get 403 with a challenge
+    naming it (so clients fetch a token for it); peftreg tokens lacking the
+    grant get 403.
     """
     if principal.can(scope, repository):
         return
+    access = f"repository:{repository}:{','.join(registry_tokens.challenge_actions(scope))}"
     if principal.anonymous:
-        raise Unauthorized(f"authentication required for {scope} access to {repository}")
+        raise Unauthorized(
+            f"authentication required for {scope} access to {repository}", access=access
+        )
+    if principal.scoped:
+        raise InsufficientScope(
+            f"the registry token grants no {scope} access to {repository}", access=access
+        )
     raise Denied(f"{principal.name} lacks {scope} access to {repository}")
 
 

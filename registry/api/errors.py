@@ -37,9 +37,12 @@ ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
     errors.SafetensorsInvalid: (422, "SAFETENSORS_INVALID"),
     errors.TagImmutable: (409, "TAG_IMMUTABLE"),
     errors.VersionInUse: (409, "VERSION_IN_USE"),
+    errors.DeleteUnsupported: (405, "UNSUPPORTED"),
     errors.Unauthorized: (401, "UNAUTHORIZED"),
+    errors.InsufficientScope: (403, "DENIED"),
     errors.Denied: (403, "DENIED"),
     errors.TokenUnknown: (404, "TOKEN_UNKNOWN"),
+    errors.NotFound: (404, "NOT_FOUND"),
     errors.InvalidRequest: (400, "INVALID_REQUEST"),
     errors.JobUnknown: (404, "JOB_UNKNOWN"),
     errors.JobInvalid: (422, "JOB_INVALID"),
@@ -48,7 +51,6 @@ ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
 }
 
 logger = logging.getLogger(__name__)
-CHALLENGE = 'Basic realm="peftreg", charset="UTF-8"'
 
 
 def error_body(code: str, message: str, detail: Any = None) -> dict[str, Any]:
@@ -69,16 +71,33 @@ def status_and_code(error: errors.RegistryError) -> tuple[int, str]:
     return 500, "UNKNOWN"
 
 
-def error_response(error: errors.RegistryError) -> JSONResponse:
+def bearer_challenge(request: Request, error: errors.Unauthorized) -> str:
+    """`Bearer realm=...,service=...[,scope=...][,error=...]` (the registry token flow)."""
+    from peftreg.registry.api.deps import get_services, registry_service
+
+    services = get_services(request)
+    realm = services.settings.token_realm or f"{str(request.base_url).rstrip('/')}/token"
+    service = registry_service(request, services)
+    parts = [f'realm="{realm}"', f'service="{service}"']
+    if error.access:
+        parts.append(f'scope="{error.access}"')
+    if error.insufficient_scope:
+        parts.append('error="insufficient_scope"')
+    return "Bearer " + ",".join(parts)
+
+
+def error_response(error: errors.RegistryError, request: Request) -> JSONResponse:
     status, code = status_and_code(error)
-    headers = {"WWW-Authenticate": CHALLENGE} if status == 401 else None
+    headers = None
+    if isinstance(error, errors.Unauthorized):
+        headers = {"WWW-Authenticate": bearer_challenge(request, error)}
     return JSONResponse(error_body(code, error.message, error.detail), status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_registry_error(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_registry_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, errors.RegistryError)
-        return error_response(exc)
+        return error_response(exc, request)
 
     async def on_storage_unavailable(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(error_body("UNAVAILABLE", f"blob store unavailable: {exc}"), 503)

@@ -33,6 +33,8 @@ class Principal:
     grants: tuple[Grant, ...] = field(default_factory=tuple)
     anonymous: bool = False
     token_id: str | None = None
+    scoped: bool = False
+    """A short-lived registry token limited to the access it names (a client may ask for more)."""
 
     def can(self, scope: Scope, repository: str) -> bool:
         needed = SCOPE_ORDER[scope]

@@ -103,12 +103,24 @@ def authenticate(session: Session, *, presented: str) -> Principal:
     matches = hmac.compare_digest(_hash(secret), expected)
     if row is None or not matches:
         raise Unauthorized("invalid token")
+    _check_active(row)
+    return Principal(name=f"token:{row.name}", grants=parse_grants(row.grants), token_id=row.id)
+
+
+def ensure_active(session: Session, *, token_id: str) -> None:
+    """Raise `Unauthorized` unless the token still exists, unrevoked and unexpired."""
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise Unauthorized("the token this registry token was issued for no longer exists")
+    _check_active(row)
+
+
+def _check_active(row: ApiToken) -> None:
     now = datetime.now(UTC)
     if row.revoked_at is not None:
         raise Unauthorized("token has been revoked")
     if row.expires_at is not None and _aware(row.expires_at) <= now:
         raise Unauthorized("token has expired")
-    return Principal(name=f"token:{row.name}", grants=parse_grants(row.grants), token_id=row.id)
 
 
 def bootstrap_admin(presented: str, admin_token: str) -> Principal | None:

@@ -1,9 +1,9 @@
 """Acceptance: the `oras` Python SDK pushes and pulls artifacts through peftreg.
 
 oras-py talks plain HTTP when built with `insecure=True`. Against a secured
-registry it is built with the `basic` auth backend: peftreg answers 401 with
-a `Basic` challenge (it issues no OAuth2 bearer tokens), and that backend
-retries with HTTP Basic credentials, the token being the password.
+registry it is built with the `basic` auth backend, which sends HTTP Basic
+credentials (the token being the password) whatever the challenge says; the
+`Bearer` token flow is exercised in test_oci_clients.py.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def test_oras_with_basic_auth_on_secured_server(
     assert not [path for path in blobs.rglob("*") if path.is_file()]
     challenge = httpx.head(f"{secured_server.url}/v2/acme/secured-bot/blobs/{'sha256:' + '0' * 64}")
     assert challenge.status_code == 401
-    assert challenge.headers["WWW-Authenticate"].startswith("Basic ")
+    assert challenge.headers["WWW-Authenticate"].startswith("Bearer realm=")
 
     client = oras.client.OrasClient(
         hostname=host(secured_server), insecure=True, auth_backend="basic"

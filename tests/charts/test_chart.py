@@ -462,6 +462,7 @@ def test_production_references_the_existing_secrets(production: Rendered) -> Non
         "PEFTREG_S3_ACCESS_KEY_ID": {"name": "peftreg-s3", "key": "access-key-id"},
         "PEFTREG_S3_SECRET_ACCESS_KEY": {"name": "peftreg-s3", "key": "secret-access-key"},
         "PEFTREG_ADMIN_TOKEN": {"name": "peftreg-admin", "key": "admin-token"},
+        "PEFTREG_TOKEN_SIGNING_KEY": {"name": "peftreg-token-signing", "key": "token-signing-key"},
     }
     env = env_of(api_container(production))
     for name, reference in expected.items():
@@ -469,6 +470,7 @@ def test_production_references_the_existing_secrets(production: Rendered) -> Non
     # Workers and gc get the database and the bucket, not the admin token.
     _, worker_container = worker(production)
     assert "PEFTREG_ADMIN_TOKEN" not in env_of(worker_container)
+    assert "PEFTREG_TOKEN_SIGNING_KEY" not in env_of(worker_container)
     worker_secret_key = env_of(worker_container)["PEFTREG_S3_SECRET_ACCESS_KEY"]
     assert worker_secret_key == env["PEFTREG_S3_SECRET_ACCESS_KEY"]
 

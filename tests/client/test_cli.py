@@ -82,7 +82,7 @@ def test_listing_commands_and_tags(cli_env: CliEnv, tmp_path: Path) -> None:
 
 def test_user_errors_are_one_line_without_traceback(cli_env: CliEnv) -> None:
     bad = cli_env.subprocess("pull", "Not A Reference!")
-    assert bad.returncode == 2
+    assert bad.returncode == 1
     assert bad.stderr.startswith("peftreg: invalid reference")
     assert bad.stderr.count("\n") == 1
     assert "Traceback" not in bad.stderr
@@ -118,7 +118,12 @@ def test_login_file_is_private_and_used(
     ok = env.run("login", secured_server.url, "--token", ADMIN_TOKEN)
     assert ok.exit_code == 0, ok.output
     assert stat.S_IMODE(env.config.stat().st_mode) == 0o600
-    assert json.loads(env.config.read_text()) == {"url": secured_server.url, "token": ADMIN_TOKEN}
+    host = secured_server.url.removeprefix("http://")
+    assert json.loads(env.config.read_text()) == {
+        "url": secured_server.url,
+        "token": ADMIN_TOKEN,
+        "registries": {host: {"url": secured_server.url, "token": ADMIN_TOKEN}},
+    }
     assert env.run("ls", "--json").exit_code == 0
 
     created = json.loads(
@@ -130,6 +135,7 @@ def test_login_file_is_private_and_used(
 
     assert env.run("logout").exit_code == 0
     assert "token" not in json.loads(env.config.read_text())
+    assert "token" not in json.loads(env.config.read_text())["registries"][host]
     assert stat.S_IMODE(env.config.stat().st_mode) == 0o600
     assert env.run("ls").exit_code == 1
 

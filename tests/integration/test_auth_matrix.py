@@ -183,6 +183,16 @@ def matrix(s: Seed) -> list[Case]:
         Case("HEAD", "/docs/oauth2-redirect", "/docs/oauth2-redirect", PUBLIC),
         Case("GET", "/redoc", "/redoc", PUBLIC),
         Case("HEAD", "/redoc", "/redoc", PUBLIC),
+        Case("GET", "/token", "/token", PUBLIC, params={"scope": f"repository:{REPO}:pull"}),
+        Case(
+            "POST",
+            "/token",
+            "/token",
+            PUBLIC,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            content=f"grant_type=password&username=u&password={ADMIN_TOKEN}".encode(),
+        ),
+        Case("GET", "/schemas/{name}", "/schemas/adapter.config.v1.json", PUBLIC),
         Case("GET", "/v2/", "/v2/", AUTHENTICATED),
         Case("GET", "/v2/_catalog", "/v2/_catalog", AUTHENTICATED),
         Case("GET", blob_route, f"{v2}/blobs/{s.layer}", READ),
@@ -394,7 +404,7 @@ def snapshot(admin: httpx.Client, s: Seed) -> dict[str, Any]:
 def assert_refused(principal: str, case: Case, response: httpx.Response) -> None:
     if principal == "anonymous":
         assert response.status_code == 401, f"{principal}: {case} -> {response.status_code}"
-        assert response.headers.get("WWW-Authenticate", "").startswith("Basic "), str(case)
+        assert response.headers.get("WWW-Authenticate", "").startswith("Bearer realm="), str(case)
         if case.method != "HEAD":
             assert error_codes(response) == ["UNAUTHORIZED"], f"{case}: {response.text}"
     else:

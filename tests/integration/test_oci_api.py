@@ -148,7 +148,7 @@ def test_ping_answers_with_api_version(client: httpx.Client) -> None:
 def test_ping_on_secured_server_challenges_anonymous(secured_server: RegistryProcess) -> None:
     anonymous = httpx.get(f"{secured_server.url}/v2/")
     assert_oci_error(anonymous, 401, "UNAUTHORIZED")
-    assert anonymous.headers["WWW-Authenticate"].startswith("Basic ")
+    assert anonymous.headers["WWW-Authenticate"].startswith("Bearer realm=")
     admin = httpx.get(
         f"{secured_server.url}/v2/", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
     )
@@ -663,23 +663,39 @@ def test_referrers_api(client: httpx.Client) -> None:
 
 
 def test_manifest_delete_rules(client: httpx.Client) -> None:
+    """Spec DELETE: by tag untags; by digest deletes with movable tags; release tags: 405."""
     content = manifest_bytes(client, "acme/deletes", layers=[b"release"])
     digest = sha256(content)
     assert put_manifest(client, "acme/deletes", "v1", content).status_code == 201
     assert put_manifest(client, "acme/deletes", "prod", content).status_code == 201
+    assert put_manifest(client, "acme/deletes", "latest", content).status_code == 201
 
-    error = assert_oci_error(
-        client.delete(f"/v2/acme/deletes/manifests/{digest}"), 409, "VERSION_IN_USE"
-    )
-    assert sorted(error["detail"]["tags"]) == ["prod", "v1"]
-
+    # by tag, while other tags point at the version: only that tag goes
     assert client.delete("/v2/acme/deletes/manifests/prod").status_code == 202
     assert_oci_error(client.get("/v2/acme/deletes/manifests/prod"), 404, "MANIFEST_UNKNOWN")
     assert client.get(f"/v2/acme/deletes/manifests/{digest}").status_code == 200
 
-    assert_oci_error(client.delete("/v2/acme/deletes/manifests/v1"), 409, "TAG_IMMUTABLE")
-    assert client.head("/v2/acme/deletes/manifests/v1").status_code == 200
+    # an immutable release tag keeps its protection, with the spec's status and a message
+    error = assert_oci_error(client.delete("/v2/acme/deletes/manifests/v1"), 405, "UNSUPPORTED")
+    assert "v1" in error["message"]
+    assert "immutable" in error["message"]
+    error = assert_oci_error(
+        client.delete(f"/v2/acme/deletes/manifests/{digest}"), 405, "UNSUPPORTED"
+    )
+    assert error["detail"]["tags"] == ["v1"]
+    assert client.head("/v2/acme/deletes/manifests/latest").status_code == 200
     assert_oci_error(client.delete("/v2/acme/deletes/manifests/missing"), 404, "MANIFEST_UNKNOWN")
+
+    # by digest of a version with movable tags only (what skopeo and oras send): all go
+    channel = manifest_bytes(client, "acme/deletes", layers=[b"channel"])
+    assert put_manifest(client, "acme/deletes", "latest", channel).status_code == 201
+    assert put_manifest(client, "acme/deletes", "dev", channel).status_code == 201
+    assert client.delete(f"/v2/acme/deletes/manifests/{sha256(channel)}").status_code == 202
+    for reference in (sha256(channel), "latest", "dev"):
+        assert_oci_error(
+            client.get(f"/v2/acme/deletes/manifests/{reference}"), 404, "MANIFEST_UNKNOWN"
+        )
+    assert client.get("/v2/acme/deletes/tags/list").json()["tags"] == ["v1"]
 
     untagged = manifest_bytes(client, "acme/deletes", layers=[b"scratch"])
     assert put_manifest(client, "acme/deletes", sha256(untagged), untagged).status_code == 201
@@ -714,7 +730,7 @@ def test_write_without_credentials_on_secured_server(secured_server: RegistryPro
             "/v2/acme/locked/blobs/uploads/", params={"digest": sha256(b"x")}, content=b"x"
         )
         assert_oci_error(response, 401, "UNAUTHORIZED")
-        assert response.headers["WWW-Authenticate"].startswith("Basic ")
+        assert response.headers["WWW-Authenticate"].startswith("Bearer realm=")
     with httpx.Client(
         base_url=secured_server.url, timeout=30, auth=("anyone", ADMIN_TOKEN)
     ) as admin:

@@ -19,6 +19,7 @@ from peftreg.sdk.client import Client
 from peftreg.sdk.errors import PeftregError
 from peftreg.sdk.jobs import JobFailed, JobInfo
 from tests.adapters.tiny_models import sample_ids
+from tests.fixtures.schemas import assert_valid_config
 from tests.fixtures.server import RegistryProcess, start_registry
 from tests.jobs.artifacts import push_base_and_adapter
 from tests.merge.builders import peft_merged
@@ -65,6 +66,7 @@ def test_export_publishes_a_merged_checkpoint_with_provenance(
     assert manifest["subject"]["digest"] == str(adapter_digest)
     assert manifest["config"]["mediaType"] == CHECKPOINT_CONFIG_MEDIA_TYPE
     recipe = json.loads(client.get_blob("acme/bot", manifest["config"]["digest"]))
+    assert_valid_config(recipe, CHECKPOINT_CONFIG_MEDIA_TYPE)
     assert recipe["base"]["digest"] == str(client.resolve(pushed.base_ref))
     assert recipe["adapters"] == [
         {"repository": "acme/bot", "digest": str(adapter_digest), "weight": 1.0}
@@ -230,6 +232,7 @@ def test_int4_export_loads_with_transformers(client: Client, tmp_path: Path) -> 
     assert (got - want).norm() / want.norm() < 0.25
     manifest = json.loads(client.get_manifest(done.result["reference"]).content)
     recipe = json.loads(client.get_blob("acme/bot", manifest["config"]["digest"]))
+    assert_valid_config(recipe, CHECKPOINT_CONFIG_MEDIA_TYPE)
     assert recipe["quantization"]["algorithm"] == "mse"
     assert recipe["quantization"]["group_size"] == 16
 

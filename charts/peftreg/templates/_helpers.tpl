@@ -180,6 +180,17 @@ workers and gc the database and the bucket, the API also the admin token.
 {{- end }}
 {{- end }}
 
+{{/* The key signing registry tokens: the API only, the same in every replica. */}}
+{{- define "peftreg.tokenSigningKeyEnv" -}}
+{{- if .Values.auth.tokenSigningKeySecret -}}
+- name: PEFTREG_TOKEN_SIGNING_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.auth.tokenSigningKeySecret }}
+      key: {{ .Values.auth.tokenSigningKeySecretKey }}
+{{- end }}
+{{- end }}
+
 {{/* envFrom of every long-running peftreg container. */}}
 {{- define "peftreg.envFrom" -}}
 - configMapRef:

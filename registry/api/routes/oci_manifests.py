@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from peftreg.manifest import OCI_INDEX
 from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
-from peftreg.registry.catalog import manifests, tags
+from peftreg.registry.catalog import manifests, oci_delete, tags
 from peftreg.registry.catalog.blobs import parse_digest
 from peftreg.registry.catalog.repositories import find_repository, valid_name
 from peftreg.registry.errors import ManifestTooLarge
@@ -90,28 +90,15 @@ async def get_manifest(
 async def delete_manifest(
     name: str, reference: str, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
-    """By digest: delete the version (refused while tagged). By tag: untag."""
+    """By tag: untag. By digest: delete the version and its movable tags (see oci_delete)."""
     valid_name(name)
-    if manifests.is_digest(reference):
-        authorize(principal, "admin", name)
-        await in_transaction(
-            services,
-            partial(
-                manifests.delete_manifest,
-                principal=principal,
-                repository=name,
-                digest=reference,
-                force=False,
-            ),
-        )
-    else:
-        authorize(principal, "write", name)
-
-        def untag(session: Session) -> None:
-            repo = find_repository(session, name=name)
-            tags.delete_tag(session, principal=principal, repository=repo, tag=reference)
-
-        await in_transaction(services, untag)
+    authorize(principal, "admin" if manifests.is_digest(reference) else "write", name)
+    await in_transaction(
+        services,
+        partial(
+            oci_delete.delete_reference, principal=principal, repository=name, reference=reference
+        ),
+    )
     return Response(status_code=202)
 
 
