@@ -14,7 +14,7 @@ PEFTREG_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgr
 export PEFTREG_TEST_POSTGRES_URL
 PYTEST_ARGS ?=
 
-.PHONY: install lock test-latest serve test lint typecheck unit bench bench-merge bench-swap clean
+.PHONY: install lock test-latest test-tools serve test lint typecheck unit bench bench-merge bench-swap clean
 
 $(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,20 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+## Outside programs the tests drive as real clients, from Debian: skopeo (OCI copy,
+## delete, token auth) and chromium (browser tests). Installed when missing (as root).
+DEBIAN_TEST_TOOLS := skopeo chromium
+test-tools:
+	@missing=""; for tool in $(DEBIAN_TEST_TOOLS); do \
+		command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		else echo "make test needs the Debian packages:$$missing (apt-get install$$missing)" >&2; \
+			exit 1; fi; fi
+
 ## Install the test dependencies, lint, type-check and run the whole suite.
-test: lint typecheck
+test: lint typecheck test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
@@ -68,7 +80,7 @@ lock:
 	.venv-lock/bin/python requirements/strip_self.py $(LOCK) requirements/server.txt
 
 ## The suite against the newest releases, in .venv-latest, to see drift before users do.
-test-latest:
+test-latest: test-tools
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/pip install --quiet --upgrade pip
