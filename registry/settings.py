@@ -57,6 +57,8 @@ class Settings(BaseSettings):
 
     anonymous: AnonymousAccess = "auto"
     admin_token: SecretStr | None = None
+    ui_session_secret: SecretStr | None = None
+    """Signs web UI session cookies; set the same value on every replica (random if unset)."""
 
     embedded_worker: bool | None = None
     work_dir: Path | None = None

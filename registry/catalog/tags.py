@@ -164,3 +164,10 @@ def _record_move(
         target=tag,
         detail={"from": previous, "to": digest},
     )
+
+
+def tag_rows(session: Session, *, repository: Repository) -> list[Tag]:
+    """Every tag of the repository, by name."""
+    return list(
+        session.scalars(select(Tag).where(Tag.repository_id == repository.id).order_by(Tag.name))
+    )
