@@ -14,7 +14,7 @@ PEFTREG_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgr
 export PEFTREG_TEST_POSTGRES_URL
 PYTEST_ARGS ?=
 
-.PHONY: install lock test-latest serve test lint typecheck unit bench bench-merge bench-swap clean
+.PHONY: install lock test-latest serve test lint typecheck unit bench bench-merge bench-swap bench-ui browser-deps screenshots clean
 
 $(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,19 @@ bench-merge: install
 ## Hot-swap latency of a rank-16 LoRA on a ~0.5B Llama against peft's hotswap_adapter.
 bench-swap: install
 	$(PY) benchmarks/bench_swap.py
+
+## Server time per web UI page at 10,000 versions in one repository.
+bench-ui: install
+	$(PY) benchmarks/bench_ui.py
+
+## What the browser tests need besides the venv: Debian's chromium (apt) and axe-core (npm).
+browser-deps:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	npm ci --prefix tests/browser --no-audit --no-fund
+
+## PNGs of the web UI's main pages into docs/screenshots/ (a real server, real data).
+screenshots: install browser-deps
+	$(PY) -m tests.browser.screenshots docs/screenshots
 
 ## Re-resolve the lock from pyproject.toml (newest releases the ranges allow).
 lock:

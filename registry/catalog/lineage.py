@@ -18,7 +18,7 @@ from peftreg.digest import Digest
 from peftreg.manifest import CHECKPOINT_ARTIFACT
 from peftreg.registry.auth.scopes import Principal
 from peftreg.registry.catalog import manifests, search, tags
-from peftreg.registry.db.models import ArtifactIndex, Manifest, Repository
+from peftreg.registry.db.models import ArtifactIndex, Manifest, Repository, Tag
 from peftreg.registry.storage.base import BlobReader
 from peftreg.registry.storage.errors import BlobNotFound
 
@@ -97,20 +97,45 @@ def _node(session: Session, manifest: Manifest, repository: str, kind: str) -> L
     return LineageNode(repository, manifest.digest, names, kind)
 
 
-def _adapter_lineage(
-    session: Session, store: BlobReader, manifest: Manifest, repository: str, kind: str
-) -> AdapterLineage:
-    exports = [
-        LineageNode(
-            repository,
-            row.digest,
-            tags.tags_of(session, repository_id=row.repository_id, digest=row.digest),
-            "checkpoint",
-            _recipe(store, row),
+def _with_exports(
+    session: Session, store: BlobReader, adapters: list[tuple[Manifest, LineageNode]]
+) -> list[AdapterLineage]:
+    """Each adapter with its exports: one query for the exports, one for their tags."""
+    if not adapters:
+        return []
+    rows = list(
+        session.scalars(
+            select(Manifest)
+            .where(
+                Manifest.subject_digest.in_({m.digest for m, _node in adapters}),
+                Manifest.artifact_type == CHECKPOINT_ARTIFACT,
+            )
+            .order_by(Manifest.id)
         )
-        for row in exports_of(session, manifest=manifest)
-    ]
-    return AdapterLineage(_node(session, manifest, repository, kind), exports)
+    )
+    tag_names: dict[tuple[int, str], list[str]] = {}
+    if rows:
+        for repository_id, digest, name in session.execute(
+            select(Tag.repository_id, Tag.manifest_digest, Tag.name)
+            .where(Tag.manifest_digest.in_({row.digest for row in rows}))
+            .order_by(Tag.name)
+        ).tuples():
+            tag_names.setdefault((repository_id, digest), []).append(name)
+    found = []
+    for manifest, node in adapters:
+        exports = [
+            LineageNode(
+                node.repository,
+                row.digest,
+                tag_names.get((row.repository_id, row.digest), []),
+                "checkpoint",
+                _recipe(store, row),
+            )
+            for row in rows
+            if row.subject_digest == manifest.digest and row.repository_id == manifest.repository_id
+        ]
+        found.append(AdapterLineage(node, exports))
+    return found
 
 
 def lineage_of(
@@ -134,11 +159,9 @@ def lineage_of(
             else []
         )
         base = _node(session, found[0][0], found[0][1], "base") if found else None
+    anchor = (manifest, _node(session, manifest, repository, index.kind if index else "artifact"))
     if fingerprint is None:
-        kind = index.kind if index is not None else "artifact"
-        return Lineage(
-            base, None, [_adapter_lineage(session, store, manifest, repository, kind)], False
-        )
+        return Lineage(base, None, _with_exports(session, store, [anchor]), False)
     page = search.list_versions(
         session,
         principal=principal,
@@ -150,16 +173,14 @@ def lineage_of(
         filters=search.ArtifactFilters(base_fingerprint=fingerprint),
     )
     adapters = [
-        _adapter_lineage(session, store, row, name, summary.kind if summary else "adapter")
-        for row, name, _tags, summary in page.items
+        (row, LineageNode(name, row.digest, names, summary.kind if summary else "adapter"))
+        for row, name, names, summary in page.items
     ]
     if (
         index is not None
         and index.kind != "base"
-        and all(
-            item.adapter.digest != manifest.digest or item.adapter.repository != repository
-            for item in adapters
-        )
+        and all(row.id != manifest.id for row, _ in adapters)
     ):
-        adapters.insert(0, _adapter_lineage(session, store, manifest, repository, index.kind))
-    return Lineage(base, fingerprint, adapters, page.next_cursor is not None)
+        adapters.insert(0, anchor)
+    exports = _with_exports(session, store, adapters)
+    return Lineage(base, fingerprint, exports, page.next_cursor is not None)

@@ -166,8 +166,13 @@ def _record_move(
     )
 
 
-def tag_rows(session: Session, *, repository: Repository) -> list[Tag]:
-    """Every tag of the repository, by name."""
-    return list(
-        session.scalars(select(Tag).where(Tag.repository_id == repository.id).order_by(Tag.name))
-    )
+def tag_rows(
+    session: Session, *, repository: Repository, limit: int | None = None, after: str | None = None
+) -> list[Tag]:
+    """The repository's tags by name (`limit` of them after the name `after`)."""
+    query = select(Tag).where(Tag.repository_id == repository.id).order_by(Tag.name)
+    if after:
+        query = query.where(Tag.name > after)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.scalars(query))

@@ -37,7 +37,7 @@ class Edge:
 
 
 def label(node: LineageNode) -> str:
-    name = node.repository.rsplit("/", 1)[-1]
+    name = node.repository
     return f"{name}:{node.tags[0]}" if node.tags else f"{name}@{short_digest(node.digest)}"
 
 

@@ -18,10 +18,12 @@ from peftreg.registry.web.session import Viewer, get_viewer
 router = APIRouter(prefix="/ui", route_class=WebRoute, include_in_schema=False)
 ViewerDep = Annotated[Viewer, Depends(get_viewer)]
 AUDIT_LIMIT = 200
+TAGS_PER_PAGE = 100
 
 
-def _tags(session: Session, *, name: str) -> dict[str, Any]:
+def _tags(session: Session, *, name: str, after: str | None) -> dict[str, Any]:
     repo = find_repository(session, name=name)
+    found = tags.tag_rows(session, repository=repo, limit=TAGS_PER_PAGE + 1, after=after)
     rows = [
         {
             "name": row.name,
@@ -29,16 +31,20 @@ def _tags(session: Session, *, name: str) -> dict[str, Any]:
             "immutable": is_immutable_tag(repo, row.name),
             "updated_at": row.updated_at,
         }
-        for row in tags.tag_rows(session, repository=repo)
+        for row in found[:TAGS_PER_PAGE]
     ]
-    return {"repo": repo, "tags": rows}
+    more = len(found) > TAGS_PER_PAGE
+    return {"repo": repo, "tags": rows, "next_after": rows[-1]["name"] if more else None}
 
 
 @router.get("/r/{name:path}/-/tags")
-async def tag_list(name: str, request: Request, viewer: ViewerDep) -> Response:
+async def tag_list(
+    name: str, request: Request, viewer: ViewerDep, after: str | None = None
+) -> Response:
     valid_name(name)
     authorize(viewer.principal, "read", name)
-    context = await in_read_transaction(services_of(request), partial(_tags, name=name))
+    work = partial(_tags, name=name, after=after or None)
+    context = await in_read_transaction(services_of(request), work)
     return page(request, viewer, "tags.html", {"repository": name, **context})
 
 

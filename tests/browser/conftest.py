@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,19 +54,19 @@ class UiData:
     adapter_file_digest: str
 
 
+SERVER_ENV = {
+    "PEFTREG_ANONYMOUS": "none",
+    "PEFTREG_ADMIN_TOKEN": ADMIN_TOKEN,
+    # Heartbeats (a third of the lease) carry progress: often enough to watch the bar move.
+    "PEFTREG_JOB_LEASE_SECONDS": "1.5",
+    "PEFTREG_WORKER_POLL_SECONDS": "0.2",
+    "PEFTREG_WORKER_THROTTLE_SECONDS": "0.1",
+}
+
+
 @pytest.fixture(scope="module")
 def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    home = tmp_path_factory.mktemp("ui") / "home"
-    server = start_registry(
-        home,
-        {
-            "PEFTREG_ANONYMOUS": "none",
-            "PEFTREG_ADMIN_TOKEN": ADMIN_TOKEN,
-            "PEFTREG_JOB_LEASE_SECONDS": "1.5",
-            "PEFTREG_WORKER_POLL_SECONDS": "0.2",
-            "PEFTREG_WORKER_THROTTLE_SECONDS": "0.1",
-        },
-    )
+    server = start_registry(tmp_path_factory.mktemp("ui") / "home", SERVER_ENV)
     yield server
     server.stop()
 
@@ -85,12 +86,8 @@ def move_tag(client: Client, source: str, target: str) -> None:
     client.put_manifest(target, manifest.content, manifest.media_type)
 
 
-@pytest.fixture(scope="module")
-def ui_data(
-    ui_server: RegistryProcess, admin_client: Client, tmp_path_factory: pytest.TempPathFactory
-) -> UiData:
-    root = tmp_path_factory.mktemp("ui-artifacts")
-    client = admin_client
+def seed(url: str, client: Client, root: Path) -> UiData:
+    """A base, adapters in two namespaces, a moved channel tag, a finished export, a reader."""
     pushed = push_base_and_adapter(client, root, repository="acme/bot")
     wider = lora_dir(pushed.model, root / "adapter-r8", seed=11, rank=8)
     (wider / "README.md").write_text(HOSTILE_README)
@@ -104,7 +101,7 @@ def ui_data(
     assert done.result is not None
     reader = client.create_token("reader", [("acme/*", "read")])
     return UiData(
-        url=ui_server.url,
+        url=url,
         base_ref=pushed.base_ref,
         v1_digest=str(client.resolve("acme/bot:v1")),
         v2_digest=str(client.resolve("acme/bot:v2")),
@@ -117,11 +114,27 @@ def ui_data(
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def ui_data(
+    ui_server: RegistryProcess, admin_client: Client, tmp_path_factory: pytest.TempPathFactory
+) -> UiData:
+    return seed(ui_server.url, admin_client, tmp_path_factory.mktemp("ui-artifacts"))
+
+
+@contextmanager
+def chromium() -> Iterator[Browser]:
+    """Debian's chromium, headless; Playwright's own browser downloads are never used."""
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as launched:
         yield launched
-        launched.close()
 
 
 @pytest.fixture
