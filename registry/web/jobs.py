@@ -118,7 +118,8 @@ async def _events(services: Services, job_id: str, after: int) -> AsyncIterator[
         if snapshot["logs"]:
             after = snapshot["logs"][-1]["id"]
         if snapshot != last:
-            yield f"data: {json.dumps(snapshot)}\n\n"
+            # The id is the last log line sent: a reconnecting EventSource resumes after it.
+            yield f"id: {after}\ndata: {json.dumps(snapshot)}\n\n"
             last = snapshot
         if snapshot["status"] in queue.TERMINAL:
             yield "event: end\ndata: {}\n\n"
@@ -137,6 +138,9 @@ async def job_events(job_id: str, request: Request, viewer: ViewerDep, after: in
         _check(viewer.principal, "read", queue.get_job(session, job_id))
 
     await in_read_transaction(services, check)
+    resumed = request.headers.get("last-event-id", "")
+    if resumed.isdigit():
+        after = int(resumed)
     headers = {**SECURITY_HEADERS, "X-Accel-Buffering": "no"}
     return StreamingResponse(
         _events(services, job_id, max(0, after)), media_type="text/event-stream", headers=headers
