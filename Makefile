@@ -14,7 +14,8 @@ PEFTREG_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgr
 export PEFTREG_TEST_POSTGRES_URL
 PYTEST_ARGS ?=
 
-.PHONY: install lock test-latest test-tools serve test lint typecheck unit bench bench-merge bench-swap clean
+.PHONY: install lock test-latest test-tools serve test lint typecheck unit bench bench-merge \
+	bench-swap bench-ui screenshots clean
 
 $(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +39,9 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-## Outside programs the tests drive as real clients, from Debian: skopeo (OCI copy,
-## delete, token auth) and chromium (browser tests). Installed when missing (as root).
+## Outside programs the tests drive as real clients: from Debian, skopeo (OCI copy,
+## delete, token auth) and chromium (browser tests), installed when missing (as root);
+## from npm, axe-core for the accessibility checks (tests/browser/package-lock.json).
 DEBIAN_TEST_TOOLS := skopeo chromium
 test-tools:
 	@missing=""; for tool in $(DEBIAN_TEST_TOOLS); do \
@@ -49,6 +51,7 @@ test-tools:
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 		else echo "make test needs the Debian packages:$$missing (apt-get install$$missing)" >&2; \
 			exit 1; fi; fi
+	npm ci --prefix tests/browser --no-audit --no-fund --silent
 
 ## Install the test dependencies, lint, type-check and run the whole suite.
 test: lint typecheck test-tools
@@ -66,6 +69,14 @@ bench-merge: install
 ## Hot-swap latency of a rank-16 LoRA on a ~0.5B Llama against peft's hotswap_adapter.
 bench-swap: install
 	$(PY) benchmarks/bench_swap.py
+
+## Server time per web UI page at 10,000 versions in one repository.
+bench-ui: install
+	$(PY) benchmarks/bench_ui.py
+
+## PNGs of the web UI's main pages into docs/screenshots/ (a real server, real data).
+screenshots: install test-tools
+	$(PY) -m tests.browser.screenshots docs/screenshots
 
 ## Re-resolve the locks from pyproject.toml, keeping today's pins where the ranges allow;
 ## `make lock LOCK_FLAGS=--upgrade` moves every package to its newest allowed release.

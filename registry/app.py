@@ -33,6 +33,7 @@ from peftreg.registry.observability.store_metrics import InstrumentedBlobStore
 from peftreg.registry.settings import Settings
 from peftreg.registry.state import Services
 from peftreg.registry.storage.factory import open_blob_store
+from peftreg.registry.web.app import install_web_ui
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
     app.include_router(watch.router)
     app.include_router(jobs.router)
     app.include_router(metrics.router)
+    install_web_ui(app, settings)
     app.add_middleware(HttpMetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app

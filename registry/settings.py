@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     token_realm: str | None = None
     """Where clients fetch registry tokens (default: `<the request's base URL>/token`)."""
     registry_token_seconds: int = Field(default=300, ge=1, le=24 * 3600)
+    ui_session_secret: SecretStr | None = None
+    """Signs web UI session cookies; set the same value on every replica (random if unset)."""
 
     embedded_worker: bool | None = None
     work_dir: Path | None = None

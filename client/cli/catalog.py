@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from peftreg.adapters.compare import AdapterSide, compare_adapters, file_side
 from peftreg.adapters.schema import NOLA_SAFETENSORS_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE
 from peftreg.cli.common import (
     echo_json,
@@ -254,10 +255,8 @@ def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
         )
 
 
-def _load_adapter(client: Client, text: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(config, tensors) of the adapter REF names, its weights from the cache."""
-    from safetensors.torch import load_file
-
+def _load_adapter(client: Client, text: str) -> AdapterSide:
+    """The adapter REF names: its config, and its weights from the cache."""
     reference = parse_reference(text)
     manifest = json.loads(client.get_manifest(reference).content)
     config = json.loads(client.get_blob(reference.repository, manifest["config"]["digest"]))
@@ -271,7 +270,7 @@ def _load_adapter(client: Client, text: str) -> tuple[dict[str, Any], dict[str, 
     if len(weights) != 1 or not isinstance(config, dict) or "kind" not in config:
         raise InvalidRequest(f"{text} is not an adapter artifact")
     path = client.download_blob(reference.repository, weights[0]["digest"], int(weights[0]["size"]))
-    return config, dict(load_file(str(Path(path))))
+    return file_side(config, Path(path))
 
 
 @click.command()
@@ -280,33 +279,12 @@ def _load_adapter(client: Client, text: str) -> tuple[dict[str, Any], dict[str, 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def diff(ref1: str, ref2: str, as_json: bool) -> None:
     """Compare two adapters: kind, rank, targets, and how far each common tensor moved."""
-    import torch
-
     references = (parse_reference(ref1), parse_reference(ref2))
     with make_client(*references, offline=False) as client:
-        config_a, tensors_a = _load_adapter(client, ref1)
-        config_b, tensors_b = _load_adapter(client, ref2)
-    targets_a = {t["module"] for t in config_a.get("targets") or []}
-    targets_b = {t["module"] for t in config_b.get("targets") or []}
-    changes: dict[str, float | None] = {}
-    for name in sorted(set(tensors_a) & set(tensors_b)):
-        a, b = tensors_a[name], tensors_b[name]
-        if a.shape != b.shape or not a.is_floating_point():
-            changes[name] = None
-            continue
-        a32, b32 = a.to(torch.float32), b.to(torch.float32)
-        norm = float(torch.linalg.vector_norm(a32))
-        delta = float(torch.linalg.vector_norm(a32 - b32))
-        changes[name] = delta / norm if norm > 0 else (0.0 if delta == 0 else float("inf"))
-    report = {
-        "kind": [config_a.get("kind"), config_b.get("kind")],
-        "rank": [config_a.get("rank"), config_b.get("rank")],
-        "targets_added": sorted(targets_b - targets_a),
-        "targets_removed": sorted(targets_a - targets_b),
-        "tensors_added": sorted(set(tensors_b) - set(tensors_a)),
-        "tensors_removed": sorted(set(tensors_a) - set(tensors_b)),
-        "relative_change": changes,
-    }
+        side_a = _load_adapter(client, ref1)
+        side_b = _load_adapter(client, ref2)
+    report = compare_adapters(side_a, side_b).as_json()
+    changes = report["relative_change"]
     if as_json:
         echo_json(report)
         return

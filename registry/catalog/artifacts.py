@@ -162,7 +162,7 @@ def inspect_artifact(
     return _inspect_base(store, parsed)
 
 
-def _weights_layer(parsed: ImageManifest) -> Descriptor:
+def weights_layer(parsed: ImageManifest) -> Descriptor:
     layers = [layer for layer in parsed.layers if layer.media_type in WEIGHT_MEDIA_TYPES]
     if not layers:
         layers = [layer for layer in parsed.layers if _title(layer).endswith(".safetensors")]
@@ -176,7 +176,7 @@ def _weights_layer(parsed: ImageManifest) -> Descriptor:
 def _inspect_adapter(session: Session, store: BlobReader, parsed: ImageManifest) -> ArtifactIndex:
     config = _parse_config(_read_json_config(store, parsed.config), AdapterConfig)
     assert isinstance(config, AdapterConfig)
-    layer = _weights_layer(parsed)
+    layer = weights_layer(parsed)
     label = _title(layer) or layer.digest
     header, _size = read_safetensors_header(store, layer.digest, label=label)
     data_bytes = sum(entry.nbytes for entry in header.tensors.values())

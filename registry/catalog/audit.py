@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from peftreg.registry.context import current_request_id
@@ -31,3 +32,13 @@ def record(
             request_id=current_request_id(),
         )
     )
+
+
+def recent(
+    session: Session, *, repository: str | None = None, limit: int = 100
+) -> list[AuditEvent]:
+    """The newest audit events first (of one repository when named)."""
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if repository is not None:
+        query = query.where(AuditEvent.repository == repository)
+    return list(session.scalars(query))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from peftreg.registry.auth.scopes import Principal
 from peftreg.registry.db.models import ArtifactIndex, Manifest, Repository, Tag
@@ -125,15 +125,19 @@ def list_versions(
     after = decode_cursor(cursor)
     results: list[tuple[Manifest, str]] = []
     last_id = after
+    # With index filters, order by the index's own key (the same id): SQLite then walks
+    # a filter's index in order instead of sorting every match.
+    order_key = ArtifactIndex.manifest_id if filters.active() else Manifest.id
     while len(results) <= limit:
         statement = (
             select(Manifest, Repository.name)
+            .options(defer(Manifest.content))  # listings never need the document itself
             .join(Repository, Repository.id == Manifest.repository_id)
-            .order_by(Manifest.id.desc())
-            .limit(200)
+            .order_by(order_key.desc())
+            .limit(min(200, limit + 1))
         )
         if last_id is not None:
-            statement = statement.where(Manifest.id < int(last_id))
+            statement = statement.where(order_key < int(last_id))
         if repository is not None:
             statement = statement.where(Repository.name == repository)
         if artifact_type is not None:
@@ -168,15 +172,22 @@ def list_versions(
             select(ArtifactIndex).where(ArtifactIndex.manifest_id.in_([m.id for m, _n in page]))
         )
     }
-    items = []
-    for manifest, name in page:
-        tag_names = list(
-            session.scalars(
-                select(Tag.name)
-                .where(Tag.repository_id == manifest.repository_id)
-                .where(Tag.manifest_digest == manifest.digest)
-                .order_by(Tag.name)
-            )
+    tag_names: dict[tuple[int, str], list[str]] = {}
+    if page:
+        rows = session.execute(
+            select(Tag.repository_id, Tag.manifest_digest, Tag.name)
+            .where(Tag.manifest_digest.in_({m.digest for m, _n in page}))
+            .order_by(Tag.name)
+        ).tuples()
+        for repository_id, digest, tag in rows:
+            tag_names.setdefault((repository_id, digest), []).append(tag)
+    items = [
+        (
+            manifest,
+            name,
+            tag_names.get((manifest.repository_id, manifest.digest), []),
+            indexes.get(manifest.id),
         )
-        items.append((manifest, name, tag_names, indexes.get(manifest.id)))
+        for manifest, name in page
+    ]
     return Page(items, encode_cursor(page[-1][0].id) if more and page else None)

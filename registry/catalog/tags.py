@@ -164,3 +164,15 @@ def _record_move(
         target=tag,
         detail={"from": previous, "to": digest},
     )
+
+
+def tag_rows(
+    session: Session, *, repository: Repository, limit: int | None = None, after: str | None = None
+) -> list[Tag]:
+    """The repository's tags by name (`limit` of them after the name `after`)."""
+    query = select(Tag).where(Tag.repository_id == repository.id).order_by(Tag.name)
+    if after:
+        query = query.where(Tag.name > after)
+    if limit is not None:
+        query = query.limit(limit)
+    return list(session.scalars(query))

@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import httpx
 from peft import LoraConfig
 
 from tests.adapters.tiny_models import tiny_llama
@@ -54,6 +55,10 @@ def test_the_wheel_installs_one_top_level_name(wheel: Path) -> None:
         "peftreg/migrations/script.py.mako",
         "peftreg/migrations/versions/0001_initial.py",
         "peftreg/migrations/versions/0004_gc.py",
+        "peftreg/registry/web/templates/base.html",
+        "peftreg/registry/web/templates/version.html",
+        "peftreg/registry/web/static/ui.css",
+        "peftreg/registry/web/static/job.js",
     ):
         assert required in names, f"{required} missing from {wheel.name}"
     assert "peftreg/hotswap/host.py" in names
@@ -131,6 +136,13 @@ def test_server_install_serves_on_postgresql_drivers_without_torch(
         )
         assert pulled.returncode == 0
         assert (out / "notes.txt").read_bytes() == source.read_bytes()
+        # The web UI's templates and assets come from the wheel (loopback: anonymous admin).
+        listed = httpx.get(f"{server.url}/ui/", timeout=10)
+        assert listed.status_code == 200
+        assert "acme/plain" in listed.text
+        stylesheet = httpx.get(f"{server.url}/ui/static/ui.css", timeout=10)
+        assert stylesheet.status_code == 200
+        assert "text/css" in stylesheet.headers["content-type"]
     finally:
         server.stop()
     merge = run(bin_dir, "merge", str(tmp_path), "--base", str(tmp_path), "-o", str(tmp_path / "m"))

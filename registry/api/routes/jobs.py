@@ -29,11 +29,9 @@ from peftreg.registry.api.deps import (
     in_transaction,
 )
 from peftreg.registry.auth.scopes import Principal, Scope
-from peftreg.registry.catalog import manifests
 from peftreg.registry.db.models import Job
-from peftreg.registry.errors import ManifestUnknown, NameUnknown
-from peftreg.registry.jobs import queue
-from peftreg.registry.jobs.export import EXPORT, ExportRequest, export_access, plan_export
+from peftreg.registry.jobs import queue, requests
+from peftreg.registry.jobs.export import ExportRequest, export_access
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
 
@@ -79,16 +77,6 @@ def _check(principal: Principal, scope: Scope, job: Job) -> None:
         authorize(principal, scope, job.repository)
 
 
-def _artifact_exists(session: Session, result: dict[str, Any] | None) -> bool:
-    if not result:
-        return False
-    try:
-        manifests.get_manifest(session, repository=result["repository"], reference=result["digest"])
-    except (ManifestUnknown, NameUnknown):
-        return False
-    return True
-
-
 @router.post("/exports", response_model=JobOut)
 async def request_export(
     body: ExportRequest, services: ServicesDep, principal: PrincipalDep
@@ -102,21 +90,8 @@ async def request_export(
     await run_in_threadpool(importlib.import_module, "peftreg.merge.compat")
 
     def work(session: Session) -> tuple[JobOut, bool]:
-        planned = plan_export(session, services, body)
-        enqueued = queue.enqueue(
-            session,
-            kind=EXPORT,
-            inputs=planned.inputs,
-            params=planned.params,
-            actor=principal.name,
-            max_attempts=services.settings.job_max_attempts,
-            repository=planned.repository,
-        )
-        job = enqueued.job
-        if job.status == "succeeded" and not _artifact_exists(session, job.result):
-            queue.requeue(session, job, actor=principal.name)
-        session.flush()
-        return JobOut.model_validate(job), enqueued.created
+        job, created = requests.request_export(session, services, body, actor=principal.name)
+        return JobOut.model_validate(job), created
 
     job, created = await in_transaction(services, work)
     return JSONResponse(job.model_dump(mode="json"), status_code=202 if created else 200)
