@@ -99,13 +99,21 @@ def _ids(rows: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 64, (rows, LENGTH), generator=torch.Generator().manual_seed(seed))
 
 
-def _single(family: Family, path: Path | None, ids: torch.Tensor) -> torch.Tensor:
-    """The adapter alone on an `AdapterHost` (the single-adapter mode), real positions."""
+def _single(family: Family, rows: dict[str | None, list[int]], ids: torch.Tensor) -> torch.Tensor:
+    """Each adapter alone on an `AdapterHost` (the single-adapter mode), on its rows; the
+    outputs at the real positions."""
     model = family.make()
+    outputs: list[torch.Tensor] = [torch.empty(0)] * ids.shape[0]
     with AdapterHost(model, family.config) as host:
-        if path is not None:
-            host.swap(path)
-        return model_outputs(model, ids)[:, family.config.max_virtual_tokens :]
+        for key, indices in rows.items():
+            if key is None:
+                host.unload()
+            else:
+                host.swap(family.adapters[key])
+            got = model_outputs(model, ids[indices])[:, family.config.max_virtual_tokens :]
+            for position, row in enumerate(indices):
+                outputs[row] = got[position]
+    return torch.stack(outputs)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -125,11 +133,14 @@ def test_every_row_of_a_mixed_batch_equals_its_single_adapter_output(
         with host.batch(keys) as assignment:
             got = model_outputs(model, ids)[:, virtual:]
         assert len(set(assignment.slots)) == len(family.adapters) + 1
+    rows: dict[str | None, list[int]] = {}
     for row, key in enumerate(keys):
-        want = _single(family, None if key is None else family.adapters[key], ids[row : row + 1])
-        if key is not None and family.adapters[key].name not in ("p5", "p8", "p3"):
-            assert (want[0] - base[row]).abs().max().item() > 1e-3, key  # the adapter acts
-        assert (got[row] - want[0]).abs().max().item() <= MAX_DIFF, (row, key)
+        rows.setdefault(key, []).append(row)
+    want = _single(family, rows, ids)
+    for row, key in enumerate(keys):
+        assert (got[row] - want[row]).abs().max().item() <= MAX_DIFF, (row, key)
+        if key is not None:
+            assert (want[row] - base[row]).abs().max().item() > 1e-3, key  # it acts
 
 
 NEW_TOKENS = 5
@@ -169,7 +180,7 @@ def test_generation_per_row_equals_peft(families: dict[str, Family]) -> None:
     batch (`adapter_names=`), prompt-tuning rows against peft's prompt tuning."""
     family = families["llama"]
     mixed = ["lora8", "nola", "rslora"]  # what peft's mixed batches serve
-    keys: list[str | None] = ["lora8", "prompt5", "dora", None, "nola", "prompt8", "rslora"]
+    keys: list[str | None] = ["lora8", "prompt5", "dora", None, "nola", "rslora"]
     ids = _ids(len(keys), seed=3)
     model = family.make()
     sources = [None if key is None else family.adapters[key] for key in keys]
@@ -254,5 +265,5 @@ def test_a_loaded_adapter_object_and_a_digest_name_a_row(families: dict[str, Fam
         with host.batch([resident.digest, adapter]) as assignment:
             got = model_outputs(model, ids)[:, 4:]
         assert assignment.slots == (resident.slot, resident.slot)
-    want = _single(family, family.adapters["lora4"], ids)
+    want = _single(family, {"lora4": [0, 1]}, ids)
     assert (got - want).abs().max().item() <= MAX_DIFF
