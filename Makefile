@@ -14,7 +14,7 @@ PEFTREG_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgr
 export PEFTREG_TEST_POSTGRES_URL
 PYTEST_ARGS ?=
 
-.PHONY: install lock test-latest serve test lint typecheck unit bench bench-merge bench-swap clean
+.PHONY: install lock test-latest serve test lint typecheck unit bench bench-merge bench-swap bench-multi clean
 
 $(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ bench-merge: install
 ## Hot-swap latency of a rank-16 LoRA on a ~0.5B Llama against peft's hotswap_adapter.
 bench-swap: install
 	$(PY) benchmarks/bench_swap.py
+
+## Mixed-adapter batches (1, 8, 32, 64 adapters) on a ~0.5B Llama: MultiAdapterHost against
+## peft's adapter_names= batches and one-at-a-time AdapterHost swaps (BENCH_ARGS="--device cuda").
+bench-multi: install
+	$(PY) benchmarks/bench_multi.py $(BENCH_ARGS)
 
 ## Re-resolve the lock from pyproject.toml (newest releases the ranges allow).
 lock:

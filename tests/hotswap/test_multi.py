@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from peftreg.hotswap import AdapterHost, HostConfig, InputNotSupported, LoadedAdapter
 from peftreg.hotswap.multi import MultiAdapterHost, SlotsBusy
+from peftreg.hotswap.multi.host import NameBinding
 from tests.adapters.tiny_models import tiny_gpt2, tiny_llama
 from tests.hotswap.builders import (
     MAX_DIFF,
@@ -267,3 +268,29 @@ def test_a_loaded_adapter_object_and_a_digest_name_a_row(families: dict[str, Fam
         assert assignment.slots == (resident.slot, resident.slot)
     want = _single(family, {"lora4": [0, 1]}, ids)
     assert (got - want).abs().max().item() <= MAX_DIFF
+
+
+def test_a_followed_name_moves_while_batches_in_flight_keep_their_adapter(
+    families: dict[str, Family],
+) -> None:
+    """What a tag follower does on a move (`NameBinding.swap`): the new adapter is loaded
+    into a slot and the name rebound; a batch that pinned the old one keeps it whole."""
+    family = families["gpt2"]
+    model = family.make()
+    ids = _ids(1, seed=8)
+    with MultiAdapterHost(model, family.config, slots=3) as host:
+        binding = NameBinding(host, "bot")
+        first = binding.swap(family.adapters["lora4"])
+        assert first.previous is None
+        assert host.bound("bot") == first.digest
+        with host.batch(["bot"]) as pinned:
+            before = model_outputs(model, ids)
+            second = binding.swap(family.adapters["dora"])  # the tag moved
+            assert second.previous == first.digest
+            assert second.kind == "dora"
+            assert (model_outputs(model, ids) - before).abs().max().item() <= MAX_DIFF
+        with host.batch(["bot"]) as moved:
+            after = model_outputs(model, ids)[:, 4:]
+        assert pinned.digests == (first.digest,)
+        assert moved.digests == (second.digest,)
+    assert (after - _single(family, {"dora": [0]}, ids)).abs().max().item() <= MAX_DIFF
