@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from peftreg.hotswap import HostConfig
+from peftreg.hotswap import HostConfig, RankTooLarge
 from peftreg.hotswap.multi import MultiAdapterHost
 from tests.adapters.tiny_models import sample_ids, tiny_llama
 from tests.hotswap.builders import lora, model_outputs, nola_adapter, prompt_tuning, save_adapter
@@ -35,6 +35,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "y": save_adapter(tiny_llama, lora(["down_proj", "q_proj"], r=8), root / "y", seed=4),
         "p": save_adapter(tiny_llama, prompt_tuning(3), root / "p", seed=5),
         "n": nola_adapter(tiny_llama, ["model.layers.1.mlp.down_proj"], root / "n")[0],
+        "big": save_adapter(tiny_llama, lora(["q_proj"], r=16), root / "big", seed=6),
     }
 
 
@@ -135,6 +136,25 @@ def test_racing_evictions_never_give_a_mixed_row(sources: dict[str, Path]) -> No
         assert any(evictions)
 
 
+def test_a_refused_adapter_leaves_no_slot_taken_nor_pinned(sources: dict[str, Path]) -> None:
+    """A batch naming an adapter the host cannot serve (rank 16 > max_rank 8) fails before
+    its forwards; what it had pinned is released and the slot it reserved is free again."""
+    model = tiny_llama()
+    ids = sample_ids(length=8)
+    with MultiAdapterHost(model, CONFIG, slots=2) as host, torch.no_grad():
+        a = host.load(sources["a"], name="a")
+        with host.batch(["a", None]):
+            want = model_outputs(model, ids)
+        with pytest.raises(RankTooLarge, match="rank 16"), host.batch(["a", sources["big"]]):
+            pytest.fail("the batch must not start")
+        assert host.table.pins(a.digest) == 0
+        assert host.resident() == {a.digest: a.slot}
+        x = host.load(sources["x"])  # the slot the refused adapter had reserved
+        assert x.slot != a.slot
+        with host.batch(["a", None]):
+            assert _close(model_outputs(model, ids), want)
+
+
 @pytest.fixture
 def fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
@@ -146,10 +166,10 @@ def fresh_dynamo() -> Iterator[None]:
 def test_twenty_batch_mixes_do_not_recompile(sources: dict[str, Path], fresh_dynamo: None) -> None:
     model = tiny_llama()
     ids = sample_ids(length=8).repeat(2, 1)
-    keys = list(sources)
+    keys = [key for key in sources if key != "big"]
     generator = random.Random(7)
     with MultiAdapterHost(model, CONFIG, slots=4) as host, torch.no_grad():
-        host.prefetch(list(sources.values()))
+        host.prefetch([sources[key] for key in keys])
         compiled = torch.compile(model, backend="eager")
         with host.batch([None] * 4):
             compiled(input_ids=ids)  # the one compilation
