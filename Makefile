@@ -14,7 +14,7 @@ PEFTREG_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgr
 export PEFTREG_TEST_POSTGRES_URL
 PYTEST_ARGS ?=
 
-.PHONY: install lock test-latest serve test lint typecheck unit bench bench-merge bench-swap bench-multi clean
+.PHONY: install lock test-latest serve test lint typecheck unit bench bench-merge bench-swap clean
 
 $(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,7 @@ bench-swap: install
 
 ## Mixed-adapter batches (1, 8, 32, 64 adapters) on a ~0.5B Llama: MultiAdapterHost against
 ## peft's adapter_names= batches and one-at-a-time AdapterHost swaps (BENCH_ARGS="--device cuda").
+.PHONY: bench-multi
 bench-multi: install
 	$(PY) benchmarks/bench_multi.py $(BENCH_ARGS)
 
