@@ -66,6 +66,12 @@ bench-merge: install
 	$(PY) benchmarks/bench_merge.py
 	$(PY) benchmarks/bench_merge.py --workdir /dev/shm --no-int4
 
+## Mixed-adapter batches (1, 8, 32, 64 adapters) on a ~0.5B Llama: MultiAdapterHost against
+## peft's adapter_names= batches and one-at-a-time AdapterHost swaps (BENCH_ARGS="--device cuda").
+.PHONY: bench-multi
+bench-multi: install
+	$(PY) benchmarks/bench_multi.py $(BENCH_ARGS)
+
 ## Hot-swap latency of a rank-16 LoRA on a ~0.5B Llama against peft's hotswap_adapter.
 bench-swap: install
 	$(PY) benchmarks/bench_swap.py

@@ -28,22 +28,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from peftreg.digest import Digest
 from peftreg.hotswap.errors import HostError, SwapError, TagMissing
-from peftreg.hotswap.events import FailureListener, SwapFailure, SwapListener, notify
+from peftreg.hotswap.events import FailureListener, SwapEvent, SwapFailure, SwapListener, notify
 from peftreg.reference import InvalidReference, Reference
 from peftreg.sdk.client import Client
 from peftreg.sdk.errors import PeftregError
-
-if TYPE_CHECKING:
-    from peftreg.hotswap.host import AdapterHost
 
 logger = logging.getLogger(__name__)
 FINAL_STATUSES = frozenset({401, 403, 404})  # retrying the same digest will not help
 
 __all__ = ["TagFollower", "TagMissing"]
+
+
+class SwapTarget(Protocol):
+    """What a follower keeps on the tag: an `AdapterHost`, or one name of a
+    `MultiAdapterHost`."""
+
+    @property
+    def active_digest(self) -> str | None: ...
+    @property
+    def detached(self) -> bool: ...
+    def swap(self, source: Reference, *, client: Client | None = None) -> SwapEvent: ...
 
 
 class _Stopped(Exception):
@@ -55,7 +63,7 @@ class TagFollower:
 
     def __init__(
         self,
-        host: AdapterHost,
+        host: SwapTarget,
         client: Client,
         reference: str,
         *,

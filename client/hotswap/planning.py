@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -29,11 +30,31 @@ from peftreg.hotswap.errors import (
     TooManyVirtualTokens,
     UnsupportedAdapter,
 )
-from peftreg.hotswap.prompt import PromptSlot
-from peftreg.hotswap.slots import ModuleSlot
 from peftreg.hotswap.targets import TargetSite
 
 EMPTY = "empty"  # what the spare buffers hold after an unload was staged in them
+
+
+class SlotShape(Protocol):
+    """What a plan checks of a module's slot (`ModuleSlot`, or a multi-adapter stacked slot)."""
+
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
+    @property
+    def output_scale(self) -> float: ...
+
+
+class PromptShape(Protocol):
+    """What a plan checks of a soft-prompt slot."""
+
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def dtype(self) -> torch.dtype: ...
 
 
 @dataclass(frozen=True)
@@ -69,8 +90,8 @@ class SwapPlanner:
         self,
         config: HostConfig,
         sites: Sequence[TargetSite],
-        slots: Mapping[str, ModuleSlot],
-        prompt: PromptSlot | None,
+        slots: Mapping[str, SlotShape],
+        prompt: PromptShape | None,
         base_identity: tuple[str | None, str | None],
         base_weight: Callable[[str], torch.Tensor],
     ) -> None:
