@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from peftreg.registry.api.deps import (
+    SQL_INTEGER_MAX,
     PrincipalDep,
     ServicesDep,
     authorize,
@@ -169,7 +170,7 @@ async def get_job_logs(
     job_id: str,
     services: ServicesDep,
     principal: PrincipalDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=SQL_INTEGER_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> list[JobLogOut]:
     def work(session: Session) -> list[JobLogOut]:

@@ -11,7 +11,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from peftreg.digest import Digest
+from peftreg.formats.bounded_json import loads_bounded
 from peftreg.registry.api.deps import (
+    SQL_INTEGER_MAX,
     PrincipalDep,
     ServicesDep,
     authorize,
@@ -138,7 +140,7 @@ async def search_versions(
     limit: Limit = 100,
     kind: str | None = None,
     base: str | None = None,
-    max_rank: Annotated[int | None, Query(ge=0)] = None,
+    max_rank: Annotated[int | None, Query(ge=0, le=SQL_INTEGER_MAX)] = None,
     base_quantization: str | None = None,
     verified: bool | None = None,
 ) -> VersionPage:
@@ -166,7 +168,7 @@ async def list_versions(
     limit: Limit = 100,
     kind: str | None = None,
     base: str | None = None,
-    max_rank: Annotated[int | None, Query(ge=0)] = None,
+    max_rank: Annotated[int | None, Query(ge=0, le=SQL_INTEGER_MAX)] = None,
     base_quantization: str | None = None,
     verified: bool | None = None,
 ) -> VersionPage:
@@ -209,7 +211,7 @@ def _decoded_config(services: Services, digest: str | None, document: dict[str, 
         parsed = Digest.parse(digest)
         if services.store.stat(parsed) > MAX_DECODED_CONFIG:
             return None
-        return json.loads(b"".join(services.store.read(parsed)))
+        return loads_bounded(b"".join(services.store.read(parsed)))
     except (BlobNotFound, ValueError):
         return None
 

@@ -10,7 +10,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize_any, in_transaction
+from peftreg.registry.api.deps import (
+    SQL_INTEGER_MAX,
+    PrincipalDep,
+    ServicesDep,
+    authorize_any,
+    in_transaction,
+)
 from peftreg.registry.db.models import Repository
 
 router = APIRouter()
@@ -26,7 +32,7 @@ async def ping(principal: PrincipalDep) -> Response:
 async def catalog(
     services: ServicesDep,
     principal: PrincipalDep,
-    n: Annotated[int, Query(ge=0)] = 100,
+    n: Annotated[int, Query(ge=0, le=SQL_INTEGER_MAX)] = 100,
     last: str | None = None,
 ) -> Response:
     authorize_any(principal)

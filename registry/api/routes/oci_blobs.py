@@ -17,14 +17,14 @@ from peftreg.registry.errors import BlobUnknown, RangeInvalid
 from peftreg.registry.storage.errors import BlobNotFound
 
 router = APIRouter()
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")  # matched whole (`fullmatch`)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """`[start, end)` of a single-range `Range` header, or None for the whole blob."""
     if not header:
         return None
-    match = _RANGE_RE.match(header.strip())
+    match = _RANGE_RE.fullmatch(header.strip())
     if match is None or match.group(1) == match.group(2) == "":
         raise RangeInvalid(f"unsupported Range header {header!r}", current_size=size)
     first, last = match.group(1), match.group(2)

@@ -12,7 +12,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from peftreg.manifest import OCI_INDEX
-from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from peftreg.registry.api.deps import (
+    SQL_INTEGER_MAX,
+    PrincipalDep,
+    ServicesDep,
+    authorize,
+    in_transaction,
+)
 from peftreg.registry.catalog import manifests, tags
 from peftreg.registry.catalog.blobs import parse_digest
 from peftreg.registry.catalog.repositories import find_repository, valid_name
@@ -120,7 +126,7 @@ async def list_tags(
     name: str,
     services: ServicesDep,
     principal: PrincipalDep,
-    n: Annotated[int | None, Query(ge=0)] = None,
+    n: Annotated[int | None, Query(ge=0, le=SQL_INTEGER_MAX)] = None,
     last: str | None = None,
 ) -> Response:
     valid_name(name)

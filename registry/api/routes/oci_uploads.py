@@ -19,7 +19,7 @@ from peftreg.registry.storage.errors import UploadBusy, UploadNotFound, UploadOf
 
 router = APIRouter()
 WRITE_BUFFER = 4 * 1024 * 1024
-_CONTENT_RANGE_RE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/\S+)?$")
+_CONTENT_RANGE_RE = re.compile(r"(?:bytes[ =])?([0-9]+)-([0-9]+)(?:/\S+)?")  # matched whole
 
 
 def _location(name: str, upload_id: str) -> str:
@@ -122,14 +122,19 @@ def _size_or_unknown(services: Services, upload_id: str) -> int:
         ) from None
 
 
-def _chunk_offset(request: Request) -> int | None:
+async def _chunk_offset(services: Services, request: Request, upload_id: str) -> int | None:
+    """Where the chunk's `Content-Range` says it starts (None: at the current end)."""
     header = request.headers.get("content-range")
     if not header:
         return None
-    match = _CONTENT_RANGE_RE.match(header.strip())
+    match = _CONTENT_RANGE_RE.fullmatch(header.strip())
     if match is None:
         raise BlobUploadInvalid(f"malformed Content-Range {header!r}; expected <start>-<end>")
-    return int(match.group(1))
+    start, end = int(match.group(1)), int(match.group(2))
+    if end < start:
+        current = await run_in_threadpool(_size_or_unknown, services, upload_id)
+        raise RangeInvalid(f"Content-Range {header!r} ends before it starts", current_size=current)
+    return start
 
 
 @router.post("/v2/{name:path}/blobs/uploads/")
@@ -194,7 +199,9 @@ async def patch_upload(
     await in_transaction(
         services, partial(blobs.check_upload, repository=name, upload_id=upload_id)
     )
-    size = await receive_body(services, request, upload_id, _chunk_offset(request))
+    size = await receive_body(
+        services, request, upload_id, await _chunk_offset(services, request, upload_id)
+    )
     await in_transaction(services, partial(blobs.touch_upload, upload_id=upload_id))
     return Response(status_code=202, headers=_progress_headers(name, upload_id, size))
 
@@ -212,7 +219,9 @@ async def finish_upload(
     await in_transaction(
         services, partial(blobs.check_upload, repository=name, upload_id=upload_id)
     )
-    await receive_body(services, request, upload_id, _chunk_offset(request))
+    await receive_body(
+        services, request, upload_id, await _chunk_offset(services, request, upload_id)
+    )
     await in_transaction(
         services,
         partial(
