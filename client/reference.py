@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftreg.digest import Digest, InvalidDigest
-from peftreg.names import InvalidName, check_repository_name, check_tag
+from peftreg.digest import DIGEST_PATTERN, Digest, InvalidDigest
+from peftreg.names import (
+    REPOSITORY_PATTERN,
+    TAG_PATTERN,
+    InvalidName,
+    check_repository_name,
+    check_tag,
+)
+
+# `repository`, `repository:tag` or `repository@digest`, as one whole-string pattern.
+REFERENCE_PATTERN = rf"{REPOSITORY_PATTERN}(?::{TAG_PATTERN}|@(?:{DIGEST_PATTERN}))?"
 
 
 class InvalidReference(ValueError):

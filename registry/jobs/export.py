@@ -31,6 +31,7 @@ from peftreg.checkpoint.package import (
 )
 from peftreg.digest import Digest
 from peftreg.manifest import OCI_MANIFEST
+from peftreg.reference import REFERENCE_PATTERN
 from peftreg.registry.auth.scopes import Grant, Principal
 from peftreg.registry.catalog import blobs, manifests
 from peftreg.registry.errors import BaseIncompatible, BlobUnknown, JobInvalid, NameUnknown
@@ -56,7 +57,7 @@ MERGEABLE = ("lora", "dora", "nola")
 class AdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reference: str
+    reference: str = Field(pattern=f"^{REFERENCE_PATTERN}$")
     weight: float = Field(default=1.0, allow_inf_nan=False)
 
 
@@ -66,7 +67,7 @@ class ExportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapters: list[AdapterRequest] = Field(min_length=1, max_length=16)
-    base: str
+    base: str = Field(pattern=f"^{REFERENCE_PATTERN}$")
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     base_quantization: Literal["none", "nf4"] = "none"
     quantize: Literal["none", "int4"] = "none"

@@ -29,10 +29,21 @@ from peftreg.registry.api.deps import (
     authorize_global_admin,
     in_transaction,
 )
+from peftreg.registry.api.openapi import failures
 from peftreg.registry.auth.scopes import Principal, Scope
 from peftreg.registry.catalog import manifests
 from peftreg.registry.db.models import Job
-from peftreg.registry.errors import ManifestUnknown, NameUnknown
+from peftreg.registry.errors import (
+    BaseIncompatible,
+    DigestInvalid,
+    JobFinished,
+    JobInvalid,
+    JobUnknown,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    TagInvalid,
+)
 from peftreg.registry.jobs import queue
 from peftreg.registry.jobs.export import EXPORT, ExportRequest, export_access, plan_export
 
@@ -90,7 +101,22 @@ def _artifact_exists(session: Session, result: dict[str, Any] | None) -> bool:
     return True
 
 
-@router.post("/exports", response_model=JobOut)
+@router.post(
+    "/exports",
+    response_model=JobOut,
+    responses={
+        202: {"model": JobOut, "description": "A new job, queued"},
+        **failures(
+            NameInvalid,
+            NameUnknown,
+            TagInvalid,
+            DigestInvalid,
+            ManifestUnknown,
+            JobInvalid,
+            BaseIncompatible,
+        ),
+    },
+)
 async def request_export(
     body: ExportRequest, services: ServicesDep, principal: PrincipalDep
 ) -> JSONResponse:
@@ -155,7 +181,7 @@ async def list_jobs(
     return await in_transaction(services, work)
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut)
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=failures(JobUnknown))
 async def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobOut:
     def work(session: Session) -> JobOut:
         job = queue.get_job(session, job_id)
@@ -165,7 +191,7 @@ async def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -
     return await in_transaction(services, work)
 
 
-@router.get("/jobs/{job_id}/logs", response_model=list[JobLogOut])
+@router.get("/jobs/{job_id}/logs", response_model=list[JobLogOut], responses=failures(JobUnknown))
 async def get_job_logs(
     job_id: str,
     services: ServicesDep,
@@ -183,7 +209,9 @@ async def get_job_logs(
     return await in_transaction(services, work)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+@router.post(
+    "/jobs/{job_id}/cancel", response_model=JobOut, responses=failures(JobUnknown, JobFinished)
+)
 async def cancel_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobOut:
     def work(session: Session) -> JobOut:
         _check(principal, "write", queue.get_job(session, job_id))

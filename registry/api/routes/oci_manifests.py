@@ -19,12 +19,35 @@ from peftreg.registry.api.deps import (
     authorize,
     in_transaction,
 )
+from peftreg.registry.api.openapi import MANIFEST_BODY, OCI_INDEX_SCHEMA, body, failures, no_body
 from peftreg.registry.catalog import manifests, tags
 from peftreg.registry.catalog.blobs import parse_digest
 from peftreg.registry.catalog.repositories import find_repository, valid_name
-from peftreg.registry.errors import ManifestTooLarge
+from peftreg.registry.errors import (
+    ArtifactInvalid,
+    DigestInvalid,
+    LayerTitleInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestTooLarge,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    SafetensorsInvalid,
+    TagImmutable,
+    TagInvalid,
+    VersionInUse,
+)
 
 router = APIRouter()
+TAG_LIST = {
+    "type": "object",
+    "required": ["name", "tags"],
+    "properties": {
+        "name": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+}
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -43,7 +66,30 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-@router.put("/v2/{name:path}/manifests/{reference}")
+@router.put(
+    "/v2/{name:path}/manifests/{reference}",
+    status_code=201,
+    response_class=Response,
+    responses={
+        201: no_body(
+            "Manifest stored (and tagged)",
+            Location="The manifest's URL",
+            **{"Docker-Content-Digest": "The manifest's digest"},
+        ),
+        **failures(
+            NameInvalid,
+            TagInvalid,
+            DigestInvalid,
+            ManifestInvalid,
+            ManifestBlobUnknown,
+            ManifestTooLarge,
+            ArtifactInvalid,
+            SafetensorsInvalid,
+            LayerTitleInvalid,
+            TagImmutable,
+        ),
+    },
+)
 async def put_manifest(
     name: str, reference: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -73,7 +119,15 @@ async def put_manifest(
     return Response(status_code=201, headers=headers)
 
 
-@router.api_route("/v2/{name:path}/manifests/{reference}", methods=["GET", "HEAD"])
+@router.api_route(
+    "/v2/{name:path}/manifests/{reference}",
+    methods=["GET", "HEAD"],
+    response_class=Response,
+    responses={
+        200: MANIFEST_BODY,
+        **failures(NameInvalid, NameUnknown, TagInvalid, DigestInvalid, ManifestUnknown),
+    },
+)
 async def get_manifest(
     name: str, reference: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -92,7 +146,23 @@ async def get_manifest(
     return Response(content=row.content, status_code=200, headers=headers, media_type=None)
 
 
-@router.delete("/v2/{name:path}/manifests/{reference}")
+@router.delete(
+    "/v2/{name:path}/manifests/{reference}",
+    status_code=202,
+    response_class=Response,
+    responses={
+        202: no_body("Version deleted (by digest) or untagged (by tag)"),
+        **failures(
+            NameInvalid,
+            NameUnknown,
+            TagInvalid,
+            DigestInvalid,
+            ManifestUnknown,
+            TagImmutable,
+            VersionInUse,
+        ),
+    },
+)
 async def delete_manifest(
     name: str, reference: str, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -121,7 +191,13 @@ async def delete_manifest(
     return Response(status_code=202)
 
 
-@router.get("/v2/{name:path}/tags/list")
+@router.get(
+    "/v2/{name:path}/tags/list",
+    responses={
+        200: body("Tags, a page", ("application/json",), TAG_LIST),
+        **failures(NameInvalid, NameUnknown),
+    },
+)
 async def list_tags(
     name: str,
     services: ServicesDep,
@@ -147,7 +223,14 @@ async def list_tags(
     return JSONResponse({"name": name, "tags": names}, headers=headers)
 
 
-@router.get("/v2/{name:path}/referrers/{digest}")
+@router.get(
+    "/v2/{name:path}/referrers/{digest}",
+    response_class=Response,
+    responses={
+        200: body("Manifests whose subject is the digest", (OCI_INDEX,), OCI_INDEX_SCHEMA),
+        **failures(NameInvalid, NameUnknown, DigestInvalid),
+    },
+)
 async def referrers(
     name: str,
     digest: str,

@@ -11,9 +11,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from peftreg.registry.api.openapi import CREATED_BLOB, UPLOAD_PROGRESS, failures, no_body
 from peftreg.registry.catalog import blobs
 from peftreg.registry.catalog.repositories import valid_name
-from peftreg.registry.errors import BlobUploadInvalid, BlobUploadUnknown, RangeInvalid, UploadInUse
+from peftreg.registry.errors import (
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    DigestInvalid,
+    NameInvalid,
+    NameUnknown,
+    RangeInvalid,
+    UploadInUse,
+)
 from peftreg.registry.state import Services
 from peftreg.registry.storage.errors import UploadBusy, UploadNotFound, UploadOffsetMismatch
 
@@ -137,13 +146,26 @@ async def _chunk_offset(services: Services, request: Request, upload_id: str) ->
     return start
 
 
-@router.post("/v2/{name:path}/blobs/uploads/")
+@router.post(
+    "/v2/{name:path}/blobs/uploads/",
+    status_code=202,
+    response_class=Response,
+    responses={
+        201: CREATED_BLOB,
+        202: UPLOAD_PROGRESS,
+        **failures(NameInvalid, DigestInvalid, BlobUploadInvalid, UploadInUse, RangeInvalid),
+    },
+)
 async def start_upload(
     name: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
     valid_name(name)
     authorize(principal, "write", name)
     mount, source = request.query_params.get("mount"), request.query_params.get("from")
+    if mount is not None:
+        blobs.parse_digest(mount)
+    if source is not None:
+        valid_name(source)
     if mount and source and principal.can("read", source):
         digest = blobs.parse_digest(mount)
         mounted = await in_transaction(
@@ -190,7 +212,22 @@ async def start_upload(
     return _created(name, str(digest))
 
 
-@router.patch("/v2/{name:path}/blobs/uploads/{upload_id}")
+@router.patch(
+    "/v2/{name:path}/blobs/uploads/{upload_id}",
+    status_code=202,
+    response_class=Response,
+    responses={
+        202: UPLOAD_PROGRESS,
+        **failures(
+            NameInvalid,
+            NameUnknown,
+            BlobUploadUnknown,
+            BlobUploadInvalid,
+            UploadInUse,
+            RangeInvalid,
+        ),
+    },
+)
 async def patch_upload(
     name: str, upload_id: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -206,7 +243,23 @@ async def patch_upload(
     return Response(status_code=202, headers=_progress_headers(name, upload_id, size))
 
 
-@router.put("/v2/{name:path}/blobs/uploads/{upload_id}")
+@router.put(
+    "/v2/{name:path}/blobs/uploads/{upload_id}",
+    status_code=201,
+    response_class=Response,
+    responses={
+        201: CREATED_BLOB,
+        **failures(
+            NameInvalid,
+            NameUnknown,
+            BlobUploadUnknown,
+            BlobUploadInvalid,
+            UploadInUse,
+            RangeInvalid,
+            DigestInvalid,
+        ),
+    },
+)
 async def finish_upload(
     name: str, upload_id: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -236,7 +289,12 @@ async def finish_upload(
     return _created(name, str(digest))
 
 
-@router.get("/v2/{name:path}/blobs/uploads/{upload_id}")
+@router.get(
+    "/v2/{name:path}/blobs/uploads/{upload_id}",
+    status_code=204,
+    response_class=Response,
+    responses={204: UPLOAD_PROGRESS, **failures(NameInvalid, NameUnknown, BlobUploadUnknown)},
+)
 async def upload_status(
     name: str, upload_id: str, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -249,7 +307,15 @@ async def upload_status(
     return Response(status_code=204, headers=_progress_headers(name, upload_id, size))
 
 
-@router.delete("/v2/{name:path}/blobs/uploads/{upload_id}")
+@router.delete(
+    "/v2/{name:path}/blobs/uploads/{upload_id}",
+    status_code=204,
+    response_class=Response,
+    responses={
+        204: no_body("Upload cancelled"),
+        **failures(NameInvalid, NameUnknown, BlobUploadUnknown, UploadInUse),
+    },
+)
 async def cancel_upload(
     name: str, upload_id: str, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
