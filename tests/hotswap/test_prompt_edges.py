@@ -51,36 +51,39 @@ def reference(kind: str, adapters: dict[str, Path]) -> tuple[nn.Module, int]:
 
 
 def hosted(
-    kind: str, adapters: dict[str, Path], inputs: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, logits of the real positions) on a host that reserves VIRTUAL slots."""
+    kind: str, adapters: dict[str, Path], batches: list[dict[str, torch.Tensor]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(loss, logits of the real positions) per batch, on a host that reserves VIRTUAL slots."""
     model = tiny_llama().eval()
+    outputs = []
     with AdapterHost(model, HostConfig(targets=TARGETS, max_virtual_tokens=VIRTUAL)) as host:
         if kind != "none":
             host.swap(adapters[kind])
         with torch.no_grad():
-            out = model(**inputs)
-    return out.loss, out.logits[:, VIRTUAL:]
+            for inputs in batches:
+                out = model(**inputs)
+                outputs.append((out.loss, out.logits[:, VIRTUAL:]))
+    return outputs
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("kind", ["prompt_tuning", "lora", "none"])
-def test_loss_and_logits_equal_peft(kind: str, padded: bool, adapters: dict[str, Path]) -> None:
-    inputs = batch(padded)
+def test_loss_and_logits_equal_peft(kind: str, adapters: dict[str, Path]) -> None:
+    """Unpadded and left-padded batches, with `labels=`."""
+    batches = [batch(padded=False), batch(padded=True)]
     model, virtual = reference(kind, adapters)
-    with torch.no_grad():
-        want = model(**inputs)
-    loss, logits = hosted(kind, adapters, inputs)
-    real = inputs["attention_mask"].bool()
-    assert abs(loss.item() - want.loss.item()) <= MAX_DIFF
-    assert (logits[real] - want.logits[:, virtual:][real]).abs().max().item() <= MAX_DIFF
+    for inputs, (loss, logits) in zip(batches, hosted(kind, adapters, batches), strict=True):
+        with torch.no_grad():
+            want = model(**inputs)
+        real = inputs["attention_mask"].bool()
+        assert abs(loss.item() - want.loss.item()) <= MAX_DIFF
+        assert (logits[real] - want.logits[:, virtual:][real]).abs().max().item() <= MAX_DIFF
 
 
 def test_a_prompt_changes_the_loss(adapters: dict[str, Path]) -> None:
     """The comparison above can fail: the adapter moves the loss well beyond 1e-5."""
-    inputs = batch(padded=True)
-    with_prompt, _ = hosted("prompt_tuning", adapters, inputs)
-    without, _ = hosted("none", adapters, inputs)
+    inputs = [batch(padded=True)]
+    ((with_prompt, _),) = hosted("prompt_tuning", adapters, inputs)
+    ((without, _),) = hosted("none", adapters, inputs)
     assert abs(with_prompt.item() - without.item()) > 1e-3
 
 
@@ -120,3 +123,40 @@ def test_refused_values_name_the_adapter_and_the_module(
         assert str(broken) in str(refused.value)
         assert "v_proj" in str(refused.value)
         assert host.active_digest is None
+
+
+NEW_TOKENS = 4
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "lora"])
+def test_cached_generation_of_a_left_padded_batch_equals_peft(
+    kind: str, adapters: dict[str, Path]
+) -> None:
+    """KV-cached greedy `generate()` on the host = peft's greedy decoding by whole-sequence
+    forwards (peft's own cached generate re-prepends its virtual tokens; see test_generate)."""
+    inputs = batch(padded=True)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    peft_model, _ = reference(kind, adapters)
+    want, want_logits = ids, []
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            grown = torch.cat([mask, torch.ones_like(want[:, mask.shape[1] :])], dim=1)
+            step = peft_model(input_ids=want, attention_mask=grown).logits[:, -1]
+            want_logits.append(step)
+            want = torch.cat([want, step.argmax(-1, keepdim=True)], dim=1)
+    model = tiny_llama().eval()
+    with AdapterHost(model, HostConfig(targets=TARGETS, max_virtual_tokens=VIRTUAL)) as host:
+        host.swap(adapters[kind])
+        with host.pinned(), torch.no_grad():
+            got = model.generate(  # type: ignore[operator]
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
+    assert torch.equal(got.sequences, want)
+    difference = torch.stack(got.logits) - torch.stack(want_logits)
+    assert difference.abs().max().item() <= MAX_DIFF
