@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from peftreg.digest import DIGEST_PATTERN, Digest, InvalidDigest
 from peftreg.names import (
+    MAX_REPOSITORY_LENGTH,
     REPOSITORY_PATTERN,
     TAG_PATTERN,
     InvalidName,
@@ -13,8 +14,12 @@ from peftreg.names import (
     check_tag,
 )
 
-# `repository`, `repository:tag` or `repository@digest`, as one whole-string pattern.
-REFERENCE_PATTERN = rf"{REPOSITORY_PATTERN}(?::{TAG_PATTERN}|@(?:{DIGEST_PATTERN}))?"
+# `repository`, `repository:tag` or `repository@digest`, as a JSON Schema (ECMA) pattern;
+# the lookahead bounds the repository's length.
+REFERENCE_SCHEMA_PATTERN = (
+    rf"^(?=[^:@]{{1,{MAX_REPOSITORY_LENGTH}}}(?:[:@]|$))"
+    rf"{REPOSITORY_PATTERN}(?::{TAG_PATTERN}|@(?:{DIGEST_PATTERN}))?$"
+)
 
 
 class InvalidReference(ValueError):
