@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-_DIGEST_RE = re.compile(r"^(?P<algorithm>[a-z0-9]+(?:[.+_-][a-z0-9]+)*):(?P<hex>[a-zA-Z0-9=_-]+)$")
+# Matched with `fullmatch`: `$` would also match before a final newline.
+_DIGEST_RE = re.compile(r"(?P<algorithm>[a-z0-9]+(?:[.+_-][a-z0-9]+)*):(?P<hex>[a-zA-Z0-9=_-]+)")
+# The digests this project accepts, as one whole-string pattern (for the OpenAPI document).
+DIGEST_PATTERN = "sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}"
 _HEX_LENGTHS = {"sha256": 64, "sha512": 128}
 READ_CHUNK = 4 * 1024 * 1024
 
@@ -27,7 +30,7 @@ class Digest:
 
     @classmethod
     def parse(cls, text: str) -> Digest:
-        match = _DIGEST_RE.match(text)
+        match = _DIGEST_RE.fullmatch(text)
         if match is None:
             raise InvalidDigest(f"not a digest: {text!r}")
         algorithm, hex_ = match.group("algorithm"), match.group("hex")

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from peftreg.digest import Digest
+from peftreg.formats.bounded_json import JsonTooDeep, loads_bounded
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -84,7 +85,9 @@ def canonical_json(value: Any) -> bytes:
 def parse_manifest(content: bytes, content_type: str | None) -> ImageManifest | ImageIndex:
     """Parse manifest bytes, taking the media type from the body or the header."""
     try:
-        document = json.loads(content)
+        document = loads_bounded(content)
+    except JsonTooDeep as exc:
+        raise InvalidManifest(f"manifest is refused: {exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidManifest(f"manifest is not valid JSON: {exc}") from None
     if not isinstance(document, dict):

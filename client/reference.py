@@ -11,8 +11,22 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from peftreg.digest import Digest, InvalidDigest
-from peftreg.names import InvalidName, check_repository_name, check_tag
+from peftreg.digest import DIGEST_PATTERN, Digest, InvalidDigest
+from peftreg.names import (
+    MAX_REPOSITORY_LENGTH,
+    REPOSITORY_PATTERN,
+    TAG_PATTERN,
+    InvalidName,
+    check_repository_name,
+    check_tag,
+)
+
+# `repository`, `repository:tag` or `repository@digest`, as a JSON Schema (ECMA) pattern;
+# the lookahead bounds the repository's length.
+REFERENCE_SCHEMA_PATTERN = (
+    rf"^(?=[^:@]{{1,{MAX_REPOSITORY_LENGTH}}}(?:[:@]|$))"
+    rf"{REPOSITORY_PATTERN}(?::{TAG_PATTERN}|@(?:{DIGEST_PATTERN}))?$"
+)
 
 
 class InvalidReference(ValueError):

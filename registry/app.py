@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from peftreg.registry.api.errors import install_error_handlers
 from peftreg.registry.api.middleware import RequestIdMiddleware
+from peftreg.registry.api.openapi import openapi_document
 from peftreg.registry.api.routes import (
     health,
     jobs,
@@ -99,6 +100,7 @@ def create_app(settings: Settings, services: Services | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
+    app.openapi = partial(openapi_document, app, settings)  # type: ignore[method-assign]
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(oci_base.router)

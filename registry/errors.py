@@ -82,6 +82,11 @@ class SafetensorsInvalid(ArtifactInvalid):
     """A safetensors layer that is not a well-formed safetensors file (422)."""
 
 
+class LayerTitleInvalid(RegistryError):
+    """A layer title of a peftreg artifact that would write outside a pulled directory,
+    or collide with another layer's (422)."""
+
+
 class TagImmutable(RegistryError):
     pass
 

@@ -19,6 +19,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from peftreg.formats.bounded_json import JsonTooDeep, loads_bounded
+
 MAX_HEADER_BYTES = 100_000_000
 DTYPE_SIZES: dict[str, int] = {
     "BOOL": 1,
@@ -110,7 +112,9 @@ def read_header(
 
 def parse_header_bytes(raw: bytes, *, data_size: int) -> SafetensorsHeader:
     try:
-        document = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        document = loads_bounded(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except JsonTooDeep as exc:
+        raise SafetensorsError(f"header is refused: {exc}") from None
     except UnicodeDecodeError:
         raise SafetensorsError("header is not UTF-8") from None
     except json.JSONDecodeError as exc:

@@ -35,7 +35,7 @@ from peftreg.hotswap.adapter import LoadedAdapter
 from peftreg.hotswap.attach import base_identity, prompt_slot, slot_device, slot_dtype
 from peftreg.hotswap.cache import AdapterCache
 from peftreg.hotswap.config import HostConfig
-from peftreg.hotswap.errors import FlipTimeout, HostError
+from peftreg.hotswap.errors import FlipTimeout, HostError, NonFiniteAdapter
 from peftreg.hotswap.events import (
     FailureListener,
     Listeners,
@@ -214,8 +214,11 @@ class AdapterHost:
             label = adapter.source
             event = self._apply(adapter, label, started, cached, flip_timeout)
         except Exception as exc:
-            self._listeners.failed(SwapFailure(label, self.active_digest, exc))
-            raise
+            failure = _naming_the_adapter(exc, label)
+            self._listeners.failed(SwapFailure(label, self.active_digest, failure))
+            if failure is exc:
+                raise
+            raise failure from exc
         self._listeners.swapped(event)
         return event
 
@@ -421,3 +424,10 @@ class AdapterHost:
 
     def __exit__(self, *_exc: object) -> None:
         self.detach()
+
+
+def _naming_the_adapter(exc: Exception, label: str | None) -> Exception:
+    """A refusal of the adapter's values names the adapter, not only the module."""
+    if isinstance(exc, NonFiniteAdapter) and label and label not in exc.message:
+        return NonFiniteAdapter(f"{label}: {exc.message}")
+    return exc

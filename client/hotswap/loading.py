@@ -1,7 +1,8 @@
 """Finding an adapter for a swap: the host's LRU first, else the disk or the registry.
 
 A source is a reference (`"acme/bot:v3"`, `Reference`), a `PullResult`, a
-local PEFT directory (`Path`) or an already `LoadedAdapter`. Every kind is
+local PEFT directory (`Path`, or a `str` naming a directory that exists) or
+an already `LoadedAdapter`. Every kind is
 looked up in the cache by its digest before anything is read: a tag is
 resolved to its digest (one small request), a directory is named by its
 `directory_identity` (config and tensor header, no tensor data). A miss is
@@ -21,8 +22,8 @@ from peftreg.hotswap.adapter import (
     inspect_directory,
 )
 from peftreg.hotswap.cache import AdapterCache
-from peftreg.hotswap.errors import HostError
-from peftreg.reference import Reference
+from peftreg.hotswap.errors import HostError, SwapError
+from peftreg.reference import InvalidReference, Reference
 from peftreg.sdk.client import Client
 from peftreg.transfer.pull import PullResult
 
@@ -36,6 +37,18 @@ def source_label(source: AdapterSource) -> str:
     if isinstance(source, PullResult):
         return str(source.reference)
     return str(source)
+
+
+def _parse_reference(source: str) -> Reference:
+    """A string that is no local directory must be a registry reference: say which failed."""
+    try:
+        return Reference.parse(source)
+    except InvalidReference as exc:
+        raise SwapError(
+            f"{source!r} is neither an existing local directory nor a registry reference "
+            f"({exc}); pass a Path for a directory, or 'repository:tag' / "
+            "'repository@sha256:...' for the registry"
+        ) from None
 
 
 class AdapterLoader:
@@ -62,12 +75,14 @@ class AdapterLoader:
             if hit is not None:
                 return hit, True
             return self._ready(adapter_from_local(local)), False
+        if isinstance(source, str) and Path(source).is_dir():
+            return self.load(Path(source), client)
         return self._load_reference(source, client or self.client)
 
     def _load_reference(
         self, source: str | Reference, registry: Client | None
     ) -> tuple[LoadedAdapter, bool]:
-        reference = source if isinstance(source, Reference) else Reference.parse(source)
+        reference = source if isinstance(source, Reference) else _parse_reference(source)
         digest = reference.digest
         if digest is None:
             if registry is None:

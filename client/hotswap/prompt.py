@@ -3,10 +3,14 @@
 A host with `max_virtual_tokens = V` always prepends V positions, so shapes
 never change across swaps (no recompiles). An adapter of n <= V virtual
 tokens fills the last n of them (next to the real tokens); the first V - n
-are masked out of attention. Position ids are counted over unmasked
-positions, so the n virtual tokens sit at positions 0..n-1 and the real
-tokens follow, exactly as in PEFT's prompt tuning. The model's outputs have
-V leading virtual positions (`AdapterHost.virtual_tokens`); PEFT's have n.
+are masked out of attention. The n virtual tokens sit at positions 0..n-1
+and the real tokens follow, padding included, exactly as in PEFT's prompt
+tuning (which puts a left-padded batch's padding between the virtual and the
+real tokens, and ignores position ids a caller or `generate()` passes while a
+prompt is active; without a prompt they are used). With `labels=`, the first
+real token is scored from the last virtual token when there is one (as PEFT
+does) and not at all when there is none (as the plain model does). The
+model's outputs have V leading virtual positions (`AdapterHost.virtual_tokens`); PEFT's have n.
 
 KV-cached generation works: the prefill prepends, and later steps (a filled
 cache, which holds the V virtual positions) extend the attention mask and
@@ -158,11 +162,26 @@ class PromptSlot:
             kwargs["cache_position"] = shifted
         labels = kwargs.get("labels")
         if isinstance(labels, torch.Tensor) and not cached:
-            ignored = torch.full(
-                (batch, self.max_tokens), IGNORE_INDEX, dtype=labels.dtype, device=labels.device
-            )
-            kwargs["labels"] = torch.cat([ignored, labels], dim=1)
+            kwargs["labels"] = self._labels(labels, buffers.mask)
         return (), kwargs
+
+    def _labels(self, labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The caller's labels behind V ignored ones.
+
+        A causal LM scores token i from position i - 1. With n virtual tokens the first
+        real token is scored from the last of them, as in PEFT. Without any (an adapter
+        that has no prompt, or none) the position before it is an unused, masked slot:
+        like the plain model, which has no position before its first token, it is not
+        scored.
+        """
+        batch = labels.shape[0]
+        ignored = torch.full(
+            (batch, self.max_tokens), IGNORE_INDEX, dtype=labels.dtype, device=labels.device
+        )
+        # Tensor ops, not a branch on the count: a compiled model does not recompile.
+        first = labels[:, :1]
+        first = torch.where(slots.sum() > 0, first, torch.full_like(first, IGNORE_INDEX))
+        return torch.cat([ignored, first, labels[:, 1:]], dim=1)
 
     def _prepend(self, kwargs: dict[str, Any], buffers: PromptBuffers, batch: int) -> None:
         embeds = kwargs.pop("inputs_embeds", None)
@@ -176,12 +195,22 @@ class PromptSlot:
         self, given: torch.Tensor | None, full: torch.Tensor, length: int, cached: int
     ) -> torch.Tensor:
         """Positions of this call's tokens: the adapter's n virtual tokens are 0..n-1 and the
-        real tokens follow (the caller's positions shifted by n)."""
+        real tokens follow: the caller's positions shifted by n.
+
+        Without the caller's positions, and always while a prompt is active (PEFT ignores
+        the caller's, `generate()`'s counted over the attention mask included), the model's
+        own default: the index in the real sequence (padding included), so a left-padded
+        batch is placed as PEFT places it, with the padding between the virtual and the
+        real tokens.
+        """
         prefix = full[:, : self.max_tokens].long()
-        if given is None:
-            counted = (full.long().cumsum(-1) - 1).clamp(min=0)
-            return counted[:, -length:] if cached else counted
-        shifted = given + prefix.sum(-1, keepdim=True)
+        count = prefix.sum(-1, keepdim=True)
+        start = cached - self.max_tokens if cached else 0
+        default = torch.arange(start, start + length, device=full.device).unsqueeze(0)
+        default = default.expand(full.shape[0], -1)
+        # Tensor ops, not a branch on the count: a compiled model does not recompile.
+        given = default if given is None else torch.where(count > 0, default, given)
+        shifted = given + count
         if cached:
             return shifted
         virtual = (prefix.cumsum(-1) - 1).clamp(min=0)

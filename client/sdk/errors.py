@@ -110,6 +110,7 @@ CODE_TO_ERROR: dict[str, type[PeftregError]] = {
     "VERSION_IN_USE": Conflict,
     "UNAUTHORIZED": Unauthorized,
     "DENIED": Forbidden,
+    "LAYER_TITLE_INVALID": UnsafePath,
     "UNAVAILABLE": ServerError,
 }
 

@@ -39,7 +39,7 @@ from peftreg.sdk.errors import (
 from peftreg.sdk.http import HttpSession
 from peftreg.transfer.download import download_blob
 from peftreg.transfer.progress import NullProgress, Progress
-from peftreg.transfer.titles import check_titles
+from peftreg.transfer.titles import layer_paths
 from peftreg.transfer.unpack import is_directory_layer, unpack_directory
 
 SnapshotFile = tuple[PurePosixPath, Digest, int]
@@ -146,11 +146,7 @@ def snapshot_files(reference: Reference, content: bytes) -> list[SnapshotFile]:
         raise InvalidRequest(f"{reference}: {exc}") from None
     if not isinstance(parsed, ImageManifest):
         raise InvalidRequest(f"{reference} is an index; pull one of its manifests by digest")
-    titles: list[str] = []
-    for layer in parsed.layers:
-        title = (layer.annotations or {}).get(TITLE_ANNOTATION)
-        titles.append(title or layer.digest.replace(":", "-"))
-    paths = check_titles(titles)
+    paths = layer_paths(parsed.layers)
     return [
         (path, Digest.parse(layer.digest), layer.size)
         for path, layer in zip(paths, parsed.layers, strict=True)

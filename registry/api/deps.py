@@ -18,6 +18,9 @@ from peftreg.registry.errors import Denied, InsufficientScope, Unauthorized
 from peftreg.registry.state import Services
 
 T = TypeVar("T")
+# Numbers in queries are compared with or passed to SQL `integer`s (PostgreSQL's are
+# 32-bit); a larger one is refused as a bad request rather than sent to the database.
+SQL_INTEGER_MAX = 2**31 - 1
 
 
 def get_services(request: Request) -> Services:

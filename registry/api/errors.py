@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from peftreg.registry import errors
 from peftreg.registry.context import current_request_id
@@ -35,6 +36,7 @@ ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
     errors.ManifestTooLarge: (413, "MANIFEST_TOO_LARGE"),
     errors.ArtifactInvalid: (422, "ADAPTER_INVALID"),
     errors.SafetensorsInvalid: (422, "SAFETENSORS_INVALID"),
+    errors.LayerTitleInvalid: (422, "LAYER_TITLE_INVALID"),
     errors.TagImmutable: (409, "TAG_IMMUTABLE"),
     errors.VersionInUse: (409, "VERSION_IN_USE"),
     errors.DeleteUnsupported: (405, "UNSUPPORTED"),
@@ -49,6 +51,12 @@ ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
     errors.BaseIncompatible: (409, "BASE_INCOMPATIBLE"),
     errors.JobFinished: (409, "JOB_FINISHED"),
 }
+
+# Errors the framework raises before a route runs (no route, wrong method, a body that
+# does not parse), by status.
+HTTP_CODES = {400: "INVALID_REQUEST", 404: "NOT_FOUND", 405: "UNSUPPORTED"}
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +102,18 @@ def error_response(error: errors.RegistryError, request: Request) -> JSONRespons
     return JSONResponse(error_body(code, error.message, error.detail), status, headers=headers)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (for a 405's `Allow`)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes
+        )
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_registry_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, errors.RegistryError)
@@ -115,10 +135,13 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body("INVALID_REQUEST", f"{where}: {first.get('msg')}", detail), 400
         )
 
-    async def on_http(_request: Request, exc: Exception) -> JSONResponse:
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        code = {404: "NOT_FOUND", 405: "UNSUPPORTED"}.get(exc.status_code, "UNKNOWN")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
+        code = HTTP_CODES.get(exc.status_code, "UNKNOWN")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=headers)
 
     async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error", exc_info=exc)

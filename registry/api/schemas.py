@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class RepositoryOut(BaseModel):
@@ -82,14 +82,22 @@ class PolicyIn(BaseModel):
 
 
 class GrantIn(BaseModel):
-    pattern: str = Field(description="repository name pattern, e.g. 'acme/*' or '*'")
-    scope: str = Field(description="read, write or admin")
+    pattern: str = Field(min_length=1, description="repository name pattern, e.g. 'acme/*' or '*'")
+    scope: Literal["read", "write", "admin"]
 
 
 class TokenIn(BaseModel):
     name: str = Field(min_length=1, max_length=255)
     grants: list[GrantIn] = Field(min_length=1)
     expires_at: datetime | None = None
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _timestamp_text(cls, value: Any) -> Any:
+        """RFC 3339 text or null, as documented; not a number read as Unix seconds."""
+        if value is not None and not isinstance(value, str | datetime):
+            raise ValueError("expires_at must be an RFC 3339 date-time string")
+        return value
 
 
 class TokenOut(BaseModel):

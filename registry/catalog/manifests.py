@@ -11,6 +11,9 @@ from sqlalchemy.orm import Session
 
 from peftreg.digest import Digest, InvalidDigest
 from peftreg.manifest import (
+    ADAPTER_ARTIFACT,
+    BASE_ARTIFACT,
+    CHECKPOINT_ARTIFACT,
     OCI_INDEX,
     Descriptor,
     ImageIndex,
@@ -28,6 +31,7 @@ from peftreg.registry.catalog.repositories import (
 from peftreg.registry.db.models import Blob, Manifest, ManifestReference, Repository, RepositoryBlob
 from peftreg.registry.errors import (
     DigestInvalid,
+    LayerTitleInvalid,
     ManifestBlobUnknown,
     ManifestInvalid,
     ManifestUnknown,
@@ -35,6 +39,8 @@ from peftreg.registry.errors import (
     VersionInUse,
 )
 from peftreg.registry.storage.base import BlobReader
+from peftreg.sdk.errors import UnsafePath
+from peftreg.transfer.titles import layer_paths
 
 
 @dataclass(frozen=True)
@@ -70,10 +76,7 @@ def put_manifest(
     digest = str(Digest.of_bytes(content))
     tag_names = list(extra_tags or [])
     if is_digest(reference):
-        try:
-            claimed = Digest.parse(reference)
-        except InvalidDigest as exc:
-            raise DigestInvalid(str(exc)) from None
+        claimed = Digest.parse(_valid_digest(reference))
         actual = Digest(claimed.algorithm, hashlib.new(claimed.algorithm, content).hexdigest())
         if actual != claimed:
             raise DigestInvalid(
@@ -89,6 +92,7 @@ def put_manifest(
         parsed = parse_manifest(content, content_type)
     except InvalidManifest as exc:
         raise ManifestInvalid(str(exc)) from None
+    _check_layer_titles(parsed)
 
     repo = ensure_repository(session, name=repository)
     references = _check_references(session, repo, parsed)
@@ -134,10 +138,25 @@ def put_manifest(
     return PutResult(digest=digest, subject=subject, tags_moved=moved)
 
 
+def _check_layer_titles(parsed: ImageManifest | ImageIndex) -> None:
+    """peftreg's own artifacts are pulled into directories: their layers' titles must be
+    the safe, distinct relative paths the client would accept (`peftreg.transfer.titles`)."""
+    if not isinstance(parsed, ImageManifest) or parsed.resolved_artifact_type() not in (
+        ADAPTER_ARTIFACT,
+        BASE_ARTIFACT,
+        CHECKPOINT_ARTIFACT,
+    ):
+        return
+    try:
+        layer_paths(parsed.layers)
+    except UnsafePath as exc:
+        raise LayerTitleInvalid(exc.message, detail=exc.detail) from None
+
+
 def get_manifest(session: Session, *, repository: str, reference: str) -> Manifest:
     repo = find_repository(session, name=repository)
     digest = (
-        reference
+        _valid_digest(reference)
         if is_digest(reference)
         else tags.resolve_tag(session, repository=repo, tag=tags.valid_tag(reference))
     )
@@ -149,6 +168,13 @@ def get_manifest(session: Session, *, repository: str, reference: str) -> Manife
             f"manifest {reference} is not in {repository}", detail={"reference": reference}
         )
     return row
+
+
+def _valid_digest(reference: str) -> str:
+    try:
+        return str(Digest.parse(reference))
+    except InvalidDigest as exc:
+        raise DigestInvalid(str(exc), detail={"digest": reference}) from None
 
 
 def delete_manifest(

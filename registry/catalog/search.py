@@ -10,11 +10,13 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 
+from peftreg.formats.bounded_json import loads_bounded
 from peftreg.registry.auth.scopes import Principal
 from peftreg.registry.db.models import ArtifactIndex, Manifest, Repository, Tag
 from peftreg.registry.errors import InvalidRequest
 
 T = TypeVar("T")
+ROW_ID_MAX = 2**31 - 1  # row ids are SQL `integer`s
 
 
 @dataclass(frozen=True)
@@ -27,14 +29,19 @@ def encode_cursor(value: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str | None) -> Any:
+def decode_cursor(cursor: str | None, kind: type[T]) -> T | None:
+    """The position a cursor names, which must be a `kind` (a name, or a row id)."""
     if not cursor:
         return None
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        return json.loads(base64.urlsafe_b64decode(padded.encode()))
+        value = loads_bounded(base64.urlsafe_b64decode(padded.encode()))
     except (ValueError, json.JSONDecodeError):
         raise InvalidRequest(f"invalid cursor {cursor!r}") from None
+    in_range = not isinstance(value, int) or 0 <= value <= ROW_ID_MAX
+    if not isinstance(value, kind) or isinstance(value, bool) or not in_range:
+        raise InvalidRequest(f"invalid cursor {cursor!r}")
+    return value
 
 
 def parse_annotation_filters(raw: list[str]) -> dict[str, str]:
@@ -59,7 +66,7 @@ class RepositorySummary:
 def list_repositories(
     session: Session, *, principal: Principal, query: str | None, cursor: str | None, limit: int
 ) -> Page[RepositorySummary]:
-    after = decode_cursor(cursor)
+    after = decode_cursor(cursor, str)
     found: list[Repository] = []
     last_seen = after
     while len(found) <= limit:
@@ -122,7 +129,7 @@ def list_versions(
 ) -> Page[tuple[Manifest, str, list[str], ArtifactIndex | None]]:
     """Versions (manifests), newest first; each with its repository name, tags and index."""
     filters = filters or ArtifactFilters()
-    after = decode_cursor(cursor)
+    after = decode_cursor(cursor, int)
     results: list[tuple[Manifest, str]] = []
     last_id = after
     # With index filters, order by the index's own key (the same id): SQLite then walks
@@ -137,7 +144,7 @@ def list_versions(
             .limit(min(200, limit + 1))
         )
         if last_id is not None:
-            statement = statement.where(order_key < int(last_id))
+            statement = statement.where(order_key < last_id)
         if repository is not None:
             statement = statement.where(Repository.name == repository)
         if artifact_type is not None:

@@ -17,9 +17,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 from sqlalchemy.orm import Session
 
 from peftreg.checkpoint.package import (
@@ -31,6 +38,7 @@ from peftreg.checkpoint.package import (
 )
 from peftreg.digest import Digest
 from peftreg.manifest import OCI_MANIFEST
+from peftreg.reference import REFERENCE_SCHEMA_PATTERN, Reference
 from peftreg.registry.auth.scopes import Grant, Principal
 from peftreg.registry.catalog import blobs, manifests
 from peftreg.registry.errors import BaseIncompatible, BlobUnknown, JobInvalid, NameUnknown
@@ -53,10 +61,23 @@ EXPORT = "export"
 MERGEABLE = ("lora", "dora", "nola")
 
 
+def _reference_text(text: str) -> str:
+    Reference.parse(text)  # InvalidReference is a ValueError: a 400 INVALID_REQUEST
+    return text
+
+
+# A reference as the client wrote it; checked whole, documented by its pattern.
+ReferenceText = Annotated[
+    str,
+    AfterValidator(_reference_text),
+    WithJsonSchema({"type": "string", "pattern": REFERENCE_SCHEMA_PATTERN}),
+]
+
+
 class AdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reference: str
+    reference: ReferenceText
     weight: float = Field(default=1.0, allow_inf_nan=False)
 
 
@@ -66,7 +87,7 @@ class ExportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapters: list[AdapterRequest] = Field(min_length=1, max_length=16)
-    base: str
+    base: ReferenceText
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     base_quantization: Literal["none", "nf4"] = "none"
     quantize: Literal["none", "int4"] = "none"

@@ -258,7 +258,7 @@ def matrix(s: Seed) -> list[Case]:
         ),
         Case(
             "DELETE",
-            "/api/v1/repositories/{name}/versions/{digest}",
+            "/api/v1/repositories/{name}/versions/{reference}",
             f"{api}/versions/{s.m3}",
             ADMIN,
         ),

@@ -367,7 +367,7 @@ def test_openapi_lists_management_paths(client: httpx.Client) -> None:
         "/api/v1/audit",
     ):
         assert expected in paths, sorted(paths)
-    assert "delete" in paths["/api/v1/repositories/{name}/versions/{digest}"]
+    assert "delete" in paths["/api/v1/repositories/{name}/versions/{reference}"]
     assert "post" in paths["/api/v1/tokens"]
 
 

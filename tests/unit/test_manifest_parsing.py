@@ -71,3 +71,10 @@ def test_invalid_manifests_name_the_problem(
 
 def test_canonical_json_is_deterministic() -> None:
     assert canonical_json({"b": 1, "a": [2, {"d": 1, "c": 2}]}) == b'{"a":[2,{"c":2,"d":1}],"b":1}'
+
+
+@pytest.mark.parametrize("depth", [65, 1000, 100_000])
+def test_deeply_nested_json_is_an_invalid_manifest(depth: int) -> None:
+    """Not a RecursionError: nesting beyond 64 levels is refused by name."""
+    with pytest.raises(InvalidManifest, match="nests deeper than 64 levels"):
+        parse_manifest(b"[" * depth + b"]" * depth, OCI_MANIFEST)

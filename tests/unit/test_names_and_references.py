@@ -16,7 +16,10 @@ def test_valid_repository_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["", "../x", "A/B", "a//b", "a/", "/a", "-a", "a-", "a..b", "a b", "a/.x", "x" * 256],
+    [
+        *["", "../x", "A/B", "a//b", "a/", "/a", "-a", "a-", "a..b", "a b", "a/.x", "x" * 256],
+        *["acme/bot\n", "acme/bot\r\n", "\nacme/bot"],
+    ],
 )
 def test_invalid_repository_names_name_the_problem(name: str) -> None:
     with pytest.raises(InvalidName, match="repository name"):
@@ -28,7 +31,9 @@ def test_valid_tags(tag: str) -> None:
     assert check_tag(tag) == tag
 
 
-@pytest.mark.parametrize("tag", ["", ".x", "-x", "a/b", "a:b", "a" * 129])
+@pytest.mark.parametrize(
+    "tag", ["", ".x", "-x", "a/b", "a:b", "a" * 129, "prod\n", "a" * 128 + "\n"]
+)
 def test_invalid_tags(tag: str) -> None:
     with pytest.raises(InvalidName, match="invalid tag"):
         check_tag(tag)
@@ -63,3 +68,15 @@ def test_reference_forms() -> None:
 def test_invalid_references(text: str) -> None:
     with pytest.raises(InvalidReference):
         Reference.parse(text, default_tag=None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["acme/bot:prod\n", "acme/bot\n:prod", "acme/bot@sha256:" + "ab" * 32 + "\n"],
+)
+def test_a_trailing_newline_is_no_part_of_a_reference(text: str) -> None:
+    """`$` matches before a final newline: every pattern is anchored at the true end."""
+    with pytest.raises(InvalidReference):
+        Reference.parse(text)
+    with pytest.raises(InvalidDigest):
+        Digest.parse("sha256:" + "ab" * 32 + "\n")

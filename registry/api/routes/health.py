@@ -8,12 +8,19 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from peftreg.registry.api.deps import ServicesDep
+from peftreg.registry.api.openapi import body
 from peftreg.registry.state import Services
 
 router = APIRouter()
+STATUS = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {"status": {"enum": ["ok", "unavailable"]}},
+    "additionalProperties": {"type": "string"},
+}
 
 
-@router.get("/healthz", include_in_schema=False)
+@router.get("/healthz", responses={200: body("The process answers", ("application/json",), STATUS)})
 async def healthz() -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
@@ -34,7 +41,13 @@ def _check(services: Services) -> dict[str, str]:
     return checks
 
 
-@router.get("/readyz", include_in_schema=False)
+@router.get(
+    "/readyz",
+    responses={
+        200: body("The database and the blob store answer", ("application/json",), STATUS),
+        503: body("A backend does not answer", ("application/json",), STATUS),
+    },
+)
 async def readyz(services: ServicesDep) -> JSONResponse:
     checks = await run_in_threadpool(_check, services)
     ready = all(value == "ok" for value in checks.values())

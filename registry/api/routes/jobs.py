@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from peftreg.registry.api.deps import (
+    SQL_INTEGER_MAX,
     PrincipalDep,
     ServicesDep,
     authorize,
@@ -28,8 +29,20 @@ from peftreg.registry.api.deps import (
     authorize_global_admin,
     in_transaction,
 )
+from peftreg.registry.api.openapi import failures
 from peftreg.registry.auth.scopes import Principal, Scope
 from peftreg.registry.db.models import Job
+from peftreg.registry.errors import (
+    BaseIncompatible,
+    DigestInvalid,
+    JobFinished,
+    JobInvalid,
+    JobUnknown,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    TagInvalid,
+)
 from peftreg.registry.jobs import queue, requests
 from peftreg.registry.jobs.export import ExportRequest, export_access
 
@@ -77,7 +90,22 @@ def _check(principal: Principal, scope: Scope, job: Job) -> None:
         authorize(principal, scope, job.repository)
 
 
-@router.post("/exports", response_model=JobOut)
+@router.post(
+    "/exports",
+    response_model=JobOut,
+    responses={
+        202: {"model": JobOut, "description": "A new job, queued"},
+        **failures(
+            NameInvalid,
+            NameUnknown,
+            TagInvalid,
+            DigestInvalid,
+            ManifestUnknown,
+            JobInvalid,
+            BaseIncompatible,
+        ),
+    },
+)
 async def request_export(
     body: ExportRequest, services: ServicesDep, principal: PrincipalDep
 ) -> JSONResponse:
@@ -129,7 +157,7 @@ async def list_jobs(
     return await in_transaction(services, work)
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut)
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=failures(JobUnknown))
 async def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobOut:
     def work(session: Session) -> JobOut:
         job = queue.get_job(session, job_id)
@@ -139,12 +167,12 @@ async def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -
     return await in_transaction(services, work)
 
 
-@router.get("/jobs/{job_id}/logs", response_model=list[JobLogOut])
+@router.get("/jobs/{job_id}/logs", response_model=list[JobLogOut], responses=failures(JobUnknown))
 async def get_job_logs(
     job_id: str,
     services: ServicesDep,
     principal: PrincipalDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=SQL_INTEGER_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=10000)] = 1000,
 ) -> list[JobLogOut]:
     def work(session: Session) -> list[JobLogOut]:
@@ -157,7 +185,9 @@ async def get_job_logs(
     return await in_transaction(services, work)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+@router.post(
+    "/jobs/{job_id}/cancel", response_model=JobOut, responses=failures(JobUnknown, JobFinished)
+)
 async def cancel_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -> JobOut:
     def work(session: Session) -> JobOut:
         _check(principal, "write", queue.get_job(session, job_id))

@@ -11,7 +11,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from peftreg.digest import Digest
+from peftreg.formats.bounded_json import loads_bounded
 from peftreg.registry.api.deps import (
+    SQL_INTEGER_MAX,
     PrincipalDep,
     ServicesDep,
     authorize,
@@ -19,6 +21,7 @@ from peftreg.registry.api.deps import (
     authorize_global_admin,
     in_transaction,
 )
+from peftreg.registry.api.openapi import failures
 from peftreg.registry.api.schemas import (
     ArtifactSummaryOut,
     AuditEventOut,
@@ -38,7 +41,19 @@ from peftreg.registry.api.schemas import (
 from peftreg.registry.auth import tokens
 from peftreg.registry.catalog import audit, manifests, search, tags
 from peftreg.registry.catalog.repositories import find_repository, is_immutable_tag, valid_name
+from peftreg.registry.catalog.tags import valid_tag
 from peftreg.registry.db.models import ArtifactIndex, AuditEvent, Manifest, Tag
+from peftreg.registry.errors import (
+    DigestInvalid,
+    InvalidRequest,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    TagImmutable,
+    TagInvalid,
+    TokenUnknown,
+    VersionInUse,
+)
 from peftreg.registry.state import Services
 from peftreg.registry.storage.errors import BlobNotFound
 
@@ -81,7 +96,7 @@ def _version_out(
     )
 
 
-@router.get("/repositories", response_model=RepositoryPage)
+@router.get("/repositories", response_model=RepositoryPage, responses=failures(InvalidRequest))
 async def list_repositories(
     services: ServicesDep,
     principal: PrincipalDep,
@@ -128,7 +143,7 @@ async def _versions(
     )
 
 
-@router.get("/versions", response_model=VersionPage)
+@router.get("/versions", response_model=VersionPage, responses=failures(InvalidRequest))
 async def search_versions(
     services: ServicesDep,
     principal: PrincipalDep,
@@ -138,7 +153,7 @@ async def search_versions(
     limit: Limit = 100,
     kind: str | None = None,
     base: str | None = None,
-    max_rank: Annotated[int | None, Query(ge=0)] = None,
+    max_rank: Annotated[int | None, Query(ge=0, le=SQL_INTEGER_MAX)] = None,
     base_quantization: str | None = None,
     verified: bool | None = None,
 ) -> VersionPage:
@@ -155,7 +170,11 @@ async def search_versions(
     )
 
 
-@router.get("/repositories/{name:path}/versions", response_model=VersionPage)
+@router.get(
+    "/repositories/{name:path}/versions",
+    response_model=VersionPage,
+    responses=failures(NameInvalid, NameUnknown, InvalidRequest),
+)
 async def list_versions(
     name: str,
     services: ServicesDep,
@@ -166,7 +185,7 @@ async def list_versions(
     limit: Limit = 100,
     kind: str | None = None,
     base: str | None = None,
-    max_rank: Annotated[int | None, Query(ge=0)] = None,
+    max_rank: Annotated[int | None, Query(ge=0, le=SQL_INTEGER_MAX)] = None,
     base_quantization: str | None = None,
     verified: bool | None = None,
 ) -> VersionPage:
@@ -179,7 +198,11 @@ async def list_versions(
     )
 
 
-@router.get("/repositories/{name:path}/versions/{reference}", response_model=VersionDetail)
+@router.get(
+    "/repositories/{name:path}/versions/{reference}",
+    response_model=VersionDetail,
+    responses=failures(NameInvalid, NameUnknown, TagInvalid, DigestInvalid, ManifestUnknown),
+)
 async def get_version(
     name: str, reference: str, services: ServicesDep, principal: PrincipalDep
 ) -> VersionDetail:
@@ -209,14 +232,20 @@ def _decoded_config(services: Services, digest: str | None, document: dict[str, 
         parsed = Digest.parse(digest)
         if services.store.stat(parsed) > MAX_DECODED_CONFIG:
             return None
-        return json.loads(b"".join(services.store.read(parsed)))
+        return loads_bounded(b"".join(services.store.read(parsed)))
     except (BlobNotFound, ValueError):
         return None
 
 
-@router.delete("/repositories/{name:path}/versions/{digest}", response_model=DeletedVersionOut)
+@router.delete(
+    "/repositories/{name:path}/versions/{reference}",
+    response_model=DeletedVersionOut,
+    responses=failures(
+        NameInvalid, NameUnknown, DigestInvalid, ManifestUnknown, VersionInUse, TagImmutable
+    ),
+)
 async def delete_version(
-    name: str, digest: str, services: ServicesDep, principal: PrincipalDep, force: bool = False
+    name: str, reference: str, services: ServicesDep, principal: PrincipalDep, force: bool = False
 ) -> DeletedVersionOut:
     """Delete a version; refused (409) while a tag points at it unless `force`."""
     valid_name(name)
@@ -227,14 +256,18 @@ async def delete_version(
             manifests.delete_manifest,
             principal=principal,
             repository=name,
-            digest=digest,
+            digest=reference,
             force=force,
         ),
     )
-    return DeletedVersionOut(digest=digest, tags_removed=removed)
+    return DeletedVersionOut(digest=reference, tags_removed=removed)
 
 
-@router.get("/repositories/{name:path}/tags", response_model=list[TagOut])
+@router.get(
+    "/repositories/{name:path}/tags",
+    response_model=list[TagOut],
+    responses=failures(NameInvalid, NameUnknown),
+)
 async def list_tags(name: str, services: ServicesDep, principal: PrincipalDep) -> list[TagOut]:
     valid_name(name)
     authorize(principal, "read", name)
@@ -255,11 +288,16 @@ async def list_tags(name: str, services: ServicesDep, principal: PrincipalDep) -
     return await in_transaction(services, work)
 
 
-@router.get("/repositories/{name:path}/tags/{tag}/history", response_model=list[TagEventOut])
+@router.get(
+    "/repositories/{name:path}/tags/{tag}/history",
+    response_model=list[TagEventOut],
+    responses=failures(NameInvalid, NameUnknown, TagInvalid),
+)
 async def tag_history(
     name: str, tag: str, services: ServicesDep, principal: PrincipalDep
 ) -> list[TagEventOut]:
     valid_name(name)
+    valid_tag(tag)
     authorize(principal, "read", name)
 
     def work(session: Session) -> list[TagEventOut]:
@@ -272,7 +310,11 @@ async def tag_history(
     return await in_transaction(services, work)
 
 
-@router.put("/repositories/{name:path}/policy", response_model=RepositoryOut)
+@router.put(
+    "/repositories/{name:path}/policy",
+    response_model=RepositoryOut,
+    responses=failures(NameInvalid, NameUnknown),
+)
 async def set_policy(
     name: str, policy: PolicyIn, services: ServicesDep, principal: PrincipalDep
 ) -> RepositoryOut:
@@ -298,7 +340,12 @@ async def set_policy(
     return await in_transaction(services, work)
 
 
-@router.post("/tokens", response_model=IssuedTokenOut, status_code=201)
+@router.post(
+    "/tokens",
+    response_model=IssuedTokenOut,
+    status_code=201,
+    responses=failures(InvalidRequest),
+)
 async def create_token(
     body: TokenIn, services: ServicesDep, principal: PrincipalDep
 ) -> IssuedTokenOut:
@@ -327,7 +374,7 @@ async def list_tokens(services: ServicesDep, principal: PrincipalDep) -> list[To
     return [TokenOut.model_validate(row) for row in rows]
 
 
-@router.delete("/tokens/{token_id}", response_model=TokenOut)
+@router.delete("/tokens/{token_id}", response_model=TokenOut, responses=failures(TokenUnknown))
 async def revoke_token(token_id: str, services: ServicesDep, principal: PrincipalDep) -> TokenOut:
     authorize_global_admin(principal)
 

@@ -13,12 +13,17 @@ from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
 from peftreg.registry.api.deps import ServicesDep
+from peftreg.registry.api.openapi import body
 from peftreg.registry.observability.metrics import CONTENT_TYPE
 
 router = APIRouter()
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: body("Prometheus text exposition", (CONTENT_TYPE,), {"type": "string"})},
+)
 async def metrics(services: ServicesDep) -> Response:
     # Rendering reads the queue and worker sources, which query the database.
     body = await run_in_threadpool(services.metrics.render)

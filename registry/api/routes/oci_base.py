@@ -10,23 +10,40 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize_any, in_transaction
+from peftreg.registry.api.deps import (
+    SQL_INTEGER_MAX,
+    PrincipalDep,
+    ServicesDep,
+    authorize_any,
+    in_transaction,
+)
+from peftreg.registry.api.openapi import body
 from peftreg.registry.db.models import Repository
 
 router = APIRouter()
+CATALOG = {
+    "type": "object",
+    "required": ["repositories"],
+    "properties": {"repositories": {"type": "array", "items": {"type": "string"}}},
+}
 
 
-@router.get("/v2/")
+@router.get(
+    "/v2/", responses={200: body("The OCI API is here", ("application/json",), {"type": "object"})}
+)
 async def ping(principal: PrincipalDep) -> Response:
     authorize_any(principal)
     return JSONResponse({}, headers={"Docker-Distribution-API-Version": "registry/2.0"})
 
 
-@router.get("/v2/_catalog")
+@router.get(
+    "/v2/_catalog",
+    responses={200: body("Repository names, a page", ("application/json",), CATALOG)},
+)
 async def catalog(
     services: ServicesDep,
     principal: PrincipalDep,
-    n: Annotated[int, Query(ge=0)] = 100,
+    n: Annotated[int, Query(ge=0, le=SQL_INTEGER_MAX)] = 100,
     last: str | None = None,
 ) -> Response:
     authorize_any(principal)

@@ -11,20 +11,28 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from peftreg.registry.api.openapi import BLOB_BYTES, OCTET_STREAM, body, failures, no_body
 from peftreg.registry.catalog import blobs
 from peftreg.registry.catalog.repositories import valid_name
-from peftreg.registry.errors import BlobUnknown, RangeInvalid
+from peftreg.registry.errors import (
+    BlobUnknown,
+    DigestInvalid,
+    NameInvalid,
+    NameUnknown,
+    RangeInvalid,
+)
 from peftreg.registry.storage.errors import BlobNotFound
 
 router = APIRouter()
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+BLOB_BYTES_SCHEMA = {"type": "string", "format": "binary"}
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")  # matched whole (`fullmatch`)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """`[start, end)` of a single-range `Range` header, or None for the whole blob."""
     if not header:
         return None
-    match = _RANGE_RE.match(header.strip())
+    match = _RANGE_RE.fullmatch(header.strip())
     if match is None or match.group(1) == match.group(2) == "":
         raise RangeInvalid(f"unsupported Range header {header!r}", current_size=size)
     first, last = match.group(1), match.group(2)
@@ -40,7 +48,17 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-@router.api_route("/v2/{name:path}/blobs/{digest}", methods=["GET", "HEAD"])
+@router.api_route(
+    "/v2/{name:path}/blobs/{digest}",
+    methods=["GET", "HEAD"],
+    response_class=Response,
+    responses={
+        200: BLOB_BYTES,
+        206: body("The requested range of the blob", (OCTET_STREAM,), BLOB_BYTES_SCHEMA),
+        307: no_body("Fetch the bytes from the blob store", Location="A presigned URL"),
+        **failures(NameInvalid, NameUnknown, DigestInvalid, BlobUnknown, RangeInvalid),
+    },
+)
 async def get_blob(
     name: str, digest: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -82,7 +100,15 @@ async def get_blob(
     return StreamingResponse(chunks, status_code=status, headers=headers)
 
 
-@router.delete("/v2/{name:path}/blobs/{digest}")
+@router.delete(
+    "/v2/{name:path}/blobs/{digest}",
+    status_code=202,
+    response_class=Response,
+    responses={
+        202: no_body("Unlinked from the repository"),
+        **failures(NameInvalid, NameUnknown, DigestInvalid, BlobUnknown),
+    },
+)
 async def delete_blob(
     name: str, digest: str, services: ServicesDep, principal: PrincipalDep
 ) -> Response:

@@ -12,13 +12,42 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from peftreg.manifest import OCI_INDEX
-from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from peftreg.registry.api.deps import (
+    SQL_INTEGER_MAX,
+    PrincipalDep,
+    ServicesDep,
+    authorize,
+    in_transaction,
+)
+from peftreg.registry.api.openapi import MANIFEST_BODY, OCI_INDEX_SCHEMA, body, failures, no_body
 from peftreg.registry.catalog import manifests, oci_delete, tags
 from peftreg.registry.catalog.blobs import parse_digest
 from peftreg.registry.catalog.repositories import find_repository, valid_name
-from peftreg.registry.errors import ManifestTooLarge
+from peftreg.registry.errors import (
+    ArtifactInvalid,
+    DeleteUnsupported,
+    DigestInvalid,
+    LayerTitleInvalid,
+    ManifestBlobUnknown,
+    ManifestInvalid,
+    ManifestTooLarge,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    SafetensorsInvalid,
+    TagImmutable,
+    TagInvalid,
+)
 
 router = APIRouter()
+TAG_LIST = {
+    "type": "object",
+    "required": ["name", "tags"],
+    "properties": {
+        "name": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+    },
+}
 
 
 async def read_limited(request: Request, limit: int) -> bytes:
@@ -37,7 +66,30 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-@router.put("/v2/{name:path}/manifests/{reference}")
+@router.put(
+    "/v2/{name:path}/manifests/{reference}",
+    status_code=201,
+    response_class=Response,
+    responses={
+        201: no_body(
+            "Manifest stored (and tagged)",
+            Location="The manifest's URL",
+            **{"Docker-Content-Digest": "The manifest's digest"},
+        ),
+        **failures(
+            NameInvalid,
+            TagInvalid,
+            DigestInvalid,
+            ManifestInvalid,
+            ManifestBlobUnknown,
+            ManifestTooLarge,
+            ArtifactInvalid,
+            SafetensorsInvalid,
+            LayerTitleInvalid,
+            TagImmutable,
+        ),
+    },
+)
 async def put_manifest(
     name: str, reference: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -67,7 +119,15 @@ async def put_manifest(
     return Response(status_code=201, headers=headers)
 
 
-@router.api_route("/v2/{name:path}/manifests/{reference}", methods=["GET", "HEAD"])
+@router.api_route(
+    "/v2/{name:path}/manifests/{reference}",
+    methods=["GET", "HEAD"],
+    response_class=Response,
+    responses={
+        200: MANIFEST_BODY,
+        **failures(NameInvalid, NameUnknown, TagInvalid, DigestInvalid, ManifestUnknown),
+    },
+)
 async def get_manifest(
     name: str, reference: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -86,7 +146,22 @@ async def get_manifest(
     return Response(content=row.content, status_code=200, headers=headers, media_type=None)
 
 
-@router.delete("/v2/{name:path}/manifests/{reference}")
+@router.delete(
+    "/v2/{name:path}/manifests/{reference}",
+    status_code=202,
+    response_class=Response,
+    responses={
+        202: no_body("Version deleted (by digest) or untagged (by tag)"),
+        **failures(
+            NameInvalid,
+            NameUnknown,
+            TagInvalid,
+            DigestInvalid,
+            ManifestUnknown,
+            DeleteUnsupported,
+        ),
+    },
+)
 async def delete_manifest(
     name: str, reference: str, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -102,12 +177,18 @@ async def delete_manifest(
     return Response(status_code=202)
 
 
-@router.get("/v2/{name:path}/tags/list")
+@router.get(
+    "/v2/{name:path}/tags/list",
+    responses={
+        200: body("Tags, a page", ("application/json",), TAG_LIST),
+        **failures(NameInvalid, NameUnknown),
+    },
+)
 async def list_tags(
     name: str,
     services: ServicesDep,
     principal: PrincipalDep,
-    n: Annotated[int | None, Query(ge=0)] = None,
+    n: Annotated[int | None, Query(ge=0, le=SQL_INTEGER_MAX)] = None,
     last: str | None = None,
 ) -> Response:
     valid_name(name)
@@ -128,7 +209,14 @@ async def list_tags(
     return JSONResponse({"name": name, "tags": names}, headers=headers)
 
 
-@router.get("/v2/{name:path}/referrers/{digest}")
+@router.get(
+    "/v2/{name:path}/referrers/{digest}",
+    response_class=Response,
+    responses={
+        200: body("Manifests whose subject is the digest", (OCI_INDEX,), OCI_INDEX_SCHEMA),
+        **failures(NameInvalid, NameUnknown, DigestInvalid),
+    },
+)
 async def referrers(
     name: str,
     digest: str,

@@ -11,15 +11,24 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from peftreg.registry.api.openapi import CREATED_BLOB, UPLOAD_PROGRESS, failures, no_body
 from peftreg.registry.catalog import blobs
 from peftreg.registry.catalog.repositories import valid_name
-from peftreg.registry.errors import BlobUploadInvalid, BlobUploadUnknown, RangeInvalid, UploadInUse
+from peftreg.registry.errors import (
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    DigestInvalid,
+    NameInvalid,
+    NameUnknown,
+    RangeInvalid,
+    UploadInUse,
+)
 from peftreg.registry.state import Services
 from peftreg.registry.storage.errors import UploadBusy, UploadNotFound, UploadOffsetMismatch
 
 router = APIRouter()
 WRITE_BUFFER = 4 * 1024 * 1024
-_CONTENT_RANGE_RE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/\S+)?$")
+_CONTENT_RANGE_RE = re.compile(r"(?:bytes[ =])?([0-9]+)-([0-9]+)(?:/\S+)?")  # matched whole
 
 
 def _location(name: str, upload_id: str) -> str:
@@ -122,23 +131,41 @@ def _size_or_unknown(services: Services, upload_id: str) -> int:
         ) from None
 
 
-def _chunk_offset(request: Request) -> int | None:
+async def _chunk_offset(services: Services, request: Request, upload_id: str) -> int | None:
+    """Where the chunk's `Content-Range` says it starts (None: at the current end)."""
     header = request.headers.get("content-range")
     if not header:
         return None
-    match = _CONTENT_RANGE_RE.match(header.strip())
+    match = _CONTENT_RANGE_RE.fullmatch(header.strip())
     if match is None:
         raise BlobUploadInvalid(f"malformed Content-Range {header!r}; expected <start>-<end>")
-    return int(match.group(1))
+    start, end = int(match.group(1)), int(match.group(2))
+    if end < start:
+        current = await run_in_threadpool(_size_or_unknown, services, upload_id)
+        raise RangeInvalid(f"Content-Range {header!r} ends before it starts", current_size=current)
+    return start
 
 
-@router.post("/v2/{name:path}/blobs/uploads/")
+@router.post(
+    "/v2/{name:path}/blobs/uploads/",
+    status_code=202,
+    response_class=Response,
+    responses={
+        201: CREATED_BLOB,
+        202: UPLOAD_PROGRESS,
+        **failures(NameInvalid, DigestInvalid, BlobUploadInvalid, UploadInUse, RangeInvalid),
+    },
+)
 async def start_upload(
     name: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
     valid_name(name)
     authorize(principal, "write", name)
     mount, source = request.query_params.get("mount"), request.query_params.get("from")
+    if mount is not None:
+        blobs.parse_digest(mount)
+    if source is not None:
+        valid_name(source)
     if mount and source and principal.can("read", source):
         digest = blobs.parse_digest(mount)
         mounted = await in_transaction(
@@ -185,7 +212,22 @@ async def start_upload(
     return _created(name, str(digest))
 
 
-@router.patch("/v2/{name:path}/blobs/uploads/{upload_id}")
+@router.patch(
+    "/v2/{name:path}/blobs/uploads/{upload_id}",
+    status_code=202,
+    response_class=Response,
+    responses={
+        202: UPLOAD_PROGRESS,
+        **failures(
+            NameInvalid,
+            NameUnknown,
+            BlobUploadUnknown,
+            BlobUploadInvalid,
+            UploadInUse,
+            RangeInvalid,
+        ),
+    },
+)
 async def patch_upload(
     name: str, upload_id: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -194,12 +236,30 @@ async def patch_upload(
     await in_transaction(
         services, partial(blobs.check_upload, repository=name, upload_id=upload_id)
     )
-    size = await receive_body(services, request, upload_id, _chunk_offset(request))
+    size = await receive_body(
+        services, request, upload_id, await _chunk_offset(services, request, upload_id)
+    )
     await in_transaction(services, partial(blobs.touch_upload, upload_id=upload_id))
     return Response(status_code=202, headers=_progress_headers(name, upload_id, size))
 
 
-@router.put("/v2/{name:path}/blobs/uploads/{upload_id}")
+@router.put(
+    "/v2/{name:path}/blobs/uploads/{upload_id}",
+    status_code=201,
+    response_class=Response,
+    responses={
+        201: CREATED_BLOB,
+        **failures(
+            NameInvalid,
+            NameUnknown,
+            BlobUploadUnknown,
+            BlobUploadInvalid,
+            UploadInUse,
+            RangeInvalid,
+            DigestInvalid,
+        ),
+    },
+)
 async def finish_upload(
     name: str, upload_id: str, request: Request, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -212,7 +272,9 @@ async def finish_upload(
     await in_transaction(
         services, partial(blobs.check_upload, repository=name, upload_id=upload_id)
     )
-    await receive_body(services, request, upload_id, _chunk_offset(request))
+    await receive_body(
+        services, request, upload_id, await _chunk_offset(services, request, upload_id)
+    )
     await in_transaction(
         services,
         partial(
@@ -227,7 +289,12 @@ async def finish_upload(
     return _created(name, str(digest))
 
 
-@router.get("/v2/{name:path}/blobs/uploads/{upload_id}")
+@router.get(
+    "/v2/{name:path}/blobs/uploads/{upload_id}",
+    status_code=204,
+    response_class=Response,
+    responses={204: UPLOAD_PROGRESS, **failures(NameInvalid, NameUnknown, BlobUploadUnknown)},
+)
 async def upload_status(
     name: str, upload_id: str, services: ServicesDep, principal: PrincipalDep
 ) -> Response:
@@ -240,7 +307,15 @@ async def upload_status(
     return Response(status_code=204, headers=_progress_headers(name, upload_id, size))
 
 
-@router.delete("/v2/{name:path}/blobs/uploads/{upload_id}")
+@router.delete(
+    "/v2/{name:path}/blobs/uploads/{upload_id}",
+    status_code=204,
+    response_class=Response,
+    responses={
+        204: no_body("Upload cancelled"),
+        **failures(NameInvalid, NameUnknown, BlobUploadUnknown, UploadInUse),
+    },
+)
 async def cancel_upload(
     name: str, upload_id: str, services: ServicesDep, principal: PrincipalDep
 ) -> Response:

@@ -30,10 +30,17 @@ from sqlalchemy.orm import Session
 
 from peftreg.digest import Digest, InvalidDigest
 from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_read_transaction
+from peftreg.registry.api.openapi import failures
 from peftreg.registry.catalog.repositories import find_repository, valid_name
 from peftreg.registry.catalog.tags import valid_tag
 from peftreg.registry.db.models import Tag
-from peftreg.registry.errors import DigestInvalid, InvalidRequest
+from peftreg.registry.errors import (
+    DigestInvalid,
+    InvalidRequest,
+    NameInvalid,
+    NameUnknown,
+    TagInvalid,
+)
 from peftreg.registry.state import Services
 
 router = APIRouter(prefix="/api/v1", tags=["management"])
@@ -152,7 +159,11 @@ async def _wait(
     return poller.digest
 
 
-@router.get("/repositories/{name:path}/tags/{tag}/watch", response_model=TagWatchOut)
+@router.get(
+    "/repositories/{name:path}/tags/{tag}/watch",
+    response_model=TagWatchOut,
+    responses=failures(NameInvalid, NameUnknown, TagInvalid, DigestInvalid, InvalidRequest),
+)
 async def watch_tag(
     name: str,
     tag: str,
