@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftreg.adapters.features import storage_refusal
 from peftreg.adapters.schema import (
     AdapterConfig,
     AdapterKind,
@@ -208,6 +209,9 @@ def read_peft_directory(
             f"peft_type {peft_config.get('peft_type')!r} is not supported; peftreg imports "
             "LORA (with DoRA and rsLoRA), PROMPT_TUNING, PREFIX_TUNING and NOLA"
         )
+    refusal = storage_refusal(peft_config)
+    if refusal is not None:
+        raise PeftImportError(f"{path}: {refusal}")
     title = NOLA_FILE if kind == "nola" else TENSORS_FILE
     tensors_path = path / title
     if not tensors_path.is_file():

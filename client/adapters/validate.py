@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from peftreg.adapters.features import storage_refusal
 from peftreg.adapters.schema import AdapterConfig, BaseConfig, TargetModule
 from peftreg.formats.safetensors_header import SafetensorsHeader, TensorEntry
 from peftreg.manifest import canonical_json
@@ -68,6 +69,7 @@ _ROLES: tuple[tuple[str, str], ...] = (
     (".lora_embedding_B", "lora_embedding_B"),
     (".lora_magnitude_vector", "magnitude"),
     (".base_layer.weight", "full_weight"),
+    (".base_layer.bias", "full_bias"),
     (".weight", "full_weight"),
     (".bias", "full_bias"),
 )
@@ -131,6 +133,9 @@ def validate_adapter(
     `read_values` yields a tensor's values in bounded flat pieces, so checking
     a large tensor never holds it whole in memory.
     """
+    refusal = storage_refusal(config.peft_config)
+    if refusal is not None:
+        raise AdapterInvalid(refusal, location="adapter_config.json")
     _check_index(config, header)
     _check_dtypes(config, header)
     if config.kind in ("lora", "dora", "nola"):
@@ -209,6 +214,8 @@ def _check_modules(config: AdapterConfig, header: SafetensorsHeader) -> None:
         if part.role in ("full_weight", "full_bias"):
             if part.module in targets or _matches_suffix(part.module, saved):
                 continue
+            if part.role == "full_bias" and config.peft_config.get("bias") == "all":
+                continue  # bias="all" trains (and saves) every bias of the model
             raise AdapterInvalid(
                 f"tensor {name!r} is a full copy of module {part.module!r}, which is neither "
                 "a target nor in modules_to_save",
@@ -372,6 +379,20 @@ def _check_base(config: AdapterConfig, header: SafetensorsHeader, base: BaseConf
         _shape_error(part.module, name, entry.shape, want)
 
 
+def _key_value_width(base_shapes: dict[str, tuple[int, ...]]) -> tuple[int, int] | None:
+    """(number of layers, key/value width) from the base's separate key projections;
+    None for a base without them (fused attention, e.g. GPT-2's c_attn)."""
+    widths = {
+        shape[0]
+        for name, shape in base_shapes.items()
+        if name.endswith(".k_proj.weight") and len(shape) == 2
+    }
+    if len(widths) != 1:
+        return None
+    layers = sum(1 for name in base_shapes if name.endswith(".k_proj.weight"))
+    return layers, widths.pop()
+
+
 def _check_prompt(
     config: AdapterConfig, header: SafetensorsHeader, base_shapes: dict[str, tuple[int, ...]]
 ) -> None:
@@ -385,26 +406,58 @@ def _check_prompt(
     if embedding is None:
         return
     embedding_name, dim = embedding
+    embedding_shape = list(base_shapes[embedding_name])
+    if config.kind == "prefix_tuning":
+        _check_prefix(config, entry, base_shapes, f"{embedding_name!r} {embedding_shape}", dim)
+        return
     token_dim = config.peft_config.get("token_dim")
     if isinstance(token_dim, int) and token_dim != dim:
         raise AdapterInvalid(
             f"prompt adapter token_dim {token_dim} does not match the base embedding "
-            f"{embedding_name!r} dimension {dim} (shape {list(base_shapes[embedding_name])})",
+            f"{embedding_name!r} dimension {dim} (shape {embedding_shape})",
             location="prompt_embeddings",
         )
     width = entry.shape[1]
-    if config.kind == "prompt_tuning" and width != dim:
+    if width != dim:
         raise AdapterInvalid(
             f"tensor 'prompt_embeddings' has shape {list(entry.shape)}: token dimension "
             f"{width}, but the base embedding {embedding_name!r} has shape "
-            f"{list(base_shapes[embedding_name])} (dimension {dim})",
+            f"{embedding_shape} (dimension {dim})",
             location="prompt_embeddings",
         )
-    if config.kind == "prefix_tuning" and width % (2 * dim) != 0:
+
+
+def _check_prefix(
+    config: AdapterConfig,
+    entry: TensorEntry,
+    base_shapes: dict[str, tuple[int, ...]],
+    embedding: str,
+    hidden: int,
+) -> None:
+    """Prefix tuning stores per layer a key and a value prefix of the key/value width:
+    peft sets `token_dim` to num_key_value_heads * head_dim (the hidden size without
+    grouped-query attention), and `prompt_embeddings` to (tokens, layers * 2 * token_dim)."""
+    key_value = _key_value_width(base_shapes)
+    layers, width = key_value if key_value is not None else (None, hidden)
+    what = (
+        f"the key/value width {width} of the base's k_proj weights"
+        if key_value is not None
+        else f"the base embedding {embedding} dimension {hidden}"
+    )
+    token_dim = config.peft_config.get("token_dim")
+    if isinstance(token_dim, int) and token_dim != width:
         raise AdapterInvalid(
-            f"tensor 'prompt_embeddings' has shape {list(entry.shape)}: width {width} is not "
-            f"num_layers * 2 * {dim} for the base embedding {embedding_name!r} "
-            f"(shape {list(base_shapes[embedding_name])})",
+            f"prefix adapter token_dim {token_dim} does not match {what}",
+            location="prompt_embeddings",
+        )
+    per_layer = 2 * width
+    columns = entry.shape[1]
+    expected = None if layers is None else layers * per_layer
+    if columns % per_layer != 0 or (expected is not None and columns != expected):
+        layers_text = "num_layers" if layers is None else f"{layers} layers"
+        raise AdapterInvalid(
+            f"tensor 'prompt_embeddings' has shape {list(entry.shape)}: width {columns} is "
+            f"not {layers_text} * 2 * {width} for {what}",
             location="prompt_embeddings",
         )
 

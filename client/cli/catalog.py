@@ -199,6 +199,19 @@ def rm(ref: str, force: bool) -> None:
     click.echo(f"deleted {reference.repository}@{deleted.digest}{removed}")
 
 
+def _variants(config: dict[str, Any]) -> list[str]:
+    from peftreg.adapters.features import variants
+
+    peft_config = config.get("peft_config")
+    return variants(peft_config) if isinstance(peft_config, dict) else []
+
+
+def _kind_text(kind: str | None, config: dict[str, Any]) -> str:
+    """The kind with the features that change its meaning: `lora (aLoRA, rsLoRA)`."""
+    found = _variants(config)
+    return f"{kind} ({', '.join(found)})" if found else str(kind)
+
+
 def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
     if summary["kind"] == "base":
         click.echo("kind:          base")
@@ -208,7 +221,7 @@ def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
         return
     base = config.get("base") or {}
     verified = "verified" if summary["verified"] else "unverified: base not registered"
-    click.echo(f"kind:          {summary['kind']}")
+    click.echo(f"kind:          {_kind_text(summary['kind'], config)}")
     click.echo(f"base:          {base.get('name') or '-'}")
     click.echo(f"base fingerprint: {base.get('fingerprint') or '-'} ({verified})")
     if base.get("quantization", "none") != "none":
@@ -275,8 +288,9 @@ def diff(ref1: str, ref2: str, as_json: bool) -> None:
         norm = float(torch.linalg.vector_norm(a32))
         delta = float(torch.linalg.vector_norm(a32 - b32))
         changes[name] = delta / norm if norm > 0 else (0.0 if delta == 0 else float("inf"))
-    report = {
+    report: dict[str, Any] = {
         "kind": [config_a.get("kind"), config_b.get("kind")],
+        "variants": [_variants(config_a), _variants(config_b)],
         "rank": [config_a.get("rank"), config_b.get("rank")],
         "targets_added": sorted(targets_b - targets_a),
         "targets_removed": sorted(targets_a - targets_b),
@@ -287,7 +301,8 @@ def diff(ref1: str, ref2: str, as_json: bool) -> None:
     if as_json:
         echo_json(report)
         return
-    kind_a, kind_b = report["kind"]
+    kind_a = _kind_text(config_a.get("kind"), config_a)
+    kind_b = _kind_text(config_b.get("kind"), config_b)
     rank_a, rank_b = report["rank"]
     click.echo(f"kind:    {kind_a}" + ("" if kind_a == kind_b else f" -> {kind_b}"))
     click.echo(f"rank:    {rank_a}" + ("" if rank_a == rank_b else f" -> {rank_b}"))

@@ -50,7 +50,7 @@ from peftreg.hotswap.merged import PristineWeights
 from peftreg.hotswap.planning import EMPTY, SwapPlan, SwapPlanner
 from peftreg.hotswap.prompt import PromptSlot
 from peftreg.hotswap.slots import ModuleSlot
-from peftreg.hotswap.targets import TargetSite, resolve_targets
+from peftreg.hotswap.targets import TargetSite, refuse_tied_for_merged, resolve_targets
 from peftreg.sdk.client import Client
 
 __all__ = ["AdapterHost", "AdapterSource", "SwapPlan", "source_label"]
@@ -95,6 +95,7 @@ class AdapterHost:
                         dora=config.dora,
                     )
             else:
+                refuse_tied_for_merged(model, self.sites)
                 self.pristine = PristineWeights(self.sites, config.pristine_device)
             self.prompt: PromptSlot | None = prompt_slot(model, config)
         self._devices = set(devices.values())

@@ -263,6 +263,7 @@ def run_export(context: JobContext) -> Publication:
                 tensors_path=adapter_dir / tensors,
                 weight=weight,
                 digest=adapter.digest,
+                label=f"{adapter.repository}@{adapter.digest}",  # not the scratch directory
             )
         )
         context.log(f"adapter {adapter.repository}@{adapter.digest} weight {weight}")
