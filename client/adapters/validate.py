@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from peftreg.adapters.features import storage_refusal
-from peftreg.adapters.schema import AdapterConfig, BaseConfig, TargetModule
+from peftreg.adapters.schema import GENERIC_KINDS, AdapterConfig, BaseConfig, TargetModule
 from peftreg.formats.safetensors_header import SafetensorsHeader, TensorEntry
 from peftreg.manifest import canonical_json
 
@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # numpy loads when values are first checked, not when the reg
 PREFIX = "base_model.model."
 WEIGHT_DTYPES = frozenset({"F32", "F16", "BF16"})
 NOLA_INDEX_DTYPES = frozenset({"I64"})
+# Indices and masks some peft types save (SHiRA, FRoD, SuperTuning, VB-LoRA, ...).
+GENERIC_INDEX_DTYPES = frozenset({"I64", "I32", "I16", "I8", "U8", "BOOL"})
 # safetensors dtype -> numpy dtype of its little-endian values (BF16 is widened below).
 NUMPY_DTYPES: dict[str, str] = {
     "F32": "<f4",
@@ -140,8 +142,12 @@ def validate_adapter(
     _check_dtypes(config, header)
     if config.kind in ("lora", "dora", "nola"):
         _check_modules(config, header)
+    if config.kind in GENERIC_KINDS:
+        _check_generic_names(header)
     _check_values(header, read_values)
-    if base is not None:
+    if base is not None and config.kind not in GENERIC_KINDS:
+        # The other peft types' tensors are checked against the base's architecture by
+        # the library at `push --base` (peft injected on the meta device; needs torch).
         _check_base(config, header, base)
 
 
@@ -167,11 +173,25 @@ def _check_index(config: AdapterConfig, header: SafetensorsHeader) -> None:
         )
 
 
+def _check_generic_names(header: SafetensorsHeader) -> None:
+    """peft's names: under `base_model.` (per module, or shared by the tuner), or a
+    top-level prompt tensor (`prompt_embeddings`, `prefix_task_cols`, ...)."""
+    for name in sorted(header.tensors):
+        if not name.startswith("base_model.") and "." in name:
+            raise AdapterInvalid(
+                f"tensor {name!r} is not a peft adapter tensor name (base_model.<module>."
+                "<parameter>, or a top-level prompt tensor)",
+                location=name,
+            )
+
+
 def _check_dtypes(config: AdapterConfig, header: SafetensorsHeader) -> None:
     for name, entry in sorted(header.tensors.items()):
         allowed = WEIGHT_DTYPES
         if config.kind == "nola":
             allowed = WEIGHT_DTYPES | NOLA_INDEX_DTYPES
+        elif config.kind in GENERIC_KINDS:
+            allowed = WEIGHT_DTYPES | GENERIC_INDEX_DTYPES
         if entry.dtype not in allowed:
             raise AdapterInvalid(
                 f"tensor {name!r}: dtype {entry.dtype} is not supported "

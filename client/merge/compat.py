@@ -21,14 +21,24 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from peftreg.adapters.schema import AdapterConfig, TargetModule, TensorSpec
+from peftreg.adapters.schema import GENERIC_KINDS, AdapterConfig, TargetModule, TensorSpec
 from peftreg.adapters.validate import PREFIX as PEFT_PREFIX
 from peftreg.merge.errors import IncompatibleBase, MergeError
 
 if TYPE_CHECKING:  # the check reads configs only: the service plans exports without torch
     from peftreg.merge.inputs import AdapterInput
 
-NOTHING_TO_MERGE = ("prompt_tuning", "prefix_tuning")
+# The prompt-learning types (and LLaMA-Adapter's gated prompts): virtual tokens or key/value
+# prefixes, no weight change.
+NOTHING_TO_MERGE = (
+    "prompt_tuning",
+    "prefix_tuning",
+    "p_tuning",
+    "multitask_prompt_tuning",
+    "cpt",
+    "cartridge",
+    "adaption_prompt",
+)
 # adapter_config.json keys (when set) whose adapters a plain weight merge would get wrong.
 UNMERGEABLE_FEATURES: dict[str, str] = {
     "alora_invocation_tokens": (
@@ -114,6 +124,11 @@ def _check_kinds(adapters: Sequence[AdapterInput]) -> None:
             raise MergeError(
                 f"{adapter.name} is a {kind} adapter: it adds virtual tokens, not weight "
                 "changes, so there is nothing to merge into the base"
+            )
+        if kind in GENERIC_KINDS:
+            raise MergeError(
+                f"{adapter.name} is a {kind} adapter: peftreg merges lora, dora and nola "
+                f"adapters into weights, and does not merge {kind} adapters"
             )
         if kind == "dora" and (len(adapters) > 1 or adapter.weight != 1.0):
             raise MergeError(
