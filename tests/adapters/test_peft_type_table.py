@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -184,6 +185,8 @@ def test_peft_type(peft_type: str, cli: CliEnv, base_dir: Path, tmp_path: Path) 
         adapter = client.version(ref).adapter
     assert adapter is not None
     assert (adapter.kind, adapter.verified) == (kind, True)
+    found = httpx.get(f"{cli.env['PEFTREG_URL']}/api/v1/versions", params={"kind": kind})
+    assert [item["repository"] for item in found.json()["items"]] == [ref.partition(":")[0]]
 
     pulled = tmp_path / "pulled"
     result = cli.run("pull", ref, "--format", "peft", "-o", str(pulled), "-q")
