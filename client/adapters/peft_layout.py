@@ -20,13 +20,14 @@ from typing import Any
 from peftreg.adapters.peft_import import ImportedAdapter, PeftImportError
 
 
-def expected_tensors(
-    peft_config: Mapping[str, Any], model_config: Mapping[str, Any]
-) -> dict[str, tuple[int, ...]]:
-    """name -> shape of every tensor peft saves for `peft_config` on the architecture of
-    `model_config` (a config.json document)."""
+def build_peft_model(
+    peft_config: Mapping[str, Any], model_config: Mapping[str, Any], *, device: str = "meta"
+) -> Any:
+    """peft's model for `peft_config` on the architecture of `model_config` (a config.json
+    document), built on `device`: "meta" (no memory), or "cpu", where the base's
+    parameters are zeros (committed only where written)."""
     import torch
-    from peft import PeftConfig, get_peft_model, get_peft_model_state_dict
+    from peft import PeftConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     document = dict(model_config)
@@ -35,27 +36,37 @@ def expected_tensors(
         raise PeftImportError("the base's config.json has no model_type")
     architecture = AutoConfig.for_model(model_type, **document)
     adapter = {key: value for key, value in peft_config.items() if key != "peft_version"}
-
-    def build(device: str) -> dict[str, tuple[int, ...]]:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(architecture)  # type: ignore[no-untyped-call]
-        with torch.device(device):
-            if device != "meta":
-                model = model.to_empty(device=device)
-            peft_config_object = PeftConfig.from_peft_type(**adapter)  # type: ignore[no-untyped-call]
-            peft_model = get_peft_model(model, peft_config_object)
-        state = get_peft_model_state_dict(peft_model)
-        return {name: tuple(int(n) for n in value.shape) for name, value in state.items()}
-
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        try:
-            return build("meta")
-        except (NotImplementedError, RuntimeError):
-            # Types whose initialisation reads the base weights (BOFT, SHiRA, FRoD,
-            # UniLoRA, ...) need real storage: uninitialised CPU memory, which the
-            # operating system commits only where the initialisation writes.
-            return build("cpu")
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(architecture)  # type: ignore[no-untyped-call]
+        if device != "meta":
+            model = model.to_empty(device=device)
+            with torch.no_grad():
+                for tensor in [*model.parameters(), *model.buffers()]:
+                    tensor.zero_()
+        with torch.device(device):
+            peft_config_object = PeftConfig.from_peft_type(**adapter)  # type: ignore[no-untyped-call]
+            return get_peft_model(model, peft_config_object)
+
+
+def expected_tensors(
+    peft_config: Mapping[str, Any], model_config: Mapping[str, Any]
+) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor peft saves for `peft_config` on the architecture of
+    `model_config` (a config.json document)."""
+    from peft import get_peft_model_state_dict
+
+    try:
+        peft_model = build_peft_model(peft_config, model_config)
+    except (NotImplementedError, RuntimeError):
+        # Types whose initialisation computes on the base weights (BOFT, SHiRA, FRoD,
+        # UniLoRA, ...) need real storage.
+        peft_model = build_peft_model(peft_config, model_config, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = get_peft_model_state_dict(peft_model)
+    return {name: tuple(int(n) for n in value.shape) for name, value in state.items()}
 
 
 def check_against_architecture(
@@ -92,4 +103,4 @@ def check_against_architecture(
             )
 
 
-__all__ = ["check_against_architecture", "expected_tensors"]
+__all__ = ["build_peft_model", "check_against_architecture", "expected_tensors"]
