@@ -56,6 +56,24 @@ LORA_KINDS = ("lora", "dora", "nola")
 SERVED_KINDS = (*LORA_KINDS, "prompt_tuning")
 
 
+def swap_refusal(kind: str) -> str:
+    """Why a host serves no adapter of `kind`, in either mode, and what serves it instead."""
+    from peftreg.merge.compat import PEFT_MERGED_KINDS
+
+    served = f"hot-swap serves {', '.join(SERVED_KINDS)} in both modes"
+    if kind in PEFT_MERGED_KINDS:
+        instead = (
+            "a checkpoint merged with `peftreg merge` or an export serves it, as does peft's "
+            "PeftModel"
+        )
+    else:
+        instead = "peft's PeftModel serves it"
+    return (
+        f"a {kind} adapter cannot be hot-swapped in unmerged or merged mode ({served}); "
+        f"{instead}"
+    )
+
+
 @dataclass(frozen=True)
 class FactorBounds:
     """The largest |value| of one module's factors (0.0 for an absent tensor)."""
@@ -182,10 +200,7 @@ def adapter_from_tensors(
 ) -> LoadedAdapter:
     """Check and hold an adapter given its config and loaded tensors file."""
     if config.kind not in SERVED_KINDS:
-        raise UnsupportedAdapter(
-            f"{source}: a {config.kind} adapter cannot be hot-swapped; the host serves "
-            f"{', '.join(SERVED_KINDS)}"
-        )
+        raise UnsupportedAdapter(f"{source}: {swap_refusal(config.kind)}")
     check_features(config, source)
     check_consumed(config, tensors, source)
     if config.kind == "prompt_tuning":

@@ -41,7 +41,7 @@ from tests.merge.builders import TOLERANCE, directory_tensors, max_difference, p
 TARGETS = ["q_proj", "v_proj"]
 NOTHING_TO_MERGE = "adds virtual tokens, not weight changes"
 NOT_MERGED = "does not merge"
-NOT_SWAPPED = "adapter cannot be hot-swapped"
+NOT_SWAPPED = "adapter cannot be hot-swapped in unmerged or merged mode"
 DERIVED = "derives part of its layers from the base weights when it loads the adapter"
 
 
@@ -145,6 +145,18 @@ def base_dir(cli: CliEnv, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[dict[str, AdapterHost]]:
+    """A host per mode for the refusals (a refused swap leaves it as it was)."""
+    made = {
+        mode: AdapterHost(tiny_llama(), HostConfig(targets=TARGETS, mode=mode))  # type: ignore[arg-type]
+        for mode in ("unmerged", "merged")
+    }
+    yield made
+    for host in made.values():
+        host.detach()
+
+
 def _train(model: torch.nn.Module) -> None:
     """Stand-in for training: move every trainable parameter a little."""
     generator = torch.Generator().manual_seed(7)
@@ -165,7 +177,9 @@ def _logits(model: torch.nn.Module, peft_type: str = "") -> torch.Tensor:
 
 
 @pytest.mark.parametrize("peft_type", PEFT_TYPES)
-def test_peft_type(peft_type: str, cli: CliEnv, base_dir: Path, tmp_path: Path) -> None:
+def test_peft_type(
+    peft_type: str, cli: CliEnv, base_dir: Path, hosts: dict[str, AdapterHost], tmp_path: Path
+) -> None:
     row = TABLE.get(peft_type)
     assert row is not None, f"peft type {peft_type} has no row: handle it or refuse it"
     if row.config is None:
@@ -206,22 +220,23 @@ def test_peft_type(peft_type: str, cli: CliEnv, base_dir: Path, tmp_path: Path) 
         assert not (tmp_path / "m").exists()
 
     for mode, expected in row.swap.items():
+        if expected != "exact":
+            with pytest.raises(SwapError, match=f"{kind} {expected}"):
+                hosts[mode].swap(pulled)
+            assert hosts[mode].active is None
+            continue
         tokens = 4 if kind == "prompt_tuning" else 0
         host_config = HostConfig(
             targets=TARGETS,
             max_rank=8,
-            mode=mode,
-            max_virtual_tokens=tokens,  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
+            max_virtual_tokens=tokens,
         )
         model = tiny_llama()
         with AdapterHost(model, host_config) as host:
-            if expected == "exact":
-                host.swap(pulled)
-                got, want = _logits(model)[:, tokens:], _logits(loaded)[:, tokens:]
-                assert (got - want).abs().max().item() <= 1e-5, mode
-            else:
-                with pytest.raises(SwapError, match=f"{kind} {expected}"):
-                    host.swap(pulled)
+            host.swap(pulled)
+            got, want = _logits(model)[:, tokens:], _logits(loaded)[:, tokens:]
+            assert (got - want).abs().max().item() <= 1e-5, mode
 
 
 def test_a_generic_adapter_that_does_not_fit_the_architecture_is_refused(
