@@ -11,6 +11,10 @@ Targets are resolved from tensor names (`base_model.model.<module>.lora_A.weight
 `rank_pattern` / `alpha_pattern` (the first key `k` with
 `re.match(rf"(.*\\.)?({k})$", module)` wins), and scaling alpha / r, or
 alpha / sqrt(r) with rsLoRA.
+
+Every other peft type is imported by the generic path: its kind is its
+`peft_type` in lower case (`GENERIC_KINDS`), its rank the config's `r` (or
+what stands for it) and its `adapter_config.json` is kept whole.
 """
 
 from __future__ import annotations

@@ -13,8 +13,19 @@ whose weight is the base tensor `<m>.weight`:
 - DoRA: `...<m>.lora_magnitude_vector` (out,);
 - full copies (`modules_to_save`, saved embedding layers):
   `base_model.model.<m>.weight` / `.bias`, `...<m>.base_layer.weight`;
-- prompt tuning / prefix tuning: one tensor `prompt_embeddings`;
-- NOLA: any tensors under `base_model.model.<m>.` (seeds may be I64).
+- trained biases (`bias="lora_only"` / `"all"`): `...<m>.base_layer.bias` of a
+  target, and with `"all"` `base_model.model.<m>.bias` of any module;
+- prompt tuning / prefix tuning: one tensor `prompt_embeddings`; prefix tuning's
+  width is layers * 2 * the key/value width (grouped-query attention);
+- NOLA: any tensors under `base_model.model.<m>.` (seeds may be I64);
+- the other peft types (`GENERIC_KINDS`): names under `base_model.` or top-level
+  prompt tensors, float weights or integer indices, finite values. Their shapes
+  against the base's architecture are checked by the library at `push --base`
+  (`peftreg.adapters.peft_layout`), which has torch and peft; the registry has not.
+
+Configs whose tensors do not apply to the base as stored (PiSSA-style inits
+saved without conversion, `layer_replication`) are refused first
+(`peftreg.adapters.features`).
 
 For GPT-2 style Conv1D (`layer == "conv1d"` or `fan_in_fan_out`) the base
 weight is stored (in, out), the LoRA factors keep their (r, in) / (out, r).

@@ -69,8 +69,7 @@ def swap_refusal(kind: str) -> str:
     else:
         instead = "peft's PeftModel serves it"
     return (
-        f"a {kind} adapter cannot be hot-swapped in unmerged or merged mode ({served}); "
-        f"{instead}"
+        f"a {kind} adapter cannot be hot-swapped in unmerged or merged mode ({served}); {instead}"
     )
 
 

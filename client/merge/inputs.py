@@ -121,8 +121,13 @@ def load_adapter(
                 f"{adapter.name}: merging a {adapter.config.kind} adapter needs the base's "
                 "config.json"
             )
-        from peftreg.merge.peft_modules import PeftModules
-
+        try:
+            from peftreg.merge.peft_modules import PeftModules
+        except ImportError as exc:  # peft is in the worker extra, not the hotswap one
+            raise MergeError(
+                f"{adapter.name}: merging a {adapter.config.kind} adapter needs peft and "
+                f"transformers installed ({exc})"
+            ) from None
         modules = PeftModules(adapter.config, tensors, model_config, adapter.name)
         return LoadedAdapter(adapter, {}, modules=modules)
     factors = adapter_factors(adapter.config, tensors)

@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from peft import set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peftreg.adapters.peft_layout import build_peft_model
@@ -41,8 +43,6 @@ class PeftModules:
         model_config: Mapping[str, Any],
         label: str,
     ) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         self.label = label
         self.kind = config.kind
         self.model = self._load(config, dict(tensors), model_config)
@@ -62,8 +62,6 @@ class PeftModules:
         tensors: dict[str, torch.Tensor],
         model_config: Mapping[str, Any],
     ) -> Any:
-        from peft import set_peft_model_state_dict
-
         try:
             model = build_peft_model(config.peft_config, model_config)
             with warnings.catch_warnings():

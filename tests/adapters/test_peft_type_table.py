@@ -35,7 +35,6 @@ from peftreg.hotswap import AdapterHost, HostConfig, SwapError
 from peftreg.merge import MergeError, adapter_from_peft_directory, merge_to_directory
 from tests.adapters.tiny_models import sample_ids, tiny_llama
 from tests.client.conftest import CliEnv
-from tests.fixtures.server import RegistryProcess, start_registry
 from tests.merge.builders import TOLERANCE, directory_tensors, max_difference, peft_merged
 
 TARGETS = ["q_proj", "v_proj"]
@@ -116,31 +115,10 @@ def test_the_table_has_a_row_for_every_type_of_the_installed_peft() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    process = start_registry(tmp_path_factory.mktemp("registry") / "home")
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def cli(server: RegistryProcess, tmp_path_factory: pytest.TempPathFactory) -> CliEnv:
-    root = tmp_path_factory.mktemp("cli")
-    env = {
-        "PEFTREG_URL": server.url,
-        "PEFTREG_CACHE": str(root / "cache"),
-        "PEFTREG_CONFIG": str(root / "config.json"),
-        "PEFTREG_RETRIES": "1",
-        "PEFTREG_TOKEN": "",
-        "PEFTREG_OFFLINE": "",
-    }
-    return CliEnv(env, root / "cache", root / "config.json")
-
-
-@pytest.fixture(scope="module")
-def base_dir(cli: CliEnv, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def base_dir(module_cli: CliEnv, tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("base")
     tiny_llama().save_pretrained(str(directory), safe_serialization=True)
-    pushed = cli.run("base", "push", str(directory), "acme/bases/llama:v1")
+    pushed = module_cli.run("base", "push", str(directory), "acme/bases/llama:v1")
     assert pushed.exit_code == 0, pushed.output
     return directory
 
@@ -178,7 +156,11 @@ def _logits(model: torch.nn.Module, peft_type: str = "") -> torch.Tensor:
 
 @pytest.mark.parametrize("peft_type", PEFT_TYPES)
 def test_peft_type(
-    peft_type: str, cli: CliEnv, base_dir: Path, hosts: dict[str, AdapterHost], tmp_path: Path
+    peft_type: str,
+    module_cli: CliEnv,
+    base_dir: Path,
+    hosts: dict[str, AdapterHost],
+    tmp_path: Path,
 ) -> None:
     row = TABLE.get(peft_type)
     assert row is not None, f"peft type {peft_type} has no row: handle it or refuse it"
@@ -194,17 +176,17 @@ def test_peft_type(
     trained.save_pretrained(str(source))
 
     ref = f"acme/types/{kind.replace('_', '-')}:v1"
-    pushed = cli.run("push", str(source), ref, "--base", "acme/bases/llama:v1", "-q")
+    pushed = module_cli.run("push", str(source), ref, "--base", "acme/bases/llama:v1", "-q")
     assert pushed.exit_code == 0, pushed.output
-    with Client(cli.env["PEFTREG_URL"]) as client:
+    with Client(module_cli.env["PEFTREG_URL"]) as client:
         adapter = client.version(ref).adapter
     assert adapter is not None
     assert (adapter.kind, adapter.verified) == (kind, True)
-    found = httpx.get(f"{cli.env['PEFTREG_URL']}/api/v1/versions", params={"kind": kind})
+    found = httpx.get(f"{module_cli.env['PEFTREG_URL']}/api/v1/versions", params={"kind": kind})
     assert [item["repository"] for item in found.json()["items"]] == [ref.partition(":")[0]]
 
     pulled = tmp_path / "pulled"
-    result = cli.run("pull", ref, "--format", "peft", "-o", str(pulled), "-q")
+    result = module_cli.run("pull", ref, "--format", "peft", "-o", str(pulled), "-q")
     assert result.exit_code == 0, result.output
     loaded = PeftModel.from_pretrained(tiny_llama(), str(pulled)).eval()
     difference = _logits(loaded, peft_type) - _logits(trained, peft_type)
@@ -240,7 +222,7 @@ def test_peft_type(
 
 
 def test_a_generic_adapter_that_does_not_fit_the_architecture_is_refused(
-    cli: CliEnv, base_dir: Path, tmp_path: Path
+    module_cli: CliEnv, base_dir: Path, tmp_path: Path
 ) -> None:
     """The config claims rank 8 for factors of rank 4: peft on the base's architecture
     makes other shapes, and the push names the tensor before uploading anything."""
@@ -248,14 +230,14 @@ def test_a_generic_adapter_that_does_not_fit_the_architecture_is_refused(
     get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path / "loha"))
     document = json.loads((tmp_path / "loha" / "adapter_config.json").read_text())
     (tmp_path / "loha" / "adapter_config.json").write_text(json.dumps({**document, "r": 8}))
-    refused = cli.run(
+    refused = module_cli.run(
         "push", str(tmp_path / "loha"), "acme/types/bad-loha:v1", "--base", "acme/bases/llama:v1"
     )
     assert refused.exit_code != 0
     assert "hada_w1_a' has shape [32, 4], but peft makes [32, 8]" in refused.output
     assert "acme/bases/llama:v1" in refused.output
     assert "Traceback" not in refused.output
-    with Client(cli.env["PEFTREG_URL"]) as client:
+    with Client(module_cli.env["PEFTREG_URL"]) as client:
         assert "acme/types/bad-loha" not in client.catalog()
 
 

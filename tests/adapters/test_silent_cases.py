@@ -14,7 +14,7 @@ Qwen2 with q/k/v biases and tied embeddings): each is now exact or refused with 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,6 @@ from peftreg.hotswap import AdapterHost, HostConfig, HostError, SwapError
 from peftreg.merge import adapter_from_peft_directory, merge_to_directory
 from tests.adapters.tiny_models import same_weights, sample_ids, tiny_llama, tiny_qwen2
 from tests.client.conftest import CliEnv
-from tests.fixtures.server import RegistryProcess, start_registry
 from tests.merge.builders import TOLERANCE, directory_tensors, max_difference, peft_merged
 
 MODELS: dict[str, Callable[[], PreTrainedModel]] = {"llama": tiny_llama, "qwen2": tiny_qwen2}
@@ -39,34 +38,13 @@ FIX = "path_initial_model_for_weight_conversion"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    process = start_registry(tmp_path_factory.mktemp("registry") / "home")
-    yield process
-    process.stop()
-
-
-@pytest.fixture(scope="module")
-def cli(server: RegistryProcess, tmp_path_factory: pytest.TempPathFactory) -> CliEnv:
-    root = tmp_path_factory.mktemp("cli")
-    env = {
-        "PEFTREG_URL": server.url,
-        "PEFTREG_CACHE": str(root / "cache"),
-        "PEFTREG_CONFIG": str(root / "config.json"),
-        "PEFTREG_RETRIES": "1",
-        "PEFTREG_TOKEN": "",
-        "PEFTREG_OFFLINE": "",
-    }
-    return CliEnv(env, root / "cache", root / "config.json")
-
-
-@pytest.fixture(scope="module")
-def bases(cli: CliEnv, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def bases(module_cli: CliEnv, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each tiny model saved once and pushed as a base (`acme/bases/<model>:v1`)."""
     directories = {}
     for name, make in MODELS.items():
         directory = tmp_path_factory.mktemp(f"base-{name}")
         make().save_pretrained(str(directory), safe_serialization=True)
-        pushed = cli.run("base", "push", str(directory), f"acme/bases/{name}:v1")
+        pushed = module_cli.run("base", "push", str(directory), f"acme/bases/{name}:v1")
         assert pushed.exit_code == 0, pushed.output
         directories[name] = directory
     return directories
@@ -100,14 +78,14 @@ def _pissa_like(make: Callable[[], PreTrainedModel], init: str, root: Path) -> t
     return root / "unconverted", root / "converted"
 
 
-def _pushed(cli: CliEnv, ref: str) -> bool:
-    with Client(cli.env["PEFTREG_URL"]) as client:
+def _pushed(module_cli: CliEnv, ref: str) -> bool:
+    with Client(module_cli.env["PEFTREG_URL"]) as client:
         return ref.split(":", maxsplit=1)[0] in client.catalog()
 
 
 @pytest.mark.parametrize(("model", "init"), [("llama", "pissa"), ("qwen2", "olora")])
 def test_base_changing_init_without_conversion_is_refused_with_the_fix(
-    model: str, init: str, cli: CliEnv, bases: dict[str, Path], tmp_path: Path
+    model: str, init: str, module_cli: CliEnv, bases: dict[str, Path], tmp_path: Path
 ) -> None:
     unconverted, converted = _pissa_like(MODELS[model], init, tmp_path)
     assert json.loads((unconverted / "adapter_config.json").read_text())["init_lora_weights"] == (
@@ -115,12 +93,14 @@ def test_base_changing_init_without_conversion_is_refused_with_the_fix(
     )
 
     ref = f"acme/silent/{init}-{model}:raw"
-    refused = cli.subprocess("push", str(unconverted), ref, "--base", f"acme/bases/{model}:v1")
+    refused = module_cli.subprocess(
+        "push", str(unconverted), ref, "--base", f"acme/bases/{model}:v1"
+    )
     assert refused.returncode != 0
     assert f"init_lora_weights '{init}'" in refused.stderr
     assert FIX in refused.stderr
     assert "Traceback" not in refused.stderr
-    assert not _pushed(cli, ref)
+    assert not _pushed(module_cli, ref)
     with pytest.raises(PeftImportError, match=FIX):
         adapter_from_peft_directory(unconverted)  # peftreg merge / export
     with pytest.raises(SwapError, match=FIX):
@@ -128,9 +108,9 @@ def test_base_changing_init_without_conversion_is_refused_with_the_fix(
 
     # converted: plain LoRA of rank 2r, verified against the base, merged as peft merges it
     ref = f"acme/silent/{init}-{model}:converted"
-    pushed = cli.run("push", str(converted), ref, "--base", f"acme/bases/{model}:v1", "-q")
+    pushed = module_cli.run("push", str(converted), ref, "--base", f"acme/bases/{model}:v1", "-q")
     assert pushed.exit_code == 0, pushed.output
-    with Client(cli.env["PEFTREG_URL"]) as client:
+    with Client(module_cli.env["PEFTREG_URL"]) as client:
         detail = client.version(ref)
     assert detail.adapter is not None
     assert (detail.adapter.kind, detail.adapter.rank, detail.adapter.verified) == ("lora", 8, True)
@@ -154,7 +134,9 @@ def test_the_registry_refuses_an_unconverted_pissa_config_itself(tmp_path: Path)
 
 
 @pytest.mark.parametrize("model", list(MODELS))
-def test_prefix_tuning_on_a_gqa_base(model: str, cli: CliEnv, bases: dict[str, Path]) -> None:
+def test_prefix_tuning_on_a_gqa_base(
+    model: str, module_cli: CliEnv, bases: dict[str, Path]
+) -> None:
     make = MODELS[model]
     root = bases[model].parent / f"prefix-{model}"
     peft_model = get_peft_model(
@@ -167,17 +149,19 @@ def test_prefix_tuning_on_a_gqa_base(model: str, cli: CliEnv, bases: dict[str, P
     assert saved["token_dim"] == 16  # 2 key/value heads x head dim 8, not the hidden size 32
 
     ref = f"acme/silent/prefix-{model}:v1"
-    pushed = cli.run("push", str(root / "good"), ref, "--base", f"acme/bases/{model}:v1", "-q")
+    pushed = module_cli.run(
+        "push", str(root / "good"), ref, "--base", f"acme/bases/{model}:v1", "-q"
+    )
     assert pushed.exit_code == 0, pushed.output
     out = root / "pulled"
-    pulled = cli.run("pull", ref, "--format", "peft", "-o", str(out), "-q")
+    pulled = module_cli.run("pull", ref, "--format", "peft", "-o", str(out), "-q")
     assert pulled.exit_code == 0, pulled.output
     loaded = PeftModel.from_pretrained(make(), str(out)).eval()
     ids = sample_ids()
     with torch.no_grad():
         difference = (loaded(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs()
     assert difference.max().item() <= 1e-6
-    with Client(cli.env["PEFTREG_URL"]) as client:
+    with Client(module_cli.env["PEFTREG_URL"]) as client:
         adapter = client.version(ref).adapter
     assert adapter is not None
     assert adapter.verified is True
@@ -191,7 +175,7 @@ def test_prefix_tuning_on_a_gqa_base(model: str, cli: CliEnv, bases: dict[str, P
         str(root / "wide" / "adapter_model.safetensors"),
         {"format": "pt"},
     )
-    refused = cli.subprocess(
+    refused = module_cli.subprocess(
         "push", str(root / "wide"), f"acme/silent/prefix-{model}:wide", "--base",
         f"acme/bases/{model}:v1",
     )  # fmt: skip
@@ -228,7 +212,7 @@ def test_merged_hot_swap_refuses_a_tied_embedding_and_unmerged_is_exact(tmp_path
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_lora_with_trained_biases_is_verified_and_round_trips(
-    bias: str, cli: CliEnv, bases: dict[str, Path], tmp_path: Path
+    bias: str, module_cli: CliEnv, bases: dict[str, Path], tmp_path: Path
 ) -> None:
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], bias=bias)
     peft_model = get_peft_model(tiny_qwen2(), config)
@@ -240,11 +224,13 @@ def test_lora_with_trained_biases_is_verified_and_round_trips(
     assert ("base_model.model.model.layers.0.self_attn.k_proj.bias" in names) == (bias == "all")
 
     ref = f"acme/silent/bias-{bias.replace('_', '-')}:v1"
-    pushed = cli.run("push", str(tmp_path / "src"), ref, "--base", "acme/bases/qwen2:v1", "-q")
+    pushed = module_cli.run(
+        "push", str(tmp_path / "src"), ref, "--base", "acme/bases/qwen2:v1", "-q"
+    )
     assert pushed.exit_code == 0, pushed.output
-    shown = cli.run("show", ref)
+    shown = module_cli.run("show", ref)
     assert f"kind:          lora (bias={bias})" in shown.output, shown.output
-    pulled = cli.run("pull", ref, "--format", "peft", "-o", str(tmp_path / "out"), "-q")
+    pulled = module_cli.run("pull", ref, "--format", "peft", "-o", str(tmp_path / "out"), "-q")
     assert pulled.exit_code == 0, pulled.output
     loaded = PeftModel.from_pretrained(tiny_qwen2(), str(tmp_path / "out")).eval()
     ids = sample_ids()
@@ -253,22 +239,24 @@ def test_lora_with_trained_biases_is_verified_and_round_trips(
     assert difference.max().item() <= 1e-6
 
 
-def test_layer_replication_is_refused_by_name(cli: CliEnv, tmp_path: Path) -> None:
+def test_layer_replication_is_refused_by_name(module_cli: CliEnv, tmp_path: Path) -> None:
     config = LoraConfig(r=4, target_modules=["q_proj"], layer_replication=[[0, 2], [1, 2]])
     get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path / "src"))
-    refused = cli.subprocess("push", str(tmp_path / "src"), "acme/silent/replicated:v1")
+    refused = module_cli.subprocess("push", str(tmp_path / "src"), "acme/silent/replicated:v1")
     assert refused.returncode != 0
     assert "layer_replication duplicates base layers" in refused.stderr
-    assert not _pushed(cli, "acme/silent/replicated:v1")
+    assert not _pushed(module_cli, "acme/silent/replicated:v1")
 
 
-def test_show_names_the_variant(cli: CliEnv, tmp_path: Path) -> None:
+def test_show_names_the_variant(module_cli: CliEnv, tmp_path: Path) -> None:
     config = LoraConfig(
         r=4, target_modules=["q_proj"], use_rslora=True, alora_invocation_tokens=[3, 5]
     )
     peft_model = get_peft_model(same_weights(tiny_llama()), config)
     _train(peft_model)
     peft_model.save_pretrained(str(tmp_path / "src"))
-    assert cli.run("push", str(tmp_path / "src"), "acme/silent/alora:v1", "-q").exit_code == 0
-    shown = cli.run("show", "acme/silent/alora:v1")
+    assert (
+        module_cli.run("push", str(tmp_path / "src"), "acme/silent/alora:v1", "-q").exit_code == 0
+    )
+    shown = module_cli.run("show", "acme/silent/alora:v1")
     assert "kind:          lora (rsLoRA, aLoRA)" in shown.output, shown.output
