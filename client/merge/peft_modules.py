@@ -117,7 +117,7 @@ class PeftModules:
         base = layer.get_base_layer()
         keys = [key for key, _ in base.named_parameters(recurse=False)]
         for key in keys:
-            value = read(f"{module}.{key}").to(torch.float32)
+            value = read(f"{module}.{key}").to(torch.float32, copy=True)  # merged in place
             setattr(base, key, nn.Parameter(value, requires_grad=False))
         try:
             with torch.no_grad(), warnings.catch_warnings():

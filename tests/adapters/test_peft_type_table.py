@@ -41,6 +41,7 @@ TARGETS = ["q_proj", "v_proj"]
 NOTHING_TO_MERGE = "adds virtual tokens, not weight changes"
 NOT_MERGED = "does not merge"
 NOT_SWAPPED = "adapter cannot be hot-swapped in unmerged or merged mode"
+MERGED_ONLY = {"unmerged": "adapter cannot be hot-swapped in unmerged mode", "merged": "exact"}
 DERIVED = "derives part of its layers from the base weights when it loads the adapter"
 
 
@@ -54,6 +55,7 @@ class Row:
         default_factory=lambda: {"unmerged": NOT_SWAPPED, "merged": NOT_SWAPPED}
     )
     not_built: str = ""  # why the test cannot build it
+    host_targets: tuple[str, ...] = tuple(TARGETS)  # what the exact hot-swap host attaches to
 
 
 LINEAR = {"target_modules": TARGETS}
@@ -69,43 +71,53 @@ TABLE: dict[str, Row] = {
     "CPT": Row({}, NOTHING_TO_MERGE),
     "CARTRIDGE": Row(PROMPT, NOTHING_TO_MERGE),
     "ADAPTION_PROMPT": Row({"adapter_len": 4, "adapter_layers": 1}, NOTHING_TO_MERGE),
-    "ADALORA": Row({**LINEAR, "r": 4, "total_step": 10}, "exact"),
+    "ADALORA": Row({**LINEAR, "r": 4, "total_step": 10}, "exact", MERGED_ONLY),
     "ADAMSS": Row(None, not_built="peft builds AdaMSS with scikit-learn, not installed"),
-    "BOFT": Row(LINEAR, "exact"),
-    "IA3": Row({}, "exact"),
-    "BEFT": Row({}, "Base layer has no bias, cannot merge bias adapter"),
+    "BOFT": Row(LINEAR, "exact", MERGED_ONLY),
+    "IA3": Row({**LINEAR, "feedforward_modules": []}, "exact", MERGED_ONLY),
+    "BEFT": Row(
+        {},
+        "Base layer has no bias, cannot merge bias adapter",
+        {"unmerged": MERGED_ONLY["unmerged"], "merged": "adapter into"},
+    ),
     "LILY": Row({}, "do not merge"),
-    "LOHA": Row({**LINEAR, "r": 4}, "exact"),
-    "LOKR": Row({**LINEAR, "r": 4}, "exact"),
-    "OFT": Row(LINEAR, "exact"),
+    "LOHA": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
+    "LOKR": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
+    "OFT": Row(LINEAR, "exact", MERGED_ONLY),
     "POLY": Row({**LINEAR, "r": 4, "n_tasks": 2}, "no one weight change exists"),
-    "LN_TUNING": Row({}, "exact"),
-    "VERA": Row({**LINEAR, "r": 4}, "exact"),
+    "LN_TUNING": Row(
+        {},
+        "exact",
+        {"unmerged": MERGED_ONLY["unmerged"], "merged": "layers adapt model.layers.0.input_"},
+    ),
+    "VERA": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
     "FROD": Row(LINEAR, DERIVED),
-    "PVERA": Row({**LINEAR, "r": 4}, "exact"),
-    "FOURIERFT": Row({**LINEAR, "n_frequency": 16}, "exact"),
-    "GLORA": Row({**LINEAR, "r": 4}, "exact"),
+    "PVERA": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
+    "FOURIERFT": Row({**LINEAR, "n_frequency": 16}, "exact", MERGED_ONLY),
+    "GLORA": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
     "XLORA": Row(None, not_built="X-LoRA is built from trained LoRA adapters on disk"),
-    "HRA": Row({**LINEAR, "r": 4}, "exact"),
-    "VBLORA": Row({**LINEAR, "r": 4, "vector_length": 16, "num_vectors": 32}, "exact"),
-    "UNILORA": Row(LINEAR, "exact"),
-    "MISS": Row({**LINEAR, "r": 4}, "exact"),
-    "RANDLORA": Row({**LINEAR, "r": 4}, "exact"),
-    "ROAD": Row({**LINEAR, "group_size": 8}, "exact"),
-    "TRAINABLE_TOKENS": Row({"token_indices": [1, 2, 3]}, "exact"),
-    "HIRA": Row({**LINEAR, "r": 4}, "exact"),
-    "SHIRA": Row({**LINEAR, "r": 4}, "exact"),
-    "C3A": Row({**LINEAR, "block_size": 16}, "exact"),
-    "WAVEFT": Row({**LINEAR, "n_frequency": 16}, "exact"),
+    "HRA": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
+    "VBLORA": Row({**LINEAR, "r": 4, "vector_length": 16, "num_vectors": 32}, "exact", MERGED_ONLY),
+    "UNILORA": Row(LINEAR, "exact", MERGED_ONLY),
+    "MISS": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
+    "RANDLORA": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
+    "ROAD": Row({**LINEAR, "group_size": 8}, "exact", MERGED_ONLY),
+    "TRAINABLE_TOKENS": Row(
+        {"token_indices": [1, 2, 3]}, "exact", MERGED_ONLY, host_targets=("embed_tokens",)
+    ),
+    "HIRA": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
+    "SHIRA": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
+    "C3A": Row({**LINEAR, "block_size": 16}, "exact", MERGED_ONLY),
+    "WAVEFT": Row({**LINEAR, "n_frequency": 16}, "exact", MERGED_ONLY),
     "OSF": Row({}, DERIVED),
-    "DELORA": Row({**LINEAR, "r": 4}, "exact"),
-    "GRALORA": Row({**LINEAR, "r": 4}, "exact"),
-    "TINYLORA": Row(LINEAR, "exact"),
+    "DELORA": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
+    "GRALORA": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
+    "TINYLORA": Row(LINEAR, "exact", MERGED_ONLY),
     "PSOFT": Row({**LINEAR, "r": 4}, DERIVED),
-    "PEANUT": Row(LINEAR, "exact"),
+    "PEANUT": Row(LINEAR, "exact", MERGED_ONLY),
     "SHADOW": Row({}, "depends on the input"),
-    "SUPERTUNING": Row(LINEAR, "exact"),
-    "DEFT": Row(LINEAR, "exact"),
+    "SUPERTUNING": Row(LINEAR, "exact", MERGED_ONLY),
+    "DEFT": Row(LINEAR, "exact", MERGED_ONLY),
 }
 PEFT_TYPES = sorted(t.value for t in PeftType)
 
@@ -209,7 +221,7 @@ def test_peft_type(
             continue
         tokens = 4 if kind == "prompt_tuning" else 0
         host_config = HostConfig(
-            targets=TARGETS,
+            targets=list(row.host_targets),
             max_rank=8,
             mode=mode,  # type: ignore[arg-type]
             max_virtual_tokens=tokens,
