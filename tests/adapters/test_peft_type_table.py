@@ -227,10 +227,14 @@ def test_peft_type(
             max_virtual_tokens=tokens,
         )
         model = tiny_llama()
+        original = {name: value.clone() for name, value in model.state_dict().items()}
         with AdapterHost(model, host_config) as host:
             host.swap(pulled)
             got, want = _logits(model)[:, tokens:], _logits(loaded)[:, tokens:]
             assert (got - want).abs().max().item() <= 1e-5, mode
+            host.unload()
+            after = model.state_dict()
+            assert all(torch.equal(value, after[name]) for name, value in original.items())
 
 
 def test_a_generic_adapter_that_does_not_fit_the_architecture_is_refused(
