@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from peftreg.adapters.features import variants
 from peftreg.adapters.validate import TensorValues, values_from_bytes
 from peftreg.formats.safetensors_header import SafetensorsHeader, read_header
 
@@ -31,6 +32,8 @@ class AdapterSide:
 @dataclass(frozen=True)
 class AdapterComparison:
     kind: tuple[Any, Any]
+    variants: tuple[list[str], list[str]]
+    """The features that change each kind's meaning (rsLoRA, aLoRA, ...)."""
     rank: tuple[Any, Any]
     targets_added: list[str]
     targets_removed: list[str]
@@ -42,6 +45,7 @@ class AdapterComparison:
     def as_json(self) -> dict[str, Any]:
         return {
             "kind": list(self.kind),
+            "variants": list(self.variants),
             "rank": list(self.rank),
             "targets_added": self.targets_added,
             "targets_removed": self.targets_removed,
@@ -49,6 +53,11 @@ class AdapterComparison:
             "tensors_removed": self.tensors_removed,
             "relative_change": self.relative_change,
         }
+
+
+def _variants(config: Mapping[str, Any]) -> list[str]:
+    peft_config = config.get("peft_config")
+    return variants(peft_config) if isinstance(peft_config, dict) else []
 
 
 def _values(side: AdapterSide, name: str) -> Any:
@@ -81,6 +90,7 @@ def compare_adapters(a: AdapterSide, b: AdapterSide) -> AdapterComparison:
     targets_a, targets_b = _modules(a.config), _modules(b.config)
     return AdapterComparison(
         kind=(a.config.get("kind"), b.config.get("kind")),
+        variants=(_variants(a.config), _variants(b.config)),
         rank=(a.config.get("rank"), b.config.get("rank")),
         targets_added=sorted(targets_b - targets_a),
         targets_removed=sorted(targets_a - targets_b),

@@ -11,6 +11,10 @@ Targets are resolved from tensor names (`base_model.model.<module>.lora_A.weight
 `rank_pattern` / `alpha_pattern` (the first key `k` with
 `re.match(rf"(.*\\.)?({k})$", module)` wins), and scaling alpha / r, or
 alpha / sqrt(r) with rsLoRA.
+
+Every other peft type is imported by the generic path: its kind is its
+`peft_type` in lower case (`GENERIC_KINDS`), its rank the config's `r` (or
+what stands for it) and its `adapter_config.json` is kept whole.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftreg.adapters.features import storage_refusal
 from peftreg.adapters.schema import (
+    GENERIC_KINDS,
     AdapterConfig,
     AdapterKind,
     BaseReference,
@@ -175,6 +181,24 @@ def _lora_targets(peft_config: dict[str, Any], header: SafetensorsHeader) -> lis
     return targets
 
 
+def _generic_kind(peft_type: str) -> AdapterKind | None:
+    kind = peft_type.lower()
+    return kind if kind in GENERIC_KINDS else None  # type: ignore[return-value]
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _generic_rank(peft_config: dict[str, Any]) -> int | None:
+    """The type's rank, or what stands for it, where its config records one."""
+    for key in ("r", "rank", "target_r"):
+        value = _int_or_none(peft_config.get(key))
+        if value is not None:
+            return value
+    return None
+
+
 def _load_peft_config(path: Path) -> dict[str, Any]:
     try:
         document = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -202,12 +226,15 @@ def read_peft_directory(
         raise PeftImportError(f"{path} has no {CONFIG_FILE}; it is not a PEFT adapter directory")
     peft_config = _load_peft_config(path)
     peft_type = str(peft_config.get("peft_type", "")).upper()
-    kind = _KINDS.get(peft_type)
+    kind = _KINDS.get(peft_type) or _generic_kind(peft_type)
     if kind is None:
         raise PeftImportError(
             f"peft_type {peft_config.get('peft_type')!r} is not supported; peftreg imports "
-            "LORA (with DoRA and rsLoRA), PROMPT_TUNING, PREFIX_TUNING and NOLA"
+            "NOLA and the peft types of peft 0.21 (LORA, IA3, LOHA, LOKR, VERA, OFT, ...)"
         )
+    refusal = storage_refusal(peft_config)
+    if refusal is not None:
+        raise PeftImportError(f"{path}: {refusal}")
     title = NOLA_FILE if kind == "nola" else TENSORS_FILE
     tensors_path = path / title
     if not tensors_path.is_file():
@@ -248,6 +275,14 @@ def read_peft_directory(
             scaling_rule="alpha/r",
             targets=targets,
             nola=spec,
+            **common,
+        )
+    elif kind in GENERIC_KINDS:
+        config = AdapterConfig(
+            kind=kind,
+            rank=_generic_rank(peft_config),
+            scaling_rule="none",
+            num_virtual_tokens=_int_or_none(peft_config.get("num_virtual_tokens")),
             **common,
         )
     else:

@@ -7,7 +7,7 @@ indexes them at push time) and every consumer (export, merge, hot-swap).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,7 +28,56 @@ def layer_media_type(title: str) -> str:
     return FILE_MEDIA_TYPE
 
 
-AdapterKind = Literal["lora", "dora", "prompt_tuning", "prefix_tuning", "nola"]
+# The LoRA family and the prompt types have their own typed path (targets with rank
+# and scaling; virtual tokens); every other type of peft is stored typed by the generic
+# path (`peftreg.adapters.peft_import`): its kind is its peft_type in lower case.
+TypedKind = Literal["lora", "dora", "prompt_tuning", "prefix_tuning", "nola"]
+GenericKind = Literal[
+    "adalora",
+    "adamss",
+    "adaption_prompt",
+    "beft",
+    "boft",
+    "c3a",
+    "cartridge",
+    "cpt",
+    "deft",
+    "delora",
+    "fourierft",
+    "frod",
+    "glora",
+    "gralora",
+    "hira",
+    "hra",
+    "ia3",
+    "lily",
+    "ln_tuning",
+    "loha",
+    "lokr",
+    "miss",
+    "multitask_prompt_tuning",
+    "oft",
+    "osf",
+    "p_tuning",
+    "peanut",
+    "poly",
+    "psoft",
+    "pvera",
+    "randlora",
+    "road",
+    "shadow",
+    "shira",
+    "supertuning",
+    "tinylora",
+    "trainable_tokens",
+    "unilora",
+    "vblora",
+    "vera",
+    "waveft",
+    "xlora",
+]
+AdapterKind = TypedKind | GenericKind
+GENERIC_KINDS: frozenset[str] = frozenset(get_args(GenericKind))
 ScalingRule = Literal["alpha/r", "alpha/sqrt(r)", "none"]
 # The quantization of the base weights the adapter was trained against.
 BaseQuantization = Literal["none", "nf4", "fp4", "int8", "int4"]

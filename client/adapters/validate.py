@@ -13,8 +13,19 @@ whose weight is the base tensor `<m>.weight`:
 - DoRA: `...<m>.lora_magnitude_vector` (out,);
 - full copies (`modules_to_save`, saved embedding layers):
   `base_model.model.<m>.weight` / `.bias`, `...<m>.base_layer.weight`;
-- prompt tuning / prefix tuning: one tensor `prompt_embeddings`;
-- NOLA: any tensors under `base_model.model.<m>.` (seeds may be I64).
+- trained biases (`bias="lora_only"` / `"all"`): `...<m>.base_layer.bias` of a
+  target, and with `"all"` `base_model.model.<m>.bias` of any module;
+- prompt tuning / prefix tuning: one tensor `prompt_embeddings`; prefix tuning's
+  width is layers * 2 * the key/value width (grouped-query attention);
+- NOLA: any tensors under `base_model.model.<m>.` (seeds may be I64);
+- the other peft types (`GENERIC_KINDS`): names under `base_model.` or top-level
+  prompt tensors, float weights or integer indices, finite values. Their shapes
+  against the base's architecture are checked by the library at `push --base`
+  (`peftreg.adapters.peft_layout`), which has torch and peft; the registry has not.
+
+Configs whose tensors do not apply to the base as stored (PiSSA-style inits
+saved without conversion, `layer_replication`) are refused first
+(`peftreg.adapters.features`).
 
 For GPT-2 style Conv1D (`layer == "conv1d"` or `fan_in_fan_out`) the base
 weight is stored (in, out), the LoRA factors keep their (r, in) / (out, r).
@@ -27,7 +38,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from peftreg.adapters.schema import AdapterConfig, BaseConfig, TargetModule
+from peftreg.adapters.features import storage_refusal
+from peftreg.adapters.schema import GENERIC_KINDS, AdapterConfig, BaseConfig, TargetModule
 from peftreg.formats.safetensors_header import SafetensorsHeader, TensorEntry
 from peftreg.manifest import canonical_json
 
@@ -37,6 +49,8 @@ if TYPE_CHECKING:  # numpy loads when values are first checked, not when the reg
 PREFIX = "base_model.model."
 WEIGHT_DTYPES = frozenset({"F32", "F16", "BF16"})
 NOLA_INDEX_DTYPES = frozenset({"I64"})
+# Indices and masks some peft types save (SHiRA, FRoD, SuperTuning, VB-LoRA, ...).
+GENERIC_INDEX_DTYPES = frozenset({"I64", "I32", "I16", "I8", "U8", "BOOL"})
 # safetensors dtype -> numpy dtype of its little-endian values (BF16 is widened below).
 NUMPY_DTYPES: dict[str, str] = {
     "F32": "<f4",
@@ -68,6 +82,7 @@ _ROLES: tuple[tuple[str, str], ...] = (
     (".lora_embedding_B", "lora_embedding_B"),
     (".lora_magnitude_vector", "magnitude"),
     (".base_layer.weight", "full_weight"),
+    (".base_layer.bias", "full_bias"),
     (".weight", "full_weight"),
     (".bias", "full_bias"),
 )
@@ -131,12 +146,19 @@ def validate_adapter(
     `read_values` yields a tensor's values in bounded flat pieces, so checking
     a large tensor never holds it whole in memory.
     """
+    refusal = storage_refusal(config.peft_config)
+    if refusal is not None:
+        raise AdapterInvalid(refusal, location="adapter_config.json")
     _check_index(config, header)
     _check_dtypes(config, header)
     if config.kind in ("lora", "dora", "nola"):
         _check_modules(config, header)
+    if config.kind in GENERIC_KINDS:
+        _check_generic_names(header)
     _check_values(header, read_values)
-    if base is not None:
+    if base is not None and config.kind not in GENERIC_KINDS:
+        # The other peft types' tensors are checked against the base's architecture by
+        # the library at `push --base` (peft injected on the meta device; needs torch).
         _check_base(config, header, base)
 
 
@@ -162,11 +184,25 @@ def _check_index(config: AdapterConfig, header: SafetensorsHeader) -> None:
         )
 
 
+def _check_generic_names(header: SafetensorsHeader) -> None:
+    """peft's names: under `base_model.` (per module, or shared by the tuner), or a
+    top-level prompt tensor (`prompt_embeddings`, `prefix_task_cols`, ...)."""
+    for name in sorted(header.tensors):
+        if not name.startswith("base_model.") and "." in name:
+            raise AdapterInvalid(
+                f"tensor {name!r} is not a peft adapter tensor name (base_model.<module>."
+                "<parameter>, or a top-level prompt tensor)",
+                location=name,
+            )
+
+
 def _check_dtypes(config: AdapterConfig, header: SafetensorsHeader) -> None:
     for name, entry in sorted(header.tensors.items()):
         allowed = WEIGHT_DTYPES
         if config.kind == "nola":
             allowed = WEIGHT_DTYPES | NOLA_INDEX_DTYPES
+        elif config.kind in GENERIC_KINDS:
+            allowed = WEIGHT_DTYPES | GENERIC_INDEX_DTYPES
         if entry.dtype not in allowed:
             raise AdapterInvalid(
                 f"tensor {name!r}: dtype {entry.dtype} is not supported "
@@ -209,6 +245,8 @@ def _check_modules(config: AdapterConfig, header: SafetensorsHeader) -> None:
         if part.role in ("full_weight", "full_bias"):
             if part.module in targets or _matches_suffix(part.module, saved):
                 continue
+            if part.role == "full_bias" and config.peft_config.get("bias") == "all":
+                continue  # bias="all" trains (and saves) every bias of the model
             raise AdapterInvalid(
                 f"tensor {name!r} is a full copy of module {part.module!r}, which is neither "
                 "a target nor in modules_to_save",
@@ -372,6 +410,20 @@ def _check_base(config: AdapterConfig, header: SafetensorsHeader, base: BaseConf
         _shape_error(part.module, name, entry.shape, want)
 
 
+def _key_value_width(base_shapes: dict[str, tuple[int, ...]]) -> tuple[int, int] | None:
+    """(number of layers, key/value width) from the base's separate key projections;
+    None for a base without them (fused attention, e.g. GPT-2's c_attn)."""
+    widths = {
+        shape[0]
+        for name, shape in base_shapes.items()
+        if name.endswith(".k_proj.weight") and len(shape) == 2
+    }
+    if len(widths) != 1:
+        return None
+    layers = sum(1 for name in base_shapes if name.endswith(".k_proj.weight"))
+    return layers, widths.pop()
+
+
 def _check_prompt(
     config: AdapterConfig, header: SafetensorsHeader, base_shapes: dict[str, tuple[int, ...]]
 ) -> None:
@@ -385,26 +437,58 @@ def _check_prompt(
     if embedding is None:
         return
     embedding_name, dim = embedding
+    embedding_shape = list(base_shapes[embedding_name])
+    if config.kind == "prefix_tuning":
+        _check_prefix(config, entry, base_shapes, f"{embedding_name!r} {embedding_shape}", dim)
+        return
     token_dim = config.peft_config.get("token_dim")
     if isinstance(token_dim, int) and token_dim != dim:
         raise AdapterInvalid(
             f"prompt adapter token_dim {token_dim} does not match the base embedding "
-            f"{embedding_name!r} dimension {dim} (shape {list(base_shapes[embedding_name])})",
+            f"{embedding_name!r} dimension {dim} (shape {embedding_shape})",
             location="prompt_embeddings",
         )
     width = entry.shape[1]
-    if config.kind == "prompt_tuning" and width != dim:
+    if width != dim:
         raise AdapterInvalid(
             f"tensor 'prompt_embeddings' has shape {list(entry.shape)}: token dimension "
             f"{width}, but the base embedding {embedding_name!r} has shape "
-            f"{list(base_shapes[embedding_name])} (dimension {dim})",
+            f"{embedding_shape} (dimension {dim})",
             location="prompt_embeddings",
         )
-    if config.kind == "prefix_tuning" and width % (2 * dim) != 0:
+
+
+def _check_prefix(
+    config: AdapterConfig,
+    entry: TensorEntry,
+    base_shapes: dict[str, tuple[int, ...]],
+    embedding: str,
+    hidden: int,
+) -> None:
+    """Prefix tuning stores per layer a key and a value prefix of the key/value width:
+    peft sets `token_dim` to num_key_value_heads * head_dim (the hidden size without
+    grouped-query attention), and `prompt_embeddings` to (tokens, layers * 2 * token_dim)."""
+    key_value = _key_value_width(base_shapes)
+    layers, width = key_value if key_value is not None else (None, hidden)
+    what = (
+        f"the key/value width {width} of the base's k_proj weights"
+        if key_value is not None
+        else f"the base embedding {embedding} dimension {hidden}"
+    )
+    token_dim = config.peft_config.get("token_dim")
+    if isinstance(token_dim, int) and token_dim != width:
         raise AdapterInvalid(
-            f"tensor 'prompt_embeddings' has shape {list(entry.shape)}: width {width} is not "
-            f"num_layers * 2 * {dim} for the base embedding {embedding_name!r} "
-            f"(shape {list(base_shapes[embedding_name])})",
+            f"prefix adapter token_dim {token_dim} does not match {what}",
+            location="prompt_embeddings",
+        )
+    per_layer = 2 * width
+    columns = entry.shape[1]
+    expected = None if layers is None else layers * per_layer
+    if columns % per_layer != 0 or (expected is not None and columns != expected):
+        layers_text = "num_layers" if layers is None else f"{layers} layers"
+        raise AdapterInvalid(
+            f"tensor 'prompt_embeddings' has shape {list(entry.shape)}: width {columns} is "
+            f"not {layers_text} * 2 * {width} for {what}",
             location="prompt_embeddings",
         )
 

@@ -222,6 +222,15 @@ def rm(ref: str, force: bool, as_json: bool) -> None:
     )
 
 
+def _kind_text(kind: str | None, config: dict[str, Any]) -> str:
+    """The kind with the features that change its meaning: `lora (aLoRA, rsLoRA)`."""
+    from peftreg.adapters.features import variants
+
+    peft_config = config.get("peft_config")
+    found = variants(peft_config) if isinstance(peft_config, dict) else []
+    return f"{kind} ({', '.join(found)})" if found else str(kind)
+
+
 def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
     if summary["kind"] == "base":
         click.echo("kind:          base")
@@ -231,7 +240,7 @@ def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
         return
     base = config.get("base") or {}
     verified = "verified" if summary["verified"] else "unverified: base not registered"
-    click.echo(f"kind:          {summary['kind']}")
+    click.echo(f"kind:          {_kind_text(summary['kind'], config)}")
     click.echo(f"base:          {base.get('name') or '-'}")
     click.echo(f"base fingerprint: {base.get('fingerprint') or '-'} ({verified})")
     if base.get("quantization", "none") != "none":
@@ -288,7 +297,8 @@ def diff(ref1: str, ref2: str, as_json: bool) -> None:
     if as_json:
         echo_json(report)
         return
-    kind_a, kind_b = report["kind"]
+    kind_a = _kind_text(side_a.config.get("kind"), dict(side_a.config))
+    kind_b = _kind_text(side_b.config.get("kind"), dict(side_b.config))
     rank_a, rank_b = report["rank"]
     click.echo(f"kind:    {kind_a}" + ("" if kind_a == kind_b else f" -> {kind_b}"))
     click.echo(f"rank:    {rank_a}" + ("" if rank_a == rank_b else f" -> {rank_b}"))

@@ -77,6 +77,7 @@ def push(
             annotations=_annotations(annotation),
             mount_from=mount_from,
             base=base,
+            base_ref=base_ref if base_ref and not base_ref.startswith("sha256:") else None,
             progress=make_progress(quiet),
         )
     if not quiet and not as_json:

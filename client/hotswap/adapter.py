@@ -56,6 +56,23 @@ LORA_KINDS = ("lora", "dora", "nola")
 SERVED_KINDS = (*LORA_KINDS, "prompt_tuning")
 
 
+def swap_refusal(kind: str) -> str:
+    """Why a host does not serve an adapter of `kind` (in unmerged mode, or in either),
+    and what serves it instead."""
+    from peftreg.merge.compat import PEFT_MERGED_KINDS
+
+    if kind in PEFT_MERGED_KINDS:
+        return (
+            f"a {kind} adapter cannot be hot-swapped in unmerged mode; a host attached "
+            "with mode='merged' serves it (merged by peft's own layers)"
+        )
+    served = f"hot-swap serves {', '.join(SERVED_KINDS)} in both modes"
+    return (
+        f"a {kind} adapter cannot be hot-swapped in unmerged or merged mode ({served}); "
+        "peft's PeftModel serves it"
+    )
+
+
 @dataclass(frozen=True)
 class FactorBounds:
     """The largest |value| of one module's factors (0.0 for an absent tensor)."""
@@ -77,6 +94,9 @@ class LoadedAdapter:
     bounds: Mapping[str, FactorBounds] = field(default_factory=dict)  # per module
     prompt_bound: float = 0.0  # largest |value| of the soft prompt
     base_layers: Mapping[str, torch.Tensor] = field(default_factory=dict)  # see contents.py
+    # Another peft type that peft merges: its tensors as saved, merged by peft's own
+    # layers in merged mode (`peftreg.merge.peft_modules`).
+    peft_tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -92,6 +112,7 @@ class LoadedAdapter:
         if self.prompt is not None:
             tensors.append(self.prompt)
         tensors += list(self.base_layers.values())
+        tensors += list(self.peft_tensors.values())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def pin_memory(self) -> LoadedAdapter:
@@ -181,11 +202,16 @@ def adapter_from_tensors(
     config: AdapterConfig, tensors: Mapping[str, torch.Tensor], *, digest: str, source: str
 ) -> LoadedAdapter:
     """Check and hold an adapter given its config and loaded tensors file."""
+    from peftreg.merge.compat import PEFT_MERGED_KINDS
+
+    if config.kind in PEFT_MERGED_KINDS:
+        for name, value in tensors.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise NonFiniteAdapter(f"{source}: tensor {name} holds NaN or Inf values")
+        held = {name: value.detach().to("cpu").contiguous() for name, value in tensors.items()}
+        return LoadedAdapter(digest, source, config, peft_tensors=held)
     if config.kind not in SERVED_KINDS:
-        raise UnsupportedAdapter(
-            f"{source}: a {config.kind} adapter cannot be hot-swapped; the host serves "
-            f"{', '.join(SERVED_KINDS)}"
-        )
+        raise UnsupportedAdapter(f"{source}: {swap_refusal(config.kind)}")
     check_features(config, source)
     check_consumed(config, tensors, source)
     if config.kind == "prompt_tuning":

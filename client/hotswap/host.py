@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,8 +51,16 @@ from peftreg.hotswap.merged import PristineWeights
 from peftreg.hotswap.planning import EMPTY, SwapPlan, SwapPlanner
 from peftreg.hotswap.prompt import PromptSlot
 from peftreg.hotswap.slots import ModuleSlot
-from peftreg.hotswap.targets import TargetSite, resolve_targets
+from peftreg.hotswap.targets import TargetSite, refuse_tied_for_merged, resolve_targets
 from peftreg.sdk.client import Client
+
+
+def _model_config(model: nn.Module) -> dict[str, Any] | None:
+    """A transformers model's config.json document (peft builds its layers from it)."""
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    return to_dict() if callable(to_dict) else None
+
 
 __all__ = ["AdapterHost", "AdapterSource", "SwapPlan", "source_label"]
 
@@ -78,6 +87,7 @@ class AdapterHost:
         self._listeners = Listeners()
         self._active: LoadedAdapter | None = None
         self._active_factors: dict[str, ModuleFactors] = {}
+        self._active_peft: list[str] = []  # merged mode: modules peft's layers merged
         self._spare_content: str | None = EMPTY
         self.slots: dict[str, ModuleSlot] = {}
         self.pristine: PristineWeights | None = None
@@ -95,6 +105,7 @@ class AdapterHost:
                         dora=config.dora,
                     )
             else:
+                refuse_tied_for_merged(model, self.sites)
                 self.pristine = PristineWeights(self.sites, config.pristine_device)
             self.prompt: PromptSlot | None = prompt_slot(model, config)
         self._devices = set(devices.values())
@@ -109,6 +120,7 @@ class AdapterHost:
             self.prompt,
             (self.base_fingerprint, self.base_structure_hash),
             self._base_weight,
+            _model_config(model),
         )
         self._forward = GatedForward(
             model, self.gate, self.prompt.transform if self.prompt is not None else None
@@ -322,7 +334,11 @@ class AdapterHost:
         assert pristine is not None
         written = 0
         with torch.no_grad():
-            merged = pristine.compute(plan.factors)  # checked; nothing live touched yet
+            # checked; nothing live touched yet
+            if plan.peft is not None:
+                merged = pristine.compute_peft(plan.peft)
+            else:
+                merged = pristine.compute(plan.factors)
             if self.prompt is not None:
                 written += self.prompt.stage(plan.prompt)
             self._synchronize()
@@ -330,7 +346,7 @@ class AdapterHost:
                 self._synchronize()  # forwards queued before the gate closed read the weights
                 before = self._active_factors
                 try:
-                    written += pristine.write(merged, before)
+                    written += pristine.write(merged, [*before, *self._active_peft])
                 except BaseException:
                     self._roll_back(pristine, before)
                     raise
@@ -338,10 +354,16 @@ class AdapterHost:
                     self.prompt.flip()
                 self._active = plan.adapter
                 self._active_factors = dict(plan.factors)
+                self._active_peft = sorted(merged) if plan.peft is not None else []
         return written
 
     def _roll_back(self, pristine: PristineWeights, before: dict[str, ModuleFactors]) -> None:
         """After a failed write: the previous adapter again, else the base model."""
+        if self._active_peft:  # peft's layers merge once: back to the base model
+            self._active = None
+            self._active_peft = []
+            pristine.restore_all()
+            return
         try:
             pristine.restore_all()
             pristine.write(pristine.compute(before), ())
@@ -413,6 +435,7 @@ class AdapterHost:
             self._forward.remove()
             self._active = None
             self._active_factors = {}
+            self._active_peft = []
             self._detached = True
             self.slots.clear()  # the planner holds the same dict
             self.pristine = None

@@ -15,12 +15,17 @@ targeted modules in memory until the flip.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from peftreg.adapters.factors import ModuleFactors, merged_bias, merged_weight
-from peftreg.hotswap.errors import NonFiniteAdapter
+from peftreg.hotswap.errors import NonFiniteAdapter, UnsupportedAdapter
 from peftreg.hotswap.targets import TargetSite
+from peftreg.merge.errors import MergeError
+
+if TYPE_CHECKING:
+    from peftreg.merge.peft_modules import PeftModules
 
 Merged = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # module -> (W', b' or None)
 
@@ -63,6 +68,33 @@ class PristineWeights:
                     f"in {site.bias.dtype}"
                 )
         return weight, bias
+
+    def compute_peft(self, modules: PeftModules) -> Merged:
+        """W' and b' of every module peft's layers adapt, merged by those layers from the
+        pristine copies; nothing live is touched."""
+        merged: Merged = {}
+        with torch.no_grad():
+            for name in modules.layers:
+                site = self.sites[name]
+
+                def read(tensor: str, name: str = name) -> torch.Tensor:
+                    store = self.weights if tensor.endswith(".weight") else self.biases
+                    return store[name]
+
+                try:
+                    weight = modules.merged(name, f"{name}.weight", read).to(site.weight.dtype)
+                except MergeError as exc:  # peft's layer refuses (e.g. no bias to adapt)
+                    raise UnsupportedAdapter(str(exc)) from None
+                if not bool(torch.isfinite(weight).all()):
+                    raise NonFiniteAdapter(
+                        f"{name}: merging the adapter gives weights that are not finite in "
+                        f"{site.weight.dtype}"
+                    )
+                bias = None
+                if site.bias is not None:
+                    bias = modules.merged(name, f"{name}.bias", read).to(site.bias.dtype)
+                merged[name] = (weight.to(site.weight.device), bias)
+        return merged
 
     def compute(self, factors: Mapping[str, ModuleFactors]) -> Merged:
         """W' and b' of every module `factors` targets; nothing live is touched."""

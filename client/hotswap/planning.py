@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -31,6 +31,9 @@ from peftreg.hotswap.errors import (
     UnsupportedAdapter,
 )
 from peftreg.hotswap.targets import TargetSite
+
+if TYPE_CHECKING:
+    from peftreg.merge.peft_modules import PeftModules
 
 EMPTY = "empty"  # what the spare buffers hold after an unload was staged in them
 
@@ -64,6 +67,7 @@ class SwapPlan:
     adapter: LoadedAdapter | None
     factors: dict[str, ModuleFactors] = field(default_factory=dict)
     prompt: torch.Tensor | None = None
+    peft: PeftModules | None = None  # merged mode: another peft type, merged by peft
 
     @property
     def content(self) -> str:
@@ -94,8 +98,10 @@ class SwapPlanner:
         prompt: PromptShape | None,
         base_identity: tuple[str | None, str | None],
         base_weight: Callable[[str], torch.Tensor],
+        model_config: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
+        self.model_config = model_config
         self.sites = {site.name: site for site in sites}
         self.slots = slots
         self.prompt = prompt
@@ -108,6 +114,8 @@ class SwapPlanner:
         if adapter is None:
             return SwapPlan(None)
         self._check_base(adapter)
+        if adapter.peft_tensors:
+            return SwapPlan(adapter, peft=self._peft_modules(adapter))
         for name, factors in adapter.factors.items():
             self._check_module(adapter, name, factors)
             self._check_values(name, factors, adapter.bounds.get(name))
@@ -116,6 +124,34 @@ class SwapPlanner:
         if prompt is not None:
             self._check_prompt(adapter, prompt)
         return SwapPlan(adapter, dict(adapter.factors), prompt)
+
+    def _peft_modules(self, adapter: LoadedAdapter) -> PeftModules:
+        """peft's layers for the adapter on this host's architecture, every one on a site."""
+        from peftreg.hotswap.adapter import swap_refusal
+
+        if self.config.mode != "merged":
+            raise UnsupportedAdapter(f"{adapter.source}: {swap_refusal(adapter.kind)}")
+        if self.model_config is None:
+            raise UnsupportedAdapter(
+                f"{adapter.source}: a {adapter.kind} adapter is merged by peft on the model's "
+                "architecture, and this model has no transformers config"
+            )
+        from peftreg.merge.errors import MergeError
+        from peftreg.merge.peft_modules import PeftModules
+
+        try:
+            modules = PeftModules(
+                adapter.config, adapter.peft_tensors, self.model_config, adapter.source
+            )
+        except MergeError as exc:
+            raise UnsupportedAdapter(str(exc)) from None
+        for name in modules.layers:
+            if name not in self.sites:
+                raise AdapterShapeMismatch(
+                    f"{adapter.source}: its {adapter.kind} layers adapt {name}, which is not "
+                    "one of this host's targets (attach the host with targets that include it)"
+                )
+        return modules
 
     def _check_base(self, adapter: LoadedAdapter) -> None:
         base = adapter.config.base

@@ -112,3 +112,21 @@ def resolve_targets(model: nn.Module, targets: str | Sequence[str]) -> list[Targ
     if not sites:
         raise HostError(f"no module of {type(model).__name__} matches the targets {targets!r}")
     return sites
+
+
+def refuse_tied_for_merged(model: nn.Module, sites: Sequence[TargetSite]) -> None:
+    """Merged mode writes into the target weights; a weight the model shares with another
+    module (tied input and output embeddings) would change that module too, so it is
+    refused, naming the mode that serves it."""
+    owners: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        owners.setdefault((parameter.data_ptr(), tuple(parameter.shape)), []).append(name)
+    for site in sites:
+        shared = owners.get((site.weight.data_ptr(), tuple(site.weight.shape)), [])
+        others = [name for name in shared if name != f"{site.name}.weight"]
+        if others:
+            raise HostError(
+                f"{site.name}: its weight is tied to {', '.join(others)} (tie_word_embeddings), "
+                "so merging an adapter into it would change that module too; hot-swap serves "
+                "adapters on tied weights in mode='unmerged'"
+            )

@@ -4,9 +4,11 @@ In order, for the adapters together and then each against the base:
 
 1. prompt and prefix tuning add virtual tokens, not weight changes: nothing
    to merge; a DoRA adapter rescales rows, so it is not linear in its delta
-   and merges only alone with weight 1; PEFT features whose effect is not a
-   per-module delta on the stored weights (`UNMERGEABLE_FEATURES`) are
-   refused, since merging their factors alone would be silently wrong;
+   and merges only alone with weight 1; the other peft types merge with
+   peft's own layers (`PEFT_MERGED_KINDS`), alone with weight 1, or are
+   refused with the reason (`UNMERGEABLE_KINDS`); PEFT features whose effect
+   is not a per-module delta on the stored weights (`UNMERGEABLE_FEATURES`)
+   are refused, since merging their factors alone would be silently wrong;
 2. adapters that record different base fingerprints (or structure hashes)
    were trained on different bases and are never summed;
 3. an adapter that records the base fingerprint it was trained on must match
@@ -21,14 +23,56 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from peftreg.adapters.schema import AdapterConfig, TargetModule, TensorSpec
+from peftreg.adapters.schema import GENERIC_KINDS, AdapterConfig, TargetModule, TensorSpec
 from peftreg.adapters.validate import PREFIX as PEFT_PREFIX
 from peftreg.merge.errors import IncompatibleBase, MergeError
 
 if TYPE_CHECKING:  # the check reads configs only: the service plans exports without torch
     from peftreg.merge.inputs import AdapterInput
 
-NOTHING_TO_MERGE = ("prompt_tuning", "prefix_tuning")
+# The prompt-learning types (and LLaMA-Adapter's gated prompts): virtual tokens or key/value
+# prefixes, no weight change.
+NOTHING_TO_MERGE = (
+    "prompt_tuning",
+    "prefix_tuning",
+    "p_tuning",
+    "multitask_prompt_tuning",
+    "cpt",
+    "cartridge",
+    "adaption_prompt",
+)
+# The other peft types whose layers peft merges into the base weights: merged by peft's
+# own layer code, one module at a time (`peftreg.merge.peft_modules`).
+PEFT_MERGED_KINDS = frozenset(
+    {
+        "adalora", "beft", "boft", "c3a", "deft", "delora", "fourierft",
+        "glora", "gralora", "hira", "hra", "ia3", "ln_tuning", "loha", "lokr", "miss", "oft",
+        "peanut", "pvera", "randlora", "road", "shira", "supertuning",
+        "tinylora", "trainable_tokens", "unilora", "vblora", "vera", "waveft",
+    }
+)  # fmt: skip
+# The kinds peftreg's own factor math merges (LoRA and its variants, DoRA, NOLA).
+FACTOR_MERGED_KINDS = frozenset({"lora", "dora", "nola"})
+
+
+def mergeable_kind(kind: str) -> bool:
+    """Whether adapters of `kind` can be merged into their base at all (an export offers it)."""
+    return kind in FACTOR_MERGED_KINDS or kind in PEFT_MERGED_KINDS
+
+
+# peft types peft itself cannot merge, or peftreg not one module at a time, and why.
+WHOLE_BASE = (
+    "peft derives part of its layers from the base weights when it loads the adapter (not "
+    "saved with it), which peftreg's module-at-a-time merge does not reproduce; merge it "
+    "with peft's merge_and_unload"
+)
+UNMERGEABLE_KINDS: dict[str, str] = {
+    **dict.fromkeys(("adamss", "frod", "osf", "psoft"), WHOLE_BASE),
+    "lily": "peft's Lily layers share their adapters across layers and do not merge",
+    "poly": "Poly routes each task to a mix of LoRA modules, so no one weight change exists",
+    "shadow": "ShadowPEFT's adaptation depends on the input, so it has no weight change",
+    "xlora": "X-LoRA mixes LoRA adapters per token with a learned classifier",
+}
 # adapter_config.json keys (when set) whose adapters a plain weight merge would get wrong.
 UNMERGEABLE_FEATURES: dict[str, str] = {
     "alora_invocation_tokens": (
@@ -115,11 +159,32 @@ def _check_kinds(adapters: Sequence[AdapterInput]) -> None:
                 f"{adapter.name} is a {kind} adapter: it adds virtual tokens, not weight "
                 "changes, so there is nothing to merge into the base"
             )
+        if kind in GENERIC_KINDS:
+            _check_generic(adapter, many=len(adapters) > 1)
         if kind == "dora" and (len(adapters) > 1 or adapter.weight != 1.0):
             raise MergeError(
                 f"{adapter.name} is a DoRA adapter: its row rescaling is not linear in the "
                 "delta, so it merges only alone with weight 1, not in a weighted sum"
             )
+
+
+def _check_generic(adapter: AdapterInput, *, many: bool) -> None:
+    kind = adapter.config.kind
+    reason = UNMERGEABLE_KINDS.get(kind)
+    if reason is not None:
+        raise MergeError(f"{adapter.name} is a {kind} adapter: {reason}; refusing to merge")
+    if kind not in PEFT_MERGED_KINDS:
+        raise MergeError(f"{adapter.name} is a {kind} adapter, which peftreg does not merge")
+    if many or adapter.weight != 1.0:
+        raise MergeError(
+            f"{adapter.name} is a {kind} adapter: peft's merge of it is not a delta that "
+            "scales or sums, so it merges only alone with weight 1"
+        )
+    if adapter.config.peft_config.get("modules_to_save"):
+        raise MergeError(
+            f"{adapter.name} is a {kind} adapter with modules_to_save, which peftreg merges "
+            "only for the LoRA family"
+        )
 
 
 def _check_features(adapters: Sequence[AdapterInput]) -> None:
@@ -192,9 +257,13 @@ def check_compatible(
 
 
 __all__ = [
+    "FACTOR_MERGED_KINDS",
+    "PEFT_MERGED_KINDS",
     "UNMERGEABLE_FEATURES",
+    "UNMERGEABLE_KINDS",
     "BaseIdentity",
     "base_tensor_name",
     "check_compatible",
+    "mergeable_kind",
     "missing_weight",
 ]

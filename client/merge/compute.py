@@ -21,6 +21,7 @@ thread, see `peftreg.cli.merge`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -67,8 +68,18 @@ def check_unchanged(plan: TensorPlan, value: torch.Tensor) -> None:
             )
 
 
-def merged_fp32(plan: TensorPlan, value: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The tensor's merged values, fp32 on `device`, computed whole."""
+def merged_fp32(
+    plan: TensorPlan,
+    value: torch.Tensor,
+    device: torch.device,
+    read: Callable[[str], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The tensor's merged values, fp32 on `device`, computed whole. `read` gives the
+    module's other base tensors to peft's layer merge (`TensorPlan.peft`)."""
+    if plan.peft is not None:
+        modules, module = plan.peft
+        assert read is not None
+        return modules.merged(module, plan.source.name, read).to(device)
     check_unchanged(plan, value)
     if plan.replacement is not None:
         value = plan.replacement
@@ -131,7 +142,7 @@ class TensorMerger:
             del value
             self.writer.write(source.name, out)
             return
-        merged = merged_fp32(plan, value, self.device)
+        merged = merged_fp32(plan, value, self.device, self._read)
         del value
         if plan.as_is:
             out = self._output(source.shape, plan.out_dtype)
@@ -148,6 +159,9 @@ class TensorMerger:
             )
         for output in plan.outputs:
             self.writer.write(output.name, encoded.pop(output.name).to("cpu"))
+
+    def _read(self, name: str) -> torch.Tensor:
+        return self.checkpoint.read(self.checkpoint.by_name[name])
 
     def _merge_rows(self, plan: TensorPlan, value: torch.Tensor, out: torch.Tensor) -> None:
         check_unchanged(plan, value)

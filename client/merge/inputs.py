@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -23,8 +24,11 @@ from peftreg.adapters.peft_import import (
     read_peft_directory,
     read_safetensors_header,
 )
-from peftreg.adapters.schema import AdapterConfig
+from peftreg.adapters.schema import GENERIC_KINDS, AdapterConfig
 from peftreg.merge.errors import MergeError
+
+if TYPE_CHECKING:  # needs peft and transformers: imported when such an adapter is merged
+    from peftreg.merge.peft_modules import PeftModules
 
 LORA_PARTS = (
     ".lora_A.weight",
@@ -80,13 +84,15 @@ def adapter_from_snapshot(
 
 @dataclass(frozen=True)
 class LoadedAdapter:
-    """An adapter's factors per target module, and its full-weight replacements."""
+    """An adapter's factors per target module, and its full-weight replacements; or, for
+    the other peft types, peft's own layers, merged module by module."""
 
     source: AdapterInput
     factors: dict[str, ModuleFactors]
     # base tensor name -> the full value PEFT loads in its place: `modules_to_save` copies
     # and the embedding weights saved with an adapter that targets (or resized) them.
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
+    modules: PeftModules | None = None
 
 
 def _replacements(tensors: Mapping[str, torch.Tensor], label: str) -> dict[str, torch.Tensor]:
@@ -101,10 +107,29 @@ def _replacements(tensors: Mapping[str, torch.Tensor], label: str) -> dict[str, 
     return result
 
 
-def load_adapter(adapter: AdapterInput) -> LoadedAdapter:
-    """Read the adapter's tensors (strict header check first) into factors and replacements."""
+def load_adapter(
+    adapter: AdapterInput, model_config: Mapping[str, Any] | None = None
+) -> LoadedAdapter:
+    """Read the adapter's tensors (strict header check first) into factors and replacements;
+    an adapter of another peft type into peft's layers on the base's architecture
+    (`model_config`, its config.json)."""
     read_safetensors_header(adapter.tensors_path)
     tensors = load_file(str(adapter.tensors_path), device="cpu")
+    if adapter.config.kind in GENERIC_KINDS:
+        if model_config is None:
+            raise MergeError(
+                f"{adapter.name}: merging a {adapter.config.kind} adapter needs the base's "
+                "config.json"
+            )
+        try:
+            from peftreg.merge.peft_modules import PeftModules
+        except ImportError as exc:  # peft is in the worker extra, not the hotswap one
+            raise MergeError(
+                f"{adapter.name}: merging a {adapter.config.kind} adapter needs peft and "
+                f"transformers installed ({exc})"
+            ) from None
+        modules = PeftModules(adapter.config, tensors, model_config, adapter.name)
+        return LoadedAdapter(adapter, {}, modules=modules)
     factors = adapter_factors(adapter.config, tensors)
     replacements = {} if adapter.config.kind == "nola" else _replacements(tensors, adapter.name)
     return LoadedAdapter(adapter, factors, replacements)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -25,6 +25,9 @@ from peftreg.merge.base_checkpoint import BaseCheckpoint, BaseTensor
 from peftreg.merge.compat import base_tensor_name, missing_weight
 from peftreg.merge.errors import IncompatibleBase, MergeError
 from peftreg.merge.inputs import LoadedAdapter
+
+if TYPE_CHECKING:
+    from peftreg.merge.peft_modules import PeftModules
 
 BaseQuantizationChoice = Literal["none", "nf4"]
 Contributions = list[tuple[ModuleFactors, float]]
@@ -50,6 +53,7 @@ class TensorPlan:
     nf4: bool = False  # round-trip through NF4 first (QLoRA base)
     nf4_transposed: bool = False  # a GPT-2 Conv1D weight: quantized as its transpose
     as_is: bool = False  # the encoder stores it as it is, cast: `encode` is not called
+    peft: tuple[PeftModules, str] | None = None  # merged by peft's layer of this module
 
 
 @dataclass(frozen=True)
@@ -82,9 +86,14 @@ class _Matcher:
         self.replacements: dict[str, torch.Tensor] = {}
         self.unchanged: dict[str, list[tuple[str, torch.Tensor]]] = {}
         self.modules: set[str] = set()
+        self.peft: dict[str, tuple[PeftModules, str]] = {}
         for adapter in loaded:
             for module, factors in adapter.factors.items():
                 self._add_factors(adapter, module, factors, tied)
+            if adapter.modules is not None:
+                for module, names in adapter.modules.targets(self.names).items():
+                    self.peft.update((name, (adapter.modules, module)) for name in names)
+                    self.modules.add(module)
         for adapter in loaded:
             self._add_replacements(adapter, many=len(loaded) > 1)
 
@@ -175,8 +184,15 @@ def plan_merge(
             nf4=nf4,
             nf4_transposed=nf4 and conv1d,
             as_is=stored_as_is(tensor.name, tensor.shape, out_dtype, outputs),
+            peft=matcher.peft.get(tensor.name),
         )
-        touched = plan.weight or plan.bias or plan.unchanged or plan.nf4
+        if plan.nf4 and plan.peft is not None:
+            raise MergeError(
+                f"{plan.peft[0].label}: a {plan.peft[0].kind} adapter is merged into the "
+                "stored weights, not into NF4-dequantized ones; merge it without base "
+                "quantization nf4"
+            )
+        touched = plan.weight or plan.bias or plan.unchanged or plan.nf4 or plan.peft
         if not touched and plan.replacement is None and plan.as_is:
             plan.mode = "copy" if out_dtype == tensor.dtype else "cast"
         plans.append(plan)

@@ -187,7 +187,7 @@ def merge_to_directory(
         compute_device = resolve_device(device)
         plan = plan_merge(
             checkpoint,
-            [load_adapter(adapter) for adapter in adapters],
+            [load_adapter(adapter, model_config) for adapter in adapters],
             dtype=dtype,
             base_quantization=base_quantization,
             encoder=encoder,

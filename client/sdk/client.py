@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from peftreg.adapters.schema import BaseConfig, BaseReference
 from peftreg.cache import Cache, offline_from_env
 from peftreg.digest import Digest
-from peftreg.manifest import BASE_ARTIFACT, MANIFEST_MEDIA_TYPES, OCI_MANIFEST
+from peftreg.manifest import BASE_ARTIFACT, MANIFEST_MEDIA_TYPES, OCI_MANIFEST, TITLE_ANNOTATION
 from peftreg.reference import Reference
 from peftreg.sdk import jobs as job_api
 from peftreg.sdk.errors import DigestMismatch, InvalidRequest
@@ -397,6 +397,17 @@ class Client:
             structure_hash=config.structure_hash,
         )
 
+    def base_model_config(self, base: str) -> dict[str, Any]:
+        """The config.json of the registered base REF `base` names (its architecture)."""
+        reference = _reference(base)
+        manifest = json.loads(self.get_manifest(reference).content)
+        for layer in manifest.get("layers") or []:
+            if (layer.get("annotations") or {}).get(TITLE_ANNOTATION) == "config.json":
+                document = json.loads(self.get_blob(reference.repository, layer["digest"]))
+                if isinstance(document, dict):
+                    return document
+        raise InvalidRequest(f"{base} has no config.json layer: its architecture is unknown")
+
     def push(
         self,
         path: Path | str,
@@ -406,12 +417,16 @@ class Client:
         annotations: Mapping[str, str] | None = None,
         mount_from: str | None = None,
         base: BaseReference | None = None,
+        base_ref: str | None = None,
         progress: Progress | None = None,
     ) -> push.PushResult:
         """Push a file or directory as one artifact (a layer per file).
 
         For a PEFT directory, `base` records which base model the adapter
         belongs to; the registry verifies it when that base is registered.
+        With `base_ref` (a registered base REF), an adapter of the generic peft
+        types is also checked here against the base's architecture (every
+        tensor name and shape, as peft makes them; needs torch and peft).
         """
         return push.push_path(
             self.http,
@@ -421,6 +436,7 @@ class Client:
             annotations=annotations,
             mount_from=mount_from,
             base=base,
+            base_architecture=(lambda: self.base_model_config(base_ref)) if base_ref else None,
             progress=progress,
         )
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from peftreg.adapters.schema import BaseReference
 from peftreg.digest import Digest, digest_file
@@ -21,6 +22,9 @@ from peftreg.sdk.http import HttpSession
 from peftreg.transfer.progress import NullProgress, Progress
 from peftreg.transfer.titles import check_titles
 from peftreg.transfer.upload import CHUNK_SIZE, upload_blob
+
+if TYPE_CHECKING:
+    from peftreg.adapters.peft_import import ImportedAdapter
 
 GENERIC_ARTIFACT = "application/vnd.peftreg.artifact.v1"
 LAYER_MEDIA_TYPE = "application/octet-stream"
@@ -95,6 +99,26 @@ def build_manifest(
     return canonical_json(document)
 
 
+def check_architecture(
+    imported: ImportedAdapter, base_architecture: Callable[[], Mapping[str, Any]], base: str
+) -> None:
+    """Check a generic peft adapter against its base's architecture; refuse when the
+    tools for that check (torch, transformers, peft) are not installed."""
+    try:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise InvalidRequest(
+            f"checking a {imported.config.kind} adapter against its base needs torch, "
+            "transformers and peft installed; install them, or push without --base to store "
+            "it unverified"
+        ) from None
+    from peftreg.adapters.peft_layout import check_against_architecture
+
+    check_against_architecture(imported, base_architecture(), base)
+
+
 def push_path(
     http: HttpSession,
     path: Path,
@@ -104,6 +128,7 @@ def push_path(
     annotations: Mapping[str, str] | None = None,
     mount_from: str | None = None,
     base: BaseReference | None = None,
+    base_architecture: Callable[[], Mapping[str, Any]] | None = None,
     chunk_size: int = CHUNK_SIZE,
     progress: Progress | None = None,
 ) -> PushResult:
@@ -112,16 +137,20 @@ def push_path(
     A PEFT directory (adapter_config.json + adapter_model.safetensors or
     nola.safetensors) is pushed as a typed adapter (see client.adapters.package),
     unless another artifact type is asked for; its pickle files are refused
-    before anything is uploaded.
+    before anything is uploaded. `base_architecture` gives the base's config.json: an
+    adapter of a generic peft type is checked against it before anything is uploaded
+    (`peftreg.adapters.peft_layout`).
     """
     from peftreg.adapters.package import adapter_annotations, adapter_artifact_files
     from peftreg.adapters.peft_import import is_peft_directory, read_peft_directory
-    from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
+    from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE, GENERIC_KINDS
 
     progress = progress or NullProgress()
     config: tuple[str, bytes] = (EMPTY_JSON, EMPTY_CONFIG)
     if artifact_type in (None, ADAPTER_ARTIFACT) and is_peft_directory(path):
         imported = read_peft_directory(path)
+        if base_architecture is not None and imported.config.kind in GENERIC_KINDS:
+            check_architecture(imported, base_architecture, (base and base.name) or "the base")
         if base is not None:
             imported.config.base = base.model_copy(
                 update={"name": base.name or imported.config.base.name}

@@ -58,7 +58,6 @@ if TYPE_CHECKING:  # the API plans exports without torch; the worker computes wi
     from peftreg.checkpoint.encoding import TensorEncoder
 
 EXPORT = "export"
-MERGEABLE = ("lora", "dora", "nola")
 
 
 def _reference_text(text: str) -> str:
@@ -144,11 +143,6 @@ def check_sources(
     from peftreg.merge.errors import IncompatibleBase
 
     for adapter, _ in adapters:
-        if adapter.config.kind not in MERGEABLE:
-            raise JobInvalid(
-                f"{adapter.repository}@{adapter.digest} is a {adapter.config.kind} adapter; only "
-                f"{', '.join(MERGEABLE)} adapters merge into weights"
-            )
         if base_quantization == "nf4" and adapter.config.base.quantization != "nf4":
             raise JobInvalid(
                 f"{adapter.repository}@{adapter.digest} was not trained against an NF4 base "
@@ -284,6 +278,7 @@ def run_export(context: JobContext) -> Publication:
                 tensors_path=adapter_dir / tensors,
                 weight=weight,
                 digest=adapter.digest,
+                label=f"{adapter.repository}@{adapter.digest}",  # not the scratch directory
             )
         )
         context.log(f"adapter {adapter.repository}@{adapter.digest} weight {weight}")

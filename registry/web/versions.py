@@ -10,13 +10,13 @@ from fastapi.responses import StreamingResponse
 from markdown_it import MarkdownIt
 from starlette.concurrency import iterate_in_threadpool
 
+from peftreg.merge.compat import mergeable_kind
 from peftreg.reference import InvalidReference, Reference
 from peftreg.registry.api.deps import authorize, authorize_any, in_read_transaction
 from peftreg.registry.catalog import blobs
 from peftreg.registry.catalog.comparison import compare_stored
 from peftreg.registry.catalog.repositories import valid_name
 from peftreg.registry.errors import InvalidRequest
-from peftreg.registry.jobs.export import MERGEABLE
 from peftreg.registry.web.browse import services_of
 from peftreg.registry.web.card import version_card
 from peftreg.registry.web.rendering import WebRoute, page
@@ -47,7 +47,7 @@ async def version(name: str, reference: str, request: Request, viewer: ViewerDep
         ),
     )
     readme_html = render_markdown(card.readme) if card.readme and card.readme_markdown else None
-    can_export = card.kind in MERGEABLE and viewer.principal.can("write", name)
+    can_export = mergeable_kind(card.kind) and viewer.principal.can("write", name)
     context = {
         "card": card,
         "readme_html": readme_html,

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 LLAMA_NAME = "tiny-llama"
 GPT2_NAME = "tiny-gpt2"
+QWEN2_NAME = "tiny-qwen2"
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -24,6 +33,25 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     )
     model = LlamaForCausalLM(config)
     model.config._name_or_path = LLAMA_NAME
+    return model.eval()
+
+
+def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
+    """Hidden 32, 2 layers, 4 heads sharing 2 key/value heads (GQA), q/k/v biases, tied
+    input and output embeddings (tie_word_embeddings=True), vocab 64, fp32, eval mode."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.config._name_or_path = QWEN2_NAME
     return model.eval()
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from transformers import AutoModelForCausalLM
 
 from peftreg.checkpoint.package import CHECKPOINT_CONFIG_MEDIA_TYPE
@@ -22,7 +23,7 @@ from tests.adapters.tiny_models import sample_ids
 from tests.fixtures.schemas import assert_valid_config
 from tests.fixtures.server import RegistryProcess, start_registry
 from tests.jobs.artifacts import push_base_and_adapter
-from tests.merge.builders import peft_merged
+from tests.merge.builders import peft_merged, save_adapter
 
 WAIT = 120.0
 
@@ -262,3 +263,22 @@ def test_cancelling_a_running_export_stops_it_and_publishes_nothing(tmp_path: Pa
         ] == []
     finally:
         server.stop()
+
+
+def test_an_export_whose_adapter_cannot_apply_names_the_reference(
+    client: Client, tmp_path: Path
+) -> None:
+    """A BEFT adapter trains the bias of v_proj, which this Llama has not: the worker's
+    merge fails naming the adapter's reference, not the worker's scratch directory."""
+    pushed = push_base_and_adapter(client, tmp_path, repository="acme/beft-base", seed=3)
+    config = PEFT_TYPE_TO_CONFIG_MAPPING["BEFT"](task_type="CAUSAL_LM")
+    adapter_dir = save_adapter(pushed.model, config, tmp_path / "beft")
+    client.push(adapter_dir, "acme/beft:v1", base=client.base_reference(pushed.base_ref))
+    digest = client.resolve("acme/beft:v1")
+    job, _ = client.export("acme/beft:v1", pushed.base_ref)
+    with pytest.raises(JobFailed) as failed:
+        client.wait_job(job.id, timeout=WAIT)
+    error = failed.value.job.error or ""
+    assert f"acme/beft@{digest}: peft cannot merge its beft adapter" in error
+    assert "Base layer has no bias" in error
+    assert "adapter-0" not in error
