@@ -36,6 +36,7 @@ from peftreg.sdk.models import (
     VersionDetail,
 )
 from peftreg.transfer import download, pull, push, upload
+from peftreg.transfer.digest_memo import DigestMemo
 from peftreg.transfer.progress import Progress
 
 DEFAULT_URL = "http://127.0.0.1:8750"
@@ -139,7 +140,7 @@ class Client:
         digest: Digest | str | None = None,
         *,
         mount_from: str | None = None,
-        chunk_size: int = upload.CHUNK_SIZE,
+        chunk_size: int | None = None,
         progress: Progress | None = None,
     ) -> upload.UploadOutcome:
         """Upload a file or bytes (resumable, skipped when present); how it went."""
@@ -412,6 +413,7 @@ class Client:
             mount_from=mount_from,
             base=base,
             progress=progress,
+            memo=DigestMemo(self.cache.root / "digests"),
         )
 
     def pull(
