@@ -17,6 +17,7 @@ from peftreg.registry.api.deps import (
     authorize,
     authorize_any,
     authorize_global_admin,
+    in_read_transaction,
     in_transaction,
 )
 from peftreg.registry.api.schemas import (
@@ -90,7 +91,7 @@ async def list_repositories(
     limit: Limit = 100,
 ) -> RepositoryPage:
     authorize_any(principal)
-    page = await in_transaction(
+    page = await in_read_transaction(
         services,
         partial(search.list_repositories, principal=principal, query=q, cursor=cursor, limit=limit),
     )
@@ -110,7 +111,7 @@ async def _versions(
     artifact_filters: search.ArtifactFilters,
 ) -> VersionPage:
     filters = search.parse_annotation_filters(annotation)
-    page = await in_transaction(
+    page = await in_read_transaction(
         services,
         partial(
             search.list_versions,
@@ -172,7 +173,6 @@ async def list_versions(
 ) -> VersionPage:
     valid_name(name)
     authorize(principal, "read", name)
-    await in_transaction(services, partial(find_repository, name=name))
     filters = search.ArtifactFilters(kind, base, max_rank, base_quantization, verified)
     return await _versions(
         services, principal, name, artifact_type, annotation, cursor, limit, filters
@@ -186,14 +186,16 @@ async def get_version(
     valid_name(name)
     authorize(principal, "read", name)
 
-    def work(session: Session) -> tuple[Manifest, list[str], ArtifactIndex | None]:
+    def work(session: Session) -> tuple[Manifest, list[str], ArtifactIndex | None, Any, Any]:
         row = manifests.get_manifest(session, repository=name, reference=reference)
         tag_names = tags.tags_of(session, repository_id=row.repository_id, digest=row.digest)
-        return row, tag_names, session.get(ArtifactIndex, row.id)
+        document = json.loads(row.content)
+        config = _decoded_config(
+            services, row.config_digest, document
+        )  # a store read: off the loop
+        return row, tag_names, session.get(ArtifactIndex, row.id), document, config
 
-    row, tag_names, index = await in_transaction(services, work)
-    document = json.loads(row.content)
-    config = _decoded_config(services, row.config_digest, document)
+    row, tag_names, index, document, config = await in_read_transaction(services, work)
     summary = _version_out(row, name, tag_names, index)
     return VersionDetail(**summary.model_dump(), manifest=document, config=config)
 
@@ -252,7 +254,7 @@ async def list_tags(name: str, services: ServicesDep, principal: PrincipalDep) -
             for row in rows
         ]
 
-    return await in_transaction(services, work)
+    return await in_read_transaction(services, work)
 
 
 @router.get("/repositories/{name:path}/tags/{tag}/history", response_model=list[TagEventOut])
@@ -269,7 +271,7 @@ async def tag_history(
             for event in tags.tag_history(session, repository=repo, tag=tag)
         ]
 
-    return await in_transaction(services, work)
+    return await in_read_transaction(services, work)
 
 
 @router.put("/repositories/{name:path}/policy", response_model=RepositoryOut)

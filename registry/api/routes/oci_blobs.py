@@ -10,7 +10,14 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
+from peftreg.registry.api.caching import content_cache_headers
+from peftreg.registry.api.deps import (
+    PrincipalDep,
+    ServicesDep,
+    authorize,
+    in_read_transaction,
+    in_transaction,
+)
 from peftreg.registry.catalog import blobs
 from peftreg.registry.catalog.repositories import valid_name
 from peftreg.registry.errors import BlobUnknown, RangeInvalid
@@ -51,13 +58,15 @@ async def get_blob(
         # How clients decide to skip an upload: it refreshes the blob for GC.
         grace = timedelta(seconds=services.settings.gc_grace_seconds)
         lookup = partial(blobs.head_blob, repository=name, digest=parsed, grace=grace)
+        size = await in_transaction(services, lookup)
     else:
         lookup = partial(blobs.linked_size, repository=name, digest=parsed)
-    size = await in_transaction(services, lookup)
+        size = await in_read_transaction(services, lookup)
     headers = {
         "Docker-Content-Digest": str(parsed),
         "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
+        **content_cache_headers(str(parsed), immutable=True),
     }
     byte_range = parse_range(request.headers.get("range"), size)
     redirect = services.store.redirect_url(parsed) if request.method == "GET" else None
