@@ -8,12 +8,11 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from peftreg.adapters.schema import BaseConfig, BaseReference
 from peftreg.cache import Cache, offline_from_env
 from peftreg.digest import Digest
 from peftreg.manifest import BASE_ARTIFACT, MANIFEST_MEDIA_TYPES, OCI_MANIFEST
@@ -37,6 +36,9 @@ from peftreg.sdk.models import (
 )
 from peftreg.transfer import download, pull, push, upload
 from peftreg.transfer.digest_memo import DigestMemo
+
+if TYPE_CHECKING:
+    from peftreg.adapters.schema import BaseReference
 from peftreg.transfer.progress import Progress
 
 DEFAULT_URL = "http://127.0.0.1:8750"
@@ -366,6 +368,8 @@ class Client:
         A REF is resolved to the fingerprint and structure hash recorded in
         its base artifact's config.
         """
+        from peftreg.adapters.schema import BaseConfig, BaseReference
+
         if base.startswith("sha256:"):
             Digest.parse(base)
             return BaseReference(fingerprint=base)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from peftreg.adapters.schema import BaseReference
 from peftreg.digest import Digest
 from peftreg.manifest import (
     ADAPTER_ARTIFACT,
@@ -22,6 +22,9 @@ from peftreg.transfer.digest_memo import DigestMemo
 from peftreg.transfer.progress import NullProgress, Progress
 from peftreg.transfer.titles import check_titles
 from peftreg.transfer.upload import upload_blob, upload_file
+
+if TYPE_CHECKING:
+    from peftreg.adapters.schema import BaseReference
 
 GENERIC_ARTIFACT = "application/vnd.peftreg.artifact.v1"
 LAYER_MEDIA_TYPE = "application/octet-stream"
@@ -96,6 +99,15 @@ def build_manifest(
     return canonical_json(document)
 
 
+def _may_be_adapter(path: Path) -> bool:
+    """A PEFT directory (checked without importing the adapter modules for plain files)."""
+    if not (path / "adapter_config.json").is_file():
+        return False
+    from peftreg.adapters.peft_import import is_peft_directory
+
+    return is_peft_directory(path)
+
+
 def push_path(
     http: HttpSession,
     path: Path,
@@ -116,13 +128,13 @@ def push_path(
     before anything is uploaded. Each file is read once: hashed while it is
     sent, unless `memo` remembers its digest from an earlier push.
     """
-    from peftreg.adapters.package import adapter_annotations, adapter_artifact_files
-    from peftreg.adapters.peft_import import is_peft_directory, read_peft_directory
-    from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
-
     progress = progress or NullProgress()
     config: tuple[str, bytes] = (EMPTY_JSON, EMPTY_CONFIG)
-    if artifact_type in (None, ADAPTER_ARTIFACT) and is_peft_directory(path):
+    if artifact_type in (None, ADAPTER_ARTIFACT) and _may_be_adapter(path):
+        from peftreg.adapters.package import adapter_annotations, adapter_artifact_files
+        from peftreg.adapters.peft_import import read_peft_directory
+        from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
+
         imported = read_peft_directory(path)
         if base is not None:
             imported.config.base = base.model_copy(

@@ -156,7 +156,7 @@ def list_versions(
             statement = statement.where(Manifest.annotations[key].as_string() == value)
         if filters.active():
             statement = _filter_index(statement, filters)
-        batch = list(session.execute(statement).tuples())
+        batch = [(m, name) for m, name in session.execute(statement)]
         results += [(m, name) for m, name in batch if principal.can("read", name)]
         if len(batch) < batch_size:
             break
@@ -209,6 +209,6 @@ def _tags_of_page(session: Session, page: list[Manifest]) -> dict[tuple[int, str
         .order_by(Tag.name)
     )
     found: dict[tuple[int, str], list[str]] = {}
-    for repository_id, digest, name in session.execute(statement).tuples():
+    for repository_id, digest, name in session.execute(statement):
         found.setdefault((repository_id, digest), []).append(name)
     return found
