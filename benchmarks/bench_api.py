@@ -69,7 +69,21 @@ class Load:
     errors: int
 
 
+def warm_up(url: str, paths: list[str]) -> None:
+    """Until every worker process has answered: MLflow's first request imports for seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    def get(path: str) -> None:
+        httpx.get(url + path, timeout=300).raise_for_status()
+
+    with ThreadPoolExecutor(CONNECTIONS) as pool:
+        list(pool.map(get, (paths * CONNECTIONS)[: CONNECTIONS * 4]))
+
+
 def wrk(url: str, paths: list[str], seconds: int, workdir: Path) -> Load:
+    warm_up(url, paths)
     listing = workdir / "paths.txt"
     listing.write_text("\n".join(paths) + "\n")
     script = workdir / "random.lua"
@@ -258,7 +272,7 @@ def mlflow_venv() -> Path:
         print(f"installing MLflow into {venv} (once) ...", flush=True)
         subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
         subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", "mlflow", "psycopg2-binary"],
+            [str(python), "-m", "pip", "install", "--quiet", "mlflow", "psycopg[binary]"],
             check=True,
         )
         (venv / ".installed").touch()
@@ -266,7 +280,7 @@ def mlflow_venv() -> Path:
 
 
 def mlflow_uri(database_url: str) -> str:
-    return database_url.replace("postgresql+psycopg://", "postgresql://")
+    return database_url  # postgresql+psycopg: MLflow's SQLAlchemy takes the same URL
 
 
 @contextmanager
@@ -295,7 +309,7 @@ def mlflow_server(venv: Path, store_uri: str, workdir: Path) -> Iterator[str]:
             cwd=workdir,
         )
         try:
-            wait_http(f"http://127.0.0.1:{port}/health", process, "mlflow server", log)
+            wait_http(f"http://127.0.0.1:{port}/health", process, "mlflow server", log, 300)
             yield f"http://127.0.0.1:{port}"
         finally:
             stop(process)
@@ -364,10 +378,12 @@ def main() -> int:
                 (root / "home").mkdir()
                 url = stack.enter_context(peftreg_workers(root / "home", ours_db, workers))
                 for label, paths in peftreg_paths(digests, ids).items():
-                    results[(backend, count, f"peftreg {label}")] = wrk(url, paths, seconds, root)
+                    load = wrk(url, paths, seconds, root)
+                    results[(backend, count, f"peftreg {label}")] = load
+                    print(f"  peftreg {label}: {load}", flush=True)
                 theirs_db = stack.enter_context(database(backend, root, "mlflow"))
                 print(f"{backend}, {count} versions: filling MLflow ...", flush=True)
-                subprocess.run(
+                subprocess.run(  # its errors go to the terminal
                     [
                         str(venv / "bin" / "python"),
                         "-c",
@@ -377,14 +393,16 @@ def main() -> int:
                         MODEL,
                     ],
                     check=True,
-                    capture_output=True,
+                    stdout=subprocess.DEVNULL,
                 )
                 (root / "mlflow").mkdir()
                 peer = stack.enter_context(
                     mlflow_server(venv, mlflow_uri(theirs_db), root / "mlflow")
                 )
                 for label, paths in mlflow_paths(count).items():
-                    results[(backend, count, f"MLflow {label}")] = wrk(peer, paths, seconds, root)
+                    load = wrk(peer, paths, seconds, root)
+                    results[(backend, count, f"MLflow {label}")] = load
+                    print(f"  MLflow {label}: {load}", flush=True)
     report(results, plans, sizes, backends, workers)
     return 0
 

@@ -62,8 +62,10 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_http(url: str, process: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    deadline = time.monotonic() + 60
+def wait_http(
+    url: str, process: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 60
+) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{what} exited; see {log}")
@@ -73,7 +75,7 @@ def wait_http(url: str, process: subprocess.Popen[bytes], what: str, log: Path) 
         except httpx.TransportError:
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"{what} not ready in 60 s; see {log}")
+    raise RuntimeError(f"{what} not ready in {timeout:.0f} s; see {log}")
 
 
 @contextmanager

@@ -6,7 +6,8 @@ import json
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -109,7 +110,7 @@ async def _versions(
     cursor: str | None,
     limit: int,
     artifact_filters: search.ArtifactFilters,
-) -> VersionPage:
+) -> Response:
     filters = search.parse_annotation_filters(annotation)
     page = await in_read_transaction(
         services,
@@ -124,9 +125,20 @@ async def _versions(
             filters=artifact_filters,
         ),
     )
-    return VersionPage(
-        items=[_version_out(*item) for item in page.items], next_cursor=page.next_cursor
+    return _json(
+        VersionPage(
+            items=[_version_out(*item) for item in page.items], next_cursor=page.next_cursor
+        )
     )
+
+
+def _json(model: BaseModel) -> Response:
+    """A model as the response body, serialized once.
+
+    The routes keep `response_model` for the OpenAPI document; returning a
+    `Response` skips FastAPI's second validation of what was just built.
+    """
+    return Response(content=model.model_dump_json(by_alias=True), media_type="application/json")
 
 
 @router.get("/versions", response_model=VersionPage)
@@ -142,7 +154,7 @@ async def search_versions(
     max_rank: Annotated[int | None, Query(ge=0)] = None,
     base_quantization: str | None = None,
     verified: bool | None = None,
-) -> VersionPage:
+) -> Response:
     """Versions across every repository the caller may read, newest first.
 
     `kind`, `base` (a base fingerprint), `max_rank`, `base_quantization` and
@@ -170,7 +182,7 @@ async def list_versions(
     max_rank: Annotated[int | None, Query(ge=0)] = None,
     base_quantization: str | None = None,
     verified: bool | None = None,
-) -> VersionPage:
+) -> Response:
     valid_name(name)
     authorize(principal, "read", name)
     filters = search.ArtifactFilters(kind, base, max_rank, base_quantization, verified)
@@ -182,7 +194,7 @@ async def list_versions(
 @router.get("/repositories/{name:path}/versions/{reference}", response_model=VersionDetail)
 async def get_version(
     name: str, reference: str, services: ServicesDep, principal: PrincipalDep
-) -> VersionDetail:
+) -> Response:
     valid_name(name)
     authorize(principal, "read", name)
 
@@ -190,14 +202,13 @@ async def get_version(
         row = manifests.get_manifest(session, repository=name, reference=reference)
         tag_names = tags.tags_of(session, repository_id=row.repository_id, digest=row.digest)
         document = json.loads(row.content)
-        config = _decoded_config(
-            services, row.config_digest, document
-        )  # a store read: off the loop
+        # A store read: here on the worker thread, off the event loop.
+        config = _decoded_config(services, row.config_digest, document)
         return row, tag_names, session.get(ArtifactIndex, row.id), document, config
 
     row, tag_names, index, document, config = await in_read_transaction(services, work)
     summary = _version_out(row, name, tag_names, index)
-    return VersionDetail(**summary.model_dump(), manifest=document, config=config)
+    return _json(VersionDetail(**summary.model_dump(), manifest=document, config=config))
 
 
 def _decoded_config(services: Services, digest: str | None, document: dict[str, Any]) -> Any:
