@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from peftreg.digest import Digest, digest_file
+from peftreg.digest import Digest
 from peftreg.sdk.errors import (
     Conflict,
     DigestMismatch,
@@ -132,26 +132,43 @@ def upload_file(
     """
     progress = progress or NullProgress()
     size = path.stat().st_size
-    if known is None and size <= monolithic_max:
-        known, size = digest_file(path)
+    if size <= monolithic_max:
+        content = path.read_bytes()  # read once: hashed, then sent unless it is there
+        digest = Digest.of_bytes(content)
+        skipped = _skip(http, repository, digest, len(content), mount_from, progress)
+        if skipped is not None and not isinstance(skipped, str):
+            return digest, len(content), skipped[0]
+        if skipped is not None:  # a refused mount opened a session: finish it
+            _stream_bytes(http, skipped, content, progress, repository, digest)
+        else:
+            _post_monolithic(http, repository, digest, content)
+            progress.advance(len(content))
+        return digest, len(content), "uploaded"
+    location: str | None = None
     if known is not None:
         skipped = _skip(http, repository, known, size, mount_from, progress)
         if skipped is not None and not isinstance(skipped, str):
             return known, size, skipped[0]
-        if skipped is None and size <= monolithic_max:
-            content = path.read_bytes()
-            actual = Digest.of_bytes(content)
-            _post_monolithic(http, repository, actual, content)
-            progress.advance(size)
-            return actual, len(content), "uploaded"
-        location = skipped or _start_session(http, repository)
-    else:
-        location = _start_session(http, repository)
+        location = skipped
+    location = location or _start_session(http, repository)
     reader = HashingReader(path, size)
     location = _stream_session(http, location, reader, progress)
     digest = reader.digest()
     _finish(http, repository, location, digest)
     return digest, size, "uploaded"
+
+
+def _stream_bytes(
+    http: HttpSession,
+    location: str,
+    content: bytes,
+    progress: Progress,
+    repository: str,
+    digest: Digest,
+) -> None:
+    with io.BytesIO(content) as stream:
+        location = _send_chunks(http, location, stream, len(content), MONOLITHIC_MAX, progress)
+    _finish(http, repository, location, digest)
 
 
 def _skip(
