@@ -111,6 +111,8 @@ def wrk(url: str, paths: list[str], seconds: int, workdir: Path) -> Load:
         check=True,
     )
     out = done.stdout
+    if re.search(r"(?m)^\s*0 requests in", out):
+        print(f"    wrk completed no request (each took longer than the run?):\n{out}")
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -436,8 +438,9 @@ def report(
                     load = results[(backend, count, label)]
                     ratio = ""
                     if label == ours:
-                        peer = results[(backend, count, theirs)]
-                        ratio = f"{load.requests_per_second / peer.requests_per_second:10.2f}"
+                        peer = results[(backend, count, theirs)].requests_per_second
+                        rate = load.requests_per_second
+                        ratio = f"{rate / peer:10.2f}" if peer else f"{'(peer 0)':>10}"
                     print(
                         f"{backend:<11}{count:>9}  {label:<38}{load.requests_per_second:9.0f}"
                         f"{load.p99_ms:9.1f}{load.errors:8d}{ratio}"

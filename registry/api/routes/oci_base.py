@@ -10,7 +10,12 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize_any, in_transaction
+from peftreg.registry.api.deps import (
+    PrincipalDep,
+    ServicesDep,
+    authorize_any,
+    in_read_transaction,
+)
 from peftreg.registry.db.models import Repository
 
 router = APIRouter()
@@ -45,7 +50,7 @@ async def catalog(
             cursor = batch[-1]
         return names
 
-    names = await in_transaction(services, work)
+    names = await in_read_transaction(services, work)
     headers = {}
     if len(names) > n:
         names = names[:n]
