@@ -246,7 +246,8 @@ def peftreg_paths(digests: list[str], ids: list[int]) -> dict[str, list[str]]:
     return {
         "manifest GET by tag": [f"/v2/{REPO}/manifests/v{n}" for n in sample],
         "version detail": [f"/api/v1/repositories/{REPO}/versions/{digests[n]}" for n in sample],
-        "version listing (100)": [
+        "version listing (100)": [f"/api/v1/repositories/{REPO}/versions?limit=100"]
+        + [
             f"/api/v1/repositories/{REPO}/versions?limit=100&cursor={encode_cursor(ids[n])}"
             for n in sample
             if n >= 100
@@ -329,14 +330,11 @@ def mlflow_paths(count: int) -> dict[str, list[str]]:
         return urllib.parse.quote(raw)
 
     get = [f"/api/2.0/mlflow/model-versions/get?name={name}&version={n}" for n in sample]
+    search = f"/api/2.0/mlflow/model-versions/search?filter={query}&max_results=100"
     return {
         "get-model-version": get,
-        "search-model-versions (100)": [
-            f"/api/2.0/mlflow/model-versions/search?filter={query}&max_results=100"
-            f"&page_token={token(n)}"
-            for n in sample
-            if n <= count - 100
-        ],
+        "search-model-versions (100)": [search]
+        + [f"{search}&page_token={token(n)}" for n in sample if n <= count - 100],
     }
 
 
