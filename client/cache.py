@@ -5,7 +5,8 @@ directory's `peftreg`):
 
     blobs/sha256/<hex>                    verified blobs, read-only
     blobs/sha256/<hex>.incomplete         a download in progress (resumable)
-    blobs/sha256/<hex>.incomplete.parts   progress of a parallel download
+    blobs/sha256/<hex>.incomplete.parts   (left by older versions' parallel downloads)
+    digests/<key>                         digests of pushed local files (transfer.digest_memo)
     manifests/sha256/<hex>                manifest bytes, verified
     refs/<repository>/_tags/<tag>         the manifest digest a tag last resolved to
                                           (`_tags` never names a repository segment, so

@@ -7,7 +7,14 @@ Subcommands are imported when they are invoked (or listed by --help), so
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
+
+# `import httpx` also imports httpx's own command-line module (with rich and
+# pygments when they are installed: a third of a push's start-up) unless that
+# import fails. peftreg never runs it: a None entry makes the import fail fast.
+if "httpx" not in sys.modules:
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 import click
 

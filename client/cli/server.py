@@ -7,6 +7,7 @@ of the CLI works where only the library is installed.
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -16,16 +17,24 @@ import click
 @click.option("--port", type=int, default=None, help="Port (default PEFTREG_PORT or 8750).")
 @click.option("--log-level", default="info", show_default=True)
 @click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="HTTP worker processes. With more than one, this process supervises them and "
+    "runs the embedded job worker and periodic GC itself, once.",
+)
+@click.option(
     "--json", "as_json", is_flag=True, help="Log JSON lines (as PEFTREG_LOG_FORMAT=json)."
 )
-def serve(host: str | None, port: int | None, log_level: str, as_json: bool) -> None:
+def serve(host: str | None, port: int | None, log_level: str, workers: int, as_json: bool) -> None:
     """Run the registry (uvicorn). Defaults: SQLite and files under PEFTREG_HOME.
 
     Nothing goes to stdout: logs and the start-up line go to stderr.
     """
     import uvicorn
 
-    from peftreg.registry.app import create_app
+    from peftreg.registry.app import background_threads, build_services, create_app
     from peftreg.registry.observability.logging import configure_logging
     from peftreg.registry.settings import Settings
 
@@ -44,22 +53,45 @@ def serve(host: str | None, port: int | None, log_level: str, as_json: bool) -> 
             "only existing API tokens can use this registry",
             err=True,
         )
-    app = create_app(settings)
-    click.echo(
-        f"peftreg serving on http://{settings.host}:{settings.port} "
+
+    def run(app: object, workers: int = 1) -> None:
+        uvicorn.run(
+            app,  # type: ignore[arg-type]  # an ASGI app, or an import string with workers
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            log_config=None,  # uvicorn's records go to the handler configure_logging installed
+            access_log=False,
+            timeout_graceful_shutdown=10,
+            factory=workers > 1,
+            workers=workers,
+        )
+
+    address = f"http://{settings.host}:{settings.port}"
+    summary = (
         f"(database {settings.resolved_database_url().split('://')[0]}, "
-        f"storage {settings.storage}, anonymous access: {settings.anonymous_scope()})",
+        f"storage {settings.storage}, anonymous access: {settings.anonymous_scope()}"
+    )
+    if workers == 1:
+        app = create_app(settings)
+        click.echo(f"peftreg serving on {address} {summary})", err=True)
+        run(app)
+        return
+    from peftreg.registry.serving import worker_environment
+
+    services = build_services(settings)  # migrates once, before any worker starts
+    threads = background_threads(settings, services)
+    os.environ.update(worker_environment(settings, log_level))
+    click.echo(
+        f"peftreg serving on {address} {summary}, {workers} workers)",
         err=True,
     )
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        log_config=None,  # uvicorn's records go to the handler configure_logging installed
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    threads.start()
+    try:
+        run("peftreg.registry.serving:worker_app", workers)
+    finally:
+        threads.shutdown()
+        services.engine.dispose()
 
 
 @click.group()

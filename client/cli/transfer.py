@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import get_args
 
 import click
 
-from peftreg.adapters.schema import BaseQuantization, BaseReference
+from peftreg.adapters.quantization_names import BASE_QUANTIZATIONS
 from peftreg.cli.common import (
     emit,
     json_option,
@@ -45,7 +44,7 @@ def _annotations(values: tuple[str, ...]) -> dict[str, str]:
 )
 @click.option(
     "--base-quantization",
-    type=click.Choice(list(get_args(BaseQuantization))),
+    type=click.Choice(list(BASE_QUANTIZATIONS)),
     help="Quantization of the base the adapter was trained against (nf4 for QLoRA).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -69,6 +68,8 @@ def push(
     with make_client(reference, offline=False) as client:
         base = client.base_reference(base_ref) if base_ref else None
         if base_quantization is not None:
+            from peftreg.adapters.schema import BaseReference
+
             base = (base or BaseReference()).model_copy(update={"quantization": base_quantization})
         result = client.push(
             path,

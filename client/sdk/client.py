@@ -8,13 +8,12 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from peftreg.adapters.schema import BaseConfig, BaseReference
 from peftreg.cache import Cache, offline_from_env
 from peftreg.digest import Digest
 from peftreg.manifest import BASE_ARTIFACT, MANIFEST_MEDIA_TYPES, OCI_MANIFEST, TITLE_ANNOTATION
@@ -37,6 +36,10 @@ from peftreg.sdk.models import (
     VersionDetail,
 )
 from peftreg.transfer import download, pull, push, upload
+from peftreg.transfer.digest_memo import DigestMemo
+
+if TYPE_CHECKING:
+    from peftreg.adapters.schema import BaseReference
 from peftreg.transfer.progress import Progress
 
 DEFAULT_URL = "http://127.0.0.1:8750"
@@ -149,7 +152,7 @@ class Client:
         digest: Digest | str | None = None,
         *,
         mount_from: str | None = None,
-        chunk_size: int = upload.CHUNK_SIZE,
+        chunk_size: int | None = None,
         progress: Progress | None = None,
     ) -> upload.UploadOutcome:
         """Upload a file or bytes (resumable, skipped when present); how it went."""
@@ -375,6 +378,8 @@ class Client:
         A REF is resolved to the fingerprint and structure hash recorded in
         its base artifact's config.
         """
+        from peftreg.adapters.schema import BaseConfig, BaseReference
+
         if base.startswith("sha256:"):
             Digest.parse(base)
             return BaseReference(fingerprint=base)
@@ -438,6 +443,7 @@ class Client:
             base=base,
             base_architecture=(lambda: self.base_model_config(base_ref)) if base_ref else None,
             progress=progress,
+            memo=DigestMemo(self.cache.root / "digests"),
         )
 
     def pull(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urljoin
@@ -106,7 +106,7 @@ class HttpSession:
         *,
         params: QueryParams | None = None,
         headers: Mapping[str, str] | None = None,
-        content: bytes | None = None,
+        content: bytes | Iterable[bytes] | None = None,
         json_body: Any = None,
         idempotent: bool | None = None,
         ok: tuple[int, ...] = (),
@@ -118,8 +118,10 @@ class HttpSession:
         for an existence check). Idempotent requests are retried on
         connection errors and 429/502/503/504; others are sent once.
         `timeout` replaces the session's for this request (e.g. a long poll).
+        A streamed `content` (an iterable) is sent once: it cannot be replayed.
         """
         retry = method.upper() in IDEMPOTENT_METHODS if idempotent is None else idempotent
+        retry = retry and (content is None or isinstance(content, bytes))
         if json_body is not None:
             content = json.dumps(json_body).encode()
             headers = {**(headers or {}), "Content-Type": "application/json"}

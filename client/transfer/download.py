@@ -1,40 +1,41 @@
-"""Blob downloads into the cache: resumable, parallel for large blobs, verified.
+"""Blob downloads into the cache: resumable, verified while they are written.
 
-Bytes go to `blobs/sha256/<hex>.incomplete`; an interrupted download
-resumes from what that file holds (a `Range` request). Blobs over
-`PARALLEL_THRESHOLD` are fetched as `PARALLEL_PARTS` ranged GETs at once,
-their progress kept in `<hex>.incomplete.parts`. Every byte is hashed and
-compared with the digest before the file is renamed to its final name; a
-mismatch deletes the partial file. A per-digest file lock makes concurrent
-processes download a blob once: the others wait and find it present.
+Bytes go to `blobs/sha256/<hex>.incomplete` as they arrive from one GET,
+and a hashing thread follows the writes, so the digest is known when the
+last byte lands: the file is never read back. An interrupted download
+resumes from what the `.incomplete` file holds (a `Range` request; only
+then is that prefix read, to hash it). A mismatch deletes the partial file;
+a match renames it to its final name. A per-digest file lock makes
+concurrent processes download a blob once: the others wait and find it
+present.
+
+One stream, not parallel ranged GETs: parallel parts could only be
+verified by reading the file again, which costs more than they save on
+any link where one TCP stream fills the pipe.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
+import queue
 import re
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from peftreg.cache import Cache
-from peftreg.digest import Digest, digest_file
+from peftreg.digest import Digest
 from peftreg.sdk.errors import DigestMismatch, PeftregError, ServerError, TransportError
 from peftreg.sdk.http import HttpSession
 from peftreg.transfer.progress import NullProgress, Progress
 
-PARALLEL_THRESHOLD = 64 * 1024 * 1024
-PARALLEL_PARTS = 4
-STREAM_CHUNK = 1024 * 1024
-SAVE_EVERY = 2 * 1024 * 1024
+READ_CHUNK = 4 * 1024 * 1024
+HASH_QUEUE = 64  # chunks the hashing thread may lag behind the writes
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -60,8 +61,6 @@ def download_blob(
     cache: Cache,
     *,
     progress: Progress | None = None,
-    parallel_threshold: int = PARALLEL_THRESHOLD,
-    parts: int = PARALLEL_PARTS,
 ) -> DownloadResult:
     """Make `digest` present and verified in the cache; download it if needed."""
     progress = progress or NullProgress()
@@ -74,13 +73,9 @@ def download_blob(
             progress.advance(size)
             return DownloadResult(cache.blob_path(digest), 0)
         partial = cache.incomplete_path(digest)
-        parts_file = cache.parts_path(digest)
+        cache.parts_path(digest).unlink(missing_ok=True)  # left by older versions
         fetcher = _Fetcher(http, blob_url(repository, digest), size, progress)
-        if parts_file.exists() or (not partial.exists() and size > parallel_threshold):
-            fetcher.parallel(partial, parts_file, max(1, parts))
-            actual, actual_size = digest_file(partial, digest.algorithm)
-        else:
-            actual, actual_size = fetcher.single(partial, digest.algorithm)
+        actual, actual_size = fetcher.single(partial, digest.algorithm)
         if actual != digest or actual_size != size:
             cache.discard_partial(digest)
             raise DigestMismatch(
@@ -88,6 +83,29 @@ def download_blob(
                 f"({actual_size} of {size} bytes); nothing was kept"
             )
         return DownloadResult(cache.commit_blob(digest, partial), fetcher.received)
+
+
+class _FollowingHasher:
+    """Hashes, on its own thread, the chunks handed to it in order."""
+
+    def __init__(self, algorithm: str) -> None:
+        self._hasher = hashlib.new(algorithm)
+        self._algorithm = algorithm
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(HASH_QUEUE)
+        self._thread = threading.Thread(target=self._run, name="peftreg-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self._hasher.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._chunks.put(chunk)
+
+    def finish(self) -> Digest:
+        self._chunks.put(None)
+        self._thread.join()
+        return Digest(self._algorithm, self._hasher.hexdigest())
 
 
 class _Fetcher:
@@ -126,111 +144,53 @@ class _Fetcher:
         if response.status_code != 206 or match is None or int(match.group(1)) != start:
             raise PeftregError(f"the server did not honour the range request for {self.url}")
 
-    # one stream -------------------------------------------------------------
+    # one stream, hashed by a thread that follows the writes ------------------
 
     def single(self, partial: Path, algorithm: str) -> tuple[Digest, int]:
-        hasher = hashlib.new(algorithm)
+        hasher = _FollowingHasher(algorithm)
         offset = 0
-        if partial.exists():
-            if partial.stat().st_size > self.size:
-                partial.unlink()
-            else:
-                with partial.open("rb") as existing:
-                    while chunk := existing.read(STREAM_CHUNK * 4):
-                        hasher.update(chunk)
-                        offset += len(chunk)
-                self.progress.advance(offset)
         state = {"offset": offset}
-
-        def attempt() -> None:
-            start = state["offset"]
-            if start >= self.size:
-                partial.touch()
-                return
-            headers = {"Range": f"bytes={start}-"} if start else {}
-            with self.http.stream("GET", self.url, headers=headers) as response:
-                self._check_range(response, start)
-                with partial.open("ab" if start else "wb") as out:
-                    for chunk in response.iter_bytes(STREAM_CHUNK):
-                        if state["offset"] + len(chunk) > self.size:
-                            raise DigestMismatch(f"{self.url} sent more than {self.size} bytes")
-                        out.write(chunk)
-                        hasher.update(chunk)
-                        state["offset"] += len(chunk)
-                        self._count(len(chunk))
-            if state["offset"] < self.size:
-                raise _Interrupted(f"stream ended at byte {state['offset']} of {self.size}")
-
-        self._with_retries(attempt)
-        return Digest(algorithm, hasher.hexdigest()), state["offset"]
-
-    # ranged parts in parallel -----------------------------------------------
-
-    def parallel(self, partial: Path, parts_file: Path, parts: int) -> None:
-        ranges = self._load_parts(partial, parts_file, parts)
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
-        state_lock = threading.Lock()
         try:
-            if os.fstat(fd).st_size != self.size:
-                os.ftruncate(fd, self.size)
-            self.progress.advance(sum(done for _s, _e, done in ranges))
+            if partial.exists():
+                if partial.stat().st_size > self.size:
+                    partial.unlink()
+                else:
+                    with partial.open("rb") as existing:
+                        while chunk := existing.read(READ_CHUNK):
+                            hasher.update(chunk)
+                            offset += len(chunk)
+                    self.progress.advance(offset)
+                    state["offset"] = offset
 
-            def save() -> None:
-                staging = parts_file.with_name(parts_file.name + ".tmp")
-                staging.write_text(json.dumps({"size": self.size, "parts": ranges}))
-                os.replace(staging, parts_file)
-
-            with state_lock:
-                save()
-
-            def run_part(index: int) -> None:
-                def attempt() -> None:
-                    start, end, done = ranges[index]
-                    if start + done >= end:
-                        return
-                    headers = {"Range": f"bytes={start + done}-{end - 1}"}
-                    unsaved = 0
-                    with self.http.stream("GET", self.url, headers=headers) as response:
-                        self._check_range(response, start + done)
-                        for chunk in response.iter_bytes(STREAM_CHUNK):
-                            position = start + ranges[index][2]
-                            if position + len(chunk) > end:
-                                raise DigestMismatch(f"{self.url} sent more than was asked")
-                            os.pwrite(fd, chunk, position)
-                            ranges[index][2] += len(chunk)
+            def attempt() -> None:
+                start = state["offset"]
+                if start >= self.size:
+                    partial.touch()
+                    return
+                headers = {"Range": f"bytes={start}-"} if start else {}
+                with self.http.stream("GET", self.url, headers=headers) as response:
+                    self._check_range(response, start)
+                    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | (0 if start else os.O_TRUNC))
+                    try:
+                        os.lseek(fd, start, os.SEEK_SET)
+                        # Chunks as the transport delivers them: no re-chunking copy.
+                        encoded = "content-encoding" in response.headers
+                        chunks = response.iter_bytes() if encoded else response.iter_raw()
+                        for chunk in chunks:
+                            if state["offset"] + len(chunk) > self.size:
+                                raise DigestMismatch(f"{self.url} sent more than {self.size} bytes")
+                            view = memoryview(chunk)
+                            while view:
+                                view = view[os.write(fd, view) :]
+                            hasher.update(chunk)
+                            state["offset"] += len(chunk)
                             self._count(len(chunk))
-                            unsaved += len(chunk)
-                            if unsaved >= SAVE_EVERY:
-                                unsaved = 0
-                                with state_lock:
-                                    save()
-                    with state_lock:
-                        save()
-                    if start + ranges[index][2] < end:
-                        raise _Interrupted(f"part {index} ended early")
+                    finally:
+                        os.close(fd)
+                if state["offset"] < self.size:
+                    raise _Interrupted(f"stream ended at byte {state['offset']} of {self.size}")
 
-                try:
-                    self._with_retries(attempt)
-                finally:
-                    with state_lock:
-                        save()
-
-            with ThreadPoolExecutor(max_workers=len(ranges)) as pool:
-                futures = [pool.submit(run_part, index) for index in range(len(ranges))]
-                errors = [future.exception() for future in futures]
-            for error in errors:
-                if error is not None:
-                    raise error
+            self._with_retries(attempt)
         finally:
-            os.close(fd)
-
-    def _load_parts(self, partial: Path, parts_file: Path, parts: int) -> list[list[int]]:
-        with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
-            state = json.loads(parts_file.read_text())
-            ranges = [[int(s), int(e), int(d)] for s, e, d in state["parts"]]
-            if int(state["size"]) == self.size and partial.exists() and ranges:
-                return ranges
-        with contextlib.suppress(FileNotFoundError):
-            partial.unlink()
-        step = -(-self.size // parts)
-        return [[start, min(start + step, self.size), 0] for start in range(0, self.size, step)]
+            digest = hasher.finish()
+        return digest, state["offset"]

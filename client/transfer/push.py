@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftreg.adapters.schema import BaseReference
-from peftreg.digest import Digest, digest_file
+from peftreg.digest import Digest
 from peftreg.manifest import (
     ADAPTER_ARTIFACT,
     EMPTY_JSON,
@@ -19,9 +18,13 @@ from peftreg.manifest import (
 from peftreg.reference import Reference
 from peftreg.sdk.errors import DigestMismatch, InvalidRequest
 from peftreg.sdk.http import HttpSession
+from peftreg.transfer.digest_memo import DigestMemo
 from peftreg.transfer.progress import NullProgress, Progress
 from peftreg.transfer.titles import check_titles
-from peftreg.transfer.upload import CHUNK_SIZE, upload_blob
+from peftreg.transfer.upload import upload_blob, upload_file
+
+if TYPE_CHECKING:
+    from peftreg.adapters.schema import BaseReference
 
 if TYPE_CHECKING:
     from peftreg.adapters.peft_import import ImportedAdapter
@@ -119,6 +122,15 @@ def check_architecture(
     check_against_architecture(imported, base_architecture(), base)
 
 
+def _may_be_adapter(path: Path) -> bool:
+    """A PEFT directory (checked without importing the adapter modules for plain files)."""
+    if not (path / "adapter_config.json").is_file():
+        return False
+    from peftreg.adapters.peft_import import is_peft_directory
+
+    return is_peft_directory(path)
+
+
 def push_path(
     http: HttpSession,
     path: Path,
@@ -129,8 +141,8 @@ def push_path(
     mount_from: str | None = None,
     base: BaseReference | None = None,
     base_architecture: Callable[[], Mapping[str, Any]] | None = None,
-    chunk_size: int = CHUNK_SIZE,
     progress: Progress | None = None,
+    memo: DigestMemo | None = None,
 ) -> PushResult:
     """Upload every file (skipping what the server has) and put the manifest.
 
@@ -139,15 +151,16 @@ def push_path(
     unless another artifact type is asked for; its pickle files are refused
     before anything is uploaded. `base_architecture` gives the base's config.json: an
     adapter of a generic peft type is checked against it before anything is uploaded
-    (`peftreg.adapters.peft_layout`).
+    (`peftreg.adapters.peft_layout`). Each file is read once: hashed while it is sent,
+    unless `memo` remembers its digest from an earlier push.
     """
-    from peftreg.adapters.package import adapter_annotations, adapter_artifact_files
-    from peftreg.adapters.peft_import import is_peft_directory, read_peft_directory
-    from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE, GENERIC_KINDS
-
     progress = progress or NullProgress()
     config: tuple[str, bytes] = (EMPTY_JSON, EMPTY_CONFIG)
-    if artifact_type in (None, ADAPTER_ARTIFACT) and is_peft_directory(path):
+    if artifact_type in (None, ADAPTER_ARTIFACT) and _may_be_adapter(path):
+        from peftreg.adapters.package import adapter_annotations, adapter_artifact_files
+        from peftreg.adapters.peft_import import read_peft_directory
+        from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE, GENERIC_KINDS
+
         imported = read_peft_directory(path)
         if base_architecture is not None and imported.config.kind in GENERIC_KINDS:
             check_architecture(imported, base_architecture, (base and base.name) or "the base")
@@ -158,10 +171,7 @@ def push_path(
         config_bytes, layers = adapter_artifact_files(imported)
         config = (ADAPTER_CONFIG_MEDIA_TYPE, config_bytes)
         check_titles([title for _path, title, _media in layers])
-        files = [
-            LocalFile(title, item, *digest_file(item), media_type=media)
-            for item, title, media in layers
-        ]
+        entries = [(title, item, media) for item, title, media in layers]
         artifact_type = ADAPTER_ARTIFACT
         annotations = {
             **adapter_annotations(imported.config, path.absolute().name),
@@ -172,25 +182,27 @@ def push_path(
             raise InvalidRequest(
                 f"{path} is not a PEFT adapter directory; a base applies to adapters"
             )
-        entries = collect_files(path)
-        check_titles([title for title, _path in entries])
-        files = [LocalFile(title, item, *digest_file(item)) for title, item in entries]
+        found = collect_files(path)
+        check_titles([title for title, _path in found])
+        entries = [(title, item, LAYER_MEDIA_TYPE) for title, item in found]
     repository = reference.repository
     upload_blob(http, repository, Digest.of_bytes(config[1]), len(config[1]), config[1])
-    progress.start(sum(item.size for item in files), f"push {reference}")
+    progress.start(sum(item.stat().st_size for _t, item, _m in entries), f"push {reference}")
+    files: list[LocalFile] = []
     uploaded = skipped = 0
     try:
-        for item in files:
-            outcome = upload_blob(
+        for title, item, media in entries:
+            digest, size, outcome = upload_file(
                 http,
                 repository,
-                item.digest,
-                item.size,
-                item.path,
+                item,
+                known=memo.get(item) if memo is not None else None,
                 mount_from=mount_from,
-                chunk_size=chunk_size,
                 progress=progress,
             )
+            if memo is not None:
+                memo.put(item, digest)
+            files.append(LocalFile(title, item, digest, size, media_type=media))
             if outcome == "uploaded":
                 uploaded += 1
             else:

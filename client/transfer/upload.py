@@ -1,26 +1,37 @@
-"""Blob uploads through OCI upload sessions: skipped, mounted, monolithic or chunked.
+"""Blob uploads through OCI upload sessions: skipped, mounted, monolithic or streamed.
 
 A blob the repository already has is skipped (HEAD). With `mount_from`, the
 server is asked to mount it from that repository. Small blobs go in one
-`POST ?digest=`; larger ones as a session: `POST`, then `PATCH` chunks with
-`Content-Range`, then `PUT ?digest=`. When a chunk fails on the connection,
-the session's offset is asked for (`GET`) and the upload continues there.
+`POST ?digest=`; larger ones as a session: `POST`, then one `PATCH` that
+streams the whole file (read ahead and hashed on a thread while it is sent,
+see `readahead`), then `PUT ?digest=`. When the connection breaks, the
+session's offset is asked for (`GET`) and a new `PATCH` continues there.
+A file whose digest is not known yet is hashed on the way, once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 from peftreg.digest import Digest
-from peftreg.sdk.errors import NotFound, PeftregError, RangeNotSatisfiable, TransportError
+from peftreg.sdk.errors import (
+    Conflict,
+    DigestMismatch,
+    NotFound,
+    PeftregError,
+    RangeNotSatisfiable,
+    TransportError,
+)
 from peftreg.sdk.http import HttpSession
 from peftreg.transfer.progress import NullProgress, Progress
+from peftreg.transfer.readahead import HashingReader
 
-CHUNK_SIZE = 16 * 1024 * 1024
-MONOLITHIC_MAX = CHUNK_SIZE
+MONOLITHIC_MAX = 16 * 1024 * 1024
 OCTET_STREAM = "application/octet-stream"
 UploadOutcome = Literal["exists", "mounted", "uploaded"]
 
@@ -66,38 +77,197 @@ def upload_blob(
     source: Path | bytes,
     *,
     mount_from: str | None = None,
-    chunk_size: int = CHUNK_SIZE,
+    chunk_size: int | None = None,
     monolithic_max: int = MONOLITHIC_MAX,
     progress: Progress | None = None,
 ) -> UploadOutcome:
-    """Make the repository hold the blob; say how."""
+    """Make the repository hold a blob of known digest; say how.
+
+    `chunk_size` sends the session as `PATCH` chunks of that size (for
+    servers that limit a request's body); by default one streamed `PATCH`.
+    """
     progress = progress or NullProgress()
+    skipped = _skip(http, repository, digest, size, mount_from, progress)
+    if skipped is not None and not isinstance(skipped, str):
+        return skipped[0]
+    location = skipped
+    if location is None and size <= monolithic_max:
+        _post_monolithic(http, repository, digest, _read_all(source))
+        progress.advance(size)
+        return "uploaded"
+    if location is None:
+        location = _start_session(http, repository)
+    if chunk_size is not None or isinstance(source, bytes):
+        with _open(source) as stream:
+            location = _send_chunks(
+                http, location, stream, size, chunk_size or monolithic_max, progress
+            )
+    else:
+        reader = HashingReader(source, size, digest.algorithm)
+        location = _stream_session(http, location, reader, progress)
+        if reader.digest() != digest:
+            _abandon(http, location)
+            raise DigestMismatch(f"{source} hashes to {reader.digest()}, not {digest}")
+    _finish(http, repository, location, digest)
+    return "uploaded"
+
+
+def upload_file(
+    http: HttpSession,
+    repository: str,
+    path: Path,
+    *,
+    known: Digest | None = None,
+    mount_from: str | None = None,
+    monolithic_max: int = MONOLITHIC_MAX,
+    progress: Progress | None = None,
+) -> tuple[Digest, int, UploadOutcome]:
+    """Upload a file whose digest may not be known yet; (digest, size, how).
+
+    A small file is hashed first, so a blob the registry has is skipped. A
+    large one with a `known` digest (remembered from an earlier push) is
+    checked with HEAD first too; otherwise it is hashed while it streams and
+    the session is completed with the digest computed on the way. A `known`
+    digest the bytes do not match is not trusted: the bytes' digest is used.
+    """
+    progress = progress or NullProgress()
+    size = path.stat().st_size
+    if size <= monolithic_max:
+        content = path.read_bytes()  # read once: hashed, then sent unless it is there
+        digest = Digest.of_bytes(content)
+        skipped = _skip(http, repository, digest, len(content), mount_from, progress)
+        if skipped is not None and not isinstance(skipped, str):
+            return digest, len(content), skipped[0]
+        if skipped is not None:  # a refused mount opened a session: finish it
+            _stream_bytes(http, skipped, content, progress, repository, digest)
+        else:
+            _post_monolithic(http, repository, digest, content)
+            progress.advance(len(content))
+        return digest, len(content), "uploaded"
+    location: str | None = None
+    if known is not None:
+        skipped = _skip(http, repository, known, size, mount_from, progress)
+        if skipped is not None and not isinstance(skipped, str):
+            return known, size, skipped[0]
+        location = skipped
+    location = location or _start_session(http, repository)
+    reader = HashingReader(path, size)
+    location = _stream_session(http, location, reader, progress)
+    digest = reader.digest()
+    _finish(http, repository, location, digest)
+    return digest, size, "uploaded"
+
+
+def _stream_bytes(
+    http: HttpSession,
+    location: str,
+    content: bytes,
+    progress: Progress,
+    repository: str,
+    digest: Digest,
+) -> None:
+    with io.BytesIO(content) as stream:
+        location = _send_chunks(http, location, stream, len(content), MONOLITHIC_MAX, progress)
+    _finish(http, repository, location, digest)
+
+
+def _skip(
+    http: HttpSession,
+    repository: str,
+    digest: Digest,
+    size: int,
+    mount_from: str | None,
+    progress: Progress,
+) -> tuple[UploadOutcome] | str | None:
+    """(outcome,) when nothing needs sending; a session URL a refused mount opened; or None."""
     if blob_size(http, repository, digest) is not None:
         progress.advance(size)
-        return "exists"
-    location: str | None = None
+        return ("exists",)
     if mount_from and mount_from != repository:
         location = mount_blob(http, repository, digest, mount_from)
         if location is None:
             progress.advance(size)
-            return "mounted"
-    with _open(source) as stream:
-        if location is None and size <= monolithic_max:
-            http.request(
-                "POST",
-                uploads_url(repository),
-                params={"digest": str(digest)},
-                content=stream.read(),
-                headers={"Content-Type": OCTET_STREAM},
-                idempotent=True,  # content-addressed: sending it again is harmless
+            return ("mounted",)
+        return location
+    return None
+
+
+def _read_all(source: Path | bytes) -> bytes:
+    return source if isinstance(source, bytes) else source.read_bytes()
+
+
+def _post_monolithic(http: HttpSession, repository: str, digest: Digest, content: bytes) -> None:
+    http.request(
+        "POST",
+        uploads_url(repository),
+        params={"digest": str(digest)},
+        content=content,
+        headers={"Content-Type": OCTET_STREAM},
+        idempotent=True,  # content-addressed: sending it again is harmless
+    )
+
+
+def _start_session(http: HttpSession, repository: str) -> str:
+    return http.request("POST", uploads_url(repository)).headers["location"]
+
+
+def _abandon(http: HttpSession, location: str) -> None:
+    with contextlib.suppress(PeftregError):  # the server expires abandoned sessions anyway
+        http.request("DELETE", location, ok=(404,))
+
+
+def _stream_session(
+    http: HttpSession, location: str, reader: HashingReader, progress: Progress
+) -> str:
+    """Send the whole file in one `PATCH`; after a break, continue at the server's offset."""
+    size = reader.size
+    offset = 0
+    reported = 0
+    failures = 0
+    while offset < size:
+        blocks = reader.blocks(offset)
+
+        def body(source: Iterator[bytes] = blocks) -> Iterator[bytes]:
+            nonlocal reported
+            for block in source:
+                yield block
+                reported += len(block)
+                progress.advance(len(block))
+
+        try:
+            response = http.request(
+                "PATCH",
+                location,
+                content=body(),
+                headers={
+                    "Content-Type": OCTET_STREAM,
+                    "Content-Length": str(size - offset),
+                    "Content-Range": f"{offset}-{size - 1}",
+                },
+                idempotent=False,
             )
-            progress.advance(size)
-            return "uploaded"
-        if location is None:
-            location = http.request("POST", uploads_url(repository)).headers["location"]
-        location = _send_chunks(http, location, stream, size, chunk_size, progress)
-    _finish(http, repository, location, digest)
-    return "uploaded"
+        except (TransportError, RangeNotSatisfiable, Conflict) as exc:
+            if failures >= http.retries:
+                raise
+            failures += 1
+            if isinstance(exc, RangeNotSatisfiable) and exc.offset is not None:
+                offset = exc.offset
+            else:
+                # A break, or the server still closing the broken request's write.
+                time.sleep(http.delay(failures - 1))
+                offset = session_offset(http, location)
+            progress.advance(offset - reported)
+            reported = offset
+            continue
+        finally:
+            blocks.close()
+        location = response.headers.get("location", location)
+        offset = size
+    if reader.hashed < size:
+        # The server had everything after a break: read the rest for the hash.
+        for _block in reader.blocks(reader.hashed):
+            pass
+    return location
 
 
 def _open(source: Path | bytes) -> BinaryIO:

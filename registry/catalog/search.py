@@ -7,11 +7,12 @@ import json
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, defer
 
 from peftreg.formats.bounded_json import loads_bounded
 from peftreg.registry.auth.scopes import Principal
+from peftreg.registry.catalog.repositories import find_repository
 from peftreg.registry.db.models import ArtifactIndex, Manifest, Repository, Tag
 from peftreg.registry.errors import InvalidRequest
 
@@ -127,67 +128,52 @@ def list_versions(
     limit: int,
     filters: ArtifactFilters | None = None,
 ) -> Page[tuple[Manifest, str, list[str], ArtifactIndex | None]]:
-    """Versions (manifests), newest first; each with its repository name, tags and index."""
+    """Versions (manifests), newest first; each with its repository name, tags and index.
+
+    A keyset page: `id < cursor ORDER BY id DESC LIMIT n`, on the index
+    `(repository_id, id)` for one repository and on the primary key across
+    all of them, so a page costs the same however many versions there are.
+    Tags and index rows of the page come in one query each, not one per row.
+    """
     filters = filters or ArtifactFilters()
     after = decode_cursor(cursor, int)
+    repository_id = None
+    if repository is not None:
+        repository_id = find_repository(session, name=repository).id
     results: list[tuple[Manifest, str]] = []
     last_id = after
-    # With index filters, order by the index's own key (the same id): SQLite then walks
-    # a filter's index in order instead of sorting every match.
-    order_key = ArtifactIndex.manifest_id if filters.active() else Manifest.id
+    batch_size = limit + 1
     while len(results) <= limit:
         statement = (
             select(Manifest, Repository.name)
             .options(defer(Manifest.content))  # listings never need the document itself
             .join(Repository, Repository.id == Manifest.repository_id)
-            .order_by(order_key.desc())
-            .limit(min(200, limit + 1))
+            .order_by(Manifest.id.desc())
+            .limit(batch_size)
         )
         if last_id is not None:
-            statement = statement.where(order_key < last_id)
-        if repository is not None:
-            statement = statement.where(Repository.name == repository)
+            statement = statement.where(Manifest.id < int(last_id))
+        if repository_id is not None:
+            statement = statement.where(Manifest.repository_id == repository_id)
         if artifact_type is not None:
             statement = statement.where(Manifest.artifact_type == artifact_type)
         for key, value in annotations.items():
             statement = statement.where(Manifest.annotations[key].as_string() == value)
         if filters.active():
-            statement = statement.join(ArtifactIndex, ArtifactIndex.manifest_id == Manifest.id)
-            if filters.kind is not None:
-                statement = statement.where(ArtifactIndex.kind == filters.kind)
-            if filters.base_fingerprint is not None:
-                statement = statement.where(
-                    ArtifactIndex.base_fingerprint == filters.base_fingerprint
-                )
-            if filters.max_rank is not None:
-                statement = statement.where(ArtifactIndex.max_rank <= filters.max_rank)
-            if filters.base_quantization is not None:
-                statement = statement.where(
-                    ArtifactIndex.base_quantization == filters.base_quantization
-                )
-            if filters.verified is not None:
-                statement = statement.where(ArtifactIndex.verified == filters.verified)
-        batch = list(session.execute(statement).tuples())
-        if not batch:
-            break
+            statement = _filter_index(statement, filters)
+        batch = [(m, name) for m, name in session.execute(statement)]
         results += [(m, name) for m, name in batch if principal.can("read", name)]
+        if len(batch) < batch_size:
+            break
         last_id = batch[-1][0].id
+        batch_size = max(batch_size, 200)  # the caller may read few of these: larger steps
     page, more = results[:limit], len(results) > limit
+    ids = [m.id for m, _n in page]
     indexes = {
         row.manifest_id: row
-        for row in session.scalars(
-            select(ArtifactIndex).where(ArtifactIndex.manifest_id.in_([m.id for m, _n in page]))
-        )
+        for row in session.scalars(select(ArtifactIndex).where(ArtifactIndex.manifest_id.in_(ids)))
     }
-    tag_names: dict[tuple[int, str], list[str]] = {}
-    if page:
-        rows = session.execute(
-            select(Tag.repository_id, Tag.manifest_digest, Tag.name)
-            .where(Tag.manifest_digest.in_({m.digest for m, _n in page}))
-            .order_by(Tag.name)
-        ).tuples()
-        for repository_id, digest, tag in rows:
-            tag_names.setdefault((repository_id, digest), []).append(tag)
+    tag_names = _tags_of_page(session, [m for m, _n in page])
     items = [
         (
             manifest,
@@ -198,3 +184,36 @@ def list_versions(
         for manifest, name in page
     ]
     return Page(items, encode_cursor(page[-1][0].id) if more and page else None)
+
+
+def _filter_index(
+    statement: Select[Manifest, str], filters: ArtifactFilters
+) -> Select[Manifest, str]:
+    statement = statement.join(ArtifactIndex, ArtifactIndex.manifest_id == Manifest.id)
+    if filters.kind is not None:
+        statement = statement.where(ArtifactIndex.kind == filters.kind)
+    if filters.base_fingerprint is not None:
+        statement = statement.where(ArtifactIndex.base_fingerprint == filters.base_fingerprint)
+    if filters.max_rank is not None:
+        statement = statement.where(ArtifactIndex.max_rank <= filters.max_rank)
+    if filters.base_quantization is not None:
+        statement = statement.where(ArtifactIndex.base_quantization == filters.base_quantization)
+    if filters.verified is not None:
+        statement = statement.where(ArtifactIndex.verified == filters.verified)
+    return statement
+
+
+def _tags_of_page(session: Session, page: list[Manifest]) -> dict[tuple[int, str], list[str]]:
+    """The tags of every version of a page, in one query, sorted by name."""
+    if not page:
+        return {}
+    statement = (
+        select(Tag.repository_id, Tag.manifest_digest, Tag.name)
+        .where(Tag.manifest_digest.in_({m.digest for m in page}))
+        .where(Tag.repository_id.in_({m.repository_id for m in page}))
+        .order_by(Tag.name)
+    )
+    found: dict[tuple[int, str], list[str]] = {}
+    for repository_id, digest, name in session.execute(statement):
+        found.setdefault((repository_id, digest), []).append(name)
+    return found

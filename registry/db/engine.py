@@ -14,7 +14,13 @@ READ_ONLY_OPTION = "peftreg_read_only"
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
-            url, echo=echo, connect_args={"check_same_thread": False, "timeout": 30}
+            url,
+            echo=echo,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            # As many as the request threads (anyio's 40): a connection per request
+            # over the default 5 + 10 would be opened, set up (PRAGMAs) and closed.
+            pool_size=40,
+            max_overflow=10,
         )
 
         @event.listens_for(engine, "connect")

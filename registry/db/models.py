@@ -107,6 +107,7 @@ class Manifest(Base):
         UniqueConstraint("repository_id", "digest"),
         Index("ix_manifests_subject", "repository_id", "subject_digest"),
         Index("ix_manifests_artifact_type", "artifact_type"),
+        Index("ix_manifests_repository_newest", "repository_id", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -159,7 +160,10 @@ class ManifestReference(Base):
 
 class Tag(Base):
     __tablename__ = "tags"
-    __table_args__ = (UniqueConstraint("repository_id", "name"),)
+    __table_args__ = (
+        UniqueConstraint("repository_id", "name"),
+        Index("ix_tags_repository_digest_name", "repository_id", "manifest_digest", "name"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id", ondelete="CASCADE"))

@@ -34,7 +34,7 @@ def _flip_byte(path: Path, offset: int = 1000) -> None:
         handle.write(bytes([byte[0] ^ 0xFF]))
 
 
-@pytest.mark.parametrize("size", [30 * MiB, 80 * MiB], ids=["single-stream", "parallel"])
+@pytest.mark.parametrize("size", [30 * MiB, 80 * MiB], ids=["30MiB", "80MiB"])
 def test_interrupted_pull_resumes_with_only_the_remainder(
     registry_server: RegistryProcess,
     make_env: Callable[[str], CliEnv],

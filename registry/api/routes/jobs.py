@@ -27,6 +27,7 @@ from peftreg.registry.api.deps import (
     authorize,
     authorize_any,
     authorize_global_admin,
+    in_read_transaction,
     in_transaction,
 )
 from peftreg.registry.api.openapi import failures
@@ -154,7 +155,7 @@ async def list_jobs(
         ]
         return [JobOut.model_validate(row) for row in visible[:limit]]
 
-    return await in_transaction(services, work)
+    return await in_read_transaction(services, work)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=failures(JobUnknown))
@@ -164,7 +165,7 @@ async def get_job(job_id: str, services: ServicesDep, principal: PrincipalDep) -
         _check(principal, "read", job)
         return JobOut.model_validate(job)
 
-    return await in_transaction(services, work)
+    return await in_read_transaction(services, work)
 
 
 @router.get("/jobs/{job_id}/logs", response_model=list[JobLogOut], responses=failures(JobUnknown))
@@ -182,7 +183,7 @@ async def get_job_logs(
             for row in queue.job_logs(session, job_id, after=after, limit=limit)
         ]
 
-    return await in_transaction(services, work)
+    return await in_read_transaction(services, work)
 
 
 @router.post(

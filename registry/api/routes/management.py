@@ -6,7 +6,8 @@ import json
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
+from pydantic import BaseModel
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -19,6 +20,7 @@ from peftreg.registry.api.deps import (
     authorize,
     authorize_any,
     authorize_global_admin,
+    in_read_transaction,
     in_transaction,
 )
 from peftreg.registry.api.openapi import failures
@@ -105,7 +107,7 @@ async def list_repositories(
     limit: Limit = 100,
 ) -> RepositoryPage:
     authorize_any(principal)
-    page = await in_transaction(
+    page = await in_read_transaction(
         services,
         partial(search.list_repositories, principal=principal, query=q, cursor=cursor, limit=limit),
     )
@@ -123,9 +125,9 @@ async def _versions(
     cursor: str | None,
     limit: int,
     artifact_filters: search.ArtifactFilters,
-) -> VersionPage:
+) -> Response:
     filters = search.parse_annotation_filters(annotation)
-    page = await in_transaction(
+    page = await in_read_transaction(
         services,
         partial(
             search.list_versions,
@@ -138,9 +140,20 @@ async def _versions(
             filters=artifact_filters,
         ),
     )
-    return VersionPage(
-        items=[_version_out(*item) for item in page.items], next_cursor=page.next_cursor
+    return _json(
+        VersionPage(
+            items=[_version_out(*item) for item in page.items], next_cursor=page.next_cursor
+        )
     )
+
+
+def _json(model: BaseModel) -> Response:
+    """A model as the response body, serialized once.
+
+    The routes keep `response_model` for the OpenAPI document; returning a
+    `Response` skips FastAPI's second validation of what was just built.
+    """
+    return Response(content=model.model_dump_json(by_alias=True), media_type="application/json")
 
 
 @router.get("/versions", response_model=VersionPage, responses=failures(InvalidRequest))
@@ -156,7 +169,7 @@ async def search_versions(
     max_rank: Annotated[int | None, Query(ge=0, le=SQL_INTEGER_MAX)] = None,
     base_quantization: str | None = None,
     verified: bool | None = None,
-) -> VersionPage:
+) -> Response:
     """Versions across every repository the caller may read, newest first.
 
     `kind`, `base` (a base fingerprint), `max_rank`, `base_quantization` and
@@ -188,10 +201,9 @@ async def list_versions(
     max_rank: Annotated[int | None, Query(ge=0, le=SQL_INTEGER_MAX)] = None,
     base_quantization: str | None = None,
     verified: bool | None = None,
-) -> VersionPage:
+) -> Response:
     valid_name(name)
     authorize(principal, "read", name)
-    await in_transaction(services, partial(find_repository, name=name))
     filters = search.ArtifactFilters(kind, base, max_rank, base_quantization, verified)
     return await _versions(
         services, principal, name, artifact_type, annotation, cursor, limit, filters
@@ -205,20 +217,21 @@ async def list_versions(
 )
 async def get_version(
     name: str, reference: str, services: ServicesDep, principal: PrincipalDep
-) -> VersionDetail:
+) -> Response:
     valid_name(name)
     authorize(principal, "read", name)
 
-    def work(session: Session) -> tuple[Manifest, list[str], ArtifactIndex | None]:
+    def work(session: Session) -> tuple[Manifest, list[str], ArtifactIndex | None, Any, Any]:
         row = manifests.get_manifest(session, repository=name, reference=reference)
         tag_names = tags.tags_of(session, repository_id=row.repository_id, digest=row.digest)
-        return row, tag_names, session.get(ArtifactIndex, row.id)
+        document = json.loads(row.content)
+        # A store read: here on the worker thread, off the event loop.
+        config = _decoded_config(services, row.config_digest, document)
+        return row, tag_names, session.get(ArtifactIndex, row.id), document, config
 
-    row, tag_names, index = await in_transaction(services, work)
-    document = json.loads(row.content)
-    config = _decoded_config(services, row.config_digest, document)
+    row, tag_names, index, document, config = await in_read_transaction(services, work)
     summary = _version_out(row, name, tag_names, index)
-    return VersionDetail(**summary.model_dump(), manifest=document, config=config)
+    return _json(VersionDetail(**summary.model_dump(), manifest=document, config=config))
 
 
 def _decoded_config(services: Services, digest: str | None, document: dict[str, Any]) -> Any:
@@ -285,7 +298,7 @@ async def list_tags(name: str, services: ServicesDep, principal: PrincipalDep) -
             for row in rows
         ]
 
-    return await in_transaction(services, work)
+    return await in_read_transaction(services, work)
 
 
 @router.get(
@@ -307,7 +320,7 @@ async def tag_history(
             for event in tags.tag_history(session, repository=repo, tag=tag)
         ]
 
-    return await in_transaction(services, work)
+    return await in_read_transaction(services, work)
 
 
 @router.put(

@@ -15,7 +15,7 @@ from peftreg.registry.api.deps import (
     PrincipalDep,
     ServicesDep,
     authorize_any,
-    in_transaction,
+    in_read_transaction,
 )
 from peftreg.registry.api.openapi import body
 from peftreg.registry.db.models import Repository
@@ -62,7 +62,7 @@ async def catalog(
             cursor = batch[-1]
         return names
 
-    names = await in_transaction(services, work)
+    names = await in_read_transaction(services, work)
     headers = {}
     if len(names) > n:
         names = names[:n]

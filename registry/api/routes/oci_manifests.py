@@ -12,11 +12,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from peftreg.manifest import OCI_INDEX
+from peftreg.registry.api.caching import content_cache_headers, not_modified
 from peftreg.registry.api.deps import (
     SQL_INTEGER_MAX,
     PrincipalDep,
     ServicesDep,
     authorize,
+    in_read_transaction,
     in_transaction,
 )
 from peftreg.registry.api.openapi import MANIFEST_BODY, OCI_INDEX_SCHEMA, body, failures, no_body
@@ -133,14 +135,19 @@ async def get_manifest(
 ) -> Response:
     valid_name(name)
     authorize(principal, "read", name)
-    row = await in_transaction(
+    row = await in_read_transaction(
         services, partial(manifests.get_manifest, repository=name, reference=reference)
     )
     headers = {
         "Docker-Content-Digest": row.digest,
         "Content-Type": row.media_type,
         "Content-Length": str(row.size),
+        **content_cache_headers(row.digest, immutable=manifests.is_digest(reference)),
     }
+    if not_modified(request, row.digest):
+        return Response(
+            status_code=304, headers={k: v for k, v in headers.items() if k != "Content-Length"}
+        )
     if request.method == "HEAD":
         return Response(status_code=200, headers=headers)
     return Response(content=row.content, status_code=200, headers=headers, media_type=None)
@@ -199,7 +206,7 @@ async def list_tags(
         limit = None if n is None else n + 1
         return tags.list_tags(session, repository=repo, limit=limit, last=last)
 
-    names = await in_transaction(services, work)
+    names = await in_read_transaction(services, work)
     headers = {}
     if n is not None and len(names) > n:
         names = names[:n]
@@ -229,7 +236,7 @@ async def referrers(
     authorize(principal, "read", name)
     wanted = artifactType or artifact_type
     subject = str(parse_digest(digest))
-    index = await in_transaction(
+    index = await in_read_transaction(
         services,
         partial(manifests.referrers, repository=name, digest=subject, artifact_type=wanted),
     )

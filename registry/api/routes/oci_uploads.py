@@ -77,29 +77,31 @@ async def receive_body(
         ) from None
     except UploadBusy as exc:
         raise UploadInUse(str(exc), detail={"upload": upload_id}) from None
-    buffer = bytearray()
+    buffer: list[bytes] = []
+    buffered = 0
     in_flight: asyncio.Future[None] | None = None
     try:
         async for chunk in request.stream():
-            buffer += chunk
-            if len(buffer) >= WRITE_BUFFER:
+            buffer.append(chunk)
+            buffered += len(chunk)
+            if buffered >= WRITE_BUFFER:
                 # One write in flight while the next buffer fills: network
-                # input and disk output overlap, and writes stay in order.
+                # input and disk output (and hashing) overlap, writes stay in order.
                 if in_flight is not None:
                     await in_flight
-                in_flight = asyncio.ensure_future(run_in_threadpool(writer.write, bytes(buffer)))
-                buffer.clear()
+                in_flight = asyncio.ensure_future(run_in_threadpool(writer.write, b"".join(buffer)))
+                buffer, buffered = [], 0
         if in_flight is not None:
             await in_flight
             in_flight = None
         if buffer:
-            await run_in_threadpool(writer.write, bytes(buffer))
+            await run_in_threadpool(writer.write, b"".join(buffer))
     except ClientDisconnect:
         # Keep everything that arrived, buffered bytes included, so the client
         # resumes from there; unless a write failed, then drop this request's.
         if await _settle(in_flight):
             if buffer:
-                await run_in_threadpool(writer.write, bytes(buffer))
+                await run_in_threadpool(writer.write, b"".join(buffer))
             await run_in_threadpool(writer.close)
         else:
             await run_in_threadpool(writer.cancel)
