@@ -30,6 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from peftreg.gguf.errors import GgufUnsupported
+from peftreg.gguf.formats import check_gguf_architecture
 
 ARCHITECTURES: dict[str, tuple[gguf.MODEL_ARCH, bool]] = {
     # Hugging Face class -> (GGUF architecture, Q/K rows permuted)
@@ -136,11 +137,7 @@ def architecture_of(config: Mapping[str, Any]) -> GgufArchitecture:
     """The base's GGUF architecture; GgufUnsupported (naming the supported ones) otherwise."""
     classes = config.get("architectures") or []
     name = classes[0] if classes else str(config.get("model_type", "unknown"))
-    if name not in ARCHITECTURES:
-        supported = ", ".join(sorted(ARCHITECTURES))
-        raise GgufUnsupported(
-            f"GGUF export supports the architectures {supported}; the base is {name}"
-        )
+    check_gguf_architecture(name)
     _check_rope_scaling(config, name)
     arch, permute = ARCHITECTURES[name]
     return GgufArchitecture(name, arch, permute, dict(config))

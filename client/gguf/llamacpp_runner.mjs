@@ -4,10 +4,12 @@
 // A request: {"runs": [{"model": PATH, "lora": [{"path": PATH, "scale": 1}], "context": 256,
 //             "tasks": [{"kind": "tokenize", "text": "..."},
 //                       {"kind": "greedy", "tokens": [ids], "count": N},
-//                       {"kind": "nll", "tokens": [ids]}]}, ...]}
+//                       {"kind": "nll", "tokens": [ids]},
+//                       {"kind": "perplexity", "text": "...", "window": N}]}, ...]}
 // The answer: {"runs": [[one answer per task, in order], ...]}: tokenize -> {"tokens": [ids]};
 // greedy -> {"tokens": [N ids]}; nll -> {"nll": sum of -log p(token | prefix) over
-// tokens[1:], "count": n}. One process runs every file, so llama.cpp loads once.
+// tokens[1:], "count": n}; perplexity -> the same summed over the text's tokens cut into
+// windows of N (each window's first token unpredicted), plus "tokens". One process runs every file, so llama.cpp loads once.
 // Nothing is downloaded or built: the binaries must already be installed
 // (npm ci --prefix tests/llamacpp).
 import { readFileSync } from "node:fs";
@@ -75,6 +77,16 @@ for (const run of request.runs) {
       answers.push(await greedy(model, options, task.tokens, task.count));
     } else if (task.kind === "nll") {
       answers.push(await nll(model, options, task.tokens));
+    } else if (task.kind === "perplexity") {
+      const tokens = Array.from(model.tokenize(task.text));
+      let total = 0;
+      let count = 0;
+      for (let start = 0; start + 1 < tokens.length; start += task.window) {
+        const part = await nll(model, options, tokens.slice(start, start + task.window));
+        total += part.nll;
+        count += part.count;
+      }
+      answers.push({ nll: total, count, tokens: tokens.length });
     } else {
       throw new Error(`unknown task ${task.kind}`);
     }

@@ -17,17 +17,14 @@ package; Q4_K and Q6_K by `peftreg.gguf.kquants`.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import gguf
 import numpy as np
 from numpy.typing import NDArray
 
+from peftreg.gguf.formats import GGUF_QUANTIZATIONS, GgufQuantization
 from peftreg.gguf.kquants import quantize_q4_k, quantize_q6_k
 
 T = gguf.GGMLQuantizationType
-GgufQuantization = Literal["f16", "q8_0", "q4_0", "q4_k_m"]
-GGUF_QUANTIZATIONS: tuple[str, ...] = get_args(GgufQuantization)
 FILE_TYPES: dict[str, gguf.LlamaFileType] = {
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
