@@ -65,7 +65,11 @@ async function nll(model, options, tokens) {
 const runs = [];
 for (const run of request.runs) {
   const model = await llama.loadModel({ modelPath: run.model, gpuLayers: 0 });
-  const options = { contextSize: run.context ?? 256, batchSize: run.context ?? 256 };
+  const options = {
+    contextSize: run.context ?? 256,
+    batchSize: run.context ?? 256,
+    threads: request.threads ?? 1,
+  };
   if (run.lora && run.lora.length) {
     options.lora = { adapters: run.lora.map((a) => ({ filePath: a.path, scale: a.scale ?? 1 })) };
   }

@@ -72,14 +72,21 @@ class LlamaCppRuntime:
         *,
         lora: list[LoraFile] | None = None,
         context: int = 256,
+        threads: int = 1,
         timeout: float = 600,
     ) -> list[dict[str, Any]]:
         """The answers to `tasks` (see llamacpp_runner.mjs) on the GGUF file `model`."""
-        return self.run_many([GgufRun(model, tasks, lora or [], context)], timeout=timeout)[0]
+        runs = [GgufRun(model, tasks, lora or [], context)]
+        return self.run_many(runs, threads=threads, timeout=timeout)[0]
 
-    def run_many(self, runs: list[GgufRun], *, timeout: float = 600) -> list[list[dict[str, Any]]]:
-        """Each run's answers, all in one llama.cpp process."""
+    def run_many(
+        self, runs: list[GgufRun], *, threads: int = 1, timeout: float = 600
+    ) -> list[list[dict[str, Any]]]:
+        """Each run's answers, all in one llama.cpp process evaluating on `threads` threads
+        (one by default: on a shared or small machine llama.cpp's spinning threads cost
+        far more than they give for small models)."""
         request = {
+            "threads": threads,
             "runs": [
                 {
                     "model": str(run.model),
@@ -88,7 +95,7 @@ class LlamaCppRuntime:
                     "tasks": run.tasks,
                 }
                 for run in runs
-            ]
+            ],
         }
         done = subprocess.run(
             [self.node, str(RUNNER), str(self.modules)],
