@@ -59,14 +59,14 @@ _OPTIONS = (
 def check_format(output_format: str, quantize: str, dtype: str | None) -> str:
     """The quantization a (format, --quantize, --dtype) choice means; UsageError if none."""
     if output_format == "gguf":
+        if dtype is not None:
+            raise click.UsageError("--format gguf sets tensor types with --quantize, not --dtype")
         if quantize == "none":
             return "f16"
         if quantize not in GGUF_QUANTIZATIONS:
             raise click.UsageError(
                 f"--format gguf takes --quantize {'|'.join(GGUF_QUANTIZATIONS)}, not {quantize}"
             )
-        if dtype is not None:
-            raise click.UsageError("--format gguf sets tensor types with --quantize, not --dtype")
         return quantize
     if quantize not in ("none", "int4"):
         raise click.UsageError(f"--quantize {quantize} is a GGUF type: add --format gguf")
