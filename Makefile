@@ -14,7 +14,7 @@ PEFTREG_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgr
 export PEFTREG_TEST_POSTGRES_URL
 PYTEST_ARGS ?=
 
-.PHONY: install lock test-latest serve test lint typecheck unit bench bench-merge bench-swap clean
+.PHONY: install lock test-latest serve test lint typecheck unit bench bench-merge bench-swap bench-quant llamacpp clean
 
 $(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,16 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+## llama.cpp for the GGUF tests: node-llama-cpp's prebuilt CPU binaries from npm (no compiler,
+## nothing built or downloaded at test time).
+LLAMACPP := tests/llamacpp
+$(LLAMACPP)/node_modules/.package-lock.json: $(LLAMACPP)/package-lock.json
+	NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm ci --prefix $(LLAMACPP) --omit=optional --no-audit --no-fund
+
+llamacpp: $(LLAMACPP)/node_modules/.package-lock.json
+
 ## Install the test dependencies, lint, type-check and run the whole suite.
-test: lint typecheck
+test: lint typecheck llamacpp
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
@@ -54,6 +62,11 @@ bench-merge: install
 ## Hot-swap latency of a rank-16 LoRA on a ~0.5B Llama against peft's hotswap_adapter.
 bench-swap: install
 	$(PY) benchmarks/bench_swap.py
+
+## Held-out perplexity of a small Llama trained on CPU: fp16, INT4 rtn/mse (g128, g32), GGUF
+## q4_0/q4_k_m in llama.cpp (needs `npm ci --prefix tests/llamacpp --omit=optional`).
+bench-quant: install llamacpp
+	$(PY) benchmarks/bench_quant.py
 
 ## Re-resolve the lock from pyproject.toml (newest releases the ranges allow).
 lock:
