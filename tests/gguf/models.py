@@ -15,7 +15,13 @@ from pydoc_data.topics import topics
 import torch
 from peft import LoraConfig
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from tests.merge.builders import save_adapter
 
@@ -66,6 +72,34 @@ def tiny_llama_with_tokenizer(directory: Path, *, seed: int = 0) -> LlamaForCaus
         for parameter in model.parameters():
             if parameter.dim() == 2:
                 parameter.mul_(4.0)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))
+    return model
+
+
+def tiny_qwen2_with_tokenizer(directory: Path, *, seed: int = 0) -> Qwen2ForCausalLM:
+    """Save a 2-layer Qwen2 (q/k/v biases, tied embeddings) and its tokenizer."""
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2:
+                parameter.mul_(4.0)
+            elif name.endswith(".bias"):
+                parameter.normal_(0.0, 0.5)
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
     return model

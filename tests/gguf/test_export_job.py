@@ -16,6 +16,7 @@ from peftreg.cli.main import cli
 from peftreg.gguf.model import export_gguf
 from peftreg.gguf.runtime import GgufRun, LoraFile
 from peftreg.sdk.client import Client
+from peftreg.sdk.errors import PeftregError
 from tests.adapters.tiny_models import tiny_gpt2
 from tests.fixtures.server import RegistryProcess
 from tests.gguf.models import (
@@ -166,4 +167,8 @@ def test_gguf_export_of_an_unsupported_architecture_is_refused_at_the_request(  
     assert result.exit_code == 1
     assert "GGUF export supports the architectures" in result.output
     assert "GPT2LMHeadModel" in result.output
+    with pytest.raises(PeftregError, match="quantize q4_0 is a GGUF type: set format gguf"):
+        client.export("acme/g:v1", "acme/gpt2:v1", quantize="q4_0")
+    with pytest.raises(PeftregError, match="format gguf takes quantize"):
+        client.export("acme/g:v1", "acme/gpt2:v1", quantize="int4", output_format="gguf")
     assert client.jobs() == []

@@ -25,7 +25,12 @@ from peftreg.gguf.lora import write_gguf_lora
 from peftreg.gguf.model import export_gguf
 from peftreg.gguf.runtime import GgufRun, LoraFile
 from peftreg.merge.inputs import adapter_from_peft_directory
-from tests.gguf.models import PROMPT, rslora_adapter, tiny_llama_with_tokenizer
+from tests.gguf.models import (
+    PROMPT,
+    rslora_adapter,
+    tiny_llama_with_tokenizer,
+    tiny_qwen2_with_tokenizer,
+)
 from tests.gguf.runtime import llamacpp
 
 QUANTIZED = ("q8_0", "q4_0", "q4_k_m")
@@ -40,6 +45,7 @@ class Built:
     text_tokens: list[int]
     expected: list[int]  # transformers' greedy continuation on the merged checkpoint
     expected_nll: float
+    qwen2_expected: list[int]  # transformers' greedy continuation on the Qwen2 base
     answers: dict[str, list[dict[str, Any]]]
 
 
@@ -88,6 +94,16 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         )
         logits = merged(torch.tensor([tokens])).logits[0, :-1]
         nll = torch.nn.functional.cross_entropy(logits, torch.tensor(tokens[1:]), reduction="sum")
+    qwen2 = tiny_qwen2_with_tokenizer(root / "qwen2")
+    export_gguf(root / "qwen2", [], root / "qwen2-f16.gguf", quantization="f16")
+    with torch.inference_mode():
+        qwen2_generated = qwen2.generate(
+            torch.tensor([tokens]),
+            max_new_tokens=COUNT,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     tasks = [
         {"kind": "tokenize", "text": TEXT},
         {"kind": "greedy", "tokens": tokens, "count": COUNT},
@@ -95,6 +111,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     ]
     runs = {f"merged-{q}": GgufRun(root / f"merged-{q}.gguf", tasks) for q in ("f16", *QUANTIZED)}
     runs["lora"] = GgufRun(root / "base-f16.gguf", tasks, [LoraFile(root / "adapter.gguf")])
+    runs["qwen2"] = GgufRun(root / "qwen2-f16.gguf", tasks)
     answers = llamacpp().run_many(list(runs.values()))
     return Built(
         root,
@@ -102,6 +119,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         tokenizer(TEXT)["input_ids"],
         generated[0, len(tokens) :].tolist(),
         float(nll),
+        qwen2_generated[0, len(tokens) :].tolist(),
         dict(zip(runs, answers, strict=True)),
     )
 
@@ -119,6 +137,11 @@ def test_f16_greedy_tokens_equal_transformers_on_the_merged_checkpoint(built: Bu
     f16 = built.answers["merged-f16"]
     assert f16[1]["tokens"] == built.expected
     assert f16[2]["nll"] == pytest.approx(built.expected_nll, rel=2e-3)
+
+
+def test_qwen2_f16_greedy_tokens_equal_transformers(built: Built) -> None:
+    assert built.answers["qwen2"][1]["tokens"] == built.qwen2_expected
+    assert _types(built.root / "qwen2-f16.gguf") == {"F16", "F32"}  # q/k/v biases in F32
 
 
 def test_gguf_lora_on_the_base_equals_the_merged_gguf(built: Built) -> None:
