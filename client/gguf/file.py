@@ -3,22 +3,25 @@
 `GgufStream` wraps the `gguf` package's `GGUFWriter`: tensors are declared
 (name, GGML type, shape) before anything is written, so the header, the
 key-values and the tensor infos go out first; then each tensor's bytes are
-written in declaration order and checked against their declaration, so only
-one tensor is ever held. The file is written under a temporary name next to
-its final place, fsynced, renamed into place and the directory fsynced: a
-failure or an interruption leaves nothing at the output.
+written in declaration order and checked against their declaration, whole
+(`write`) or in blocks of rows (`write_rows`), so at most one tensor is held.
+The file is written under a temporary name next to its final place, fsynced,
+renamed into place and the directory fsynced: a failure or an interruption
+leaves nothing at the output.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import gguf
 import numpy as np
+from gguf.gguf_writer import WriterState
 from numpy.typing import NDArray
 
 from peftreg.checkpoint.writer import fsync_directory
@@ -78,6 +81,29 @@ class GgufStream:
                 f"{list(stored_shape(shape, qtype))} was declared"
             )
         self.writer.write_tensor_data(np.ascontiguousarray(data))
+        self._written += 1
+
+    def write_rows(self, name: str, blocks: Iterable[NDArray[Any]]) -> None:
+        """The next declared tensor's stored bytes in blocks of whole rows, in order: only
+        one block is held at a time."""
+        expected = self._declared[self._written][0]
+        if name != expected:
+            raise ValueError(f"GGUF tensor {name} written where {expected} was declared")
+        writer = self.writer
+        if writer.state not in (WriterState.TI_DATA, WriterState.WEIGHTS) or not writer.fout:
+            raise ValueError(f"GGUF tensor data written before the header ({writer.state})")
+        handle = writer.fout[0]
+        info = writer.tensors[0].pop(name)
+        writer.write_padding(handle, handle.tell())
+        written = 0
+        for block in blocks:
+            data = np.ascontiguousarray(block)
+            data.tofile(handle)
+            written += data.nbytes
+        if written != info.nbytes:
+            raise ValueError(f"GGUF tensor {name}: {written} bytes written, {info.nbytes} declared")
+        writer.write_padding(handle, written)
+        writer.state = WriterState.WEIGHTS
         self._written += 1
 
     def commit(self) -> Path:

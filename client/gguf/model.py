@@ -7,7 +7,10 @@ checked, all before any tensor data is read; every GGUF tensor's name, type
 and shape is then declared, so the file's header goes out first. Then each
 base tensor, in file order, is read, merged in fp32 (`compute.merged_fp32`),
 put in llama.cpp's row order (Llama's Q/K), encoded to its GGML type
-(`tensor_types`) and written; one tensor is held at a time.
+(`tensor_types`) and written. As in the merge, a tensor whose rows are
+independent (untouched, or LoRA on a Linear) is merged, encoded and written
+in blocks of rows (`compute.row_factors`), so beside the read buffer only a
+block is held in fp32: peak memory is the largest tensor plus a few MB.
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from peftreg.adapters.base_package import build_base_config
+from peftreg.adapters.factors import merged_weight
 from peftreg.adapters.schema import BaseConfig
 from peftreg.checkpoint.encoding import CastEncoder
 from peftreg.gguf.architecture import GgufArchitecture, architecture_of, permute_rows
@@ -33,7 +39,7 @@ from peftreg.gguf.tensor_types import FILE_TYPES, GGUF_QUANTIZATIONS, encode, te
 from peftreg.gguf.vocab import read_vocab
 from peftreg.merge.base_checkpoint import BaseCheckpoint
 from peftreg.merge.compat import BaseIdentity, check_compatible
-from peftreg.merge.compute import merged_fp32
+from peftreg.merge.compute import BLOCK_ELEMENTS, merged_fp32, row_blockable, row_factors
 from peftreg.merge.destination import check_destination
 from peftreg.merge.errors import MergeCancelled, MergeError
 from peftreg.merge.inputs import AdapterInput, load_adapter
@@ -114,6 +120,39 @@ def _declare(
     return planned
 
 
+def _untouched(plan: TensorPlan) -> bool:
+    return not (plan.weight or plan.bias or plan.unchanged or plan.nf4) and (
+        plan.replacement is None
+    )
+
+
+def _row_blocks(
+    item: _Planned, value: torch.Tensor, device: torch.device, block_elements: int
+) -> Iterator[NDArray[np.float32]]:
+    """The tensor's merged fp32 values in llama.cpp's row order, in blocks of about
+    `BLOCK_ELEMENTS` values (whole heads for Q/K), so no fp32 copy of a whole large tensor
+    (an embedding) is made; tensors whose rows are not independent are merged whole."""
+    plan = item.plan
+    blockable = _untouched(plan) or row_blockable(plan)
+    if value.dim() != 2 or not blockable:
+        whole = merged_fp32(plan, value, device).to("cpu").numpy()
+        yield whole if item.heads is None else permute_rows(whole, item.heads)
+        return
+    rows, columns = value.shape
+    step = max(1, block_elements // max(1, columns))
+    unit = rows // item.heads if item.heads else 1
+    step = max(unit, step // unit * unit)
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        if plan.weight:
+            parts = [(row_factors(f, start, stop), mix) for f, mix in plan.weight]
+            block = merged_weight(value[start:stop], parts, device)
+        else:
+            block = value[start:stop].to(device, torch.float32)
+        array = block.to("cpu").numpy()
+        yield array if item.heads is None else permute_rows(array, (stop - start) // unit)
+
+
 def export_gguf(
     base: Path | str,
     adapters: Sequence[AdapterInput],
@@ -127,9 +166,11 @@ def export_gguf(
     cancelled: Callable[[], bool] | None = None,
     replace: bool = False,
     name: str | None = None,
+    block_elements: int = BLOCK_ELEMENTS,
 ) -> GgufResult:
     """Merge `adapters` into the base directory `base` and write the GGUF file `output`
-    (see the module doc). `quantization`: f16, q8_0, q4_0 or q4_k_m."""
+    (see the module doc). `quantization`: f16, q8_0, q4_0 or q4_k_m; `block_elements`:
+    about how many values a block of rows holds."""
     started = time.perf_counter()
     if quantization not in GGUF_QUANTIZATIONS:
         raise MergeError(
@@ -190,12 +231,9 @@ def export_gguf(
                 if cancelled is not None and cancelled():
                     raise MergeCancelled(f"GGUF export to {output} cancelled; nothing was written")
                 value = checkpoint.read(item.plan.source)
-                merged = merged_fp32(item.plan, value, compute_device).to("cpu").numpy()
+                blocks = _row_blocks(item, value, compute_device, block_elements)
+                stream.write_rows(item.name, (encode(block, item.qtype) for block in blocks))
                 del value
-                if item.heads is not None:
-                    merged = permute_rows(merged, item.heads)
-                stream.write(item.name, encode(merged, item.qtype))
-                del merged
                 done += item.plan.source.nbytes
                 if progress is not None:
                     progress(done / total, item.plan.source.name)
