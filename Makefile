@@ -14,8 +14,8 @@ PEFTREG_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgr
 export PEFTREG_TEST_POSTGRES_URL
 PYTEST_ARGS ?=
 
-.PHONY: install lock test-latest test-tools serve test lint typecheck unit bench bench-api \
-	bench-merge bench-swap bench-ui bench-multi screenshots clean
+.PHONY: install lock test-latest test-tools llamacpp serve test lint typecheck unit bench \
+	bench-api bench-merge bench-swap bench-ui bench-multi bench-quant screenshots clean
 
 $(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,11 +39,20 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
+## llama.cpp for the GGUF tests: node-llama-cpp's prebuilt CPU binaries from npm (no compiler,
+## nothing built or downloaded at test time).
+LLAMACPP := tests/llamacpp
+$(LLAMACPP)/node_modules/.package-lock.json: $(LLAMACPP)/package-lock.json
+	NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm ci --prefix $(LLAMACPP) --omit=optional --no-audit --no-fund
+
+llamacpp: $(LLAMACPP)/node_modules/.package-lock.json
+
 ## Outside programs the tests drive as real clients: from Debian, skopeo (OCI copy,
 ## delete, token auth) and chromium (browser tests), installed when missing (as root);
-## from npm, axe-core for the accessibility checks (tests/browser/package-lock.json).
+## from npm, axe-core for the accessibility checks (tests/browser/package-lock.json)
+## and llama.cpp's runtime (above).
 DEBIAN_TEST_TOOLS := skopeo chromium
-test-tools:
+test-tools: llamacpp
 	@missing=""; for tool in $(DEBIAN_TEST_TOOLS); do \
 		command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
@@ -90,6 +99,11 @@ bench-ui: install
 ## PNGs of the web UI's main pages into docs/screenshots/ (a real server, real data).
 screenshots: install test-tools
 	$(PY) -m tests.browser.screenshots docs/screenshots
+
+## Held-out perplexity of a small Llama trained on CPU: fp16, INT4 rtn/mse (g128, g32), GGUF
+## q4_0/q4_k_m in llama.cpp.
+bench-quant: install llamacpp
+	$(PY) benchmarks/bench_quant.py
 
 ## Re-resolve the locks from pyproject.toml, keeping today's pins where the ranges allow;
 ## `make lock LOCK_FLAGS=--upgrade` moves every package to its newest allowed release.

@@ -31,6 +31,45 @@ from peftreg.adapters.schema import AdapterConfig
 from peftreg.sdk.errors import Conflict
 
 NOLA_NOTE = "exported NOLA as its materialized LoRA (PEFT has no NOLA)"
+# adapter_config.json key naming the registered base exactly (PEFT ignores unknown keys).
+BASE_KEY = "peftreg_base"
+
+
+def registered_base_name(config: AdapterConfig) -> str | None:
+    """The registered base's reference (`ns/name:tag`) when the adapter was pushed with
+    `--base REF`: then it replaced the trainer's base_model_name_or_path."""
+    base = config.base
+    trainer = config.peft_config.get("base_model_name_or_path")
+    if base.name and base.name != trainer and (base.fingerprint or base.structure_hash):
+        return base.name
+    return None
+
+
+def truthful_base(config: AdapterConfig, document: Mapping[str, Any]) -> dict[str, Any]:
+    """`document` (an adapter_config.json) naming its base truthfully.
+
+    `base_model_name_or_path` becomes the registered base's reference (pull it with
+    `peftreg pull REF`) where the adapter was pushed against one, instead of the path on
+    the trainer's machine; and `peftreg_base` records the base's fingerprint and structure
+    hash, so a tool (or a later `peftreg push`) can check a base is the one trained on.
+    """
+    result = dict(document)
+    reference = registered_base_name(config)
+    if reference is not None:
+        result["base_model_name_or_path"] = reference
+    base = config.base
+    if base.fingerprint or base.structure_hash:
+        result[BASE_KEY] = {
+            key: value
+            for key, value in (
+                ("reference", reference),
+                ("fingerprint", base.fingerprint),
+                ("structure_hash", base.structure_hash),
+                ("quantization", base.quantization),
+            )
+            if value is not None
+        }
+    return result
 
 
 def nola_lora_config(config: AdapterConfig) -> dict[str, Any]:
@@ -104,11 +143,11 @@ def write_peft_directory(
     note: str | None = None
     if config.kind == "nola":
         lora = materialize(config, tensors if isinstance(tensors, Mapping) else Path(tensors))
-        document = nola_lora_config(config)
+        document = truthful_base(config, nola_lora_config(config))
         source: Path | Mapping[str, torch.Tensor] = lora
         note = NOLA_NOTE
     else:
-        document = config.peft_config
+        document = truthful_base(config, config.peft_config)
         source = tensors if isinstance(tensors, Mapping) else Path(tensors)
         if isinstance(source, Path):
             read_safetensors_header(source)

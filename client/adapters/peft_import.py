@@ -127,6 +127,18 @@ def _strip_prefix(name: str) -> str:
     return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
 
 
+def _recorded_base(peft_config: dict[str, Any]) -> dict[str, str]:
+    """The base identity a directory exported by peftreg records (`peftreg_base`)."""
+    recorded = peft_config.get("peftreg_base")
+    if not isinstance(recorded, dict):
+        return {}
+    return {
+        key: value
+        for key in ("fingerprint", "structure_hash")
+        if isinstance(value := recorded.get(key), str)
+    }
+
+
 def _dominant_dtype(header: SafetensorsHeader) -> str:
     floats = [e.dtype for e in header.tensors.values() if e.dtype.startswith(("F", "BF"))]
     counts = Counter(floats or [e.dtype for e in header.tensors.values()])
@@ -240,10 +252,11 @@ def read_peft_directory(
     if not tensors_path.is_file():
         raise PeftImportError(f"{path} has {CONFIG_FILE} but no {title}")
     header = read_safetensors_header(tensors_path)
+    recorded = _recorded_base(peft_config)
     base = BaseReference(
         name=peft_config.get("base_model_name_or_path"),
-        fingerprint=base_fingerprint,
-        structure_hash=base_structure_hash,
+        fingerprint=base_fingerprint or recorded.get("fingerprint"),
+        structure_hash=base_structure_hash or recorded.get("structure_hash"),
     )
     common: dict[str, Any] = {
         "base": base,

@@ -29,7 +29,7 @@ from peftreg.transfer.push import LocalFile, build_manifest
 CHECKPOINT_CONFIG_MEDIA_TYPE = "application/vnd.peftreg.checkpoint.config.v1+json"
 JOB_ANNOTATION = "io.peftreg.job"
 QUANTIZATION_ANNOTATION = "io.peftreg.checkpoint.quantization"
-LIBRARIES = ("peftreg", "torch", "safetensors", "compressed-tensors")
+LIBRARIES = ("peftreg", "torch", "safetensors", "compressed-tensors", "gguf")
 
 
 class SourceArtifact(BaseModel):

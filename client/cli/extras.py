@@ -29,6 +29,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "prometheus_client": SERVER,
     "pythonjsonlogger": SERVER,
     "transformers": WORKER,
+    "gguf": WORKER,
 }
 
 

@@ -18,7 +18,7 @@ from peftreg.cli.common import (
     parse_reference,
     to_jsonable,
 )
-from peftreg.cli.recipe_options import recipe_options
+from peftreg.cli.recipe_options import check_format, recipe_options
 from peftreg.sdk.jobs import JobInfo
 
 
@@ -48,6 +48,7 @@ def export(
     weights: tuple[float, ...],
     dtype: str | None,
     base_quantization: str,
+    output_format: str,
     quantize: str,
     group_size: int,
     algorithm: str,
@@ -58,14 +59,16 @@ def export(
 ) -> None:
     """Export REFERENCES merged into --base as a checkpoint (a server-side job).
 
-    An identical request returns the same job, and once it is done the same
-    artifact. The checkpoint is published in the first adapter's repository,
-    with the adapter as its subject.
+    `--format gguf --quantize q4_k_m` (or f16, q8_0, q4_0) exports one GGUF
+    model file for llama.cpp and Ollama instead. An identical request returns
+    the same job, and once it is done the same artifact. The checkpoint is
+    published in the first adapter's repository, with the adapter as its subject.
     """
     if not merge:
         raise fail("export needs --merge (merging into the base is the export there is)", 2)
     if weights and len(weights) != len(references):
         raise fail(f"{len(weights)} --weight values for {len(references)} adapters", 2)
+    quantize = check_format(output_format, quantize, dtype)
     for text in (*references, base):
         parse_reference(text)
     sources = list(zip(references, weights or [1.0] * len(references), strict=True))
@@ -78,6 +81,7 @@ def export(
             quantize=quantize,
             group_size=group_size,
             algorithm=algorithm,
+            output_format=output_format,
         )
         click.echo(f"{'queued' if created else 'existing'} job {job.id} ({job.status})", err=True)
         if wait or output is not None:

@@ -46,6 +46,7 @@ COMMANDS: dict[str, str] = {
     "export": "peftreg.cli.jobs:export",
     "jobs": "peftreg.cli.jobs:jobs",
     "merge": "peftreg.cli.merge:merge",
+    "eval": "peftreg.cli.quality:evaluate",
 }
 
 

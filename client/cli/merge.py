@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 
 from peftreg.cli.common import echo_json, human_size
-from peftreg.cli.recipe_options import recipe_options
+from peftreg.cli.recipe_options import check_format, recipe_options
 from peftreg.merge.errors import MergeError
 
 if TYPE_CHECKING:  # torch is imported only when a merge runs, never by `peftreg --help`
@@ -155,7 +155,11 @@ def _report(result: MergeResult, as_json: bool) -> None:
     help="The base model directory (config.json, tokenizer, safetensors shards).",
 )
 @click.option(
-    "--output", "-o", required=True, type=click.Path(path_type=Path), help="Directory to write."
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Directory to write (--format gguf: the .gguf file).",
 )
 @recipe_options
 @click.option(
@@ -181,6 +185,7 @@ def merge(
     weights: tuple[float, ...],
     dtype: str | None,
     base_quantization: Literal["none", "nf4"],
+    output_format: str,
     quantize: str,
     group_size: int,
     algorithm: str,
@@ -193,9 +198,25 @@ def merge(
     """Merge the PEFT adapter directories ADAPTERS (summed with --weight) into the base.
 
     Streams the base one tensor at a time and writes a Hugging Face model
-    directory at OUTPUT (config.json, tokenizer files, safetensors shards).
+    directory at OUTPUT (config.json, tokenizer files, safetensors shards), or
+    with --format gguf one GGUF file for llama.cpp and Ollama.
     """
     check_weights(weights, len(adapters))
+    quantize = check_format(output_format, quantize, dtype)
+    if output_format == "gguf":
+        _merge_gguf(
+            adapters,
+            base_dir,
+            output,
+            weights,
+            base_quantization,
+            quantize,
+            device,
+            force,
+            quiet,
+            as_json,
+        )
+        return
     import torch
 
     from peftreg.merge.inputs import adapter_from_peft_directory
@@ -229,3 +250,58 @@ def merge(
         if bar is not None:
             bar.close()
     _report(result, as_json)
+
+
+def _merge_gguf(
+    adapters: tuple[Path, ...],
+    base_dir: Path,
+    output: Path,
+    weights: tuple[float, ...],
+    base_quantization: Literal["none", "nf4"],
+    quantization: str,
+    device: str,
+    force: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    from peftreg.gguf.model import export_gguf
+    from peftreg.merge.inputs import adapter_from_peft_directory
+
+    inputs = [
+        adapter_from_peft_directory(path, weight=weights[index] if weights else 1.0)
+        for index, path in enumerate(adapters)
+    ]
+    bar = _Bar() if not quiet and not as_json and sys.stderr.isatty() else None
+    try:
+        result = export_gguf(
+            base_dir,
+            inputs,
+            output,
+            quantization=quantization,
+            base_quantization=base_quantization,
+            device=device,
+            progress=bar,
+            replace=force,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        echo_json(
+            {
+                "output": str(result.output),
+                "tensors": result.tensors,
+                "bytes": result.bytes_written,
+                "merged_modules": result.merged_modules,
+                "seconds": round(result.seconds, 3),
+                "device": result.device,
+                "recipe": result.recipe,
+                "tensor_types": result.tensor_types,
+            }
+        )
+        return
+    click.echo(
+        f"merged {len(inputs)} adapter(s), {result.merged_modules} modules, into {result.output}: "
+        f"{quantization} GGUF, {result.tensors} tensors, {human_size(result.bytes_written)}, "
+        f"{result.seconds:.1f} s on {result.device}"
+    )

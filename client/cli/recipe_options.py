@@ -7,6 +7,8 @@ from typing import Any, TypeVar
 
 import click
 
+from peftreg.gguf.formats import GGUF_QUANTIZATIONS
+
 DTYPES = ("float16", "bfloat16", "float32")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,11 +29,21 @@ _OPTIONS = (
         help="nf4: merge a QLoRA adapter into the NF4-dequantized base it was trained against.",
     ),
     click.option(
+        "--format",
+        "output_format",
+        type=click.Choice(["safetensors", "gguf"]),
+        default="safetensors",
+        show_default=True,
+        help="safetensors: a Hugging Face model directory; gguf: one GGUF file for llama.cpp "
+        "and Ollama (Llama and Qwen2 bases).",
+    ),
+    click.option(
         "--quantize",
-        type=click.Choice(["none", "int4"]),
+        type=click.Choice(["none", "int4", *GGUF_QUANTIZATIONS]),
         default="none",
         show_default=True,
-        help="int4: a compressed-tensors W4A16 (pack-quantized) checkpoint.",
+        help="safetensors: int4 (compressed-tensors W4A16, pack-quantized); gguf: "
+        f"{'|'.join(GGUF_QUANTIZATIONS)} (llama.cpp types; default f16).",
     ),
     click.option("--group-size", type=int, default=128, show_default=True, help="INT4 group size."),
     click.option(
@@ -44,8 +56,26 @@ _OPTIONS = (
 )
 
 
+def check_format(output_format: str, quantize: str, dtype: str | None) -> str:
+    """The quantization a (format, --quantize, --dtype) choice means; UsageError if none."""
+    if output_format == "gguf":
+        if dtype is not None:
+            raise click.UsageError("--format gguf sets tensor types with --quantize, not --dtype")
+        if quantize == "none":
+            return "f16"
+        if quantize not in GGUF_QUANTIZATIONS:
+            raise click.UsageError(
+                f"--format gguf takes --quantize {'|'.join(GGUF_QUANTIZATIONS)}, not {quantize}"
+            )
+        return quantize
+    if quantize not in ("none", "int4"):
+        raise click.UsageError(f"--quantize {quantize} is a GGUF type: add --format gguf")
+    return quantize
+
+
 def recipe_options(command: F) -> F:
-    """--weight, --dtype, --base-quantization, --quantize, --group-size, --algorithm."""
+    """--weight, --dtype, --base-quantization, --format, --quantize, --group-size,
+    --algorithm."""
     for option in reversed(_OPTIONS):
         command = option(command)
     return command

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,9 +17,12 @@ from peftreg.cli.common import (
     parse_reference,
 )
 from peftreg.digest import Digest
-from peftreg.manifest import parse_manifest
+from peftreg.manifest import BASE_ARTIFACT, TITLE_ANNOTATION, parse_manifest
 from peftreg.sdk.errors import InvalidRequest
 from peftreg.transfer.pull import PullResult
+
+if TYPE_CHECKING:
+    from peftreg.sdk.client import Client
 
 
 def _annotations(values: tuple[str, ...]) -> dict[str, str]:
@@ -101,18 +106,26 @@ def push(
 @click.option(
     "--output",
     "-o",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory to write; without it, the path of the cache snapshot is printed.",
+    type=click.Path(path_type=Path),
+    help="Directory to write (--format gguf-lora: the .gguf file); without it, the path of "
+    "the cache snapshot is printed.",
 )
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists and is not empty.")
 @click.option("--offline", is_flag=True, help="Use the cache only (as PEFTREG_OFFLINE=1).")
 @click.option(
     "--format",
     "output_format",
-    type=click.Choice(["files", "peft"]),
+    type=click.Choice(["files", "peft", "gguf-lora"]),
     default="files",
     show_default=True,
-    help="files: the layers as pushed; peft: a PEFT adapter directory (needs --output).",
+    help="files: the layers as pushed; peft: a PEFT adapter directory (needs --output); "
+    "gguf-lora: a GGUF LoRA file for llama.cpp's --lora (needs --output and --base).",
+)
+@click.option(
+    "--base",
+    "base",
+    help="gguf-lora: the adapter's base, a registered base REF or a local model directory "
+    "(its config.json gives the architecture).",
 )
 @click.option(
     "--include",
@@ -133,6 +146,7 @@ def pull(
     output_format: str,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
+    base: str | None,
     quiet: bool,
     as_json: bool,
 ) -> None:
@@ -142,12 +156,34 @@ def pull(
     from it, with a warning.
     """
     reference = parse_reference(ref)
-    if output_format == "peft" and output is None:
-        raise InvalidRequest("--format peft needs --output DIR")
-    if output_format == "peft" and (include or exclude):
-        raise InvalidRequest("--format peft writes the whole adapter: drop --include/--exclude")
+    if output_format in ("peft", "gguf-lora") and output is None:
+        raise InvalidRequest(f"--format {output_format} needs --output DIR")
+    if output_format in ("peft", "gguf-lora") and (include or exclude):
+        raise InvalidRequest(
+            f"--format {output_format} writes the whole adapter: drop --include/--exclude"
+        )
+    if (output_format == "gguf-lora") != (base is not None):
+        raise InvalidRequest("--base goes with --format gguf-lora, and it needs one")
     with make_client(reference, offline=True if offline else None) as client:
         progress = make_progress(quiet or as_json)
+        if output_format == "gguf-lora":
+            assert output is not None
+            assert base is not None
+            result = client.pull(reference, None, progress=progress)
+            _warn_fallback(result)
+            model_config = _base_model_config(client, base)
+            _export_gguf_lora(result, model_config, output, force)
+            emit(
+                as_json,
+                {
+                    "reference": str(reference),
+                    "digest": str(result.digest),
+                    "path": str(output),
+                    "format": "gguf-lora",
+                },
+                str(output),
+            )
+            return
         if output_format == "peft":
             result = client.pull(reference, None, progress=progress)
             assert output is not None
@@ -202,6 +238,49 @@ def _export_peft(result: PullResult, output: Path, force: bool) -> None:
     note = export_snapshot_as_peft(config, result.path, titles, output, replace=force)
     if note:
         click.echo(note, err=True)
+
+
+def _base_model_config(client: Client, base: str) -> dict[str, Any]:
+    """The config.json of a local base directory, or of a registered base artifact."""
+    directory = Path(base)
+    if directory.is_dir():
+        path = directory / "config.json"
+        if not path.is_file():
+            raise InvalidRequest(f"{base} has no config.json")
+        document = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        reference = parse_reference(base)
+        manifest = json.loads(client.get_manifest(reference).content)
+        layers = [
+            layer
+            for layer in manifest.get("layers", [])
+            if layer.get("annotations", {}).get(TITLE_ANNOTATION) == "config.json"
+        ]
+        if manifest.get("artifactType") != BASE_ARTIFACT or not layers:
+            raise InvalidRequest(f"{base} is not a base artifact with a config.json")
+        document = json.loads(client.get_blob(reference.repository, layers[0]["digest"]))
+    if not isinstance(document, dict):
+        raise InvalidRequest(f"the config.json of {base} is not a JSON object")
+    return document
+
+
+def _export_gguf_lora(
+    result: PullResult, model_config: dict[str, Any], output: Path, force: bool
+) -> None:
+    from peftreg.adapters.schema import AdapterConfig
+    from peftreg.gguf.lora import write_gguf_lora
+    from peftreg.merge.inputs import adapter_from_snapshot
+
+    if result.adapter_config is None:
+        raise InvalidRequest(
+            f"{result.reference} is not a typed adapter artifact; only adapters convert to "
+            "a GGUF LoRA"
+        )
+    config = AdapterConfig.model_validate_json(result.adapter_config)
+    adapter = adapter_from_snapshot(
+        result.path, config, digest=str(result.digest), label=str(result.reference)
+    )
+    write_gguf_lora(adapter, model_config, output, replace=force, name=str(result.reference))
 
 
 @click.command()

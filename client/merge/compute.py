@@ -48,7 +48,7 @@ def row_factors(factors: ModuleFactors, start: int, stop: int) -> ModuleFactors:
     return replace(factors, a=factors.a[:, start:stop])
 
 
-def _row_blockable(plan: TensorPlan) -> bool:
+def row_blockable(plan: TensorPlan) -> bool:
     return (
         bool(plan.weight)
         and not plan.nf4
@@ -131,7 +131,7 @@ class TensorMerger:
             del value
             self.writer.write(source.name, out)
             return
-        if plan.as_is and self.device.type == "cpu" and _row_blockable(plan):
+        if plan.as_is and self.device.type == "cpu" and row_blockable(plan):
             # Each block is copied to fp32 before its rows are overwritten, so the merged
             # rows can go back into the read buffer when the element sizes agree.
             if value.element_size() == plan.out_dtype.itemsize:

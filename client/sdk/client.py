@@ -487,8 +487,10 @@ class Client:
         quantize: str = "none",
         group_size: int = 128,
         algorithm: str = "rtn",
+        output_format: str = "safetensors",
     ) -> tuple[JobInfo, bool]:
-        """Request a merged (optionally INT4) checkpoint; returns (job, newly created)."""
+        """Request a merged (optionally INT4) checkpoint, or with `output_format="gguf"` a
+        GGUF model file (`quantize` f16, q8_0, q4_0 or q4_k_m); returns (job, newly created)."""
         sources = [(adapters, 1.0)] if isinstance(adapters, str) else list(adapters)
         return job_api.request_export(
             self.http,
@@ -499,6 +501,7 @@ class Client:
             quantize=quantize,
             group_size=group_size,
             algorithm=algorithm,
+            output_format=output_format,
         )
 
     def job(self, job_id: str) -> JobInfo:

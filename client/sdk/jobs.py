@@ -74,6 +74,7 @@ def request_export(
     quantize: str = "none",
     group_size: int = 128,
     algorithm: str = "rtn",
+    output_format: str = "safetensors",
 ) -> tuple[JobInfo, bool]:
     """(job, created): an identical earlier request returns its job with created False."""
     body: dict[str, Any] = {
@@ -85,6 +86,8 @@ def request_export(
         "group_size": group_size,
         "algorithm": algorithm,
     }
+    if output_format != "safetensors":
+        body["format"] = output_format
     response = http.request("POST", "/api/v1/exports", json_body=body, idempotent=True)
     return JobInfo.model_validate(response.json()), response.status_code == 202
 

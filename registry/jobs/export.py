@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from sqlalchemy.orm import Session
 
@@ -37,6 +38,8 @@ from peftreg.checkpoint.package import (
     library_versions,
 )
 from peftreg.digest import Digest
+from peftreg.gguf.errors import GgufUnsupported
+from peftreg.gguf.formats import GGUF_QUANTIZATIONS, check_gguf_architecture
 from peftreg.manifest import OCI_MANIFEST
 from peftreg.reference import REFERENCE_SCHEMA_PATTERN, Reference
 from peftreg.registry.auth.scopes import Grant, Principal
@@ -89,9 +92,26 @@ class ExportRequest(BaseModel):
     base: ReferenceText
     dtype: Literal["float16", "bfloat16", "float32"] | None = None
     base_quantization: Literal["none", "nf4"] = "none"
-    quantize: Literal["none", "int4"] = "none"
+    format: Literal["safetensors", "gguf"] = "safetensors"
+    quantize: Literal["none", "int4", "f16", "q8_0", "q4_0", "q4_k_m"] = "none"
     group_size: int = 128
     algorithm: Literal["rtn", "mse"] = "rtn"
+
+    @model_validator(mode="after")
+    def _format(self) -> ExportRequest:
+        if self.format == "gguf":
+            if self.quantize == "none":
+                self.quantize = "f16"
+            if self.quantize not in GGUF_QUANTIZATIONS:
+                raise ValueError(
+                    f"format gguf takes quantize {', '.join(GGUF_QUANTIZATIONS)}, not "
+                    f"{self.quantize}"
+                )
+            if self.dtype is not None:
+                raise ValueError("format gguf sets tensor types with quantize, not dtype")
+        elif self.quantize not in ("none", "int4"):
+            raise ValueError(f"quantize {self.quantize} is a GGUF type: set format gguf")
+        return self
 
     @field_validator("group_size")
     @classmethod
@@ -110,6 +130,8 @@ class ExportRequest(BaseModel):
         }
         if self.quantize == "int4":
             params |= {"group_size": self.group_size, "algorithm": self.algorithm}
+        if self.format == "gguf":  # absent for safetensors: earlier jobs keep their keys
+            params["format"] = "gguf"
         return params
 
 
@@ -180,6 +202,11 @@ def plan_export(session: Session, services: Services, request: ExportRequest) ->
         ref = parse_reference(item.reference)
         adapters.append((load_adapter(session, store, ref.repository, ref.identifier), item.weight))
     check_sources(base, adapters, request.base_quantization)
+    if request.format == "gguf":
+        try:
+            check_gguf_architecture(base.config.architecture)
+        except GgufUnsupported as exc:
+            raise JobInvalid(str(exc)) from None
     inputs = {
         "base": {"repository": base.repository, "digest": base.digest},
         "adapters": [
@@ -243,11 +270,7 @@ class Publication:
 
 
 def run_export(context: JobContext) -> Publication:
-    import torch
-
-    from peftreg.merge.errors import MergeCancelled
     from peftreg.merge.inputs import AdapterInput
-    from peftreg.merge.stream import merge_to_directory
 
     services = context.services
     store = services.store
@@ -283,27 +306,10 @@ def run_export(context: JobContext) -> Publication:
         )
         context.log(f"adapter {adapter.repository}@{adapter.digest} weight {weight}")
     context.check()
-    encoder = _encoder(params, base_dir, context.device)
-    output = context.work_dir / "checkpoint"
-    dtype = getattr(torch, params["dtype"]) if params.get("dtype") else None
-    try:
-        result = merge_to_directory(
-            base_dir,
-            inputs,
-            output,
-            base_config=base.config,
-            dtype=dtype,
-            base_quantization=params.get("base_quantization", "none"),
-            encoder=encoder,
-            device=context.device,
-            progress=_throttled(context.progress, services.settings.worker_throttle_seconds),
-            cancelled=context.cancelled,
-        )
-    except MergeCancelled:
-        context.check()  # the interruption that made the merge stop
-        raise
-    context.check()
-    context.log(f"merged {result.merged_modules} modules into {len(result.shards)} shards")
+    if params.get("format") == "gguf":
+        output, quantization = _write_gguf(context, base, base_dir, inputs)
+    else:
+        output, quantization = _write_checkpoint(context, base, base_dir, inputs)
     config = CheckpointConfig(
         base=SourceArtifact(repository=base.repository, digest=base.digest),
         base_fingerprint=base.config.fingerprint,
@@ -315,7 +321,7 @@ def run_export(context: JobContext) -> Publication:
             "base_quantization": params.get("base_quantization", "none"),
             "adapter_kinds": [a.config.kind for a, _ in adapters],
         },
-        quantization=encoder.recipe(),
+        quantization=quantization,
         libraries=library_versions(),
         job=context.job_id,
     )
@@ -338,6 +344,88 @@ def run_export(context: JobContext) -> Publication:
         principal=principal,
         services=services,
     )
+
+
+def _pause(context: JobContext) -> float:
+    return context.services.settings.worker_throttle_seconds
+
+
+def _write_checkpoint(
+    context: JobContext, base: BaseArtifact, base_dir: Path, inputs: list[Any]
+) -> tuple[Path, dict[str, Any]]:
+    """The merged (optionally INT4) model directory and its quantization recipe."""
+    import torch
+
+    from peftreg.merge.errors import MergeCancelled
+    from peftreg.merge.stream import merge_to_directory
+
+    params = context.params
+    encoder = _encoder(params, base_dir, context.device)
+    output = context.work_dir / "checkpoint"
+    dtype = getattr(torch, params["dtype"]) if params.get("dtype") else None
+    try:
+        result = merge_to_directory(
+            base_dir,
+            inputs,
+            output,
+            base_config=base.config,
+            dtype=dtype,
+            base_quantization=params.get("base_quantization", "none"),
+            encoder=encoder,
+            device=context.device,
+            progress=_throttled(
+                context.progress, context.services.settings.worker_throttle_seconds
+            ),
+            cancelled=context.cancelled,
+        )
+    except MergeCancelled:
+        context.check()  # the interruption that made the merge stop
+        raise
+    context.check()
+    context.log(f"merged {result.merged_modules} modules into {len(result.shards)} shards")
+    return output, encoder.recipe()
+
+
+def _write_gguf(
+    context: JobContext, base: BaseArtifact, base_dir: Path, inputs: list[Any]
+) -> tuple[Path, dict[str, Any]]:
+    """A directory holding the merged GGUF model file, and its quantization recipe."""
+    from peftreg.gguf.model import export_gguf, gguf_file_name
+    from peftreg.merge.errors import MergeCancelled
+
+    params = context.params
+    quantization = str(params["quantize"])
+    output = context.work_dir / "checkpoint"
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        result = export_gguf(
+            base_dir,
+            inputs,
+            output / gguf_file_name(quantization),
+            quantization=quantization,
+            base_config=base.config,
+            base_quantization=params.get("base_quantization", "none"),
+            device=context.device,
+            progress=_throttled(
+                context.progress, context.services.settings.worker_throttle_seconds
+            ),
+            cancelled=context.cancelled,
+            replace=True,
+            name=f"{base.repository}@{base.digest}",
+        )
+    except MergeCancelled:
+        context.check()
+        raise
+    context.check()
+    context.log(f"merged {result.merged_modules} modules into a {quantization} GGUF")
+    recipe = {
+        "quantization": quantization,
+        "format": "gguf",
+        "architecture": result.recipe["architecture"],
+        "tokenizer_pre": result.recipe["tokenizer_pre"],
+        "tensor_types": result.tensor_types,
+    }
+    return output, recipe
 
 
 def _already_linked(session: Session, repository: str, digest: Digest) -> bool:

@@ -1,0 +1,1 @@
+"""Quality reports on exported models: perplexity on a text (`perplexity`)."""
