@@ -114,8 +114,10 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/pip install --quiet pip-tools
 	$(COMPILE) --extra test -o $(LOCK) pyproject.toml requirements/torch.in
-	$(COMPILE) --extra server --extra worker -o requirements/server.txt pyproject.toml
-	.venv-lock/bin/python requirements/strip_self.py $(LOCK) requirements/server.txt
+	$(COMPILE) --extra server --extra worker -o requirements/server.txt pyproject.toml \
+		requirements/torch.in
+	.venv-lock/bin/python requirements/strip_self.py $(LOCK)
+	.venv-lock/bin/python requirements/strip_self.py requirements/server.txt --drop torch
 
 ## The suite against the newest releases, in .venv-latest, to see drift before users do.
 test-latest: test-tools
