@@ -78,6 +78,9 @@ GenericKind = Literal[
 ]
 AdapterKind = TypedKind | GenericKind
 GENERIC_KINDS: frozenset[str] = frozenset(get_args(GenericKind))
+# Every adapter kind, the typed ones first (a flat tuple: `get_args(AdapterKind)` gives
+# the two Literal types, not their values).
+ADAPTER_KINDS: tuple[str, ...] = (*get_args(TypedKind), *sorted(GENERIC_KINDS))
 ScalingRule = Literal["alpha/r", "alpha/sqrt(r)", "none"]
 # The quantization of the base weights the adapter was trained against.
 BaseQuantization = Literal["none", "nf4", "fp4", "int8", "int4"]

@@ -152,7 +152,7 @@ class PromptSlot:
         kwargs["attention_mask"] = full
         if self._position_ids:
             given = kwargs.get("position_ids")
-            kwargs["position_ids"] = self._positions(given, full, length, cached)
+            kwargs["position_ids"] = prompt_positions(given, full, length, cached, self.max_tokens)
         where = kwargs.get("cache_position")
         if isinstance(where, torch.Tensor):
             shifted = where + self.max_tokens
@@ -162,26 +162,9 @@ class PromptSlot:
             kwargs["cache_position"] = shifted
         labels = kwargs.get("labels")
         if isinstance(labels, torch.Tensor) and not cached:
-            kwargs["labels"] = self._labels(labels, buffers.mask)
+            prefix = buffers.mask.unsqueeze(0).expand(batch, -1)
+            kwargs["labels"] = prompt_labels(labels, prefix, self.max_tokens)
         return (), kwargs
-
-    def _labels(self, labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The caller's labels behind V ignored ones.
-
-        A causal LM scores token i from position i - 1. With n virtual tokens the first
-        real token is scored from the last of them, as in PEFT. Without any (an adapter
-        that has no prompt, or none) the position before it is an unused, masked slot:
-        like the plain model, which has no position before its first token, it is not
-        scored.
-        """
-        batch = labels.shape[0]
-        ignored = torch.full(
-            (batch, self.max_tokens), IGNORE_INDEX, dtype=labels.dtype, device=labels.device
-        )
-        # Tensor ops, not a branch on the count: a compiled model does not recompile.
-        first = labels[:, :1]
-        first = torch.where(slots.sum() > 0, first, torch.full_like(first, IGNORE_INDEX))
-        return torch.cat([ignored, first, labels[:, 1:]], dim=1)
 
     def _prepend(self, kwargs: dict[str, Any], buffers: PromptBuffers, batch: int) -> None:
         embeds = kwargs.pop("inputs_embeds", None)
@@ -191,30 +174,52 @@ class PromptSlot:
         virtual = buffers.embeds.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
 
-    def _positions(
-        self, given: torch.Tensor | None, full: torch.Tensor, length: int, cached: int
-    ) -> torch.Tensor:
-        """Positions of this call's tokens: the adapter's n virtual tokens are 0..n-1 and the
-        real tokens follow: the caller's positions shifted by n.
 
-        Without the caller's positions, and always while a prompt is active (PEFT ignores
-        the caller's, `generate()`'s counted over the attention mask included), the model's
-        own default: the index in the real sequence (padding included), so a left-padded
-        batch is placed as PEFT places it, with the padding between the virtual and the
-        real tokens.
-        """
-        prefix = full[:, : self.max_tokens].long()
-        count = prefix.sum(-1, keepdim=True)
-        start = cached - self.max_tokens if cached else 0
-        default = torch.arange(start, start + length, device=full.device).unsqueeze(0)
-        default = default.expand(full.shape[0], -1)
-        # Tensor ops, not a branch on the count: a compiled model does not recompile.
-        given = default if given is None else torch.where(count > 0, default, given)
-        shifted = given + count
-        if cached:
-            return shifted
-        virtual = (prefix.cumsum(-1) - 1).clamp(min=0)
-        return torch.cat([virtual, shifted], dim=1)
+def prompt_labels(labels: torch.Tensor, prefix: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """The caller's labels behind V ignored ones; `prefix` (batch, V) marks each row's
+    virtual tokens.
+
+    A causal LM scores token i from position i - 1. With n virtual tokens the first
+    real token is scored from the last of them, as in PEFT. Without any (an adapter
+    that has no prompt, or none) the position before it is an unused, masked slot:
+    like the plain model, which has no position before its first token, it is not
+    scored.
+    """
+    batch = labels.shape[0]
+    ignored = torch.full(
+        (batch, max_tokens), IGNORE_INDEX, dtype=labels.dtype, device=labels.device
+    )
+    # Tensor ops, not a branch on the count: a compiled model does not recompile.
+    first = labels[:, :1]
+    has_prompt = prefix.to(labels.device).sum(-1, keepdim=True) > 0
+    first = torch.where(has_prompt, first, torch.full_like(first, IGNORE_INDEX))
+    return torch.cat([ignored, first, labels[:, 1:]], dim=1)
+
+
+def prompt_positions(
+    given: torch.Tensor | None, full: torch.Tensor, length: int, cached: int, max_tokens: int
+) -> torch.Tensor:
+    """Positions of this call's tokens, per row: the row's n virtual tokens are 0..n-1 and
+    the real tokens follow: the caller's positions shifted by n.
+
+    Without the caller's positions, and always while a row has a prompt (PEFT ignores
+    the caller's, `generate()`'s counted over the attention mask included), the model's
+    own default: the index in the real sequence (padding included), so a left-padded
+    batch is placed as PEFT places it, with the padding between the virtual and the
+    real tokens.
+    """
+    prefix = full[:, :max_tokens].long()
+    count = prefix.sum(-1, keepdim=True)
+    start = cached - max_tokens if cached else 0
+    default = torch.arange(start, start + length, device=full.device).unsqueeze(0)
+    default = default.expand(full.shape[0], -1)
+    # Tensor ops, not a branch on the count: a compiled model does not recompile.
+    given = default if given is None else torch.where(count > 0, default, given)
+    shifted = given + count
+    if cached:
+        return shifted
+    virtual = (prefix.cumsum(-1) - 1).clamp(min=0)
+    return torch.cat([virtual, shifted], dim=1)
 
 
 # transformers' generate() hands the KV cache over as `past_key_values` (4.x) or

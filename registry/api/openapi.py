@@ -27,7 +27,9 @@ from peftreg.registry.api.errors import ERROR_TABLE, HTTP_CODES
 from peftreg.registry.settings import Settings
 
 OCTET_STREAM = "application/octet-stream"
-UNAUTHENTICATED = ("/healthz", "/readyz", "/metrics")
+# Served to anyone: probes, metrics, the published schemas, and the token endpoint
+# (which takes credentials but also answers without them, with a token granting nothing).
+UNAUTHENTICATED = ("/healthz", "/readyz", "/metrics", "/schemas/{name}", "/token")
 NAME_SCHEMA = {
     "type": "string",
     "pattern": f"^{REPOSITORY_PATTERN}$",

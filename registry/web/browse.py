@@ -9,7 +9,7 @@ from typing import Annotated, Any, get_args
 from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy.orm import Session
 
-from peftreg.adapters.schema import AdapterKind, BaseQuantization
+from peftreg.adapters.schema import ADAPTER_KINDS, BaseQuantization
 from peftreg.registry.api.deps import authorize, authorize_any, in_read_transaction
 from peftreg.registry.catalog import search
 from peftreg.registry.catalog.repositories import find_repository, valid_name
@@ -21,7 +21,7 @@ from peftreg.registry.web.session import Viewer, get_viewer
 router = APIRouter(prefix="/ui", route_class=WebRoute, include_in_schema=False)
 ViewerDep = Annotated[Viewer, Depends(get_viewer)]
 PAGE_SIZE = 50
-KINDS: tuple[str, ...] = (*get_args(AdapterKind), "base")
+KINDS: tuple[str, ...] = (*ADAPTER_KINDS, "base")
 QUANTIZATIONS: tuple[str, ...] = get_args(BaseQuantization)
 
 

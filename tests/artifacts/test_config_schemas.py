@@ -84,7 +84,7 @@ def test_nola_and_base_configs_are_valid(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "media_type"),
     [
-        ({"kind": "ia3"}, ADAPTER_CONFIG_MEDIA_TYPE),
+        ({"kind": "mystery"}, ADAPTER_CONFIG_MEDIA_TYPE),
         ({"surprise": 1}, ADAPTER_CONFIG_MEDIA_TYPE),
         ({"rank": "four"}, ADAPTER_CONFIG_MEDIA_TYPE),
         ({"schema_version": 2}, BASE_CONFIG_MEDIA_TYPE),

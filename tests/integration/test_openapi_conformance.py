@@ -15,7 +15,8 @@ headers, response-schema violations, accepted invalid input or refused valid inp
 Where the schema cannot say what the state of the registry decides, the expected
 statuses of `positive_data_acceptance` name it: a manifest naming blobs that are not
 there, a blob whose bytes do not hash to the claimed digest, a cursor that no page
-handed out (all 400 with their OCI error codes).
+handed out, a registry token asked for another service (all 400 with their OCI error
+codes).
 """
 
 from __future__ import annotations
@@ -69,6 +70,12 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403",
 [[operations]]
 include-path-regex = "^/api/v1/(repositories|versions|repositories/\\\\{{name\\\\}}/versions)$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404"]
+
+# A token is issued only for this registry's own service name, which the request's
+# Host decides.
+[[operations]]
+include-path-regex = "^/token$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403"]
 """
 
 

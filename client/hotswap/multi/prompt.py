@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from peftreg.hotswap.errors import HostError, InputNotSupported
-from peftreg.hotswap.prompt import IGNORE_INDEX, _cached_length, _kv_cache
+from peftreg.hotswap.prompt import _cached_length, _kv_cache, prompt_labels, prompt_positions
 from peftreg.hotswap.slots import copy_into, fill
 
 
@@ -122,7 +122,7 @@ class StackedPrompt:
         kwargs["attention_mask"] = full
         if self._position_ids:
             given = kwargs.get("position_ids")
-            kwargs["position_ids"] = self._positions(given, full, length, cached)
+            kwargs["position_ids"] = prompt_positions(given, full, length, cached, self.max_tokens)
         where = kwargs.get("cache_position")
         if isinstance(where, torch.Tensor):
             shifted = where + self.max_tokens
@@ -132,10 +132,7 @@ class StackedPrompt:
             kwargs["cache_position"] = shifted
         labels = kwargs.get("labels")
         if isinstance(labels, torch.Tensor) and not cached:
-            ignored = torch.full(
-                (batch, self.max_tokens), IGNORE_INDEX, dtype=labels.dtype, device=labels.device
-            )
-            kwargs["labels"] = torch.cat([ignored, labels], dim=1)
+            kwargs["labels"] = prompt_labels(labels, prefix, self.max_tokens)
         return (), kwargs
 
     def _prepend(self, kwargs: dict[str, Any], rows: torch.Tensor) -> None:
@@ -145,17 +142,3 @@ class StackedPrompt:
             embeds = self.embedding(input_ids)
         virtual = self.embeds.index_select(0, rows).to(embeds.dtype)
         kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
-
-    def _positions(
-        self, given: torch.Tensor | None, full: torch.Tensor, length: int, cached: int
-    ) -> torch.Tensor:
-        """Each row's n virtual tokens at 0..n-1, its real tokens after them."""
-        prefix = full[:, : self.max_tokens].long()
-        if given is None:
-            counted = (full.long().cumsum(-1) - 1).clamp(min=0)
-            return counted[:, -length:] if cached else counted
-        shifted = given + prefix.sum(-1, keepdim=True)
-        if cached:
-            return shifted
-        virtual = (prefix.cumsum(-1) - 1).clamp(min=0)
-        return torch.cat([virtual, shifted], dim=1)

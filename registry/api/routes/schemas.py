@@ -7,12 +7,13 @@ import json
 from fastapi import APIRouter, Response
 
 from peftreg.artifact_schemas import SCHEMA_MEDIA_TYPE, UnknownSchema, config_schema
+from peftreg.registry.api.openapi import failures
 from peftreg.registry.errors import NotFound
 
 router = APIRouter()
 
 
-@router.get("/schemas/{name}")
+@router.get("/schemas/{name}", responses=failures(NotFound))
 async def get_schema(name: str) -> Response:
     try:
         schema = config_schema(name)

@@ -19,8 +19,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from peftreg.registry.api.deps import ServicesDep, identify, registry_service
+from peftreg.registry.api.openapi import failures
 from peftreg.registry.auth import registry_tokens
-from peftreg.registry.errors import InvalidRequest
+from peftreg.registry.errors import Denied, InvalidRequest, Unauthorized
 from peftreg.registry.state import Services
 
 router = APIRouter()
@@ -60,7 +61,10 @@ async def _issue(
     )
 
 
-@router.get("/token")
+TOKEN_FAILURES = failures(InvalidRequest, Unauthorized, Denied)
+
+
+@router.get("/token", responses=TOKEN_FAILURES)
 async def issue_token(
     request: Request,
     services: ServicesDep,
@@ -78,7 +82,7 @@ async def issue_token(
     )
 
 
-@router.post("/token")
+@router.post("/token", responses=TOKEN_FAILURES)
 async def issue_token_oauth2(request: Request, services: ServicesDep) -> JSONResponse:
     """The OAuth2 password grant of the same exchange (form-encoded body)."""
     body = await request.body()
