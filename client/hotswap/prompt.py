@@ -38,6 +38,38 @@ from peftreg.hotswap.slots import copy_into, fill
 IGNORE_INDEX = -100
 
 
+@dataclass(frozen=True)
+class PromptSite:
+    """What a soft prompt needs from a model: its embedding width, and a forward that
+    takes `inputs_embeds` and `attention_mask` (and maybe `position_ids`)."""
+
+    dim: int
+    positional: tuple[str, ...]
+    position_ids: bool
+
+    @classmethod
+    def of(cls, embedding: nn.Module, forward: Callable[..., Any]) -> PromptSite:
+        weight = getattr(embedding, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+            raise HostError("the model's input embeddings have no 2-d weight for a soft prompt")
+        parameters = inspect.signature(forward).parameters
+        for needed in ("inputs_embeds", "attention_mask"):
+            if needed not in parameters:
+                raise HostError(f"a soft prompt needs a forward that takes {needed}")
+        positional = tuple(
+            name
+            for name, p in parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        )
+        return cls(int(weight.shape[1]), positional, "position_ids" in parameters)
+
+    def keywords(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """A forward's arguments, all by name."""
+        if len(args) > len(self.positional):
+            raise InputNotSupported("too many positional arguments for the model's forward")
+        return {**dict(zip(self.positional, args, strict=False)), **kwargs}
+
+
 @dataclass
 class PromptBuffers:
     embeds: torch.Tensor  # (V, dim)
@@ -57,23 +89,11 @@ class PromptSlot:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        weight = getattr(embedding, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-            raise HostError("the model's input embeddings have no 2-d weight for a soft prompt")
         self.embedding = embedding
         self.max_tokens = max_tokens
         self.dtype = dtype
-        self.dim = int(weight.shape[1])
-        parameters = inspect.signature(forward).parameters
-        self._positional = [
-            name
-            for name, p in parameters.items()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        for needed in ("inputs_embeds", "attention_mask"):
-            if needed not in parameters:
-                raise HostError(f"a soft prompt needs a forward that takes {needed}")
-        self._position_ids = "position_ids" in parameters
+        self.site = PromptSite.of(embedding, forward)
+        self.dim = self.site.dim
 
         def buffers() -> PromptBuffers:
             return PromptBuffers(
@@ -121,9 +141,7 @@ class PromptSlot:
         adapter's n virtual tokens and `cache_position` by V, as PEFT does
         after its first step.
         """
-        if len(args) > len(self._positional):
-            raise InputNotSupported("too many positional arguments for the model's forward")
-        kwargs = {**dict(zip(self._positional, args, strict=False)), **kwargs}
+        kwargs = self.site.keywords(args, kwargs)
         cached = _cached_length(_kv_cache(kwargs))
         if 0 < cached < self.max_tokens:
             raise InputNotSupported(
@@ -150,7 +168,7 @@ class PromptSlot:
         prefix = buffers.mask.to(mask.device, mask.dtype).unsqueeze(0).expand(batch, -1)
         full = torch.cat([prefix, mask], dim=1)
         kwargs["attention_mask"] = full
-        if self._position_ids:
+        if self.site.position_ids:
             given = kwargs.get("position_ids")
             kwargs["position_ids"] = prompt_positions(given, full, length, cached, self.max_tokens)
         where = kwargs.get("cache_position")

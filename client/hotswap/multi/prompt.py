@@ -17,15 +17,20 @@ front of the attention mask and shift each row's positions by its own n.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from peftreg.hotswap.errors import HostError, InputNotSupported
-from peftreg.hotswap.prompt import _cached_length, _kv_cache, prompt_labels, prompt_positions
+from peftreg.hotswap.errors import InputNotSupported
+from peftreg.hotswap.prompt import (
+    PromptSite,
+    _cached_length,
+    _kv_cache,
+    prompt_labels,
+    prompt_positions,
+)
 from peftreg.hotswap.slots import copy_into, fill
 
 
@@ -41,23 +46,11 @@ class StackedPrompt:
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        weight = getattr(embedding, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-            raise HostError("the model's input embeddings have no 2-d weight for a soft prompt")
         self.embedding = embedding
         self.max_tokens = max_tokens
         self.dtype = dtype
-        self.dim = int(weight.shape[1])
-        parameters = inspect.signature(forward).parameters
-        self._positional = [
-            name
-            for name, p in parameters.items()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-        for needed in ("inputs_embeds", "attention_mask"):
-            if needed not in parameters:
-                raise HostError(f"a soft prompt needs a forward that takes {needed}")
-        self._position_ids = "position_ids" in parameters
+        self.site = PromptSite.of(embedding, forward)
+        self.dim = self.site.dim
         self.embeds = torch.zeros(count + 1, max_tokens, self.dim, device=device, dtype=dtype)
         self.mask = torch.zeros(count + 1, max_tokens, device=device, dtype=torch.int64)
         self.counts = [0] * (count + 1)
@@ -91,9 +84,7 @@ class StackedPrompt:
         and the attention mask, position ids and `cache_position` are extended
         and shifted (see `peftreg.hotswap.prompt.PromptSlot.transform`).
         """
-        if len(args) > len(self._positional):
-            raise InputNotSupported("too many positional arguments for the model's forward")
-        kwargs = {**dict(zip(self._positional, args, strict=False)), **kwargs}
+        kwargs = self.site.keywords(args, kwargs)
         cached = _cached_length(_kv_cache(kwargs))
         if 0 < cached < self.max_tokens:
             raise InputNotSupported(
@@ -120,7 +111,7 @@ class StackedPrompt:
         prefix = self.mask.index_select(0, rows).to(mask.device, mask.dtype)
         full = torch.cat([prefix, mask], dim=1)
         kwargs["attention_mask"] = full
-        if self._position_ids:
+        if self.site.position_ids:
             given = kwargs.get("position_ids")
             kwargs["position_ids"] = prompt_positions(given, full, length, cached, self.max_tokens)
         where = kwargs.get("cache_position")
