@@ -45,20 +45,26 @@ def base_identity(model: nn.Module, config: HostConfig) -> tuple[str | None, str
     return fingerprint, structure
 
 
+def input_embeddings(model: nn.Module) -> tuple[nn.Module, torch.Tensor]:
+    """The model's input embedding layer and its weight, where soft prompts go."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    if not isinstance(embedding, nn.Module):
+        raise HostError(
+            f"{type(model).__name__} has no get_input_embeddings(); soft prompts need "
+            "the model's input embedding layer"
+        )
+    weight = embedding.weight
+    assert isinstance(weight, torch.Tensor)
+    return embedding, weight
+
+
 def prompt_slot(model: nn.Module, config: HostConfig) -> PromptSlot | None:
     """The soft-prompt slot `max_virtual_tokens` asks for, on the input embeddings."""
     tokens = config.max_virtual_tokens
     if tokens == 0:
         return None
-    getter = getattr(model, "get_input_embeddings", None)
-    embedding = getter() if callable(getter) else None
-    if not isinstance(embedding, nn.Module):
-        raise HostError(
-            f"{type(model).__name__} has no get_input_embeddings(); a soft-prompt slot "
-            "needs the model's input embedding layer"
-        )
-    weight = embedding.weight
-    assert isinstance(weight, torch.Tensor)
+    embedding, weight = input_embeddings(model)
     return PromptSlot(
         embedding,
         model.forward,

@@ -43,7 +43,7 @@ from torch import nn
 
 from peftreg.digest import Digest
 from peftreg.hotswap.adapter import LoadedAdapter
-from peftreg.hotswap.attach import base_identity, slot_device, slot_dtype
+from peftreg.hotswap.attach import base_identity, input_embeddings, slot_device, slot_dtype
 from peftreg.hotswap.cache import AdapterCache
 from peftreg.hotswap.config import HostConfig
 from peftreg.hotswap.errors import HostError, SwapError
@@ -156,15 +156,7 @@ class MultiAdapterHost:
         tokens = config.max_virtual_tokens
         if tokens == 0:
             return None
-        getter = getattr(model, "get_input_embeddings", None)
-        embedding = getter() if callable(getter) else None
-        if not isinstance(embedding, nn.Module):
-            raise HostError(
-                f"{type(model).__name__} has no get_input_embeddings(); soft prompts need "
-                "the model's input embedding layer"
-            )
-        weight = embedding.weight
-        assert isinstance(weight, torch.Tensor)
+        embedding, weight = input_embeddings(model)
         return StackedPrompt(
             embedding,
             model.forward,
