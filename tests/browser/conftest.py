@@ -61,6 +61,9 @@ SERVER_ENV = {
     "PEFTREG_JOB_LEASE_SECONDS": "1.5",
     "PEFTREG_WORKER_POLL_SECONDS": "0.2",
     "PEFTREG_WORKER_THROTTLE_SECONDS": "0.1",
+    # Jobs run only while a test starts a `peftreg worker` (RegistryProcess.worker): a job
+    # stays queued until then, whatever the machine's load.
+    "PEFTREG_EMBEDDED_WORKER": "false",
 }
 
 
@@ -86,7 +89,7 @@ def move_tag(client: Client, source: str, target: str) -> None:
     client.put_manifest(target, manifest.content, manifest.media_type)
 
 
-def seed(url: str, client: Client, root: Path) -> UiData:
+def seed(server: RegistryProcess, client: Client, root: Path) -> UiData:
     """A base, adapters in two namespaces, a moved channel tag, a finished export, a reader."""
     pushed = push_base_and_adapter(client, root, repository="acme/bot")
     wider = lora_dir(pushed.model, root / "adapter-r8", seed=11, rank=8)
@@ -97,11 +100,12 @@ def seed(url: str, client: Client, root: Path) -> UiData:
     move_tag(client, "acme/bot:v1", "acme/bot:prod")
     move_tag(client, "acme/bot:v2", "acme/bot:prod")
     job, _created = client.export("acme/bot:v1", pushed.base_ref, dtype="float16")
-    done = client.wait_job(job.id, timeout=WAIT)
+    with server.worker():
+        done = client.wait_job(job.id, timeout=WAIT)
     assert done.result is not None
     reader = client.create_token("reader", [("acme/*", "read")])
     return UiData(
-        url=url,
+        url=server.url,
         base_ref=pushed.base_ref,
         v1_digest=str(client.resolve("acme/bot:v1")),
         v2_digest=str(client.resolve("acme/bot:v2")),
@@ -117,7 +121,7 @@ def seed(url: str, client: Client, root: Path) -> UiData:
 def ui_data(
     ui_server: RegistryProcess, admin_client: Client, tmp_path_factory: pytest.TempPathFactory
 ) -> UiData:
-    return seed(ui_server.url, admin_client, tmp_path_factory.mktemp("ui-artifacts"))
+    return seed(ui_server, admin_client, tmp_path_factory.mktemp("ui-artifacts"))
 
 
 @contextmanager

@@ -32,7 +32,7 @@ def main(output: Path) -> None:
         server = start_registry(root / "home", SERVER_ENV)
         try:
             client = Client(server.url, token=ADMIN_TOKEN, cache=root / "cache")
-            data = seed(server.url, client, root / "artifacts")
+            data = seed(server, client, root / "artifacts")
             with chromium() as browser:
                 page = browser.new_page(viewport={"width": 1280, "height": 860})
                 login(page, server.url, ADMIN_TOKEN)

@@ -153,12 +153,14 @@ def test_lineage_picture(page: Page, ui_data: UiData, axe_source: str) -> None:
 
 
 def test_follow_a_job_from_queued_to_done_and_cancel_another(
-    page: Page, ui_data: UiData, admin_client: Client, axe_source: str
+    page: Page,
+    ui_data: UiData,
+    ui_server: RegistryProcess,
+    admin_client: Client,
+    axe_source: str,
 ) -> None:
     login(page, ui_data.url, ADMIN_TOKEN)
-    blocker, created = admin_client.export("acme/bot:v2", ui_data.base_ref, dtype="bfloat16")
-    assert created
-    # The one embedded worker runs the blocker, so the export started below waits in the queue.
+    # No worker runs until the block below: both jobs stay queued, whatever the machine's load.
     page.goto(f"{ui_data.url}/ui/r/acme/bot/-/versions/v1")
     form = page.get_by_test_id("export-form")
     form.get_by_label("Output dtype").select_option("float32")
@@ -168,26 +170,30 @@ def test_follow_a_job_from_queued_to_done_and_cancel_another(
     expect(page.get_by_test_id("job-status")).to_have_text("queued")
     assert_accessible(page, axe_source)
 
+    cancelled, created = admin_client.export("acme/bot:v2", ui_data.base_ref, dtype="bfloat16")
+    assert created
     other = page.context.new_page()
-    other.goto(f"{ui_data.url}/ui/jobs/{blocker.id}")
+    other.goto(f"{ui_data.url}/ui/jobs/{cancelled.id}")
     other.get_by_role("button", name="Cancel job").click()
-    expect(other.get_by_test_id("job-status")).to_have_text("cancelled", timeout=60_000)
+    expect(other.get_by_test_id("job-status")).to_have_text("cancelled")
     expect(other.get_by_test_id("cancel-form")).to_have_count(0)
 
-    # Back on the followed job: the bar moves through the middle, then the job is done.
-    page.wait_for_function(
-        "() => { const p = document.getElementById('job-progress');"
-        " return p && p.value > 0 && p.value < 1; }",
-        timeout=60_000,
-    )
-    expect(page.get_by_test_id("job-status")).to_have_text("running")
-    expect(page.get_by_test_id("job-status")).to_have_text("succeeded", timeout=60_000)
+    # A worker starts: the followed job's bar moves through the middle, then it is done.
+    with ui_server.worker():
+        page.wait_for_function(
+            "() => { const p = document.getElementById('job-progress');"
+            " return p && p.value > 0 && p.value < 1; }",
+            timeout=60_000,
+        )
+        expect(page.get_by_test_id("job-status")).to_have_text("running")
+        expect(page.get_by_test_id("job-status")).to_have_text("succeeded", timeout=60_000)
     expect(page.get_by_test_id("job-result")).to_contain_text("acme/bot@")
     expect(page.get_by_test_id("job-log")).to_contain_text("succeeded")
     assert page.url == followed
+    assert admin_client.job(cancelled.id).status == "cancelled"  # never run by the worker
 
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Jobs").click()
-    expect(page.get_by_test_id("jobs-cancelled")).to_contain_text(blocker.id[:16])
+    expect(page.get_by_test_id("jobs-cancelled")).to_contain_text(cancelled.id[:16])
     expect(page.get_by_test_id("jobs-succeeded")).to_contain_text(ui_data.export_job[:16])
     assert_accessible(page, axe_source)
 

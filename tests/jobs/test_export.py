@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -26,6 +27,11 @@ from tests.jobs.artifacts import push_base_and_adapter
 from tests.merge.builders import peft_merged, save_adapter
 
 WAIT = 120.0
+REQUEST_TIMEOUT = 60.0  # a loaded machine answers slowly; the assertions are on the answer
+
+
+def post(url: str, **kwargs: Any) -> httpx.Response:
+    return httpx.post(url, timeout=REQUEST_TIMEOUT, **kwargs)
 
 
 @pytest.fixture
@@ -124,7 +130,7 @@ def test_a_base_of_another_fingerprint_is_refused_before_any_work(
 ) -> None:
     pushed = push_base_and_adapter(client, tmp_path, seed=0)
     other = push_base_and_adapter(client, tmp_path, seed=1, repository="acme/other")
-    response = httpx.post(
+    response = post(
         f"{registry_server.url}/api/v1/exports",
         json={"adapters": [{"reference": pushed.adapter_ref}], "base": other.base_ref},
     )
@@ -145,19 +151,19 @@ def test_unknown_base_and_wrong_artifact_types_are_clear(
 ) -> None:
     pushed = push_base_and_adapter(client, tmp_path)
     url = f"{registry_server.url}/api/v1/exports"
-    missing = httpx.post(
+    missing = post(
         url, json={"adapters": [{"reference": pushed.adapter_ref}], "base": "acme/base:nope"}
     )
     assert missing.status_code == 404
     assert missing.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
     assert "nope" in missing.json()["errors"][0]["message"]
-    swapped = httpx.post(
+    swapped = post(
         url, json={"adapters": [{"reference": pushed.base_ref}], "base": pushed.adapter_ref}
     )
     assert swapped.status_code == 422
     assert swapped.json()["errors"][0]["code"] == "JOB_INVALID"
     assert "not a registered base" in swapped.json()["errors"][0]["message"]
-    nf4 = httpx.post(
+    nf4 = post(
         url,
         json={
             "adapters": [{"reference": pushed.adapter_ref}],
@@ -169,7 +175,7 @@ def test_unknown_base_and_wrong_artifact_types_are_clear(
     assert "not trained against an NF4 base" in nf4.json()["errors"][0]["message"]
     with pytest.raises(PeftregError):
         client.export(pushed.adapter_ref, pushed.base_ref, quantize="int8")
-    not_finite = httpx.post(
+    not_finite = post(
         url,
         content=b'{"adapters": [{"reference": "%s", "weight": NaN}], "base": "%s"}'
         % (pushed.adapter_ref.encode(), pushed.base_ref.encode()),

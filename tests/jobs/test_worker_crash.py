@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from peftreg.manifest import CHECKPOINT_ARTIFACT
 from peftreg.sdk.client import Client
 from peftreg.sdk.jobs import JobInfo
-from tests.fixtures.server import RegistryProcess, clean_environment, start_registry
+from tests.fixtures.server import RegistryProcess, start_registry
 from tests.jobs.artifacts import push_base_and_adapter
 
 LEASE = "2"
@@ -32,20 +31,8 @@ def server(tmp_path: Path) -> Iterator[RegistryProcess]:
 
 
 def start_worker(server: RegistryProcess, name: str, **env: str) -> subprocess.Popen[bytes]:
-    environment = {
-        **clean_environment(),
-        "PEFTREG_HOME": str(server.home),
-        "PEFTREG_JOB_LEASE_SECONDS": LEASE,
-        "PEFTREG_WORKER_POLL_SECONDS": "0.2",
-        **env,
-    }
-    log = (server.home / f"{name}.log").open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "peftreg.cli.main", "worker", "--device", "cpu"],
-        env=environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    return server.start_worker(
+        name, {"PEFTREG_JOB_LEASE_SECONDS": LEASE, "PEFTREG_WORKER_POLL_SECONDS": "0.2", **env}
     )
 
 
