@@ -70,6 +70,7 @@ class StackedSlot:
         self.b = zeros(slots, site.out_features, rank)
         self.lora_bias = zeros(slots, site.out_features)
         self.row_m1: torch.Tensor | None = zeros(slots, site.out_features) if dora else None
+        self.ia3 = False  # IA3 scale vectors: served by `AdapterHost`, not per row
         self.ranks = [0] * slots  # leading rank positions that may be non-zero, per slot
         self.biased = [False] * slots  # lora_bias of the slot may be non-zero
         self._handle: RemovableHandle | None = None
