@@ -182,7 +182,7 @@ class SwapPlanner:
             if slot is None or not slot.ia3:
                 raise UnsupportedAdapter(
                     f"{adapter.source}: an ia3 adapter in unmerged mode needs IA3 scales on "
-                    f"{name}, which this host has not reserved (an AdapterHost attached with "
+                    f"{name}, which this host has not reserved (a host attached with "
                     "ia3=True serves ia3 on linear layers; mode='merged' serves it too)"
                 )
             side, size = (

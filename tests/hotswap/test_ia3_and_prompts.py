@@ -184,24 +184,27 @@ def test_task_ids_are_checked_before_anything_changes(multitask: Path, tmp_path:
         assert (host.active_task, torch.equal(logits(model), before)) == (1, True)
 
 
-def test_multi_adapter_rows_serve_p_tuning_and_refuse_what_needs_one_host(
-    multitask: Path, tmp_path: Path
-) -> None:
+def test_multi_adapter_rows_serve_p_tuning_and_ia3(multitask: Path, tmp_path: Path) -> None:
+    """One slot, reused: each adapter's row equals peft's, the base row the plain model's
+    (an IA3 slot reused by a LoRA gets its scales back to ones)."""
     config = PromptEncoderConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=TOKENS, encoder_hidden_size=16
     )
-    p_tuning = trained(tiny_llama, config, tmp_path / "p")
-    make, ia3_config, _targets = IA3_CASES["llama"]
-    ia3 = trained(make, ia3_config, tmp_path / "ia3")
-    model = tiny_llama()
-    host_config = HostConfig(targets=["q_proj", "down_proj"], max_virtual_tokens=VIRTUAL)
-    with MultiAdapterHost(model, host_config, slots=2) as host:
-        with host.batch([p_tuning, None]):
-            got = logits(model)[:, VIRTUAL:]
-        want = peft_logits(tiny_llama, p_tuning)[:, TOKENS:]
-        assert (got[0] - want[0]).abs().max().item() <= MAX_DIFF
-        assert (got[1] - logits(tiny_llama())[1]).abs().max().item() <= MAX_DIFF
-        with pytest.raises(UnsupportedAdapter, match="an AdapterHost attached with ia3=True"):
-            host.load(ia3)
+    make, ia3_config, targets = IA3_CASES["llama"]
+    adapters = {
+        "p_tuning": trained(make, config, tmp_path / "p"),
+        "ia3": trained(make, ia3_config, tmp_path / "ia3"),
+        "lora": save_adapter(make, lora(["q_proj", "down_proj"]), tmp_path / "lora"),
+    }
+    model = make()
+    plain = logits(make())
+    host_config = HostConfig(targets=targets, max_rank=4, max_virtual_tokens=VIRTUAL)
+    with MultiAdapterHost(model, host_config, slots=1) as host:
+        for kind in ("p_tuning", "ia3", "lora", "ia3"):
+            with host.batch([None, adapters[kind]]):
+                got = logits(model)[:, VIRTUAL:]
+            want = peft_logits(make, adapters[kind])[:, TOKENS if kind == "p_tuning" else 0 :]
+            assert (got[1] - want[1]).abs().max().item() <= MAX_DIFF, kind
+            assert (got[0] - plain[0]).abs().max().item() <= MAX_DIFF, kind
         with pytest.raises(UnsupportedAdapter, match="task_id="):
             host.load(multitask)
