@@ -412,13 +412,15 @@ class AdapterHost:
         min_backoff: float = 0.5,
         max_backoff: float = 30.0,
         start: bool = True,
+        task_id: int | None = None,
     ) -> TagFollower:
-        """Swap to what `reference` (a tag, e.g. "acme/bot:prod") points at, whenever it moves.
+        """Swap to what `reference` (a tag, e.g. "acme/bot:prod") points at, whenever it moves
+        (a multitask prompt: its task `task_id`, as `swap`).
 
         Returns the running follower; `stop()` it (or detach the host) to end.
         """
         follower = TagFollower(
-            self,
+            self if task_id is None else _TaskTarget(self, task_id),
             client,
             reference,
             on_swap=on_swap,
@@ -475,6 +477,25 @@ class AdapterHost:
 
     def __exit__(self, *_exc: object) -> None:
         self.detach()
+
+
+class _TaskTarget:
+    """A host as a tag follower's target that swaps in one task of a multitask prompt."""
+
+    def __init__(self, host: AdapterHost, task_id: int) -> None:
+        self.host = host
+        self.task_id = task_id
+
+    @property
+    def active_digest(self) -> str | None:
+        return self.host.active_digest
+
+    @property
+    def detached(self) -> bool:
+        return self.host.detached
+
+    def swap(self, source: AdapterSource, *, client: Client | None = None) -> SwapEvent:
+        return self.host.swap(source, client=client, task_id=self.task_id)
 
 
 def _naming_the_adapter(exc: Exception, label: str | None) -> Exception:
