@@ -25,7 +25,7 @@ from peft import (
 )
 from transformers import PreTrainedModel
 
-from peftreg.hotswap import AdapterHost, HostConfig, UnsupportedAdapter
+from peftreg.hotswap import AdapterHost, AdapterShapeMismatch, HostConfig, UnsupportedAdapter
 from peftreg.hotswap.multi import MultiAdapterHost
 from tests.adapters.tiny_models import sample_ids, tiny_gpt2, tiny_llama, tiny_qwen2
 from tests.hotswap.builders import MAX_DIFF, lora, save_adapter
@@ -64,6 +64,11 @@ IA3_CASES = {
             target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
         ),
         ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"],
+    ),
+    "llama-regex": (  # peft's other form: regular expressions over the module path
+        tiny_llama,
+        IA3Config(target_modules=r".*\.(k_proj|up_proj)", feedforward_modules=r".*\.up_proj"),
+        "all-linear",
     ),
     "qwen2-biases": (
         tiny_qwen2,
@@ -121,6 +126,10 @@ def test_a_host_without_ia3_scales_refuses_ia3_naming_what_serves_it(tmp_path: P
         lean_bytes = lean.nbytes
     with AdapterHost(model, HostConfig(targets=targets)) as host:
         assert host.nbytes > lean_bytes  # the reserved scales
+    with AdapterHost(model, HostConfig(targets=["q_proj"])) as narrow:
+        with pytest.raises(AdapterShapeMismatch, match=r"(v_proj|down_proj), which has no slot"):
+            narrow.swap(ia3)
+        assert narrow.active is None
     with AdapterHost(model, HostConfig(targets=targets, mode="merged")) as merged:
         merged.swap(ia3)
         assert (logits(model) - peft_logits(make, ia3)).abs().max().item() <= MAX_DIFF
