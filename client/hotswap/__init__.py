@@ -1,7 +1,8 @@
 """Hot-swap: adapter slots attached to a live `torch.nn.Module`.
 
-`AdapterHost` serves LoRA, rsLoRA, DoRA, NOLA and prompt-tuning adapters on a
-model that stays in memory: swaps are atomic (staged, validated, then one
+`AdapterHost` serves LoRA, rsLoRA, DoRA, NOLA, IA3, prompt-tuning, p-tuning
+and multitask prompt-tuning adapters (merged mode: also the other types peft
+merges) on a model that stays in memory: swaps are atomic (staged, validated, then one
 flip that forward passes in other threads never straddle), verified (base
 identity, shapes, finite values, NOLA digests), free of recompiles under
 `torch.compile`, cached in a CPU LRU, and can follow a registry tag.

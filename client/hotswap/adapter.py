@@ -26,6 +26,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
 from peftreg.adapters.factors import FactorError, ModuleFactors, adapter_factors
+from peftreg.adapters.ia3 import Ia3Scale, ia3_scales
 from peftreg.adapters.nola import NolaDigestMismatch, NolaError
 from peftreg.adapters.package import config_blob
 from peftreg.adapters.peft_import import (
@@ -38,7 +39,10 @@ from peftreg.adapters.peft_import import (
 from peftreg.adapters.schema import AdapterConfig
 from peftreg.formats.safetensors_header import SafetensorsError, read_header
 from peftreg.hotswap.contents import (
+    PROMPT_KINDS,
     PROMPT_TENSOR,
+    TASK_COLS,
+    TASK_ROWS,
     check_consumed,
     check_features,
     saved_base_layers,
@@ -53,7 +57,8 @@ from peftreg.hotswap.errors import (
 from peftreg.transfer.pull import PullResult
 
 LORA_KINDS = ("lora", "dora", "nola")
-SERVED_KINDS = (*LORA_KINDS, "prompt_tuning")
+# Served in both modes by hot-swap's own slots (IA3 merged: by peft's layers).
+SERVED_KINDS = (*LORA_KINDS, "ia3", *PROMPT_KINDS)
 
 
 def swap_refusal(kind: str) -> str:
@@ -61,6 +66,12 @@ def swap_refusal(kind: str) -> str:
     and what serves it instead."""
     from peftreg.merge.compat import PEFT_MERGED_KINDS
 
+    if kind == "ia3":
+        return (
+            "an ia3 adapter with a PEFT feature unmerged hot-swap does not implement cannot "
+            "be hot-swapped in unmerged mode; a host attached with mode='merged' serves it "
+            "(merged by peft's own layers)"
+        )
     if kind in PEFT_MERGED_KINDS:
         return (
             f"a {kind} adapter cannot be hot-swapped in unmerged mode; a host attached "
@@ -84,7 +95,8 @@ class FactorBounds:
 
 @dataclass(frozen=True)
 class LoadedAdapter:
-    """One adapter on the CPU in fp32: LoRA-family factors per module, or a soft prompt."""
+    """One adapter on the CPU in fp32: LoRA-family factors or IA3 vectors per module, or a
+    soft prompt (a multitask prompt: one per task)."""
 
     digest: str  # the artifact's manifest digest; for a local directory, `directory_identity`
     source: str  # where it came from: a reference or a directory
@@ -97,6 +109,15 @@ class LoadedAdapter:
     # Another peft type that peft merges: its tensors as saved, merged by peft's own
     # layers in merged mode (`peftreg.merge.peft_modules`).
     peft_tensors: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    # IA3, unmerged: each module's vector (views of `peft_tensors`, which merged mode uses).
+    ia3: Mapping[str, Ia3Scale] = field(default_factory=dict)
+    # Multitask prompt tuning: every task's virtual tokens (tasks, n, dim); a swap picks one.
+    task_prompts: torch.Tensor | None = None
+
+    @property
+    def tasks(self) -> int:
+        """How many tasks a multitask prompt serves (0: not one)."""
+        return 0 if self.task_prompts is None else int(self.task_prompts.shape[0])
 
     @property
     def kind(self) -> str:
@@ -111,6 +132,8 @@ class LoadedAdapter:
             tensors += [t for t in (item.magnitude, item.bias) if t is not None]
         if self.prompt is not None:
             tensors.append(self.prompt)
+        if self.task_prompts is not None:
+            tensors.append(self.task_prompts)
         tensors += list(self.base_layers.values())
         tensors += list(self.peft_tensors.values())
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -139,6 +162,12 @@ class LoadedAdapter:
             self.bounds,
             self.prompt_bound,
             self.base_layers,
+            peft_tensors=self.peft_tensors,
+            ia3={
+                name: Ia3Scale(item.module, item.vector.pin_memory(), item.feedforward)
+                for name, item in self.ia3.items()
+            },
+            task_prompts=None if self.task_prompts is None else self.task_prompts.pin_memory(),
         )
 
 
@@ -181,8 +210,11 @@ def _factors(
 
 
 def _prompt(config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The virtual tokens (n, dim): p-tuning's are its prompt encoder's output, computed
+    by peft when it saved the adapter (`get_prompt_embedding_to_save`), which is what
+    peft's own forward uses once the adapter is loaded for inference."""
     if PROMPT_TENSOR not in tensors:
-        raise AdapterShapeMismatch(f"a prompt_tuning adapter needs the tensor {PROMPT_TENSOR}")
+        raise AdapterShapeMismatch(f"a {config.kind} adapter needs the tensor {PROMPT_TENSOR}")
     prompt = tensors[PROMPT_TENSOR].detach().to("cpu", torch.float32)
     submodules = int(config.peft_config.get("num_transformer_submodules") or 1)
     if submodules != 1:
@@ -198,6 +230,49 @@ def _prompt(config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> torch
     return prompt.contiguous()
 
 
+def _task_prompts(config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Every task's virtual tokens (tasks, n, dim), as peft's `MultitaskPromptEmbedding`
+    makes them: the shared prompt times (prefix_task_cols[t] @ prefix_task_rows[t])."""
+    shared = _prompt(config, tensors)
+    for name in (TASK_COLS, TASK_ROWS):
+        if name not in tensors:
+            raise AdapterShapeMismatch(f"a {config.kind} adapter needs the tensor {name}")
+    cols = tensors[TASK_COLS].detach().to("cpu", torch.float32)
+    rows = tensors[TASK_ROWS].detach().to("cpu", torch.float32)
+    tokens, dim = shared.shape
+    if (
+        cols.ndim != 3
+        or rows.ndim != 3
+        or cols.shape[0] != rows.shape[0]
+        or cols.shape[1] != tokens
+        or cols.shape[2] != rows.shape[1]
+        or rows.shape[2] != dim
+    ):
+        raise AdapterShapeMismatch(
+            f"{TASK_COLS} {list(cols.shape)} and {TASK_ROWS} {list(rows.shape)} do not make "
+            f"(tasks, {tokens}, {dim}) task prompts"
+        )
+    _bounded(TASK_COLS, cols)
+    _bounded(TASK_ROWS, rows)
+    return (shared.unsqueeze(0) * torch.matmul(cols, rows)).contiguous()
+
+
+def _ia3(
+    config: AdapterConfig, tensors: Mapping[str, torch.Tensor], source: str
+) -> dict[str, Ia3Scale]:
+    """IA3's vectors for unmerged mode; a PEFT config feature unmerged mode does not
+    implement leaves them empty (the planner then refuses unmerged mode, naming merged mode,
+    where peft's own layers serve it)."""
+    try:
+        check_features(config, source)
+    except UnsupportedAdapter:
+        return {}
+    try:
+        return ia3_scales(config.peft_config, tensors)
+    except FactorError as exc:
+        raise AdapterShapeMismatch(f"{source}: {exc}") from None
+
+
 def adapter_from_tensors(
     config: AdapterConfig, tensors: Mapping[str, torch.Tensor], *, digest: str, source: str
 ) -> LoadedAdapter:
@@ -209,12 +284,17 @@ def adapter_from_tensors(
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise NonFiniteAdapter(f"{source}: tensor {name} holds NaN or Inf values")
         held = {name: value.detach().to("cpu").contiguous() for name, value in tensors.items()}
-        return LoadedAdapter(digest, source, config, peft_tensors=held)
+        scales = _ia3(config, held, source) if config.kind == "ia3" else {}
+        return LoadedAdapter(digest, source, config, peft_tensors=held, ia3=scales)
     if config.kind not in SERVED_KINDS:
         raise UnsupportedAdapter(f"{source}: {swap_refusal(config.kind)}")
     check_features(config, source)
     check_consumed(config, tensors, source)
-    if config.kind == "prompt_tuning":
+    if config.kind == "multitask_prompt_tuning":
+        prompts = _task_prompts(config, tensors)
+        bound = _bounded("the task prompts", prompts)
+        return LoadedAdapter(digest, source, config, task_prompts=prompts, prompt_bound=bound)
+    if config.kind in PROMPT_KINDS:
         prompt = _prompt(config, tensors)
         bound = _bounded(PROMPT_TENSOR, prompt)
         return LoadedAdapter(digest, source, config, prompt=prompt, prompt_bound=bound)

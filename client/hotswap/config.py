@@ -33,8 +33,14 @@ class HostConfig:
       pristine copy on every swap and unload).
     - `dora`: reserve DoRA row factors (unmerged); False gives a leaner
       forward and refuses DoRA adapters.
+    - `ia3`: reserve IA3 scale vectors on the linear targets (unmerged): each
+      target's input and output are multiplied by them (ones unless an IA3
+      adapter is active); False gives a leaner forward and refuses IA3
+      adapters in unmerged mode.
     - `max_virtual_tokens`: > 0 reserves a soft-prompt slot of that many
-      virtual tokens, always prepended (unused ones masked out).
+      virtual tokens, always prepended (unused ones masked out); it serves
+      prompt tuning, p-tuning and multitask prompt tuning (one task at a
+      time: `AdapterHost.swap(..., task_id=)`).
     - `verify_base`: which identity of the base model an adapter that
       records one must match: "fingerprint" (content; computed at attach
       unless `base_fingerprint` is given), "structure" (tensor names, dtypes
@@ -51,6 +57,7 @@ class HostConfig:
     dtype: torch.dtype | None = None
     mode: SwapMode = "unmerged"
     dora: bool = True
+    ia3: bool = True
     max_virtual_tokens: int = 0
     verify_base: BaseCheck = "structure"
     base_fingerprint: str | None = None

@@ -1,8 +1,9 @@
 """What an adapter may hold for a host to serve it: only tensors the host consumes, and no
 PEFT feature the host would silently ignore.
 
-A host computes an adapter's effect from its factors (LoRA family) or its
-virtual tokens (prompt tuning) and nothing else. A tensor it would not read
+A host computes an adapter's effect from its factors (LoRA family), its IA3
+vectors or its virtual tokens (prompt tuning, p-tuning, multitask prompt
+tuning) and nothing else. A tensor it would not read
 (a saved base bias with `bias="all"`, trainable-token deltas, a stray
 module) or a config feature it does not implement (aLoRA's invocation
 tokens, trainable tokens, parameter targets, layer replication) means the
@@ -25,6 +26,10 @@ from peftreg.adapters.schema import AdapterConfig
 from peftreg.hotswap.errors import UnsupportedAdapter
 
 PROMPT_TENSOR = "prompt_embeddings"
+TASK_COLS = "prefix_task_cols"  # multitask prompt tuning: (tasks, n, ranks)
+TASK_ROWS = "prefix_task_rows"  # (tasks, ranks, dim)
+# The soft-prompt types a host's prompt slot serves: virtual tokens before the input embeddings.
+PROMPT_KINDS = ("prompt_tuning", "p_tuning", "multitask_prompt_tuning")
 UNSUPPORTED_FEATURES = (
     "modules_to_save",
     "alora_invocation_tokens",
@@ -54,7 +59,9 @@ def base_layer_name(module: str) -> str:
 def consumed_tensors(config: AdapterConfig, names: Iterable[str]) -> set[str]:
     """The tensor names a host reads for `config` (of those present: optional ones)."""
     present = set(names)
-    if config.kind == "prompt_tuning":
+    if config.kind == "multitask_prompt_tuning":
+        return {PROMPT_TENSOR, TASK_COLS, TASK_ROWS}
+    if config.kind in PROMPT_KINDS:
         return {PROMPT_TENSOR}
     consumed: set[str] = set()
     for target in config.targets:

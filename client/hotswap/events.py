@@ -21,6 +21,7 @@ class SwapEvent:
     seconds: float  # from the call to the flip, loading included
     bytes_copied: int  # bytes written into the host's buffers or weights
     cached: bool  # the adapter came from the in-memory cache (no download, no parse)
+    task_id: int | None = None  # the task a multitask prompt serves now
 
 
 @dataclass(frozen=True)

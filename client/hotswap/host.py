@@ -3,6 +3,7 @@
     host = AdapterHost(model, HostConfig(targets=["q_proj", "v_proj"], max_rank=16),
                        client=Client(url))
     host.swap("acme/support-bot:v3")        # pull (or cache), check, stage, flip
+    host.swap("acme/multitask:v1", task_id=2)  # a multitask prompt: one of its tasks
     logits = model(input_ids=ids).logits    # forwards run as usual, any thread
     with host.pinned():                     # one adapter for a whole request
         model.generate(ids, max_new_tokens=32)
@@ -48,7 +49,7 @@ from peftreg.hotswap.follow import TagFollower
 from peftreg.hotswap.gate import ForwardGate, GatedForward
 from peftreg.hotswap.loading import AdapterLoader, AdapterSource, source_label
 from peftreg.hotswap.merged import PristineWeights
-from peftreg.hotswap.planning import EMPTY, SwapPlan, SwapPlanner
+from peftreg.hotswap.planning import EMPTY, SwapPlan, SwapPlanner, content_of
 from peftreg.hotswap.prompt import PromptSlot
 from peftreg.hotswap.slots import ModuleSlot
 from peftreg.hotswap.targets import TargetSite, refuse_tied_for_merged, resolve_targets
@@ -86,6 +87,7 @@ class AdapterHost:
         self._swap_lock = threading.Lock()
         self._listeners = Listeners()
         self._active: LoadedAdapter | None = None
+        self._active_task: int | None = None  # a multitask prompt's task
         self._active_factors: dict[str, ModuleFactors] = {}
         self._active_peft: list[str] = []  # merged mode: modules peft's layers merged
         self._spare_content: str | None = EMPTY
@@ -103,6 +105,7 @@ class AdapterHost:
                         devices[site.name],
                         slot_dtype(config, site.weight),
                         dora=config.dora,
+                        ia3=config.ia3,
                     )
             else:
                 refuse_tied_for_merged(model, self.sites)
@@ -158,6 +161,15 @@ class AdapterHost:
         return None if active is None else active.digest
 
     @property
+    def active_task(self) -> int | None:
+        """The task of the active multitask prompt (None: the active adapter has no tasks)."""
+        return self._active_task
+
+    def _active_content(self) -> str:
+        active = self._active
+        return EMPTY if active is None else content_of(active.digest, self._active_task)
+
+    @property
     def virtual_tokens(self) -> int:
         """Leading positions the soft-prompt slot adds to every output (0 without one)."""
         return 0 if self.prompt is None else self.prompt.max_tokens
@@ -189,18 +201,22 @@ class AdapterHost:
 
     # loading --------------------------------------------------------------------
 
-    def load(self, source: AdapterSource, *, client: Client | None = None) -> LoadedAdapter:
+    def load(
+        self, source: AdapterSource, *, client: Client | None = None, task_id: int | None = None
+    ) -> LoadedAdapter:
         """Load (or find in the cache) an adapter, check it against this host and keep it
         in the cache, without making it active. Raises SwapError for an adapter the host
-        cannot serve."""
+        cannot serve (a multitask prompt: checked for `task_id`, by default its first)."""
         adapter, _cached = self.loader.load(source, client)
-        self.planner.plan(adapter)
+        if task_id is None and adapter.tasks:
+            task_id = 0
+        self.planner.plan(adapter, task_id)
         self.cache.put(adapter)
         return adapter
 
-    def plan(self, adapter: LoadedAdapter | None) -> SwapPlan:
+    def plan(self, adapter: LoadedAdapter | None, task_id: int | None = None) -> SwapPlan:
         """Check `adapter` against this host (raises SwapError); nothing is written."""
-        return self.planner.plan(adapter)
+        return self.planner.plan(adapter, task_id)
 
     # swapping -------------------------------------------------------------------
 
@@ -210,6 +226,7 @@ class AdapterHost:
         *,
         client: Client | None = None,
         flip_timeout: float | None = None,
+        task_id: int | None = None,
     ) -> SwapEvent:
         """Make `source` the active adapter, atomically; see the module docstring.
 
@@ -217,6 +234,11 @@ class AdapterHost:
         leaves the previous adapter active when anything fails. With
         `flip_timeout`, a flip that cannot start within that many seconds
         (forwards or `pinned()` blocks still running) raises `FlipTimeout`.
+        A multitask prompt (multitask_prompt_tuning) serves one task at a
+        time: `task_id` picks it (required for one, refused for any other
+        adapter); every row of every forward then runs with that task's
+        virtual tokens, as peft's forward with `task_ids` of that task.
+        Swapping the same adapter with another task stages that task's prompt.
         """
         started = time.perf_counter()
         label = source_label(source)
@@ -224,7 +246,7 @@ class AdapterHost:
             self._check_attached()
             adapter, cached = self.loader.load(source, client)
             label = adapter.source
-            event = self._apply(adapter, label, started, cached, flip_timeout)
+            event = self._apply(adapter, label, started, cached, flip_timeout, task_id)
         except Exception as exc:
             failure = _naming_the_adapter(exc, label)
             self._listeners.failed(SwapFailure(label, self.active_digest, failure))
@@ -239,7 +261,7 @@ class AdapterHost:
         started = time.perf_counter()
         try:
             self._check_attached()
-            event = self._apply(None, None, started, False, flip_timeout)
+            event = self._apply(None, None, started, False, flip_timeout, None)
         except Exception as exc:
             self._listeners.failed(SwapFailure(None, self.active_digest, exc))
             raise
@@ -257,14 +279,15 @@ class AdapterHost:
         started: float,
         cached: bool,
         flip_timeout: float | None,
+        task_id: int | None,
     ) -> SwapEvent:
         with self._swap_lock:
             self._check_attached()  # detach() may have run while the adapter loaded
             previous = self.active_digest
-            target = None if adapter is None else adapter.digest
-            if target == previous:
+            target = EMPTY if adapter is None else content_of(adapter.digest, task_id)
+            if target == self._active_content():
                 return self._event(previous, adapter, label, started, 0, cached)
-            plan = self.planner.plan(adapter)
+            plan = self.planner.plan(adapter, task_id)
             try:
                 if self.pristine is not None:
                     written = self._apply_merged(plan, flip_timeout)
@@ -297,6 +320,7 @@ class AdapterHost:
             seconds=time.perf_counter() - started,
             bytes_copied=written,
             cached=cached,
+            task_id=self._active_task,
         )
 
     def _synchronize(self) -> None:
@@ -313,18 +337,20 @@ class AdapterHost:
                 self._synchronize()
                 self._spare_content = None
                 for name, slot in self.slots.items():
-                    written += slot.stage(plan.factors.get(name), rows.get(name))
+                    factors, ia3 = plan.factors.get(name), plan.ia3.get(name)
+                    written += slot.stage(factors, rows.get(name), ia3)
                 if self.prompt is not None:
                     written += self.prompt.stage(plan.prompt)
                 self._spare_content = plan.content
             self._synchronize()
-            previous = EMPTY if self._active is None else self._active.digest
+            previous = self._active_content()
             with self.gate.exclusive(flip_timeout):
                 for slot in self.slots.values():
                     slot.flip()
                 if self.prompt is not None:
                     self.prompt.flip()
                 self._active = plan.adapter
+                self._active_task = plan.task
                 self._active_factors = dict(plan.factors)
                 self._spare_content = previous
         return written
@@ -353,6 +379,7 @@ class AdapterHost:
                 if self.prompt is not None:
                     self.prompt.flip()
                 self._active = plan.adapter
+                self._active_task = plan.task
                 self._active_factors = dict(plan.factors)
                 self._active_peft = sorted(merged) if plan.peft is not None else []
         return written
@@ -360,7 +387,7 @@ class AdapterHost:
     def _roll_back(self, pristine: PristineWeights, before: dict[str, ModuleFactors]) -> None:
         """After a failed write: the previous adapter again, else the base model."""
         if self._active_peft:  # peft's layers merge once: back to the base model
-            self._active = None
+            self._active, self._active_task = None, None
             self._active_peft = []
             pristine.restore_all()
             return
@@ -368,7 +395,7 @@ class AdapterHost:
             pristine.restore_all()
             pristine.write(pristine.compute(before), ())
         except BaseException:
-            self._active = None
+            self._active, self._active_task = None, None
             self._active_factors = {}
             pristine.restore_all()
 
@@ -385,13 +412,15 @@ class AdapterHost:
         min_backoff: float = 0.5,
         max_backoff: float = 30.0,
         start: bool = True,
+        task_id: int | None = None,
     ) -> TagFollower:
-        """Swap to what `reference` (a tag, e.g. "acme/bot:prod") points at, whenever it moves.
+        """Swap to what `reference` (a tag, e.g. "acme/bot:prod") points at, whenever it moves
+        (a multitask prompt: its task `task_id`, as `swap`).
 
         Returns the running follower; `stop()` it (or detach the host) to end.
         """
         follower = TagFollower(
-            self,
+            self if task_id is None else _TaskTarget(self, task_id),
             client,
             reference,
             on_swap=on_swap,
@@ -434,6 +463,7 @@ class AdapterHost:
                 slot.detach()
             self._forward.remove()
             self._active = None
+            self._active_task = None
             self._active_factors = {}
             self._active_peft = []
             self._detached = True
@@ -447,6 +477,25 @@ class AdapterHost:
 
     def __exit__(self, *_exc: object) -> None:
         self.detach()
+
+
+class _TaskTarget:
+    """A host as a tag follower's target that swaps in one task of a multitask prompt."""
+
+    def __init__(self, host: AdapterHost, task_id: int) -> None:
+        self.host = host
+        self.task_id = task_id
+
+    @property
+    def active_digest(self) -> str | None:
+        return self.host.active_digest
+
+    @property
+    def detached(self) -> bool:
+        return self.host.detached
+
+    def swap(self, source: AdapterSource, *, client: Client | None = None) -> SwapEvent:
+        return self.host.swap(source, client=client, task_id=self.task_id)
 
 
 def _naming_the_adapter(exc: Exception, label: str | None) -> Exception:

@@ -2,8 +2,9 @@
 
 `SwapPlanner.plan` checks the base identity the adapter records, that every
 module it targets has a slot of the right layer kind and shape, the ranks,
-the virtual tokens, the saved embedding base layers, and that every value
-staged fits the dtype it is staged in: a value finite in fp32 can be
+the virtual tokens (a multitask prompt: the task asked for), the saved
+embedding base layers, IA3 vectors against the slots' scales, and that
+every value staged fits the dtype it is staged in: a value finite in fp32 can be
 infinite in an fp16 slot. For each module the largest entry of the delta,
 scaling * rank * max|B| * max|A|, must be representable too. DoRA row factors
 (which need the base weights) are computed and checked by `dora_rows` when
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from peftreg.adapters.factors import ModuleFactors, delta_weight, dora_row_scale
+from peftreg.adapters.ia3 import Ia3Scale
 from peftreg.hotswap.adapter import FactorBounds, LoadedAdapter, largest
 from peftreg.hotswap.config import HostConfig
 from peftreg.hotswap.errors import (
@@ -47,6 +49,8 @@ class SlotShape(Protocol):
     def dtype(self) -> torch.dtype: ...
     @property
     def output_scale(self) -> float: ...
+    @property
+    def ia3(self) -> bool: ...  # holds IA3 scale vectors
 
 
 class PromptShape(Protocol):
@@ -68,10 +72,19 @@ class SwapPlan:
     factors: dict[str, ModuleFactors] = field(default_factory=dict)
     prompt: torch.Tensor | None = None
     peft: PeftModules | None = None  # merged mode: another peft type, merged by peft
+    ia3: dict[str, Ia3Scale] = field(default_factory=dict)  # unmerged IA3: vector per module
+    task: int | None = None  # a multitask prompt's task
 
     @property
     def content(self) -> str:
-        return EMPTY if self.adapter is None else self.adapter.digest
+        """What the slots hold once the plan is staged: the digest (and task)."""
+        if self.adapter is None:
+            return EMPTY
+        return content_of(self.adapter.digest, self.task)
+
+
+def content_of(digest: str, task: int | None) -> str:
+    return digest if task is None else f"{digest}#task={task}"
 
 
 def dtype_max(dtype: torch.dtype) -> float:
@@ -109,11 +122,15 @@ class SwapPlanner:
         self.base_weight = base_weight
         self._verified_base_layers: set[str] = set()  # adapter digests already checked
 
-    def plan(self, adapter: LoadedAdapter | None) -> SwapPlan:
-        """Check `adapter` against this host (raises SwapError); nothing is written."""
+    def plan(self, adapter: LoadedAdapter | None, task_id: int | None = None) -> SwapPlan:
+        """Check `adapter` (for a multitask prompt: its task `task_id`) against this host
+        (raises SwapError); nothing is written."""
         if adapter is None:
             return SwapPlan(None)
         self._check_base(adapter)
+        task = self._check_task(adapter, task_id)
+        if adapter.ia3 and self.config.mode == "unmerged":
+            return SwapPlan(adapter, ia3=self._check_ia3(adapter))
         if adapter.peft_tensors:
             return SwapPlan(adapter, peft=self._peft_modules(adapter))
         for name, factors in adapter.factors.items():
@@ -121,9 +138,63 @@ class SwapPlanner:
             self._check_values(name, factors, adapter.bounds.get(name))
         self._check_base_layers(adapter)
         prompt = adapter.prompt
+        if task is not None and adapter.task_prompts is not None:
+            prompt = adapter.task_prompts[task]
         if prompt is not None:
             self._check_prompt(adapter, prompt)
-        return SwapPlan(adapter, dict(adapter.factors), prompt)
+        return SwapPlan(adapter, dict(adapter.factors), prompt, task=task)
+
+    @staticmethod
+    def _check_task(adapter: LoadedAdapter, task_id: int | None) -> int | None:
+        """A multitask prompt serves one of its tasks at a time: the one asked for."""
+        tasks = adapter.tasks
+        if not tasks:
+            if task_id is not None:
+                raise UnsupportedAdapter(
+                    f"{adapter.source} is a {adapter.kind} adapter, which has no tasks; "
+                    "task_id applies to multitask_prompt_tuning adapters"
+                )
+            return None
+        if task_id is None:
+            raise UnsupportedAdapter(
+                f"{adapter.source} is a multitask_prompt_tuning adapter of {tasks} tasks; "
+                f"swap it with task_id= (0 to {tasks - 1}), the task peft's forward takes "
+                "as task_ids"
+            )
+        if isinstance(task_id, bool) or not 0 <= task_id < tasks:
+            raise UnsupportedAdapter(
+                f"{adapter.source}: task_id {task_id!r} is not one of its {tasks} tasks "
+                f"(0 to {tasks - 1})"
+            )
+        return task_id
+
+    def _check_ia3(self, adapter: LoadedAdapter) -> dict[str, Ia3Scale]:
+        """Unmerged IA3: every vector on a slot that holds scales, of its side's size, and
+        fitting the slot's dtype."""
+        for name, scale in adapter.ia3.items():
+            site = self.sites.get(name)
+            if site is None:
+                raise AdapterShapeMismatch(
+                    f"{adapter.source} targets {name}, which has no slot on this host (targets "
+                    f"{self.config.targets!r})"
+                )
+            slot = self.slots.get(name)
+            if slot is None or not slot.ia3:
+                raise UnsupportedAdapter(
+                    f"{adapter.source}: an ia3 adapter in unmerged mode needs IA3 scales on "
+                    f"{name}, which this host has not reserved (a host attached with "
+                    "ia3=True serves ia3 on linear layers; mode='merged' serves it too)"
+                )
+            side, size = (
+                ("input", site.in_features) if scale.feedforward else ("output", site.out_features)
+            )
+            if int(scale.vector.numel()) != size:
+                raise AdapterShapeMismatch(
+                    f"{name}: the adapter's IA3 vector scales {scale.vector.numel()} {side} "
+                    f"features, the model's {site.layer} has {size}"
+                )
+            check_fits(f"{name}.ia3_l", largest(scale.vector), slot.dtype)
+        return dict(adapter.ia3)
 
     def _peft_modules(self, adapter: LoadedAdapter) -> PeftModules:
         """peft's layers for the adapter on this host's architecture, every one on a site."""

@@ -14,6 +14,13 @@ unmerged DoRA forward. A module the adapter does not target has
 B = 0 and gain = 0 and contributes exactly zero; a rank r below the maximum
 fills the first r rows of A and columns of B and the rest are zero.
 
+IA3 (a host attached with `ia3=True`; linear and Conv1D layers): two more
+vectors, of ones unless an IA3 adapter is active, scale the layer's input
+(a forward pre-hook, x * scale_in: peft's feedforward modules) and its
+output (y * scale_out + the update above, which is zero for an IA3
+adapter), as peft's unmerged IA3 forward does. A scale of one is exact, so
+a host with no IA3 adapter computes what it computes without the vectors.
+
 A swap stages the new factors into the spare buffers (forwards keep reading
 the active ones), then `flip` exchanges the two sets' tensor references. The
 compiled graph takes these tensors as inputs (dynamo guards their dtype,
@@ -23,6 +30,7 @@ shape and strides, which never change), so swaps do not recompile.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +39,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from peftreg.adapters.factors import ModuleFactors
+from peftreg.adapters.ia3 import Ia3Scale
 from peftreg.hotswap.errors import HostError
 from peftreg.hotswap.targets import TargetSite
 
@@ -84,11 +93,14 @@ class SlotBuffers:
     lora_bias: torch.Tensor  # (out,)
     gain: torch.Tensor  # (out,) scaling * row
     row_m1: torch.Tensor | None  # (out,) DoRA row factor - 1; None on a host without DoRA
+    scale_in: torch.Tensor | None = None  # (in,) IA3 input scale; None: no IA3 on the slot
+    scale_out: torch.Tensor | None = None  # (out,) IA3 output scale
     transposed_a: bool = False  # `a` holds A transposed (embedding)
     rank: int = 0
     clean: bool = True  # False: contents unknown (a stage failed half-way)
     bias_zero: bool = True  # lora_bias is all zeros
     row_zero: bool = True  # row_m1 is all zeros (or absent)
+    unit: dict[str, bool] = field(default_factory=dict)  # scale_in / scale_out all ones
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,11 +117,14 @@ class SlotBuffers:
         }
         if self.row_m1 is not None:
             items["row_m1"] = self.row_m1
+        if self.scale_in is not None and self.scale_out is not None:
+            items["scale_in"], items["scale_out"] = self.scale_in, self.scale_out
         return items
 
     def tensors(self) -> list[torch.Tensor]:
         items = [self.a, self.b, self.lora_bias, self.gain]
-        return items + ([self.row_m1] if self.row_m1 is not None else [])
+        optional = (self.row_m1, self.scale_in, self.scale_out)
+        return items + [t for t in optional if t is not None]
 
     def put(self, name: str, region: Region, source: torch.Tensor) -> int:
         """buffer[name][region] = source; bytes written."""
@@ -142,15 +157,17 @@ class ModuleSlot:
         dtype: torch.dtype,
         *,
         dora: bool,
+        ia3: bool = False,
     ) -> None:
         self.site = site
         self.max_rank = max_rank
         self.device = device
         self.dtype = dtype
         self.output_scale = output_scale(site)
+        self.ia3 = ia3 and site.layer != "embedding"  # peft's IA3 has no embedding layer
         self.active = self._allocate(dora)
         self.spare = self._allocate(dora)
-        self._handle: RemovableHandle | None = None
+        self._handles: list[RemovableHandle] = []
 
     @property
     def name(self) -> str:
@@ -164,13 +181,19 @@ class ModuleSlot:
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, device=self.device, dtype=self.dtype)
 
+        def ones(size: int) -> torch.Tensor | None:
+            return torch.ones(size, device=self.device, dtype=self.dtype) if self.ia3 else None
+
         return SlotBuffers(
             a=zeros(*shape_a),
             b=zeros(site.out_features, rank),
             lora_bias=zeros(site.out_features),
             gain=zeros(site.out_features),
             row_m1=zeros(site.out_features) if dora else None,
+            scale_in=ones(site.in_features),
+            scale_out=ones(site.out_features),
             transposed_a=embedding,
+            unit={"scale_in": True, "scale_out": True},
         )
 
     def nbytes(self) -> int:
@@ -181,12 +204,22 @@ class ModuleSlot:
     # forward ------------------------------------------------------------------
 
     def attach(self) -> None:
-        self._handle = self.site.module.register_forward_hook(self.hook)
+        module = self.site.module
+        if self.ia3:
+            self._handles.append(module.register_forward_pre_hook(self.pre_hook))
+        self._handles.append(module.register_forward_hook(self.hook))
 
     def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def pre_hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        """IA3: the input times scale_in (ones unless an IA3 adapter scales it)."""
+        scale = self.active.scale_in
+        assert scale is not None
+        x = args[0]
+        return ((x * scale).to(x.dtype), *args[1:])
 
     def hook(
         self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
@@ -202,14 +235,20 @@ class ModuleSlot:
             bias = self.site.bias
             base = output if bias is None else output - bias
             delta = delta + buffers.row_m1 * base
+        if buffers.scale_out is not None:  # IA3: y * scale_out + delta, one kernel
+            scale = buffers.scale_out.to(output.dtype)
+            return torch.addcmul(delta.to(output.dtype), output, scale)
         return output + delta.to(output.dtype)
 
     # swap ---------------------------------------------------------------------
 
-    def stage(self, factors: ModuleFactors | None, row: torch.Tensor | None) -> int:
+    def stage(
+        self, factors: ModuleFactors | None, row: torch.Tensor | None, ia3: Ia3Scale | None = None
+    ) -> int:
         """Write `factors` (None: nothing) into the spare buffers; bytes written.
 
-        `row` is the DoRA row factor (m / norm), fp32 on the device, or None.
+        `row` is the DoRA row factor (m / norm), fp32 on the device, or None;
+        `ia3` the module's IA3 vector (None: the scales are ones).
         """
         spare = self.spare
         clean = spare.clean
@@ -241,8 +280,26 @@ class ModuleSlot:
             elif not (clean and spare.row_zero):
                 written += spare.clear("row_m1", ALL)
                 spare.row_zero = True
+        if self.ia3:
+            written += self._stage_scales(spare, clean, ia3)
         spare.rank = rank
         spare.clean = True
+        return written
+
+    @staticmethod
+    def _stage_scales(spare: SlotBuffers, clean: bool, ia3: Ia3Scale | None) -> int:
+        """The IA3 vector into its scale, ones into the other (skipped where known ones)."""
+        written = 0
+        scaled = None if ia3 is None else "scale_in" if ia3.feedforward else "scale_out"
+        for name in ("scale_in", "scale_out"):
+            if name == scaled:
+                assert ia3 is not None
+                spare.unit[name] = False
+                written += spare.put(name, ALL, ia3.vector)
+            elif not (clean and spare.unit[name]):
+                spare.unit[name] = False
+                written += spare.clear(name, ALL, 1.0)
+                spare.unit[name] = True
         return written
 
     def flip(self) -> None:

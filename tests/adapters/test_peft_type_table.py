@@ -5,7 +5,8 @@ For each `peft.PeftType`: build it on a tiny Llama with peft, push it with `--ba
 `--format peft` and load it with `PeftModel.from_pretrained` (logits within 1e-6 of
 the adapter as trained), merge it (peft's `merge_and_unload` within 1e-6, or the
 refusal stated in the table) and hot-swap it in both modes (peft's logits within
-1e-5, or a refusal naming the type). A type that a later peft adds has no row in
+1e-5, or a refusal naming the type and the mode that serves it; a multitask prompt
+one task at a time). A type that a later peft adds has no row in
 `TABLE` and fails here until it is handled or explicitly refused.
 """
 
@@ -42,6 +43,8 @@ NOTHING_TO_MERGE = "adds virtual tokens, not weight changes"
 NOT_MERGED = "does not merge"
 NOT_SWAPPED = "adapter cannot be hot-swapped in unmerged or merged mode"
 MERGED_ONLY = {"unmerged": "adapter cannot be hot-swapped in unmerged mode", "merged": "exact"}
+BOTH = {"unmerged": "exact", "merged": "exact"}
+PROMPT_KINDS = ("prompt_tuning", "p_tuning", "multitask_prompt_tuning")
 DERIVED = "derives part of its layers from the base weights when it loads the adapter"
 
 
@@ -56,25 +59,29 @@ class Row:
     )
     not_built: str = ""  # why the test cannot build it
     host_targets: tuple[str, ...] = tuple(TARGETS)  # what the exact hot-swap host attaches to
+    tasks: int = 0  # a multitask prompt: each task is swapped in and compared
 
 
 LINEAR = {"target_modules": TARGETS}
 PROMPT = {"num_virtual_tokens": 4}
 TABLE: dict[str, Row] = {
-    "LORA": Row(
-        {**LINEAR, "r": 4, "lora_alpha": 8}, "exact", {"unmerged": "exact", "merged": "exact"}
-    ),
-    "PROMPT_TUNING": Row(PROMPT, NOTHING_TO_MERGE, {"unmerged": "exact", "merged": "exact"}),
+    "LORA": Row({**LINEAR, "r": 4, "lora_alpha": 8}, "exact", BOTH),
+    "PROMPT_TUNING": Row(PROMPT, NOTHING_TO_MERGE, BOTH),
     "PREFIX_TUNING": Row(PROMPT, NOTHING_TO_MERGE),
-    "P_TUNING": Row({**PROMPT, "encoder_hidden_size": 16}, NOTHING_TO_MERGE),
-    "MULTITASK_PROMPT_TUNING": Row({**PROMPT, "num_tasks": 2}, NOTHING_TO_MERGE),
+    "P_TUNING": Row({**PROMPT, "encoder_hidden_size": 16}, NOTHING_TO_MERGE, BOTH),
+    "MULTITASK_PROMPT_TUNING": Row({**PROMPT, "num_tasks": 2}, NOTHING_TO_MERGE, BOTH, tasks=2),
     "CPT": Row({}, NOTHING_TO_MERGE),
     "CARTRIDGE": Row(PROMPT, NOTHING_TO_MERGE),
     "ADAPTION_PROMPT": Row({"adapter_len": 4, "adapter_layers": 1}, NOTHING_TO_MERGE),
     "ADALORA": Row({**LINEAR, "r": 4, "total_step": 10}, "exact", MERGED_ONLY),
     "ADAMSS": Row(None, not_built="peft builds AdaMSS with scikit-learn, not installed"),
     "BOFT": Row(LINEAR, "exact", MERGED_ONLY),
-    "IA3": Row({**LINEAR, "feedforward_modules": []}, "exact", MERGED_ONLY),
+    "IA3": Row(
+        {"target_modules": [*TARGETS, "down_proj"], "feedforward_modules": ["down_proj"]},
+        "exact",
+        BOTH,
+        host_targets=(*TARGETS, "down_proj"),
+    ),
     "BEFT": Row(
         {},
         "Base layer has no bias, cannot merge bias adapter",
@@ -159,9 +166,11 @@ def _train(model: torch.nn.Module) -> None:
 TASK_TYPES = ("MULTITASK_PROMPT_TUNING", "POLY")  # whose forward takes task ids
 
 
-def _logits(model: torch.nn.Module, peft_type: str = "") -> torch.Tensor:
+def _logits(
+    model: torch.nn.Module, peft_type: str = "", tasks: tuple[int, int] = (0, 1)
+) -> torch.Tensor:
     ids = sample_ids()
-    extra = {"task_ids": torch.tensor([0, 1])} if peft_type in TASK_TYPES else {}
+    extra = {"task_ids": torch.tensor(tasks)} if peft_type in TASK_TYPES else {}
     with torch.no_grad():
         return model(input_ids=ids, **extra).logits  # type: ignore[no-any-return]
 
@@ -219,7 +228,7 @@ def test_peft_type(
                 hosts[mode].swap(pulled)
             assert hosts[mode].active is None
             continue
-        tokens = 4 if kind == "prompt_tuning" else 0
+        tokens = 4 if kind in PROMPT_KINDS else 0
         host_config = HostConfig(
             targets=list(row.host_targets),
             max_rank=8,
@@ -229,9 +238,11 @@ def test_peft_type(
         model = tiny_llama()
         original = {name: value.clone() for name, value in model.state_dict().items()}
         with AdapterHost(model, host_config) as host:
-            host.swap(pulled)
-            got, want = _logits(model)[:, tokens:], _logits(loaded)[:, tokens:]
-            assert (got - want).abs().max().item() <= 1e-5, mode
+            for task in range(row.tasks) if row.tasks else (None,):
+                host.swap(pulled, task_id=task)
+                every = (0, 0) if task is None else (task, task)  # peft: each row's task
+                got, want = _logits(model)[:, tokens:], _logits(loaded, peft_type, every)
+                assert (got - want[:, tokens:]).abs().max().item() <= 1e-5, (mode, task)
             host.unload()
             after = model.state_dict()
             assert all(torch.equal(value, after[name]) for name, value in original.items())

@@ -38,7 +38,8 @@ def mlp_input(seed: int = 1) -> torch.Tensor:
 
 
 def perturb(model: nn.Module, seed: int) -> None:
-    """Make a fresh peft adapter non-trivial: random B (and embedding factors, magnitudes)."""
+    """Make a fresh peft adapter non-trivial: random B (and embedding factors, magnitudes,
+    IA3 vectors, soft prompts)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -46,6 +47,8 @@ def perturb(model: nn.Module, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
             elif "lora_magnitude_vector" in name:
                 param.mul_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            elif "ia3_l" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.3)
             elif "prompt_embeddings" in name or "prompt_encoder" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
 

@@ -1,5 +1,6 @@
-"""A torch.compile'd model does not recompile across swaps of any kind (dynamo's counters,
-and `error_on_recompile`), with dynamo alone (eager) and with AOTAutograd's graphs (aot_eager)."""
+"""A torch.compile'd model does not recompile across swaps of any kind, IA3 and p-tuning
+included (dynamo's counters, and `error_on_recompile`), with dynamo alone (eager) and with
+AOTAutograd's graphs (aot_eager)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import IA3Config, PromptEncoderConfig
 from torch._dynamo.utils import counters
 
 from peftreg.hotswap import AdapterHost, HostConfig
@@ -36,6 +38,16 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         save_adapter(tiny_llama, lora(["o_proj"], r=2, use_dora=True), root / "dora2"),
         nola_adapter(tiny_llama, ["model.layers.1.mlp.down_proj"], root / "nola")[0],
         save_adapter(tiny_llama, prompt_tuning(3), root / "prompt"),
+        save_adapter(
+            tiny_llama,
+            IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+            root / "ia3",
+        ),
+        save_adapter(
+            tiny_llama,
+            PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=8),
+            root / "p-tuning",
+        ),
     ]
 
 

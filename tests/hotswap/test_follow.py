@@ -2,7 +2,7 @@
 adapter is reported and changes nothing, switching back comes from the LRU); failed pulls
 back off exponentially (a 404, e.g. a deleted blob, is final for that digest); stop() cuts a
 long poll short; a pulled layer altered on disk is refused; a swap still loading when the
-host is detached changes nothing."""
+host is detached changes nothing; a multitask prompt is followed serving one task."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 import torch
+from peft import MultitaskPromptTuningConfig, PeftModel
 
 from peftreg import Client
 from peftreg.hotswap import (
@@ -300,3 +301,27 @@ def test_a_swap_loading_during_detach_changes_nothing(
     assert "detached" in str(errors[0])
     assert host.active_digest is None
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+
+
+def test_follow_a_multitask_prompt_serving_one_task(
+    server: RegistryProcess, tmp_path: Path
+) -> None:
+    config = MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_tasks=2)
+    path = save_adapter(tiny_llama, config, tmp_path / "mpt")
+    with Client(server.url, cache=tmp_path / "publisher-cache") as publisher:
+        digest = str(publisher.push(path, "acme/tasks:v1").digest)
+        _tag(publisher, "acme/tasks:v1", "acme/tasks:prod")
+    model = tiny_llama()
+    host = AdapterHost(model, HostConfig(targets=TARGETS, max_virtual_tokens=4))
+    swaps: queue.Queue[SwapEvent] = queue.Queue()
+    with Client(server.url, cache=tmp_path / "cache") as client, host:
+        follower = host.follow(client, "acme/tasks:prod", on_swap=swaps.put, task_id=1)
+        try:
+            event = swaps.get(timeout=30)
+        finally:
+            follower.stop()
+        assert (event.digest, event.task_id, host.active_task) == (digest, 1, 1)
+        reference = PeftModel.from_pretrained(tiny_llama(), str(path)).eval()
+        ids = sample_ids()
+        want = model_outputs(reference, ids, task_ids=torch.tensor([1, 1]))[:, 4:]
+        assert (model_outputs(model, ids)[:, 4:] - want).abs().max().item() <= MAX_DIFF

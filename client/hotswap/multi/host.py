@@ -126,6 +126,7 @@ class MultiAdapterHost:
                     device,
                     slot_dtype(config, site.weight),
                     dora=config.dora,
+                    ia3=config.ia3,
                 )
                 for site in self.sites
             }
@@ -282,7 +283,8 @@ class MultiAdapterHost:
             rows = self.planner.dora_rows(plan)
             self._synchronize()  # a freed slot may still be read by queued GPU work
             for name, stacked in self.stacked.items():
-                written += stacked.write(slot, plan.factors.get(name), rows.get(name))
+                factors, ia3 = plan.factors.get(name), plan.ia3.get(name)
+                written += stacked.write(slot, factors, rows.get(name), ia3)
             if self.prompt is not None:
                 written += self.prompt.write(slot, plan.prompt)
             self._synchronize()  # the slot is whole before it is published

@@ -13,7 +13,10 @@ for every row at once, with gathered batched matmuls (no loop over adapters):
 
     y + x @ A[rows]^T @ b[rows]^T + lora_bias[rows] + row_m1[rows] * (y - bias)
 
-which is `peftreg.hotswap.slots.ModuleSlot`'s update with each row's own
+and, on a host with IA3 scales (linear and Conv1D layers), each row's input
+times scale_in[rows] (a forward pre-hook) and its output y times
+scale_out[rows] (ones for every slot but an IA3 adapter's, the base slot
+included): `peftreg.hotswap.slots.ModuleSlot`'s update with each row's own
 adapter, the per-output-row gain folded into B and the bias when the adapter
 is written (two fewer gathers and products per layer and forward). Writing
 an adapter into slot j copies into the slices of j (zero-padding ranks below
@@ -24,11 +27,14 @@ disturbed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from peftreg.adapters.factors import ModuleFactors
+from peftreg.adapters.ia3 import Ia3Scale
 from peftreg.hotswap.adapter import largest
 from peftreg.hotswap.multi.rows import BatchRows
 from peftreg.hotswap.planning import check_fits
@@ -49,6 +55,7 @@ class StackedSlot:
         dtype: torch.dtype,
         *,
         dora: bool,
+        ia3: bool = False,
     ) -> None:
         self.site = site
         self.rows = rows
@@ -70,9 +77,15 @@ class StackedSlot:
         self.b = zeros(slots, site.out_features, rank)
         self.lora_bias = zeros(slots, site.out_features)
         self.row_m1: torch.Tensor | None = zeros(slots, site.out_features) if dora else None
+        self.ia3 = ia3 and not self.embedding  # peft's IA3 has no embedding layer
+        self.scales: dict[str, torch.Tensor] = {}  # IA3: scale_in (K+1, in), scale_out (K+1, out)
+        if self.ia3:
+            for name, size in (("scale_in", site.in_features), ("scale_out", site.out_features)):
+                self.scales[name] = torch.ones(slots, size, device=device, dtype=dtype)
+        self.scaled = [False] * slots  # the slot's IA3 scales may differ from ones
         self.ranks = [0] * slots  # leading rank positions that may be non-zero, per slot
         self.biased = [False] * slots  # lora_bias of the slot may be non-zero
-        self._handle: RemovableHandle | None = None
+        self._handles: list[RemovableHandle] = []
 
     @property
     def name(self) -> str:
@@ -80,7 +93,8 @@ class StackedSlot:
 
     def tensors(self) -> list[torch.Tensor]:
         items = [self.a, self.b, self.lora_bias]
-        return items + ([self.row_m1] if self.row_m1 is not None else [])
+        items += [self.row_m1] if self.row_m1 is not None else []
+        return items + list(self.scales.values())
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -88,12 +102,26 @@ class StackedSlot:
     # forward ------------------------------------------------------------------
 
     def attach(self) -> None:
-        self._handle = self.site.module.register_forward_hook(self.hook)
+        module = self.site.module
+        if self.ia3:
+            self._handles.append(module.register_forward_pre_hook(self.pre_hook))
+        self._handles.append(module.register_forward_hook(self.hook))
 
     def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def _per_row(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Each row's IA3 scale, shaped to broadcast over `like` (batch, ..., features)."""
+        rows = self.rows.modules
+        scale = self.scales[name].index_select(0, rows)
+        return scale.reshape((int(rows.shape[0]),) + (1,) * (like.ndim - 2) + (-1,))
+
+    def pre_hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
+        """IA3: each row's input times its slot's scale_in."""
+        x = args[0]
+        return ((x * self._per_row("scale_in", x)).to(x.dtype), *args[1:])
 
     def hook(
         self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
@@ -117,13 +145,23 @@ class StackedSlot:
             base = output if bias is None else output - bias
             flat_base = base.reshape(batch, -1, base.shape[-1]).to(self.dtype)
             delta = delta + self.row_m1.index_select(0, rows).unsqueeze(1) * flat_base
-        return output + delta.reshape(output.shape).to(output.dtype)
+        delta = delta.reshape(output.shape).to(output.dtype)
+        if self.ia3:  # y * scale_out + delta, one kernel
+            return torch.addcmul(delta, output, self._per_row("scale_out", output).to(output.dtype))
+        return output + delta
 
     # loading ------------------------------------------------------------------
 
-    def write(self, slot: int, factors: ModuleFactors | None, row: torch.Tensor | None) -> int:
+    def write(
+        self,
+        slot: int,
+        factors: ModuleFactors | None,
+        row: torch.Tensor | None,
+        ia3: Ia3Scale | None = None,
+    ) -> int:
         """Copy `factors` (None: nothing, the slot contributes zero) into slot `slot`;
-        `row` is the DoRA row factor m / norm (fp32 on the device) or None; bytes written.
+        `row` is the DoRA row factor m / norm (fp32 on the device) or None, `ia3` the
+        module's IA3 vector (None: scales of one); bytes written.
 
         B and the bias are written times their gain (checked to fit the slot's dtype).
         Only the slot's own slices are written; call it for a slot no batch reads.
@@ -157,7 +195,24 @@ class StackedSlot:
                 written += fill(self.row_m1[slot], 0.0)
             else:
                 written += copy_into(self.row_m1[slot], (row - 1.0).to(self.dtype))
+        if self.ia3:
+            written += self._write_scales(slot, ia3)
         self.ranks[slot] = rank
+        return written
+
+    def _write_scales(self, slot: int, ia3: Ia3Scale | None) -> int:
+        """The IA3 vector into its scale of `slot`, ones into the other (skipped where
+        the slot is known to hold ones)."""
+        written = 0
+        scaled = None if ia3 is None else "scale_in" if ia3.feedforward else "scale_out"
+        was_scaled, self.scaled[slot] = self.scaled[slot], True  # unknown until done
+        for name, tensor in self.scales.items():
+            if name == scaled:
+                assert ia3 is not None
+                written += copy_into(tensor[slot], ia3.vector)
+            elif was_scaled:
+                written += fill(tensor[slot], 1.0)
+        self.scaled[slot] = ia3 is not None
         return written
 
     def _gain(self, scaling: float, row: torch.Tensor | None) -> torch.Tensor:
