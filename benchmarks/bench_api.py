@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -75,8 +76,17 @@ def warm_up(url: str, paths: list[str]) -> None:
 
     import httpx
 
+    deadline = time.monotonic() + 300
+
     def get(path: str) -> None:
-        httpx.get(url + path, timeout=300).raise_for_status()
+        # MLflow resets connections while its workers start: retried here, never counted.
+        while True:
+            try:
+                httpx.get(url + path, timeout=300).raise_for_status()
+                return
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
 
     with ThreadPoolExecutor(CONNECTIONS) as pool:
         list(pool.map(get, (paths * CONNECTIONS)[: CONNECTIONS * 4]))
