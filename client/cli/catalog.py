@@ -255,6 +255,12 @@ def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
             f"nola:          {nola['stored_parameters']} stored parameters for "
             f"{nola['materialized_parameters']} materialized ({ratio:.1f}x smaller than LoRA)"
         )
+    mora = config.get("mora")
+    if isinstance(mora, dict):
+        click.echo(
+            f"mora:          type {mora.get('mora_type')}, r={mora.get('r')}: square "
+            f"matrices up to {mora.get('r_hat')}x{mora.get('r_hat')} (r below is each side)"
+        )
     targets = config.get("targets") or []
     click.echo(f"targets:       {len(targets)}")
     for target in targets:

@@ -17,7 +17,7 @@ import hashlib
 import io
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,8 @@ from peftreg.transfer.pull import PullResult
 
 LORA_KINDS = ("lora", "dora", "nola")
 SERVED_KINDS = (*LORA_KINDS, "prompt_tuning")
+# Held as factors but merged only: the host refuses them in unmerged mode when it plans.
+MERGED_FACTOR_KINDS = ("mora",)
 
 
 def swap_refusal(kind: str) -> str:
@@ -61,10 +63,11 @@ def swap_refusal(kind: str) -> str:
     and what serves it instead."""
     from peftreg.merge.compat import PEFT_MERGED_KINDS
 
-    if kind in PEFT_MERGED_KINDS:
+    if kind in PEFT_MERGED_KINDS or kind in MERGED_FACTOR_KINDS:
+        how = "peft's own layers" if kind in PEFT_MERGED_KINDS else "peftreg's MoRA operator"
         return (
             f"a {kind} adapter cannot be hot-swapped in unmerged mode; a host attached "
-            "with mode='merged' serves it (merged by peft's own layers)"
+            f"with mode='merged' serves it (merged by {how})"
         )
     served = f"hot-swap serves {', '.join(SERVED_KINDS)} in both modes"
     return (
@@ -118,14 +121,12 @@ class LoadedAdapter:
     def pin_memory(self) -> LoadedAdapter:
         """A copy whose tensors are in page-locked memory (fast, asynchronous GPU copies)."""
         factors = {
-            name: ModuleFactors(
-                f.module,
-                f.layer,
-                f.a.pin_memory(),
-                f.b.pin_memory(),
-                f.scaling,
-                None if f.magnitude is None else f.magnitude.pin_memory(),
-                None if f.bias is None else f.bias.pin_memory(),
+            name: replace(
+                f,
+                a=f.a.pin_memory(),
+                b=f.b.pin_memory(),
+                magnitude=None if f.magnitude is None else f.magnitude.pin_memory(),
+                bias=None if f.bias is None else f.bias.pin_memory(),
             )
             for name, f in self.factors.items()
         }
@@ -210,7 +211,7 @@ def adapter_from_tensors(
                 raise NonFiniteAdapter(f"{source}: tensor {name} holds NaN or Inf values")
         held = {name: value.detach().to("cpu").contiguous() for name, value in tensors.items()}
         return LoadedAdapter(digest, source, config, peft_tensors=held)
-    if config.kind not in SERVED_KINDS:
+    if config.kind not in SERVED_KINDS and config.kind not in MERGED_FACTOR_KINDS:
         raise UnsupportedAdapter(f"{source}: {swap_refusal(config.kind)}")
     check_features(config, source)
     check_consumed(config, tensors, source)
