@@ -24,12 +24,14 @@ from peftreg import Client
 from peftreg.adapters.base_package import push_base
 from peftreg.adapters.mora import mora_rank
 from peftreg.adapters.peft_import import PeftImportError, read_peft_directory
+from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
 from peftreg.adapters.validate import AdapterInvalid, validate_adapter
 from peftreg.hotswap import AdapterHost, HostConfig, UnsupportedAdapter
 from peftreg.merge import adapter_from_peft_directory, merge_to_directory
 from peftreg.merge.mora import mora_delta
 from tests.adapters.tiny_models import LLAMA_NAME, same_weights, sample_ids, tiny_llama
 from tests.client.conftest import CliEnv
+from tests.fixtures.schemas import assert_valid_config
 from tests.fixtures.server import RegistryProcess, start_registry
 from tests.merge.builders import directory_tensors, save_base
 
@@ -230,6 +232,7 @@ def test_import_is_typed_mora_never_plain_lora(tmp_path: Path) -> None:
     assert sides == {"q_proj": 16, "v_proj": 14, "up_proj": 20, "down_proj": 20}
     assert config.mora.r_hat == config.rank == 20
     assert all(t.scaling == 1.0 and t.layer == "linear" for t in config.targets)
+    assert_valid_config(config.model_dump(mode="json"), ADAPTER_CONFIG_MEDIA_TYPE)
 
     # The same tensors and config claimed as plain LoRA are refused, wherever validated.
     as_lora = config.model_copy(update={"kind": "lora", "mora": None})
