@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -149,6 +150,11 @@ def test_push_show_tag_pull_diff_and_load(cli: CliEnv, tmp_path: Path) -> None:
     assert "(verified)" in shown.stdout
     assert "  Question: {input}" in shown.stdout
     assert "placeholders:  input, language" in shown.stdout
+
+    page = httpx.get(f"{cli.env['PEFTREG_URL']}/ui/r/acme/prompts/support/-/versions/v1")
+    assert page.status_code == 200, page.text[:200]
+    assert "Question: {input}" in page.text
+    assert f'data-testid="tokens">{tokens}<' in page.text
 
     listed = cli.run("ls", "acme", "--kind", "hard_prompt")
     assert listed.exit_code == 0, listed.output
