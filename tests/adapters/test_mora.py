@@ -310,6 +310,31 @@ def test_merge_is_exact_against_the_fork(tmp_path: Path, mora_type: int) -> None
     assert (got - want_logits).abs().max() <= 1e-5
 
 
+def test_weighted_sum_of_two_mora_adapters_is_exact(tmp_path: Path) -> None:
+    base_dir = save_base(tiny_llama(), tmp_path / "base")
+    first = save_mora(tmp_path / "type1", r=4, mora_type=1, seed=1)
+    second = save_mora(tmp_path / "type6", r=2, mora_type=6, seed=2)
+    out = tmp_path / "merged"
+    inputs = [
+        adapter_from_peft_directory(first, weight=0.7),
+        adapter_from_peft_directory(second, weight=-0.4),
+    ]
+    merge_to_directory(base_dir, inputs, out, device="cpu")
+    merged = directory_tensors(out)
+    parts = [
+        (load_file(str(first / "adapter_model.safetensors")), 1, 0.7),
+        (load_file(str(second / "adapter_model.safetensors")), 6, -0.4),
+    ]
+    for name, value in directory_tensors(base_dir).items():
+        want = value.clone()
+        for squares, mora_type, weight in parts:
+            square = squares.get(f"{PREFIX}{name[: -len('.weight')]}.lora_A.weight")
+            if square is not None:
+                out_f, in_f = value.shape
+                want += weight * fork_delta_weight(square, in_f, out_f, mora_type)
+        assert (merged[name] - want).abs().max() <= TOLERANCE, name
+
+
 def test_hotswap_merged_mode_serves_mora_and_unmerged_refuses(tmp_path: Path) -> None:
     directory = save_mora(tmp_path / "mora", r=4, mora_type=1)
     ids = sample_ids()
@@ -375,6 +400,7 @@ def test_push_against_base_show_and_pull_round_trip(cli: CliEnv, tmp_path: Path)
     out = tmp_path / "pulled"
     pulled = cli.run("pull", "acme/mora:v1", "--format", "peft", "-o", str(out), "-q")
     assert pulled.exit_code == 0, pulled.output
+    assert "load it with peft-mora" in pulled.stderr
     assert (out / "adapter_model.safetensors").read_bytes() == (
         directory / "adapter_model.safetensors"
     ).read_bytes()
