@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,6 +27,7 @@ from peftreg.adapters.mora import mora_rank
 from peftreg.adapters.peft_import import PeftImportError, read_peft_directory
 from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
 from peftreg.adapters.validate import AdapterInvalid, validate_adapter
+from peftreg.cli.main import cli as cli_main
 from peftreg.hotswap import AdapterHost, HostConfig, UnsupportedAdapter
 from peftreg.merge import adapter_from_peft_directory, merge_to_directory
 from peftreg.merge.mora import mora_delta
@@ -308,6 +310,18 @@ def test_merge_is_exact_against_the_fork(tmp_path: Path, mora_type: int) -> None
         plain = tiny_llama()(input_ids=ids).logits
     assert (want_logits - plain).abs().max() > 1e-3
     assert (got - want_logits).abs().max() <= 1e-5
+
+    # `peftreg merge` runs the same library: the same tensors.
+    command = tmp_path / "command"
+    result = CliRunner().invoke(
+        cli_main,
+        ["merge", str(directory), "--base", str(base_dir), "-o", str(command), "-q"],
+        env={"PEFTREG_URL": "http://127.0.0.1:9"},
+    )
+    assert result.exit_code == 0, result.output
+    assert all(
+        torch.equal(value, merged[name]) for name, value in directory_tensors(command).items()
+    )
 
 
 def test_weighted_sum_of_two_mora_adapters_is_exact(tmp_path: Path) -> None:
