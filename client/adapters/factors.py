@@ -106,6 +106,11 @@ def adapter_factors(
     `tensors` is the adapter's tensors file as loaded: `adapter_model.safetensors`,
     or `nola.safetensors` for NOLA (materialized and digest-checked here).
     """
+    if config.peft_config.get("use_mora") and config.kind != "mora":
+        raise FactorError(
+            f"a {config.kind} adapter whose adapter_config.json sets use_mora: it is a MoRA "
+            "adapter (peft-mora), and its squares are not LoRA factors; push it again"
+        )
     if config.kind == "nola":
         from peftreg.adapters.nola import materialize
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from peftreg import Client
 from peftreg.adapters.base_package import push_base
+from peftreg.adapters.factors import FactorError, adapter_factors
 from peftreg.adapters.mora import mora_rank
 from peftreg.adapters.peft_import import PeftImportError, read_peft_directory
 from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
@@ -244,6 +245,8 @@ def test_import_is_typed_mora_never_plain_lora(tmp_path: Path) -> None:
     header = read_safetensors_header(header_path)
     with pytest.raises(AdapterInvalid, match="use_mora"):
         validate_adapter(as_lora, header, lambda name: iter(()), None)
+    with pytest.raises(FactorError, match="sets use_mora"):
+        adapter_factors(as_lora, load_file(str(header_path)))
 
 
 @pytest.mark.parametrize(
