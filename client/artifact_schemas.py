@@ -28,11 +28,13 @@ class UnknownSchema(LookupError):
 
 def _models() -> dict[str, tuple[type[BaseModel], str]]:
     from peftreg.checkpoint.package import CHECKPOINT_CONFIG_MEDIA_TYPE, CheckpointConfig
+    from peftreg.prompts.schema import PROMPT_CONFIG_MEDIA_TYPE, PromptConfig
 
     return {
         "adapter.config.v1.json": (AdapterConfig, ADAPTER_CONFIG_MEDIA_TYPE),
         "base.config.v1.json": (BaseConfig, BASE_CONFIG_MEDIA_TYPE),
         "checkpoint.config.v1.json": (CheckpointConfig, CHECKPOINT_CONFIG_MEDIA_TYPE),
+        "prompt.config.v1.json": (PromptConfig, PROMPT_CONFIG_MEDIA_TYPE),
     }
 
 

@@ -27,6 +27,7 @@ TITLE_ANNOTATION = "org.opencontainers.image.title"
 ADAPTER_ARTIFACT = "application/vnd.peftreg.adapter.v1"
 BASE_ARTIFACT = "application/vnd.peftreg.base.v1"
 CHECKPOINT_ARTIFACT = "application/vnd.peftreg.checkpoint.v1"
+PROMPT_ARTIFACT = "application/vnd.peftreg.prompt.v1"
 
 
 class InvalidManifest(ValueError):

@@ -13,6 +13,11 @@ merge`) and hot-swap both use it.
   input dimension (one value per output row) and W' = (m / norm)[:, None] * (W + delta).
 - NOLA: factors are materialized from seeds and coefficients (see
   `peftreg.adapters.nola`) and checked against the recorded digest first.
+- MoRA: `a` and `b` are the one square matrix (peft-mora saves it as lora_A and
+  lora_B), scaling 1; the delta is the MoRA operator applied to the identity
+  (`peftreg.merge.mora`), of the shape of the weight it merges into, whose in and
+  out must give the square's side (`peftreg.adapters.mora.mora_rank`). It is not a
+  low-rank product, so a MoRA module merges only (no unmerged hot-swap slot).
 
 Everything is computed in fp32; callers cast once to the output dtype.
 """
@@ -47,10 +52,36 @@ class ModuleFactors:
     scaling: float
     magnitude: torch.Tensor | None = None  # DoRA: (out,)
     bias: torch.Tensor | None = None  # lora_bias: (out,), added times scaling
+    mora_type: int | None = None  # MoRA: a = b = the square matrix (see module doc)
+    mora_r: int | None = None  # MoRA: the LoRA rank its square's side derives from
 
     @property
     def rank(self) -> int:
         return int(self.a.shape[0])
+
+    def shape_mismatch(self, shape: tuple[int, ...]) -> str | None:
+        """Why these factors cannot change a base weight of `shape`; None when they can."""
+        if self.mora_type is None:
+            if tuple(shape) == self.weight_shape:
+                return None
+            return f"the adapter's factors make {list(self.weight_shape)}"
+        from peftreg.adapters.mora import MoraError, check_operator, mora_rank
+
+        if len(shape) != 2:
+            return "a MoRA module adapts a 2-D Linear weight"
+        out_features, in_features = shape
+        assert self.mora_r is not None
+        side = mora_rank(in_features, out_features, self.mora_r, self.mora_type)
+        if side != self.rank:
+            return (
+                f"the adapter's MoRA square has side {self.rank}, but MoRA of rank "
+                f"{self.mora_r} on a {list(shape)} weight has side {side}"
+            )
+        try:
+            check_operator(side, in_features, out_features, self.mora_type)
+        except MoraError as exc:
+            return str(exc)
+        return None
 
     @property
     def weight_shape(self) -> tuple[int, int]:
@@ -70,15 +101,22 @@ def _tensor(tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
 def adapter_factors(
     config: AdapterConfig, tensors: Mapping[str, torch.Tensor]
 ) -> dict[str, ModuleFactors]:
-    """module path -> factors, for lora, dora (rsLoRA included) and nola adapters.
+    """module path -> factors, for lora, dora (rsLoRA included), nola and mora adapters.
 
     `tensors` is the adapter's tensors file as loaded: `adapter_model.safetensors`,
     or `nola.safetensors` for NOLA (materialized and digest-checked here).
     """
+    if config.peft_config.get("use_mora") and config.kind != "mora":
+        raise FactorError(
+            f"a {config.kind} adapter whose adapter_config.json sets use_mora: it is a MoRA "
+            "adapter (peft-mora), and its squares are not LoRA factors; push it again"
+        )
     if config.kind == "nola":
         from peftreg.adapters.nola import materialize
 
         tensors = materialize(config, tensors)
+    elif config.kind == "mora":
+        return _mora_factors(config, tensors)
     elif config.kind not in ("lora", "dora"):
         raise FactorError(f"a {config.kind} adapter has no weight factors to merge or swap")
     factors: dict[str, ModuleFactors] = {}
@@ -112,8 +150,70 @@ def adapter_factors(
     return factors
 
 
-def delta_weight(factors: ModuleFactors, device: torch.device | str = "cpu") -> torch.Tensor:
-    """scaling * B @ A in the base weight's layout, fp32 on `device`."""
+def _mora_factors(
+    config: AdapterConfig, tensors: Mapping[str, torch.Tensor]
+) -> dict[str, ModuleFactors]:
+    from peftreg.adapters.mora import MoraError, check_shared_values, module_rank
+
+    assert config.mora is not None
+    factors: dict[str, ModuleFactors] = {}
+    for target in config.targets:
+        square = _tensor(tensors, f"{PEFT_PREFIX}{target.module}.lora_A.weight")
+        _tensor(tensors, f"{PEFT_PREFIX}{target.module}.lora_B.weight")
+        try:
+            check_shared_values(lambda name: tensors[name], target.module)
+            r = module_rank(config.peft_config, target.module)
+        except MoraError as exc:
+            raise FactorError(str(exc)) from None
+        if (
+            target.layer != "linear"
+            or square.ndim != 2
+            or tuple(square.shape)
+            != (
+                target.rank,
+                target.rank,
+            )
+        ):
+            raise FactorError(
+                f"{target.module}: MoRA square {list(square.shape)} is not the "
+                f"[{target.rank}, {target.rank}] of a Linear target"
+            )
+        factors[target.module] = ModuleFactors(
+            target.module,
+            "linear",
+            square,
+            square,
+            1.0,
+            mora_type=config.mora.mora_type,
+            mora_r=r,
+        )
+    return factors
+
+
+def _mora_delta(
+    factors: ModuleFactors, shape: tuple[int, ...], device: torch.device | str
+) -> torch.Tensor:
+    from peftreg.merge.mora import mora_delta
+
+    assert factors.mora_type is not None
+    reason = factors.shape_mismatch(shape)
+    if reason is not None:
+        raise FactorError(f"{factors.module}: the base weight has shape {list(shape)}: {reason}")
+    out_features, in_features = shape
+    return mora_delta(factors.a, in_features, out_features, factors.mora_type, device)
+
+
+def delta_weight(
+    factors: ModuleFactors,
+    device: torch.device | str = "cpu",
+    shape: tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """scaling * B @ A in the base weight's layout, fp32 on `device` (MoRA: its operator's
+    delta for a weight of `shape`)."""
+    if factors.mora_type is not None:
+        if shape is None:
+            raise FactorError(f"{factors.module}: a MoRA delta needs the base weight's shape")
+        return _mora_delta(factors, shape, device)
     a = factors.a.to(device, torch.float32)
     b = factors.b.to(device, torch.float32)
     delta = (b @ a).mul_(factors.scaling)
@@ -128,6 +228,9 @@ def add_delta_(
     One fused `addmm_` (C += alpha * B @ A) instead of a product, a scale and an add;
     a Conv1D or embedding weight is updated through its (out, in) transpose view.
     """
+    if factors.mora_type is not None:
+        weight.add_(_mora_delta(factors, tuple(weight.shape), device), alpha=mix)
+        return
     a = factors.a.to(device, torch.float32)
     b = factors.b.to(device, torch.float32)
     target = weight if factors.layer == "linear" else weight.T
@@ -154,10 +257,10 @@ def merged_weight(
     """
     result = weight.to(device, torch.float32, copy=True)
     for factors, mix in contributions:
-        if tuple(result.shape) != factors.weight_shape:
+        reason = factors.shape_mismatch(tuple(result.shape))
+        if reason is not None:
             raise FactorError(
-                f"{factors.module}: the base weight has shape {list(result.shape)} but the "
-                f"adapter's factors make {list(factors.weight_shape)}"
+                f"{factors.module}: the base weight has shape {list(result.shape)} but {reason}"
             )
         if factors.magnitude is not None and (len(contributions) != 1 or mix != 1.0):
             raise FactorError(

@@ -60,6 +60,10 @@ def storage_refusal(peft_config: dict[str, Any]) -> str | None:
 def variants(peft_config: dict[str, Any]) -> list[str]:
     """Short names of the features that make an adapter more than its kind says."""
     found: list[str] = []
+    if peft_config.get("use_mora"):
+        mora_type = peft_config.get("mora_type", 1)
+        name = {1: "sharing", 6: "RoPE"}.get(mora_type, "unsupported")
+        found.append(f"MoRA type {mora_type}: {name}")
     if peft_config.get("use_rslora"):
         found.append("rsLoRA")
     if peft_config.get("alora_invocation_tokens"):

@@ -31,6 +31,10 @@ from peftreg.adapters.schema import AdapterConfig
 from peftreg.sdk.errors import Conflict
 
 NOLA_NOTE = "exported NOLA as its materialized LoRA (PEFT has no NOLA)"
+MORA_NOTE = (
+    "exported MoRA as peft-mora saved it (use_mora): load it with peft-mora "
+    "(github.com/kongds/MoRA); peft itself ignores use_mora and refuses the square matrices"
+)
 # adapter_config.json key naming the registered base exactly (PEFT ignores unknown keys).
 BASE_KEY = "peftreg_base"
 
@@ -134,7 +138,7 @@ def write_peft_directory(
     extra_files: Mapping[str, Path] | None = None,
     replace: bool = False,
 ) -> str | None:
-    """Write `out_dir` as a PEFT directory; a note to print (NOLA) or None.
+    """Write `out_dir` as a PEFT directory; a note to print (NOLA, MoRA) or None.
 
     `tensors` is the stored tensors file (adapter_model.safetensors, or
     nola.safetensors for NOLA) or a dict of tensors. `extra_files` (title ->
@@ -149,6 +153,7 @@ def write_peft_directory(
     else:
         document = truthful_base(config, config.peft_config)
         source = tensors if isinstance(tensors, Mapping) else Path(tensors)
+        note = MORA_NOTE if config.kind == "mora" else None
         if isinstance(source, Path):
             read_safetensors_header(source)
     extras = dict(extra_files or {})

@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from peftreg.adapters.features import storage_refusal
+from peftreg.adapters.mora import MoraError, check_shared_values, is_mora, mora_targets
 from peftreg.adapters.schema import (
     GENERIC_KINDS,
     AdapterConfig,
     AdapterKind,
     BaseReference,
+    MoraSpec,
     TargetModule,
     TensorSpec,
 )
@@ -211,6 +213,25 @@ def _generic_rank(peft_config: dict[str, Any]) -> int | None:
     return None
 
 
+def _mora_parts(
+    peft_config: dict[str, Any], header: SafetensorsHeader, tensors_path: Path
+) -> tuple[list[TargetModule], MoraSpec]:
+    try:
+        targets, spec = mora_targets(peft_config, header)
+        with tensors_path.open("rb") as stream:
+
+            def read(name: str) -> bytes:
+                start, end = header.absolute_range(name)
+                stream.seek(start)
+                return stream.read(end - start)
+
+            for target in targets:
+                check_shared_values(read, target.module)
+    except MoraError as exc:
+        raise PeftImportError(f"{TENSORS_FILE}: {exc}") from None
+    return targets, spec
+
+
 def _load_peft_config(path: Path) -> dict[str, Any]:
     try:
         document = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -238,7 +259,9 @@ def read_peft_directory(
         raise PeftImportError(f"{path} has no {CONFIG_FILE}; it is not a PEFT adapter directory")
     peft_config = _load_peft_config(path)
     peft_type = str(peft_config.get("peft_type", "")).upper()
-    kind = _KINDS.get(peft_type) or _generic_kind(peft_type)
+    # peft-mora saves MoRA as a LoRA config with use_mora; peft itself ignores the key, so
+    # it is looked at first: read as plain LoRA it would be silently wrong.
+    kind = "mora" if is_mora(peft_config) else _KINDS.get(peft_type) or _generic_kind(peft_type)
     if kind is None:
         raise PeftImportError(
             f"peft_type {peft_config.get('peft_type')!r} is not supported; peftreg imports "
@@ -288,6 +311,17 @@ def read_peft_directory(
             scaling_rule="alpha/r",
             targets=targets,
             nola=spec,
+            **common,
+        )
+    elif kind == "mora":
+        targets, mora = _mora_parts(peft_config, header, tensors_path)
+        config = AdapterConfig(
+            kind="mora",
+            rank=mora.r_hat,
+            alpha=targets[0].alpha,
+            scaling_rule="none",
+            targets=targets,
+            mora=mora,
             **common,
         )
     elif kind in GENERIC_KINDS:

@@ -31,7 +31,7 @@ def layer_media_type(title: str) -> str:
 # The LoRA family and the prompt types have their own typed path (targets with rank
 # and scaling; virtual tokens); every other type of peft is stored typed by the generic
 # path (`peftreg.adapters.peft_import`): its kind is its peft_type in lower case.
-TypedKind = Literal["lora", "dora", "prompt_tuning", "prefix_tuning", "nola"]
+TypedKind = Literal["lora", "dora", "prompt_tuning", "prefix_tuning", "nola", "mora"]
 GenericKind = Literal[
     "adalora",
     "adamss",
@@ -127,6 +127,15 @@ class NolaSpec(BaseModel):
     stored_parameters: int
 
 
+class MoraSpec(BaseModel):
+    """MoRA (peft-mora's LoRA config with `use_mora`): the operator around each square
+    matrix. Each target's `rank` is its square's side r_hat (`peftreg.adapters.mora`)."""
+
+    mora_type: Literal[1, 6] = Field(description="1: sharing (sum/repeat); 6: RoPE")
+    r: int = Field(description="the LoRA rank r of the config, from which r_hat is derived")
+    r_hat: int = Field(description="the largest square side over the targets")
+
+
 class AdapterConfig(BaseModel):
     """Config blob of an `application/vnd.peftreg.adapter.v1` artifact."""
 
@@ -147,6 +156,7 @@ class AdapterConfig(BaseModel):
         description="the PEFT adapter_config.json as imported, kept for export"
     )
     nola: NolaSpec | None = None
+    mora: MoraSpec | None = None
     num_virtual_tokens: int | None = None
 
 

@@ -18,6 +18,9 @@ whose weight is the base tensor `<m>.weight`:
 - prompt tuning / prefix tuning: one tensor `prompt_embeddings`; prefix tuning's
   width is layers * 2 * the key/value width (grouped-query attention);
 - NOLA: any tensors under `base_model.model.<m>.` (seeds may be I64);
+- MoRA (peft-mora, `use_mora`): `...<m>.lora_A.weight` and `...lora_B.weight`, one
+  square matrix saved twice (same values), of the side the fork derives from the
+  base Linear's shape (`peftreg.adapters.mora`);
 - the other peft types (`GENERIC_KINDS`): names under `base_model.` or top-level
   prompt tensors, float weights or integer indices, finite values. Their shapes
   against the base's architecture are checked by the library at `push --base`
@@ -39,6 +42,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from peftreg.adapters.features import storage_refusal
+from peftreg.adapters.mora import (
+    MoraError,
+    check_operator,
+    check_shared_values,
+    is_mora,
+    module_rank,
+    mora_rank,
+    mora_targets,
+)
 from peftreg.adapters.schema import GENERIC_KINDS, AdapterConfig, BaseConfig, TargetModule
 from peftreg.formats.safetensors_header import SafetensorsHeader, TensorEntry
 from peftreg.manifest import canonical_json
@@ -149,10 +161,13 @@ def validate_adapter(
     refusal = storage_refusal(config.peft_config)
     if refusal is not None:
         raise AdapterInvalid(refusal, location="adapter_config.json")
+    _check_mora_kind(config)
     _check_index(config, header)
     _check_dtypes(config, header)
-    if config.kind in ("lora", "dora", "nola"):
+    if config.kind in ("lora", "dora", "nola", "mora"):
         _check_modules(config, header)
+    if config.kind == "mora":
+        _check_mora(config, header, read_values)
     if config.kind in GENERIC_KINDS:
         _check_generic_names(header)
     _check_values(header, read_values)
@@ -160,6 +175,50 @@ def validate_adapter(
         # The other peft types' tensors are checked against the base's architecture by
         # the library at `push --base` (peft injected on the meta device; needs torch).
         _check_base(config, header, base)
+
+
+def _check_mora_kind(config: AdapterConfig) -> None:
+    """A peft-mora config (`use_mora`) is MoRA and nothing else: as LoRA it is wrong."""
+    if is_mora(config.peft_config) != (config.kind == "mora") or (
+        (config.kind == "mora") != (config.mora is not None)
+    ):
+        raise AdapterInvalid(
+            f"a {config.kind} adapter whose adapter_config.json "
+            f"{'sets' if is_mora(config.peft_config) else 'does not set'} use_mora"
+            f"{'' if config.mora is None else ' with a mora spec'}: MoRA adapters (peft-mora's "
+            "use_mora) are of kind mora, with their mora spec, and only they",
+            location="adapter_config.json",
+        )
+
+
+def _check_mora(
+    config: AdapterConfig, header: SafetensorsHeader, read_values: TensorValues
+) -> None:
+    import numpy as np
+
+    assert config.mora is not None
+    try:
+        targets, spec = mora_targets(config.peft_config, header)
+    except MoraError as exc:
+        raise AdapterInvalid(str(exc), location="adapter_config.json") from None
+    if spec != config.mora or {t.module: t.rank for t in targets} != {
+        t.module: t.rank for t in config.targets
+    }:
+        raise AdapterInvalid(
+            "the config's mora spec or target sides do not match its adapter_config.json "
+            "and tensors",
+            location="adapter_config.json",
+        )
+
+    def read(name: str) -> np.ndarray[Any, Any]:
+        pieces = list(read_values(name))
+        return np.concatenate(pieces) if pieces else np.zeros(0)
+
+    for target in targets:
+        try:
+            check_shared_values(read, target.module)
+        except MoraError as exc:
+            raise AdapterInvalid(str(exc), location=target.module) from None
 
 
 def _check_index(config: AdapterConfig, header: SafetensorsHeader) -> None:
@@ -363,6 +422,9 @@ def _check_base(config: AdapterConfig, header: SafetensorsHeader, base: BaseConf
             )
         if config.kind == "nola":
             continue
+        if config.kind == "mora":
+            _check_mora_base(config, target, weight_name, weight, header)
+            continue
         r = target.rank
         if target.layer == "embedding":
             if len(weight) != 2:
@@ -408,6 +470,43 @@ def _check_base(config: AdapterConfig, header: SafetensorsHeader, base: BaseConf
                 location=part.module,
             )
         _shape_error(part.module, name, entry.shape, want)
+
+
+def _check_mora_base(
+    config: AdapterConfig,
+    target: TargetModule,
+    weight_name: str,
+    weight: tuple[int, ...],
+    header: SafetensorsHeader,
+) -> None:
+    """The square's side is what the fork derives from the base Linear's in and out."""
+    assert config.mora is not None
+    module = target.module
+    if len(weight) != 2:
+        raise AdapterInvalid(
+            f"module {module!r}: base weight {weight_name!r} has shape {list(weight)}, not a "
+            "2-D Linear weight",
+            location=module,
+        )
+    out_features, in_features = weight
+    mora_type = config.mora.mora_type
+    r = module_rank(config.peft_config, module)
+    side = mora_rank(in_features, out_features, r, mora_type)
+    for suffix in (".lora_A.weight", ".lora_B.weight"):
+        name = f"{PREFIX}{module}{suffix}"
+        entry = header.tensors.get(name)
+        if entry is not None and entry.shape != (side, side):
+            raise AdapterInvalid(
+                f"module {module!r}: tensor {name!r} has shape {list(entry.shape)} but the "
+                f"base needs [{side}, {side}] (MoRA r_hat = int(sqrt(({in_features} + "
+                f"{out_features}) * {r}) + 0.5){', even' if mora_type == 6 else ''}, for "
+                f"{weight_name!r} {list(weight)})",
+                location=module,
+            )
+    try:
+        check_operator(side, in_features, out_features, mora_type)
+    except MoraError as exc:
+        raise AdapterInvalid(f"module {module!r}: {exc}", location=module) from None
 
 
 def _key_value_width(base_shapes: dict[str, tuple[int, ...]]) -> tuple[int, int] | None:

@@ -19,7 +19,7 @@ from peftreg.cli.common import (
     make_client,
     parse_reference,
 )
-from peftreg.manifest import TITLE_ANNOTATION
+from peftreg.manifest import PROMPT_ARTIFACT, TITLE_ANNOTATION
 from peftreg.sdk.client import Client
 from peftreg.sdk.errors import InvalidRequest
 from peftreg.sdk.models import Version
@@ -231,7 +231,30 @@ def _kind_text(kind: str | None, config: dict[str, Any]) -> str:
     return f"{kind} ({', '.join(found)})" if found else str(kind)
 
 
+def _echo_prompt(summary: dict[str, Any], config: dict[str, Any]) -> None:
+    base = config.get("base") or {}
+    tokenizer = config.get("tokenizer") or {}
+    click.echo("kind:          hard_prompt")
+    if base:
+        verified = "verified" if summary["verified"] else "unverified: base not registered"
+        click.echo(f"base:          {base.get('name') or '-'}")
+        click.echo(f"base fingerprint: {base.get('fingerprint') or '-'} ({verified})")
+    if tokenizer:
+        click.echo(f"tokenizer:     {tokenizer.get('identity')}")
+        click.echo(f"tokens:        {tokenizer.get('token_count')}")
+    else:
+        click.echo("tokenizer:     - (not bound: pushed without --base or --tokenizer)")
+    click.echo(f"placeholders:  {', '.join(config.get('placeholders') or []) or '-'}")
+    click.echo(f"bytes:         {config.get('bytes')}")
+    click.echo("template:")
+    for line in str(config.get("template", "")).splitlines():
+        click.echo(f"  {line}")
+
+
 def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
+    if summary["kind"] == "hard_prompt":
+        _echo_prompt(summary, config)
+        return
     if summary["kind"] == "base":
         click.echo("kind:          base")
         click.echo(f"fingerprint:   {config.get('fingerprint')}")
@@ -255,6 +278,12 @@ def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
             f"nola:          {nola['stored_parameters']} stored parameters for "
             f"{nola['materialized_parameters']} materialized ({ratio:.1f}x smaller than LoRA)"
         )
+    mora = config.get("mora")
+    if isinstance(mora, dict):
+        click.echo(
+            f"mora:          type {mora.get('mora_type')}, r={mora.get('r')}: square "
+            f"matrices up to {mora.get('r_hat')}x{mora.get('r_hat')} (r below is each side)"
+        )
     targets = config.get("targets") or []
     click.echo(f"targets:       {len(targets)}")
     for target in targets:
@@ -262,6 +291,60 @@ def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
             f"  {target['module']}  {target.get('layer', 'linear')}  r={target['rank']}  "
             f"alpha={target['alpha']:g}"
         )
+
+
+def _prompt_config(client: Client, text: str) -> dict[str, Any] | None:
+    """The config of the hard prompt REF names; None for another artifact."""
+    from peftreg.prompts.package import load_prompt
+
+    reference = parse_reference(text)
+    manifest = json.loads(client.get_manifest(reference).content)
+    if manifest.get("artifactType") != PROMPT_ARTIFACT:
+        return None
+    return load_prompt(client, reference).config.model_dump(mode="json")
+
+
+def _diff_prompts(
+    client: Client,
+    refs: tuple[str, str],
+    configs: tuple[dict[str, Any] | None, dict[str, Any] | None],
+    as_json: bool,
+) -> None:
+    """Two hard prompts: kind, tokenizer, token counts, placeholders and a text diff."""
+    import difflib
+
+    sides: list[dict[str, Any]] = []
+    for ref, config in zip(refs, configs, strict=True):
+        if config is None:
+            raw = _load_adapter(client, ref).config
+            sides.append({"kind": raw.get("kind"), "template": None, "tokenizer": None})
+        else:
+            sides.append(config)
+    a, b = sides
+    texts = [str(side.get("template") or "").splitlines(keepends=True) for side in sides]
+    lines = list(difflib.unified_diff(texts[0], texts[1], refs[0], refs[1]))
+
+    def tokens(side: dict[str, Any]) -> Any:
+        return (side.get("tokenizer") or {}).get("token_count")
+
+    def identity(side: dict[str, Any]) -> Any:
+        return (side.get("tokenizer") or {}).get("identity")
+
+    text_diff = "".join(lines)
+    report: dict[str, Any] = {
+        "kind": [a.get("kind"), b.get("kind")],
+        "tokenizer": [identity(a), identity(b)],
+        "tokens": [tokens(a), tokens(b)],
+        "placeholders": [a.get("placeholders"), b.get("placeholders")],
+        "text_diff": text_diff,
+    }
+    if as_json:
+        echo_json(report)
+        return
+    for key in ("kind", "tokenizer", "tokens", "placeholders"):
+        first, second = report[key]
+        click.echo(f"{key + ':':13} {first}" + ("" if first == second else f" -> {second}"))
+    click.echo(text_diff.rstrip("\n") if lines else "text:         identical")
 
 
 def _load_adapter(client: Client, text: str) -> AdapterSide:
@@ -290,6 +373,10 @@ def diff(ref1: str, ref2: str, as_json: bool) -> None:
     """Compare two adapters: kind, rank, targets, and how far each common tensor moved."""
     references = (parse_reference(ref1), parse_reference(ref2))
     with make_client(*references, offline=False) as client:
+        prompts = (_prompt_config(client, ref1), _prompt_config(client, ref2))
+        if prompts[0] is not None or prompts[1] is not None:
+            _diff_prompts(client, (ref1, ref2), prompts, as_json)
+            return
         side_a = _load_adapter(client, ref1)
         side_b = _load_adapter(client, ref2)
     report = compare_adapters(side_a, side_b).as_json()

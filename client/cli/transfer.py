@@ -18,6 +18,7 @@ from peftreg.cli.common import (
 )
 from peftreg.digest import Digest
 from peftreg.manifest import BASE_ARTIFACT, TITLE_ANNOTATION, parse_manifest
+from peftreg.reference import Reference
 from peftreg.sdk.errors import InvalidRequest
 from peftreg.transfer.pull import PullResult
 
@@ -52,6 +53,18 @@ def _annotations(values: tuple[str, ...]) -> dict[str, str]:
     type=click.Choice(list(BASE_QUANTIZATIONS)),
     help="Quantization of the base the adapter was trained against (nf4 for QLoRA).",
 )
+@click.option(
+    "--kind",
+    type=click.Choice(["hard-prompt"]),
+    help="hard-prompt: PATH is a text prompt template (UTF-8, {name} placeholders), bound "
+    "to the tokenizer of --base or --tokenizer.",
+)
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="--kind hard-prompt: a local directory with the tokenizer's files (tokenizer.json).",
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @json_option
 def push(
@@ -62,14 +75,26 @@ def push(
     mount_from: str | None,
     base_ref: str | None,
     base_quantization: str | None,
+    kind: str | None,
+    tokenizer_dir: Path | None,
     quiet: bool,
     as_json: bool,
 ) -> None:
     """Push a file or a directory (a layer per file) as REF ([host/]ns/name:tag).
 
-    A PEFT adapter directory is pushed as a typed adapter.
+    A PEFT adapter directory is pushed as a typed adapter; with --kind hard-prompt, a
+    text file is pushed as a hard prompt.
     """
     reference = parse_reference(ref)
+    if kind == "hard-prompt":
+        if artifact_type or mount_from or base_quantization:
+            raise InvalidRequest(
+                "--kind hard-prompt takes --base, --tokenizer and --annotation only"
+            )
+        _push_prompt(path, reference, base_ref, tokenizer_dir, _annotations(annotation), as_json)
+        return
+    if tokenizer_dir is not None:
+        raise InvalidRequest("--tokenizer goes with --kind hard-prompt")
     with make_client(reference, offline=False) as client:
         base = client.base_reference(base_ref) if base_ref else None
         if base_quantization is not None:
@@ -99,6 +124,38 @@ def push(
         "skipped_blobs": result.skipped_blobs,
     }
     emit(as_json, payload, f"{reference} {result.digest}")
+
+
+def _push_prompt(
+    path: Path,
+    reference: Reference,
+    base_ref: str | None,
+    tokenizer_dir: Path | None,
+    annotations: dict[str, str],
+    as_json: bool,
+) -> None:
+    from peftreg.prompts.package import push_prompt
+
+    with make_client(reference, offline=False) as client:
+        digest, config = push_prompt(
+            client,
+            path,
+            reference,
+            base_ref=base_ref,
+            tokenizer_dir=tokenizer_dir,
+            annotations=annotations,
+        )
+    tokens = config.tokenizer.token_count if config.tokenizer is not None else None
+    payload = {
+        "reference": str(reference),
+        "registry": client.url,
+        "digest": str(digest),
+        "kind": config.kind,
+        "placeholders": config.placeholders,
+        "token_count": tokens,
+    }
+    counted = f" ({tokens} tokens)" if tokens is not None else ""
+    emit(as_json, payload, f"{reference} {digest}{counted}")
 
 
 @click.command()

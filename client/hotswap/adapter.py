@@ -17,7 +17,7 @@ import hashlib
 import io
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,8 @@ from peftreg.transfer.pull import PullResult
 LORA_KINDS = ("lora", "dora", "nola")
 # Served in both modes by hot-swap's own slots (IA3 merged: by peft's layers).
 SERVED_KINDS = (*LORA_KINDS, "ia3", *PROMPT_KINDS)
+# Held as factors but merged only: the host refuses them in unmerged mode when it plans.
+MERGED_FACTOR_KINDS = ("mora",)
 
 
 def swap_refusal(kind: str) -> str:
@@ -72,10 +74,11 @@ def swap_refusal(kind: str) -> str:
             "be hot-swapped in unmerged mode; a host attached with mode='merged' serves it "
             "(merged by peft's own layers)"
         )
-    if kind in PEFT_MERGED_KINDS:
+    if kind in PEFT_MERGED_KINDS or kind in MERGED_FACTOR_KINDS:
+        how = "peft's own layers" if kind in PEFT_MERGED_KINDS else "peftreg's MoRA operator"
         return (
             f"a {kind} adapter cannot be hot-swapped in unmerged mode; a host attached "
-            "with mode='merged' serves it (merged by peft's own layers)"
+            f"with mode='merged' serves it (merged by {how})"
         )
     served = f"hot-swap serves {', '.join(SERVED_KINDS)} in both modes"
     return (
@@ -141,14 +144,12 @@ class LoadedAdapter:
     def pin_memory(self) -> LoadedAdapter:
         """A copy whose tensors are in page-locked memory (fast, asynchronous GPU copies)."""
         factors = {
-            name: ModuleFactors(
-                f.module,
-                f.layer,
-                f.a.pin_memory(),
-                f.b.pin_memory(),
-                f.scaling,
-                None if f.magnitude is None else f.magnitude.pin_memory(),
-                None if f.bias is None else f.bias.pin_memory(),
+            name: replace(
+                f,
+                a=f.a.pin_memory(),
+                b=f.b.pin_memory(),
+                magnitude=None if f.magnitude is None else f.magnitude.pin_memory(),
+                bias=None if f.bias is None else f.bias.pin_memory(),
             )
             for name, f in self.factors.items()
         }
@@ -286,7 +287,7 @@ def adapter_from_tensors(
         held = {name: value.detach().to("cpu").contiguous() for name, value in tensors.items()}
         scales = _ia3(config, held, source) if config.kind == "ia3" else {}
         return LoadedAdapter(digest, source, config, peft_tensors=held, ia3=scales)
-    if config.kind not in SERVED_KINDS:
+    if config.kind not in SERVED_KINDS and config.kind not in MERGED_FACTOR_KINDS:
         raise UnsupportedAdapter(f"{source}: {swap_refusal(config.kind)}")
     check_features(config, source)
     check_consumed(config, tensors, source)

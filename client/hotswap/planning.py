@@ -249,6 +249,9 @@ class SwapPlanner:
                 f"{adapter.source} targets {name}, which has no slot on this host (targets "
                 f"{self.config.targets!r})"
             )
+        if factors.mora_type is not None:
+            self._check_mora(adapter, name, factors, site.layer, site.weight_shape)
+            return
         if factors.layer != site.layer or factors.weight_shape != site.weight_shape:
             raise AdapterShapeMismatch(
                 f"{name}: the adapter's {factors.layer} delta has shape "
@@ -266,6 +269,28 @@ class SwapPlanner:
                 )
         elif factors.bias is not None and site.bias is None:
             raise UnsupportedAdapter(f"{name}: the adapter has a lora_B bias, the base none")
+
+    def _check_mora(
+        self,
+        adapter: LoadedAdapter,
+        name: str,
+        factors: ModuleFactors,
+        layer: str,
+        shape: tuple[int, int],
+    ) -> None:
+        """MoRA merges only (its delta is no low-rank product a slot could hold); its square
+        must be the one the fork derives from the model's Linear weight."""
+        if self.config.mode != "merged":
+            raise UnsupportedAdapter(
+                f"{adapter.source}: a mora adapter cannot be hot-swapped in unmerged mode; a "
+                "host attached with mode='merged' serves it"
+            )
+        reason = "a MoRA module adapts a Linear weight" if layer != "linear" else None
+        reason = reason or factors.shape_mismatch(shape)
+        if reason is not None:
+            raise AdapterShapeMismatch(
+                f"{name}: the model's {layer} weight {list(shape)}: {reason}"
+            )
 
     def _check_values(self, name: str, factors: ModuleFactors, bounds: FactorBounds | None) -> None:
         """Unmerged: A, B, bias, gain and the delta's largest entry fit the slot's dtype."""

@@ -51,8 +51,8 @@ PEFT_MERGED_KINDS = frozenset(
         "tinylora", "trainable_tokens", "unilora", "vblora", "vera", "waveft",
     }
 )  # fmt: skip
-# The kinds peftreg's own factor math merges (LoRA and its variants, DoRA, NOLA).
-FACTOR_MERGED_KINDS = frozenset({"lora", "dora", "nola"})
+# The kinds peftreg's own factor math merges (LoRA and its variants, DoRA, NOLA, MoRA).
+FACTOR_MERGED_KINDS = frozenset({"lora", "dora", "nola", "mora"})
 
 
 def mergeable_kind(kind: str) -> bool:
@@ -136,6 +136,8 @@ def missing_weight(module: str, *, tied_embeddings: bool) -> str:
 
 def _expected_shape(config: AdapterConfig, target: TargetModule) -> tuple[int, ...] | None:
     """The base weight's shape the factors make, from the recorded tensor specs."""
+    if config.kind == "mora":
+        return None  # the square's side is checked against the base weight when planned
     specs = {spec.name: spec.shape for spec in config.tensors}
     prefix = f"{PEFT_PREFIX}{target.module}"
     if target.layer == "embedding":

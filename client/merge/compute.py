@@ -55,6 +55,7 @@ def row_blockable(plan: TensorPlan) -> bool:
         and plan.replacement is None
         and len(plan.source.shape) == 2
         and all(f.layer == "linear" or f.magnitude is None for f, _ in plan.weight)
+        and all(f.mora_type is None for f, _ in plan.weight)  # MoRA's delta is made whole
     )
 
 

@@ -110,10 +110,11 @@ class _Matcher:
                 f"the base's {name} is {tensor.dtype_name}; merge needs F16, BF16, F32 or "
                 "F64 weights"
             )
-        if tensor.shape != factors.weight_shape:
+        reason = factors.shape_mismatch(tensor.shape)
+        if reason is not None:
             raise IncompatibleBase(
-                f"{label}: the base's {name} has shape {list(tensor.shape)}, but the "
-                f"adapter's factors for {module} make {list(factors.weight_shape)}"
+                f"{label}: the base's {name} has shape {list(tensor.shape)}, but for {module} "
+                f"{reason}"
             )
         self.weights.setdefault(name, []).append((factors, adapter.source.weight))
         self.modules.add(module)

@@ -40,6 +40,7 @@ from peftreg.transfer.digest_memo import DigestMemo
 
 if TYPE_CHECKING:
     from peftreg.adapters.schema import BaseReference
+    from peftreg.prompts.package import HardPrompt
 from peftreg.transfer.progress import Progress
 
 DEFAULT_URL = "http://127.0.0.1:8750"
@@ -401,6 +402,13 @@ class Client:
             fingerprint=config.fingerprint,
             structure_hash=config.structure_hash,
         )
+
+    def hard_prompt(self, reference: Reference | str) -> HardPrompt:
+        """The hard prompt REF names: its text, placeholders, `render(**values)` and
+        `token_ids(tokenizer_dir)` (checked against the tokenizer it is bound to)."""
+        from peftreg.prompts.package import load_prompt
+
+        return load_prompt(self, self._own_reference(reference))
 
     def base_model_config(self, base: str) -> dict[str, Any]:
         """The config.json of the registered base REF `base` names (its architecture)."""

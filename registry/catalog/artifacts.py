@@ -1,4 +1,6 @@
-"""Adapter and base artifacts: validated when their manifest is put, then indexed.
+"""Adapter, base and hard-prompt artifacts: validated when their manifest is put, then indexed.
+
+Hard prompts (`application/vnd.peftreg.prompt.v1`): see `peftreg.registry.catalog.prompts`.
 
 An artifact is checked when its manifest declares `artifactType`
 `application/vnd.peftreg.adapter.v1` (or `.base.v1`) and a config blob of the
@@ -51,6 +53,7 @@ from peftreg.formats.safetensors_header import SafetensorsError, SafetensorsHead
 from peftreg.manifest import (
     ADAPTER_ARTIFACT,
     BASE_ARTIFACT,
+    PROMPT_ARTIFACT,
     TITLE_ANNOTATION,
     Descriptor,
     ImageIndex,
@@ -146,7 +149,13 @@ def inspect_artifact(
     """Validate an adapter or base artifact; its (unsaved) index row, or None for others."""
     if not isinstance(parsed, ImageManifest):
         return None
-    expected = {ADAPTER_ARTIFACT: ADAPTER_CONFIG_MEDIA_TYPE, BASE_ARTIFACT: BASE_CONFIG_MEDIA_TYPE}
+    from peftreg.prompts.schema import PROMPT_CONFIG_MEDIA_TYPE
+
+    expected = {
+        ADAPTER_ARTIFACT: ADAPTER_CONFIG_MEDIA_TYPE,
+        BASE_ARTIFACT: BASE_CONFIG_MEDIA_TYPE,
+        PROMPT_ARTIFACT: PROMPT_CONFIG_MEDIA_TYPE,
+    }
     artifact_type = parsed.resolved_artifact_type()
     if artifact_type not in expected:
         return None
@@ -159,6 +168,10 @@ def inspect_artifact(
         )
     if artifact_type == ADAPTER_ARTIFACT:
         return _inspect_adapter(session, store, parsed)
+    if artifact_type == PROMPT_ARTIFACT:
+        from peftreg.registry.catalog.prompts import inspect_prompt
+
+        return inspect_prompt(session, store, parsed)
     return _inspect_base(store, parsed)
 
 

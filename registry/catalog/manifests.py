@@ -15,6 +15,7 @@ from peftreg.manifest import (
     BASE_ARTIFACT,
     CHECKPOINT_ARTIFACT,
     OCI_INDEX,
+    PROMPT_ARTIFACT,
     Descriptor,
     ImageIndex,
     ImageManifest,
@@ -145,6 +146,7 @@ def _check_layer_titles(parsed: ImageManifest | ImageIndex) -> None:
         ADAPTER_ARTIFACT,
         BASE_ARTIFACT,
         CHECKPOINT_ARTIFACT,
+        PROMPT_ARTIFACT,
     ):
         return
     try:

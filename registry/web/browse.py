@@ -21,7 +21,7 @@ from peftreg.registry.web.session import Viewer, get_viewer
 router = APIRouter(prefix="/ui", route_class=WebRoute, include_in_schema=False)
 ViewerDep = Annotated[Viewer, Depends(get_viewer)]
 PAGE_SIZE = 50
-KINDS: tuple[str, ...] = (*ADAPTER_KINDS, "base")
+KINDS: tuple[str, ...] = (*ADAPTER_KINDS, "hard_prompt", "base")
 QUANTIZATIONS: tuple[str, ...] = get_args(BaseQuantization)
 
 

@@ -45,6 +45,7 @@ def test_schemas_are_served_at_a_stable_url(service: TestClient) -> None:
         "adapter.config.v1.json",
         "base.config.v1.json",
         "checkpoint.config.v1.json",
+        "prompt.config.v1.json",
     ]
     for name, schema in published_schemas().items():
         response = service.get(f"/schemas/{name}")
