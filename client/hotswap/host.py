@@ -51,6 +51,7 @@ from peftreg.hotswap.merged import PristineWeights
 from peftreg.hotswap.planning import EMPTY, SwapPlan, SwapPlanner
 from peftreg.hotswap.prompt import PromptSlot
 from peftreg.hotswap.slots import ModuleSlot
+from peftreg.hotswap.staging import ProgramCache
 from peftreg.hotswap.targets import TargetSite, refuse_tied_for_merged, resolve_targets
 from peftreg.sdk.client import Client
 
@@ -90,6 +91,7 @@ class AdapterHost:
         self._active_peft: list[str] = []  # merged mode: modules peft's layers merged
         self._spare_content: str | None = EMPTY
         self.slots: dict[str, ModuleSlot] = {}
+        self._programs = ProgramCache(2 * (config.cache_entries + 1))  # two buffer sets
         self.pristine: PristineWeights | None = None
         self._followers: list[TagFollower] = []
         self._detached = False
@@ -313,7 +315,13 @@ class AdapterHost:
                 self._synchronize()
                 self._spare_content = None
                 for name, slot in self.slots.items():
-                    written += slot.stage(plan.factors.get(name), rows.get(name))
+                    factors = plan.factors.get(name)
+                    written += slot.stage(factors, rows.get(name), copy_factors=False)
+                if plan.adapter is not None and plan.factors:
+                    program = self._programs.program(
+                        plan.adapter, plan.factors, self.slots, self._keeps_program
+                    )
+                    written += program.run()
                 if self.prompt is not None:
                     written += self.prompt.stage(plan.prompt)
                 self._spare_content = plan.content
@@ -328,6 +336,10 @@ class AdapterHost:
                 self._active_factors = dict(plan.factors)
                 self._spare_content = previous
         return written
+
+    def _keeps_program(self, digest: str) -> bool:
+        """A staging program stays while its adapter is in the LRU or active."""
+        return digest in self.cache or digest == self.active_digest
 
     def _apply_merged(self, plan: SwapPlan, flip_timeout: float | None) -> int:
         pristine = self.pristine
@@ -438,6 +450,7 @@ class AdapterHost:
             self._active_peft = []
             self._detached = True
             self.slots.clear()  # the planner holds the same dict
+            self._programs.clear()
             self.pristine = None
             self.prompt = None
             self.planner.prompt = None

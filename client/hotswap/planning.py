@@ -13,6 +13,7 @@ the factors are staged. Merged mode checks the merged weights themselves
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -108,6 +109,9 @@ class SwapPlanner:
         self.base_fingerprint, self.base_structure_hash = base_identity
         self.base_weight = base_weight
         self._verified_base_layers: set[str] = set()  # adapter digests already checked
+        # digest -> the adapter object whose factors and prompt passed every check: the
+        # same object (immutable) planned again is not checked again (a warm swap)
+        self._checked: dict[str, weakref.ref[LoadedAdapter]] = {}
 
     def plan(self, adapter: LoadedAdapter | None) -> SwapPlan:
         """Check `adapter` against this host (raises SwapError); nothing is written."""
@@ -116,6 +120,13 @@ class SwapPlanner:
         self._check_base(adapter)
         if adapter.peft_tensors:
             return SwapPlan(adapter, peft=self._peft_modules(adapter))
+        checked = self._checked.get(adapter.digest)
+        if checked is None or checked() is not adapter:
+            self._check_contents(adapter)
+            self._remember(adapter)
+        return SwapPlan(adapter, dict(adapter.factors), adapter.prompt)
+
+    def _check_contents(self, adapter: LoadedAdapter) -> None:
         for name, factors in adapter.factors.items():
             self._check_module(adapter, name, factors)
             self._check_values(name, factors, adapter.bounds.get(name))
@@ -123,7 +134,12 @@ class SwapPlanner:
         prompt = adapter.prompt
         if prompt is not None:
             self._check_prompt(adapter, prompt)
-        return SwapPlan(adapter, dict(adapter.factors), prompt)
+
+    def _remember(self, adapter: LoadedAdapter) -> None:
+        """Note `adapter` as checked (weakly: the planner keeps no adapter alive)."""
+        if len(self._checked) >= 64:
+            self._checked = {k: ref for k, ref in self._checked.items() if ref() is not None}
+        self._checked[adapter.digest] = weakref.ref(adapter)
 
     def _peft_modules(self, adapter: LoadedAdapter) -> PeftModules:
         """peft's layers for the adapter on this host's architecture, every one on a site."""
