@@ -14,16 +14,14 @@ whether the values fit the slots' dtype) is checked when a host plans the swap.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import load_file
 
 from peftreg.adapters.factors import FactorError, ModuleFactors, adapter_factors
 from peftreg.adapters.nola import NolaDigestMismatch, NolaError
@@ -36,7 +34,6 @@ from peftreg.adapters.peft_import import (
     read_safetensors_header,
 )
 from peftreg.adapters.schema import AdapterConfig
-from peftreg.formats.safetensors_header import SafetensorsError, read_header
 from peftreg.hotswap.contents import (
     PROMPT_TENSOR,
     check_consumed,
@@ -49,6 +46,14 @@ from peftreg.hotswap.errors import (
     NonFiniteAdapter,
     SwapError,
     UnsupportedAdapter,
+)
+from peftreg.hotswap.tensorfile import (
+    HeaderRead,
+    allocate,
+    header_reader,
+    largest_values,
+    load_file_once,
+    tensors_from_buffer,
 )
 from peftreg.transfer.pull import PullResult
 
@@ -151,8 +156,16 @@ def largest(tensor: torch.Tensor | None) -> float:
     return float(tensor.detach().abs().max())
 
 
-def _bounded(name: str, tensor: torch.Tensor | None) -> float:
-    value = largest(tensor)
+def _bounded(
+    name: str, tensor: torch.Tensor | None, known: Mapping[tuple[int, int], float] | None = None
+) -> float:
+    """largest(tensor), refused unless finite; `known` holds values computed in bulk
+    (`largest_values`), by (data_ptr, numel)."""
+    value = None
+    if known and tensor is not None and tensor.numel():
+        value = known.get((tensor.data_ptr(), tensor.numel()))
+    if value is None:
+        value = largest(tensor)
     if not math.isfinite(value):
         raise NonFiniteAdapter(f"{name} holds NaN or infinite values; refusing the adapter")
     return value
@@ -169,13 +182,14 @@ def _factors(
         raise SwapError(f"NOLA adapter: {exc}") from None
     except FactorError as exc:
         raise AdapterShapeMismatch(str(exc)) from None
+    known = largest_values(tensors)  # one pass over a file read as one buffer
     bounds = {}
     for module, item in factors.items():
-        _bounded(f"{module}.lora_magnitude_vector", item.magnitude)
+        _bounded(f"{module}.lora_magnitude_vector", item.magnitude, known)
         bounds[module] = FactorBounds(
-            a=_bounded(f"{module}.lora_A", item.a),
-            b=_bounded(f"{module}.lora_B", item.b),
-            bias=_bounded(f"{module}.lora_B.bias", item.bias),
+            a=_bounded(f"{module}.lora_A", item.a, known),
+            b=_bounded(f"{module}.lora_B", item.b, known),
+            bias=_bounded(f"{module}.lora_B.bias", item.bias, known),
         )
     return factors, bounds
 
@@ -233,42 +247,46 @@ def tensors_title(config: AdapterConfig) -> str:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A tensors file, its header checked by the strict parser before loading."""
+    """A tensors file, its header checked by the strict parser before loading (one parse,
+    one read; `peftreg.hotswap.tensorfile`)."""
+    reads: list[HeaderRead] = []
     try:
-        read_safetensors_header(path)
+        read_safetensors_header(path, header_reader(reads))
     except PeftImportError as exc:
         raise SwapError(str(exc)) from None
-    return load_file(str(path), device="cpu")
+    return load_file_once(reads[0])
 
 
-def verified_layer(result: PullResult, title: str) -> bytes:
-    """The bytes of a pulled layer, checked against its manifest descriptor (size, digest)."""
+def verified_layer(result: PullResult, title: str) -> torch.Tensor:
+    """The bytes of a pulled layer (uint8, read once), checked against its manifest
+    descriptor (size, digest)."""
     entry = next((item for item in result.files if str(item[0]) == title), None)
     if entry is None:
         raise SwapError(f"{result.reference} has no {title} layer")
     _title, digest, size = entry
     path = result.path / title
     try:
-        data = path.read_bytes()
+        with path.open("rb") as stream:
+            data = allocate(os.fstat(stream.fileno()).st_size)
+            read = stream.readinto(memoryview(data.numpy()))
     except FileNotFoundError:
         raise SwapError(f"{result.reference}: {title} is missing from {result.path}") from None
-    actual = hashlib.new(digest.algorithm, data).hexdigest()
-    if len(data) != size or actual != digest.hex:
+    actual = hashlib.new(digest.algorithm, memoryview(data.numpy())[:read]).hexdigest()
+    if read != size or actual != digest.hex:
         raise AdapterDigestMismatch(
-            f"{result.reference}: the pulled {title} ({len(data)} bytes, "
+            f"{result.reference}: the pulled {title} ({read} bytes, "
             f"{digest.algorithm}:{actual}) does not match its manifest descriptor ({size} bytes, "
             f"{digest}); the local copy was altered"
         )
     return data
 
 
-def tensors_from_bytes(data: bytes, title: str) -> dict[str, torch.Tensor]:
-    """A safetensors file held in memory, its header checked by the strict parser first."""
-    try:
-        read_header(io.BytesIO(data), len(data))
-    except SafetensorsError as exc:
-        raise SwapError(f"{title}: {exc}") from None
-    return load_bytes(data)
+def tensors_from_bytes(data: bytes | torch.Tensor, title: str) -> dict[str, torch.Tensor]:
+    """A safetensors file held in memory, its header checked by the strict parser first;
+    the tensors are views of one buffer (`data` itself when it is a uint8 tensor)."""
+    if not isinstance(data, torch.Tensor):
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return tensors_from_buffer(data, title)
 
 
 def adapter_from_pull(result: PullResult, *, source: str | None = None) -> LoadedAdapter:
@@ -283,17 +301,22 @@ def adapter_from_pull(result: PullResult, *, source: str | None = None) -> Loade
     )
 
 
-def directory_identity(config: AdapterConfig, tensors_path: Path) -> str:
+def directory_identity(
+    config: AdapterConfig, tensors_path: Path, header_bytes: bytes | None = None
+) -> str:
     """A digest naming a local PEFT directory's adapter: its config, the tensors file's
     header, and the file's size, modification time, inode and path.
 
     An identity for the cache and for events, cheap to compute; not a content
     digest (a local directory has no recorded digest to verify against).
+    `header_bytes`: the file's header as already read (else it is read here).
     """
     stat = tensors_path.stat()
-    with tensors_path.open("rb") as stream:
-        header = stream.read(8)
-        header += stream.read(int.from_bytes(header, "little")) if len(header) == 8 else b""
+    header = header_bytes
+    if header is None:
+        with tensors_path.open("rb") as stream:
+            header = stream.read(8)
+            header += stream.read(int.from_bytes(header, "little")) if len(header) == 8 else b""
     hasher = hashlib.sha256(config_blob(config))
     hasher.update(header)
     hasher.update(
@@ -310,6 +333,7 @@ class LocalAdapter:
     config: AdapterConfig
     tensors_path: Path
     digest: str  # `directory_identity`
+    header: HeaderRead | None = None  # the tensors file's header as read and parsed
 
 
 def inspect_directory(
@@ -319,9 +343,13 @@ def inspect_directory(
     base_structure_hash: str | None = None,
 ) -> LocalAdapter:
     """Read a PEFT directory's config and tensor header (cheap: what a cache lookup needs)."""
+    reads: list[HeaderRead] = []
     try:
         imported = read_peft_directory(
-            Path(path), base_fingerprint=base_fingerprint, base_structure_hash=base_structure_hash
+            Path(path),
+            base_fingerprint=base_fingerprint,
+            base_structure_hash=base_structure_hash,
+            read_header=header_reader(reads),
         )
     except NolaDigestMismatch as exc:
         raise AdapterDigestMismatch(str(exc)) from None
@@ -329,13 +357,18 @@ def inspect_directory(
         raise SwapError(str(exc)) from None
     except NolaError as exc:
         raise SwapError(f"NOLA adapter: {exc}") from None
-    digest = directory_identity(imported.config, imported.tensors_path)
-    return LocalAdapter(Path(path), imported.config, imported.tensors_path, digest)
+    read = next((item for item in reads if item.path == imported.tensors_path), None)
+    raw = None if read is None else read.raw
+    digest = directory_identity(imported.config, imported.tensors_path, raw)
+    return LocalAdapter(Path(path), imported.config, imported.tensors_path, digest, read)
 
 
 def adapter_from_local(local: LocalAdapter) -> LoadedAdapter:
-    """Load the tensors of an inspected directory."""
-    tensors = read_tensors(local.tensors_path)
+    """Load the tensors of an inspected directory (its header is not parsed again)."""
+    if local.header is not None:
+        tensors = load_file_once(local.header)
+    else:
+        tensors = read_tensors(local.tensors_path)
     return adapter_from_tensors(local.config, tensors, digest=local.digest, source=str(local.path))
 
 

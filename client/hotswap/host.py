@@ -275,7 +275,10 @@ class AdapterHost:
             except FlipTimeout:
                 self._keep(adapter)  # a good adapter: a retry needs no download
                 raise
+            finally:
+                self._programs.prune(self._keeps_program)
             self._keep(adapter)
+            self._programs.prune(self._keeps_program)
             return self._event(previous, adapter, label, started, written, cached)
 
     def _keep(self, adapter: LoadedAdapter | None) -> None:
@@ -318,9 +321,7 @@ class AdapterHost:
                     factors = plan.factors.get(name)
                     written += slot.stage(factors, rows.get(name), copy_factors=False)
                 if plan.adapter is not None and plan.factors:
-                    program = self._programs.program(
-                        plan.adapter, plan.factors, self.slots, self._keeps_program
-                    )
+                    program = self._programs.program(plan.adapter, plan.factors, self.slots)
                     written += program.run()
                 if self.prompt is not None:
                     written += self.prompt.stage(plan.prompt)

@@ -69,20 +69,19 @@ def build_program(
     for name, item in factors.items():
         spare = buffers[name]
         rank = item.rank
-        writable = spare.fields()
-        region_a, region_b = (slice(0, rank),), (slice(None), slice(0, rank))
+        a = spare.a.T if spare.transposed_a else spare.a  # (R, in) whatever the layout
         array_a, array_b = spare.arrays.get("a"), spare.arrays.get("b")
-        program.add(writable["a"][region_a], None if array_a is None else array_a[region_a], item.a)
-        program.add(writable["b"][region_b], None if array_b is None else array_b[region_b], item.b)
+        program.add(a[:rank], None if array_a is None else array_a[:rank], item.a)
+        program.add(spare.b[:, :rank], None if array_b is None else array_b[:, :rank], item.b)
     return program
 
 
 class ProgramCache:
-    """Programs by (adapter digest, buffer set).
+    """Programs by (adapter digest, buffer set), at most `max_entries`.
 
-    A program keeps its adapter's tensors alive, so when one is built the
-    programs of adapters `keep` no longer wants (those the host's LRU
-    dropped) are dropped too, and at most `max_entries` are kept.
+    A program keeps its adapter's tensors alive: the host `prune`s the
+    programs of adapters it no longer holds (dropped by its LRU) after
+    every swap.
     """
 
     def __init__(self, max_entries: int) -> None:
@@ -94,15 +93,12 @@ class ProgramCache:
         adapter: LoadedAdapter,
         factors: Mapping[str, ModuleFactors],
         slots: Mapping[str, ModuleSlot],
-        keep: Callable[[str], bool],
     ) -> StagingProgram:
         """The program staging `factors` (of `adapter`) into the slots' spare buffers."""
         spare_set = next(iter(slots.values())).spare.index if slots else 0
         key = (adapter.digest, spare_set)
         program = self._programs.get(key)
         if program is None or program.adapter is not adapter:
-            for stale in [k for k in self._programs if k[0] != key[0] and not keep(k[0])]:
-                del self._programs[stale]
             buffers = {name: slot.spare for name, slot in slots.items()}
             program = build_program(adapter, factors, buffers)
             self._programs[key] = program
@@ -111,8 +107,14 @@ class ProgramCache:
             self._programs.popitem(last=False)
         return program
 
-    def __len__(self) -> int:
-        return len(self._programs)
+    def prune(self, keep: Callable[[str], bool]) -> None:
+        """Drop the programs of the adapters `keep` (given a digest) no longer wants."""
+        for key in [key for key in self._programs if not keep(key[0])]:
+            del self._programs[key]
+
+    def digests(self) -> set[str]:
+        """The adapters programs are kept for."""
+        return {digest for digest, _set in self._programs}
 
     def clear(self) -> None:
         self._programs.clear()
