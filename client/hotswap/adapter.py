@@ -51,7 +51,6 @@ from peftreg.hotswap.tensorfile import (
     HeaderRead,
     allocate,
     header_reader,
-    largest_values,
     load_file_once,
     tensors_from_buffer,
 )
@@ -152,20 +151,15 @@ def largest(tensor: torch.Tensor | None) -> float:
     if tensor is None or tensor.numel() == 0:
         return 0.0
     if tensor.dtype in (torch.float32, torch.float64) and tensor.device.type == "cpu":
-        return float(np.max(np.abs(tensor.numpy())))  # much faster than torch's on the CPU
+        # numpy's max and min (no |x| temporary) are much faster than torch's on the CPU;
+        # np.maximum keeps a NaN from either
+        values = tensor.detach().numpy()
+        return float(np.maximum(values.max(), -values.min()))
     return float(tensor.detach().abs().max())
 
 
-def _bounded(
-    name: str, tensor: torch.Tensor | None, known: Mapping[tuple[int, int], float] | None = None
-) -> float:
-    """largest(tensor), refused unless finite; `known` holds values computed in bulk
-    (`largest_values`), by (data_ptr, numel)."""
-    value = None
-    if known and tensor is not None and tensor.numel():
-        value = known.get((tensor.data_ptr(), tensor.numel()))
-    if value is None:
-        value = largest(tensor)
+def _bounded(name: str, tensor: torch.Tensor | None) -> float:
+    value = largest(tensor)
     if not math.isfinite(value):
         raise NonFiniteAdapter(f"{name} holds NaN or infinite values; refusing the adapter")
     return value
@@ -182,14 +176,13 @@ def _factors(
         raise SwapError(f"NOLA adapter: {exc}") from None
     except FactorError as exc:
         raise AdapterShapeMismatch(str(exc)) from None
-    known = largest_values(tensors)  # one pass over a file read as one buffer
     bounds = {}
     for module, item in factors.items():
-        _bounded(f"{module}.lora_magnitude_vector", item.magnitude, known)
+        _bounded(f"{module}.lora_magnitude_vector", item.magnitude)
         bounds[module] = FactorBounds(
-            a=_bounded(f"{module}.lora_A", item.a, known),
-            b=_bounded(f"{module}.lora_B", item.b, known),
-            bias=_bounded(f"{module}.lora_B.bias", item.bias, known),
+            a=_bounded(f"{module}.lora_A", item.a),
+            b=_bounded(f"{module}.lora_B", item.b),
+            bias=_bounded(f"{module}.lora_B.bias", item.bias),
         )
     return factors, bounds
 

@@ -1,15 +1,11 @@
-"""An adapter's safetensors file read once: one header parse, one read, tensors as views.
+"""An adapter's safetensors file read with one strict header parse.
 
-A cold swap used to parse a directory's header three times (import, the
-strict check before loading, the loader's own) and build each tensor in its
-own allocation. Here the strict parser (`peftreg.formats.safetensors_header`)
-runs once on the header bytes, which also name the directory
-(`directory_identity`); the whole file is then read with one `readinto`
-into one buffer, checked to still begin with those very header bytes, and
-every tensor is a view of that buffer (a copy only for data that is not
-aligned to its element size). The views of one buffer lie in file order,
-which is what lets `largest_values` bound every float tensor in two
-vectorized passes instead of one reduction per tensor.
+A cold swap used to parse a directory's header twice with the strict parser
+(`peftreg.formats.safetensors_header`: on import, and again before loading).
+Here it runs once on the header bytes, which also name the directory
+(`directory_identity`); the data is then loaded as long as the file is still
+the one whose header was parsed. A pulled layer, already in memory to be
+hashed, is parsed once and its tensors are views of that one buffer.
 """
 
 from __future__ import annotations
@@ -19,12 +15,12 @@ import io
 import mmap
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from peftreg.checkpoint.writer import SAFETENSORS_DTYPES
 from peftreg.formats.safetensors_header import (
@@ -77,22 +73,28 @@ def header_reader(reads: list[HeaderRead]) -> Callable[[Path], SafetensorsHeader
 
 
 def load_file_once(read: HeaderRead) -> dict[str, torch.Tensor]:
-    """Every tensor of the file `read` parsed, from one read of the whole file.
+    """Every tensor of the file `read` parsed, loaded without parsing strictly again.
 
-    Raises SwapError when the file was replaced or rewritten since its header
-    was read (another size, time or inode, or other header bytes).
+    safetensors' loader reads the data (its allocations are small and reused
+    from one load to the next, which one large fresh buffer is not). Raises
+    SwapError when the file was replaced or rewritten since its header was
+    read: another size, time or inode, or tensors other than the header's.
     """
+    changed = SwapError(f"{read.path} changed while it was loaded; swap again")
     with read.path.open("rb") as stream:
-        stat = _stat(stream)
-        size = stat[0]
-        if stat != read.stat:
-            raise SwapError(f"{read.path} changed while it was loaded; swap again")
-        buffer = allocate(size)
-        got = stream.readinto(memoryview(buffer.numpy()))
-    prefix = len(read.raw)
-    if got != size or buffer[:prefix].numpy().tobytes() != read.raw:
-        raise SwapError(f"{read.path} changed while it was loaded; swap again")
-    return tensors_in(buffer, read.header)
+        if _stat(stream) != read.stat:
+            raise changed
+        tensors = load_file(str(read.path), device="cpu")
+        if _stat(stream) != read.stat or os.stat(read.path).st_ino != read.stat[2]:
+            raise changed
+    entries = read.header.tensors
+    if tensors.keys() != entries.keys() or any(
+        tuple(tensor.shape) != entries[name].shape
+        or tensor.dtype != SAFETENSORS_DTYPES.get(entries[name].dtype)
+        for name, tensor in tensors.items()
+    ):
+        raise changed
+    return tensors
 
 
 def allocate(size: int) -> torch.Tensor:
@@ -144,46 +146,3 @@ class _Reader:
         chunk = bytes(self._view[self._position : self._position + size])
         self._position += len(chunk)
         return chunk
-
-
-def largest_values(tensors: Mapping[str, torch.Tensor]) -> dict[tuple[int, int], float]:
-    """max |value| of every non-empty fp32 CPU tensor that is a contiguous view of one shared
-    buffer, by `(data_ptr(), numel())`: one max and one min reduction (`reduceat`) per run of
-    adjacent tensors. NaN wherever a tensor holds one. Tensors not covered are left to
-    the caller."""
-    spans: list[tuple[int, int, torch.Tensor]] = []
-    for tensor in tensors.values():
-        if (
-            tensor.dtype == torch.float32
-            and tensor.device.type == "cpu"
-            and tensor.numel()
-            and tensor.is_contiguous()
-        ):
-            spans.append((tensor.data_ptr(), tensor.numel(), tensor))
-    spans.sort(key=lambda span: span[0])
-    found: dict[tuple[int, int], float] = {}
-    run: list[tuple[int, int, torch.Tensor]] = []
-    for span in spans:
-        if run and not _adjacent(run[-1], span):
-            found.update(_run_largest(run))
-            run = []
-        run.append(span)
-    if run:
-        found.update(_run_largest(run))
-    return found
-
-
-def _adjacent(left: tuple[int, int, torch.Tensor], right: tuple[int, int, torch.Tensor]) -> bool:
-    return (
-        left[0] + 4 * left[1] == right[0]
-        and left[2].untyped_storage().data_ptr() == right[2].untyped_storage().data_ptr()
-    )
-
-
-def _run_largest(run: list[tuple[int, int, torch.Tensor]]) -> dict[tuple[int, int], float]:
-    first = run[0][2]
-    total = sum(span[1] for span in run)
-    flat = first.as_strided((total,), (1,), first.storage_offset()).numpy()
-    starts = np.cumsum([0] + [span[1] for span in run[:-1]])
-    peaks = np.maximum(np.maximum.reduceat(flat, starts), -np.minimum.reduceat(flat, starts))
-    return {span[:2]: float(value) for span, value in zip(run, peaks.tolist(), strict=True)}

@@ -1,7 +1,6 @@
-"""The swap's loading and copy path: a file read once (header parsed once, tensors views of
-one buffer, refused when it changed under the host), bounds computed in bulk equal to the
-per-tensor ones, staging programs replayed across ranks, buffer sets and dtypes, and the
-LRU's byte count."""
+"""The swap's loading and copy path: a directory's header parsed once (refused when the file
+changed under the host), a pulled layer viewed in one buffer, the largest magnitudes,
+staging programs replayed across ranks, buffer sets and dtypes, and the LRU's byte count."""
 
 from __future__ import annotations
 
@@ -18,8 +17,8 @@ from peftreg.hotswap.adapter import (
     directory_identity,
     inspect_directory,
     largest,
+    tensors_from_bytes,
 )
-from peftreg.hotswap.tensorfile import largest_values, load_file_once, read_prefix
 from tests.adapters.tiny_models import sample_ids, tiny_llama
 from tests.hotswap.builders import (
     MAX_DIFF,
@@ -34,7 +33,7 @@ from tests.hotswap.builders import (
 TENSORS = "adapter_model.safetensors"
 
 
-def test_a_directory_is_read_once_into_views_of_one_buffer(tmp_path: Path) -> None:
+def test_a_directory_is_parsed_once_and_named_by_that_parse(tmp_path: Path) -> None:
     path = save_adapter(tiny_llama, lora(["q_proj", "v_proj"]), tmp_path / "a")
     local = inspect_directory(path)
     assert local.header is not None
@@ -42,16 +41,25 @@ def test_a_directory_is_read_once_into_views_of_one_buffer(tmp_path: Path) -> No
     assert local.header.raw == raw[: local.header.header.data_start]
     assert local.digest == directory_identity(local.config, local.tensors_path)
     adapter = adapter_from_local(local)
-    storages = {
-        t.untyped_storage().data_ptr() for f in adapter.factors.values() for t in (f.a, f.b)
-    }
-    assert len(storages) == 1  # one buffer, every factor a view of it
     ids = sample_ids()
     with AdapterHost(tiny_llama(), HostConfig(targets=["q_proj", "v_proj"])) as host:
         host.swap(adapter)
         outputs = model_outputs(host.model, ids)
         assert (outputs - peft_outputs(tiny_llama, path, ids)).abs().max() < MAX_DIFF
         assert (outputs - model_outputs(tiny_llama(), ids)).abs().max() > 100 * MAX_DIFF
+
+
+def test_a_pulled_layer_is_viewed_in_one_buffer(tmp_path: Path) -> None:
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(4, dtype=torch.float16)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    loaded = tensors_from_bytes((tmp_path / "t.safetensors").read_bytes(), "t.safetensors")
+    assert {t.untyped_storage().data_ptr() for t in loaded.values()} == {
+        loaded["a"].untyped_storage().data_ptr()
+    }
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor)
+    with pytest.raises(SwapError, match=r"t\.safetensors"):
+        tensors_from_bytes(b"\x08" + b"\x00" * 7 + b"{}", "t.safetensors")
 
 
 def test_a_file_rewritten_after_its_header_was_read_is_refused(tmp_path: Path) -> None:
@@ -78,27 +86,21 @@ def test_a_file_rewritten_with_the_same_header_is_refused(tmp_path: Path) -> Non
         adapter_from_local(local)
 
 
-def test_bulk_bounds_equal_the_per_tensor_ones(tmp_path: Path) -> None:
-    generator = torch.Generator().manual_seed(0)
-    tensors = {
-        "a": torch.randn(3, 5, generator=generator),
-        "b": -7.5 * torch.ones(4),  # the largest magnitude is negative
-        "c": torch.tensor([1.0, float("inf")]),
-        "d": torch.tensor([float("nan"), 2.0]),
-        "e": torch.zeros(0),
-        "f": torch.arange(6, dtype=torch.float16),  # another dtype: not covered in bulk
-        "g": torch.randn(2, 2, generator=generator),
-    }
-    save_file(tensors, str(tmp_path / "t.safetensors"))
-    loaded = load_file_once(read_prefix(tmp_path / "t.safetensors"))
-    known = largest_values(loaded)
-    for name, tensor in loaded.items():
-        key = (tensor.data_ptr(), tensor.numel())
-        if tensor.dtype != torch.float32 or not tensor.numel():
-            assert key not in known
-            continue
-        expected, found = largest(tensor), known[key]
-        assert (math.isnan(expected) and math.isnan(found)) or expected == found, name
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([1.0, -7.5, 3.0], 7.5),  # the largest magnitude is negative
+        ([float("nan"), 2.0], math.nan),
+        ([2.0, float("nan")], math.nan),  # a NaN found by the min as well as by the max
+        ([-float("inf"), 1.0], math.inf),
+        ([], 0.0),
+    ],
+    ids=["negative", "nan-first", "nan-last", "minus-inf", "empty"],
+)
+def test_largest_magnitude(values: list[float], expected: float) -> None:
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        found = largest(torch.tensor(values, dtype=dtype))
+        assert (math.isnan(expected) and math.isnan(found)) or found == expected, dtype
 
 
 def _adapters(tmp_path: Path) -> list[Path]:
