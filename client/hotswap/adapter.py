@@ -261,10 +261,10 @@ def verified_layer(result: PullResult, title: str) -> torch.Tensor:
     try:
         with path.open("rb") as stream:
             data = allocate(os.fstat(stream.fileno()).st_size)
-            read = stream.readinto(memoryview(data.numpy()))
+            read = stream.readinto(data.numpy().data)
     except FileNotFoundError:
         raise SwapError(f"{result.reference}: {title} is missing from {result.path}") from None
-    actual = hashlib.new(digest.algorithm, memoryview(data.numpy())[:read]).hexdigest()
+    actual = hashlib.new(digest.algorithm, data.numpy().data[:read]).hexdigest()
     if read != size or actual != digest.hex:
         raise AdapterDigestMismatch(
             f"{result.reference}: the pulled {title} ({read} bytes, "

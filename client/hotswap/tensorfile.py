@@ -129,7 +129,7 @@ def tensors_from_buffer(buffer: torch.Tensor, title: str) -> dict[str, torch.Ten
     """A safetensors file held in memory (`buffer`, uint8), its header checked by the strict
     parser first; the tensors are views of `buffer`."""
     try:
-        header = read_header(_Reader(memoryview(buffer.numpy())), buffer.numel())
+        header = read_header(_Reader(buffer.numpy().data), buffer.numel())
     except SafetensorsError as exc:
         raise SwapError(f"{title}: {exc}") from None
     return tensors_in(buffer, header)
