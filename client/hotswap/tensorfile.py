@@ -50,7 +50,9 @@ def read_prefix(path: Path) -> HeaderRead:
         stat = _stat(stream)
         prefix = stream.read(8)
         length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else 0
-        raw = prefix + stream.read(min(length, MAX_HEADER_BYTES))
+        # a length past the limit or the file is refused by the parser, with nothing read
+        fits = length <= MAX_HEADER_BYTES and 8 + length <= stat[0]
+        raw = prefix + (stream.read(length) if fits else b"")
     header = read_header(io.BytesIO(raw), stat[0])
     return HeaderRead(path, header, raw[: header.data_start], stat)
 
