@@ -17,7 +17,8 @@ unless --device says otherwise), like with like:
 - peftreg toggling between two adapters (the spare still holds the other
   one: a flip that copies nothing), for reference only.
 
-Prints medians, the two like-for-like ratios, and the bytes a swap copies
+Prints medians, the two like-for-like ratios against their targets (warm
+<= 0.1x, cold <= 0.3x of peft's median in the same run), and the bytes a swap copies
 against the adapter's size and the measured copy bandwidth (the floor a
 swap that copies its bytes cannot beat). Checks once that peftreg and peft
 compute the same logits with the same adapter.
@@ -57,6 +58,8 @@ COLD_OURS = "COLD peftreg swap from disk (LRU emptied)"
 COLD_PEFT = "COLD peft hotswap_adapter (from disk)"
 LOAD_PEFT = "peft load_adapter + set_adapter"
 TOGGLE_OURS = "(reference) peftreg A<->B toggle: flip only, 0 bytes"
+WARM_TARGET = 0.1  # peftreg's median over peft's, same run
+COLD_TARGET = 0.3
 
 
 def make_model(device: str) -> LlamaForCausalLM:
@@ -278,9 +281,14 @@ def main() -> None:
     print(f"\nswap latency over {swaps} swaps (median, best):")
     for label, (value, best) in results.items():
         print(f"  {label:<58} {value:9.2f} ms {best:9.2f} ms")
-    print("\nlike for like (peftreg / peft):")
-    print(f"  WARM, adapter in memory: {ratio(results, WARM_OURS, WARM_PEFT)}")
-    print(f"  COLD, adapter from disk: {ratio(results, COLD_OURS, COLD_PEFT)}")
+    print("\nlike for like (peftreg / peft), against the targets of issue 18:")
+    for kind, mine, peer, target in (
+        ("WARM, adapter in memory", WARM_OURS, WARM_PEFT, WARM_TARGET),
+        ("COLD, adapter from disk", COLD_OURS, COLD_PEFT, COLD_TARGET),
+    ):
+        met = results[mine][0] / results[peer][0] <= target
+        verdict = "met" if met else "NOT met"
+        print(f"  {kind}: {ratio(results, mine, peer)}; target <= {target}x: {verdict}")
     print(f"  cold vs load_adapter + set_adapter: {ratio(results, COLD_OURS, LOAD_PEFT)}")
     for kind in ("warm", "cold"):
         print(

@@ -23,6 +23,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,12 @@ def is_peft_directory(path: Path) -> bool:
     return any(item.is_file() and item.suffix.lower() in PICKLE_SUFFIXES for item in path.iterdir())
 
 
-def read_safetensors_header(path: Path) -> SafetensorsHeader:
+def read_safetensors_header(
+    path: Path, reader: Callable[[Path], SafetensorsHeader] | None = None
+) -> SafetensorsHeader:
     try:
+        if reader is not None:
+            return reader(path)
         with path.open("rb") as stream:
             return read_header(stream, path.stat().st_size)
     except SafetensorsError as exc:
@@ -247,8 +252,13 @@ def read_peft_directory(
     *,
     base_fingerprint: str | None = None,
     base_structure_hash: str | None = None,
+    read_header: Callable[[Path], SafetensorsHeader] | None = None,
 ) -> ImportedAdapter:
-    """Import a PEFT directory: config resolved from its JSON and tensor header."""
+    """Import a PEFT directory: config resolved from its JSON and tensor header.
+
+    `read_header` parses the tensors file's header (raising SafetensorsError);
+    a caller that goes on to load the file passes one that keeps what it read.
+    """
     path = Path(path)
     if not path.is_dir():
         raise PeftImportError(f"{path} is not a directory")
@@ -274,7 +284,7 @@ def read_peft_directory(
     tensors_path = path / title
     if not tensors_path.is_file():
         raise PeftImportError(f"{path} has {CONFIG_FILE} but no {title}")
-    header = read_safetensors_header(tensors_path)
+    header = read_safetensors_header(tensors_path, read_header)
     recorded = _recorded_base(peft_config)
     base = BaseReference(
         name=peft_config.get("base_model_name_or_path"),

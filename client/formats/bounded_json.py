@@ -34,7 +34,8 @@ def nesting_depth(document: Any, *, limit: int) -> int:
         deepest = max(deepest, depth)
         if deepest > limit:
             return deepest
-        stack.extend((child, depth) for child in children)
+        # only containers go on the stack: a scalar child adds no depth
+        stack.extend((child, depth) for child in children if isinstance(child, dict | list))
     return deepest
 
 

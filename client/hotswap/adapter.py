@@ -14,16 +14,14 @@ whether the values fit the slots' dtype) is checked when a host plans the swap.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import load_file
 
 from peftreg.adapters.factors import FactorError, ModuleFactors, adapter_factors
 from peftreg.adapters.ia3 import Ia3Scale, ia3_scales
@@ -37,7 +35,6 @@ from peftreg.adapters.peft_import import (
     read_safetensors_header,
 )
 from peftreg.adapters.schema import AdapterConfig
-from peftreg.formats.safetensors_header import SafetensorsError, read_header
 from peftreg.hotswap.contents import (
     PROMPT_KINDS,
     PROMPT_TENSOR,
@@ -53,6 +50,13 @@ from peftreg.hotswap.errors import (
     NonFiniteAdapter,
     SwapError,
     UnsupportedAdapter,
+)
+from peftreg.hotswap.tensorfile import (
+    HeaderRead,
+    allocate,
+    header_reader,
+    load_file_once,
+    tensors_from_buffer,
 )
 from peftreg.transfer.pull import PullResult
 
@@ -177,7 +181,10 @@ def largest(tensor: torch.Tensor | None) -> float:
     if tensor is None or tensor.numel() == 0:
         return 0.0
     if tensor.dtype in (torch.float32, torch.float64) and tensor.device.type == "cpu":
-        return float(np.max(np.abs(tensor.numpy())))  # much faster than torch's on the CPU
+        # numpy's max and min (no |x| temporary) are much faster than torch's on the CPU;
+        # np.maximum keeps a NaN from either
+        values = tensor.detach().numpy()
+        return float(np.maximum(values.max(), -values.min()))
     return float(tensor.detach().abs().max())
 
 
@@ -314,42 +321,46 @@ def tensors_title(config: AdapterConfig) -> str:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A tensors file, its header checked by the strict parser before loading."""
+    """A tensors file, its header checked by the strict parser before loading (one parse,
+    one read; `peftreg.hotswap.tensorfile`)."""
+    reads: list[HeaderRead] = []
     try:
-        read_safetensors_header(path)
+        read_safetensors_header(path, header_reader(reads))
     except PeftImportError as exc:
         raise SwapError(str(exc)) from None
-    return load_file(str(path), device="cpu")
+    return load_file_once(reads[0])
 
 
-def verified_layer(result: PullResult, title: str) -> bytes:
-    """The bytes of a pulled layer, checked against its manifest descriptor (size, digest)."""
+def verified_layer(result: PullResult, title: str) -> torch.Tensor:
+    """The bytes of a pulled layer (uint8, read once), checked against its manifest
+    descriptor (size, digest)."""
     entry = next((item for item in result.files if str(item[0]) == title), None)
     if entry is None:
         raise SwapError(f"{result.reference} has no {title} layer")
     _title, digest, size = entry
     path = result.path / title
     try:
-        data = path.read_bytes()
+        with path.open("rb") as stream:
+            data = allocate(os.fstat(stream.fileno()).st_size)
+            read = stream.readinto(data.numpy().data)
     except FileNotFoundError:
         raise SwapError(f"{result.reference}: {title} is missing from {result.path}") from None
-    actual = hashlib.new(digest.algorithm, data).hexdigest()
-    if len(data) != size or actual != digest.hex:
+    actual = hashlib.new(digest.algorithm, data.numpy().data[:read]).hexdigest()
+    if read != size or actual != digest.hex:
         raise AdapterDigestMismatch(
-            f"{result.reference}: the pulled {title} ({len(data)} bytes, "
+            f"{result.reference}: the pulled {title} ({read} bytes, "
             f"{digest.algorithm}:{actual}) does not match its manifest descriptor ({size} bytes, "
             f"{digest}); the local copy was altered"
         )
     return data
 
 
-def tensors_from_bytes(data: bytes, title: str) -> dict[str, torch.Tensor]:
-    """A safetensors file held in memory, its header checked by the strict parser first."""
-    try:
-        read_header(io.BytesIO(data), len(data))
-    except SafetensorsError as exc:
-        raise SwapError(f"{title}: {exc}") from None
-    return load_bytes(data)
+def tensors_from_bytes(data: bytes | torch.Tensor, title: str) -> dict[str, torch.Tensor]:
+    """A safetensors file held in memory, its header checked by the strict parser first;
+    the tensors are views of one buffer (`data` itself when it is a uint8 tensor)."""
+    if not isinstance(data, torch.Tensor):
+        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return tensors_from_buffer(data, title)
 
 
 def adapter_from_pull(result: PullResult, *, source: str | None = None) -> LoadedAdapter:
@@ -364,17 +375,22 @@ def adapter_from_pull(result: PullResult, *, source: str | None = None) -> Loade
     )
 
 
-def directory_identity(config: AdapterConfig, tensors_path: Path) -> str:
+def directory_identity(
+    config: AdapterConfig, tensors_path: Path, header_bytes: bytes | None = None
+) -> str:
     """A digest naming a local PEFT directory's adapter: its config, the tensors file's
     header, and the file's size, modification time, inode and path.
 
     An identity for the cache and for events, cheap to compute; not a content
     digest (a local directory has no recorded digest to verify against).
+    `header_bytes`: the file's header as already read (else it is read here).
     """
     stat = tensors_path.stat()
-    with tensors_path.open("rb") as stream:
-        header = stream.read(8)
-        header += stream.read(int.from_bytes(header, "little")) if len(header) == 8 else b""
+    header = header_bytes
+    if header is None:
+        with tensors_path.open("rb") as stream:
+            header = stream.read(8)
+            header += stream.read(int.from_bytes(header, "little")) if len(header) == 8 else b""
     hasher = hashlib.sha256(config_blob(config))
     hasher.update(header)
     hasher.update(
@@ -391,6 +407,7 @@ class LocalAdapter:
     config: AdapterConfig
     tensors_path: Path
     digest: str  # `directory_identity`
+    header: HeaderRead | None = None  # the tensors file's header as read and parsed
 
 
 def inspect_directory(
@@ -400,9 +417,13 @@ def inspect_directory(
     base_structure_hash: str | None = None,
 ) -> LocalAdapter:
     """Read a PEFT directory's config and tensor header (cheap: what a cache lookup needs)."""
+    reads: list[HeaderRead] = []
     try:
         imported = read_peft_directory(
-            Path(path), base_fingerprint=base_fingerprint, base_structure_hash=base_structure_hash
+            Path(path),
+            base_fingerprint=base_fingerprint,
+            base_structure_hash=base_structure_hash,
+            read_header=header_reader(reads),
         )
     except NolaDigestMismatch as exc:
         raise AdapterDigestMismatch(str(exc)) from None
@@ -410,13 +431,18 @@ def inspect_directory(
         raise SwapError(str(exc)) from None
     except NolaError as exc:
         raise SwapError(f"NOLA adapter: {exc}") from None
-    digest = directory_identity(imported.config, imported.tensors_path)
-    return LocalAdapter(Path(path), imported.config, imported.tensors_path, digest)
+    read = next((item for item in reads if item.path == imported.tensors_path), None)
+    raw = None if read is None else read.raw
+    digest = directory_identity(imported.config, imported.tensors_path, raw)
+    return LocalAdapter(Path(path), imported.config, imported.tensors_path, digest, read)
 
 
 def adapter_from_local(local: LocalAdapter) -> LoadedAdapter:
-    """Load the tensors of an inspected directory."""
-    tensors = read_tensors(local.tensors_path)
+    """Load the tensors of an inspected directory (its header is not parsed again)."""
+    if local.header is not None:
+        tensors = load_file_once(local.header)
+    else:
+        tensors = read_tensors(local.tensors_path)
     return adapter_from_tensors(local.config, tensors, digest=local.digest, source=str(local.path))
 
 

@@ -19,6 +19,8 @@ class AdapterCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self._entries: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self._sizes: dict[str, int] = {}  # digest -> nbytes (counted once per entry)
+        self._total = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -38,16 +40,23 @@ class AdapterCache:
 
         An adapter larger than `max_bytes` alone is not kept.
         """
-        if adapter.nbytes > self.max_bytes:
+        digest = adapter.digest
+        with self._lock:
+            held = self._entries.get(digest) is adapter  # a warm swap: nothing to count again
+        size = self._sizes.get(digest, 0) if held else adapter.nbytes
+        if size > self.max_bytes:
             return
         with self._lock:
-            self._entries[adapter.digest] = adapter
-            self._entries.move_to_end(adapter.digest)
-            while len(self._entries) > self.max_entries or self._bytes() > self.max_bytes:
-                self._entries.popitem(last=False)
+            self._total += size - self._sizes.get(digest, 0)
+            self._entries[digest] = adapter
+            self._sizes[digest] = size
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.max_entries or self._total > self.max_bytes:
+                evicted, _adapter = self._entries.popitem(last=False)
+                self._total -= self._sizes.pop(evicted)
 
     def _bytes(self) -> int:
-        return sum(entry.nbytes for entry in self._entries.values())
+        return self._total
 
     @property
     def nbytes(self) -> int:
@@ -70,3 +79,5 @@ class AdapterCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._sizes.clear()
+            self._total = 0

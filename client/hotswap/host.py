@@ -52,6 +52,7 @@ from peftreg.hotswap.merged import PristineWeights
 from peftreg.hotswap.planning import EMPTY, SwapPlan, SwapPlanner, content_of
 from peftreg.hotswap.prompt import PromptSlot
 from peftreg.hotswap.slots import ModuleSlot
+from peftreg.hotswap.staging import ProgramCache
 from peftreg.hotswap.targets import TargetSite, refuse_tied_for_merged, resolve_targets
 from peftreg.sdk.client import Client
 
@@ -92,6 +93,7 @@ class AdapterHost:
         self._active_peft: list[str] = []  # merged mode: modules peft's layers merged
         self._spare_content: str | None = EMPTY
         self.slots: dict[str, ModuleSlot] = {}
+        self._programs = ProgramCache(2 * (config.cache_entries + 1))  # two buffer sets
         self.pristine: PristineWeights | None = None
         self._followers: list[TagFollower] = []
         self._detached = False
@@ -296,7 +298,10 @@ class AdapterHost:
             except FlipTimeout:
                 self._keep(adapter)  # a good adapter: a retry needs no download
                 raise
+            finally:
+                self._programs.prune(self._keeps_program)
             self._keep(adapter)
+            self._programs.prune(self._keeps_program)
             return self._event(previous, adapter, label, started, written, cached)
 
     def _keep(self, adapter: LoadedAdapter | None) -> None:
@@ -338,7 +343,10 @@ class AdapterHost:
                 self._spare_content = None
                 for name, slot in self.slots.items():
                     factors, ia3 = plan.factors.get(name), plan.ia3.get(name)
-                    written += slot.stage(factors, rows.get(name), ia3)
+                    written += slot.stage(factors, rows.get(name), ia3, copy_factors=False)
+                if plan.adapter is not None and plan.factors:
+                    program = self._programs.program(plan.adapter, plan.factors, self.slots)
+                    written += program.run()
                 if self.prompt is not None:
                     written += self.prompt.stage(plan.prompt)
                 self._spare_content = plan.content
@@ -354,6 +362,10 @@ class AdapterHost:
                 self._active_factors = dict(plan.factors)
                 self._spare_content = previous
         return written
+
+    def _keeps_program(self, digest: str) -> bool:
+        """A staging program stays while its adapter is in the LRU or active."""
+        return digest in self.cache or digest == self.active_digest
 
     def _apply_merged(self, plan: SwapPlan, flip_timeout: float | None) -> int:
         pristine = self.pristine
@@ -468,6 +480,7 @@ class AdapterHost:
             self._active_peft = []
             self._detached = True
             self.slots.clear()  # the planner holds the same dict
+            self._programs.clear()
             self.pristine = None
             self.prompt = None
             self.planner.prompt = None

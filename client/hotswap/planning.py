@@ -14,6 +14,7 @@ the factors are staged. Merged mode checks the merged weights themselves
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -121,6 +122,9 @@ class SwapPlanner:
         self.base_fingerprint, self.base_structure_hash = base_identity
         self.base_weight = base_weight
         self._verified_base_layers: set[str] = set()  # adapter digests already checked
+        # digest -> the adapter object whose factors and prompt passed every check: the
+        # same object (immutable) planned again is not checked again (a warm swap)
+        self._checked: dict[str, weakref.ref[LoadedAdapter]] = {}
 
     def plan(self, adapter: LoadedAdapter | None, task_id: int | None = None) -> SwapPlan:
         """Check `adapter` (for a multitask prompt: its task `task_id`) against this host
@@ -133,16 +137,25 @@ class SwapPlanner:
             return SwapPlan(adapter, ia3=self._check_ia3(adapter))
         if adapter.peft_tensors:
             return SwapPlan(adapter, peft=self._peft_modules(adapter))
+        checked = self._checked.get(adapter.digest)
+        if checked is None or checked() is not adapter:
+            self._check_contents(adapter)
+            self._remember(adapter)
+        prompt = adapter.prompt
+        if task is not None and adapter.task_prompts is not None:
+            prompt = adapter.task_prompts[task]
+        return SwapPlan(adapter, dict(adapter.factors), prompt, task=task)
+
+    def _check_contents(self, adapter: LoadedAdapter) -> None:
+        """Factors, base layers and every prompt (each task's, for a multitask adapter)."""
         for name, factors in adapter.factors.items():
             self._check_module(adapter, name, factors)
             self._check_values(name, factors, adapter.bounds.get(name))
         self._check_base_layers(adapter)
-        prompt = adapter.prompt
-        if task is not None and adapter.task_prompts is not None:
-            prompt = adapter.task_prompts[task]
-        if prompt is not None:
+        if adapter.prompt is not None:
+            self._check_prompt(adapter, adapter.prompt)
+        for prompt in [] if adapter.task_prompts is None else adapter.task_prompts:
             self._check_prompt(adapter, prompt)
-        return SwapPlan(adapter, dict(adapter.factors), prompt, task=task)
 
     @staticmethod
     def _check_task(adapter: LoadedAdapter, task_id: int | None) -> int | None:
@@ -195,6 +208,12 @@ class SwapPlanner:
                 )
             check_fits(f"{name}.ia3_l", largest(scale.vector), slot.dtype)
         return dict(adapter.ia3)
+
+    def _remember(self, adapter: LoadedAdapter) -> None:
+        """Note `adapter` as checked (weakly: the planner keeps no adapter alive)."""
+        if len(self._checked) >= 64:
+            self._checked = {k: ref for k, ref in self._checked.items() if ref() is not None}
+        self._checked[adapter.digest] = weakref.ref(adapter)
 
     def _peft_modules(self, adapter: LoadedAdapter) -> PeftModules:
         """peft's layers for the adapter on this host's architecture, every one on a site."""

@@ -48,7 +48,7 @@ ALL: Region = (slice(None),)
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
-def _numpy_view(tensor: torch.Tensor) -> np.ndarray | None:
+def numpy_view(tensor: torch.Tensor) -> np.ndarray | None:
     """A numpy array sharing `tensor`'s memory, when it is a CPU tensor numpy can hold."""
     if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_DTYPES:
         return tensor.detach().numpy()
@@ -62,7 +62,7 @@ def copy_into(target: torch.Tensor, source: torch.Tensor) -> int:
     dispatch, and no contention with forward passes for torch's intra-op
     threads. Anything else is `copy_` (asynchronous from pinned memory).
     """
-    array = _numpy_view(target)
+    array = numpy_view(target)
     if array is not None and source.device.type == "cpu" and source.dtype == target.dtype:
         array[...] = source.detach().numpy()
     else:
@@ -72,7 +72,7 @@ def copy_into(target: torch.Tensor, source: torch.Tensor) -> int:
 
 def fill(target: torch.Tensor, value: float) -> int:
     """target[...] = value (numpy on the CPU, as `copy_into`); bytes written."""
-    array = _numpy_view(target)
+    array = numpy_view(target)
     if array is not None:
         array.fill(value)
     else:
@@ -101,10 +101,12 @@ class SlotBuffers:
     bias_zero: bool = True  # lora_bias is all zeros
     row_zero: bool = True  # row_m1 is all zeros (or absent)
     unit: dict[str, bool] = field(default_factory=dict)  # scale_in / scale_out all ones
+    gain_fill: float | None = 0.0  # the one value gain holds throughout (None: per-row values)
+    index: int = 0  # which of the slot's two sets (staging programs are kept per set)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        views = {name: _numpy_view(tensor) for name, tensor in self.fields().items()}
+        views = {name: numpy_view(tensor) for name, tensor in self.fields().items()}
         self.arrays = {name: view for name, view in views.items() if view is not None}
 
     def fields(self) -> dict[str, torch.Tensor]:
@@ -129,7 +131,7 @@ class SlotBuffers:
     def put(self, name: str, region: Region, source: torch.Tensor) -> int:
         """buffer[name][region] = source; bytes written."""
         array = self.arrays.get(name)
-        values = None if array is None else _numpy_view(source)
+        values = None if array is None else numpy_view(source)
         if array is not None and values is not None and values.dtype == array.dtype:
             target = array[region]
             target[...] = values
@@ -165,15 +167,15 @@ class ModuleSlot:
         self.dtype = dtype
         self.output_scale = output_scale(site)
         self.ia3 = ia3 and site.layer != "embedding"  # peft's IA3 has no embedding layer
-        self.active = self._allocate(dora)
-        self.spare = self._allocate(dora)
+        self.active = self._allocate(dora, 0)
+        self.spare = self._allocate(dora, 1)
         self._handles: list[RemovableHandle] = []
 
     @property
     def name(self) -> str:
         return self.site.name
 
-    def _allocate(self, dora: bool) -> SlotBuffers:
+    def _allocate(self, dora: bool, index: int) -> SlotBuffers:
         site, rank = self.site, self.max_rank
         embedding = site.layer == "embedding"
         shape_a = (site.in_features, rank) if embedding else (rank, site.in_features)
@@ -194,6 +196,7 @@ class ModuleSlot:
             scale_out=ones(site.out_features),
             transposed_a=embedding,
             unit={"scale_in": True, "scale_out": True},
+            index=index,
         )
 
     def nbytes(self) -> int:
@@ -243,12 +246,20 @@ class ModuleSlot:
     # swap ---------------------------------------------------------------------
 
     def stage(
-        self, factors: ModuleFactors | None, row: torch.Tensor | None, ia3: Ia3Scale | None = None
+        self,
+        factors: ModuleFactors | None,
+        row: torch.Tensor | None,
+        ia3: Ia3Scale | None = None,
+        *,
+        copy_factors: bool = True,
     ) -> int:
         """Write `factors` (None: nothing) into the spare buffers; bytes written.
 
         `row` is the DoRA row factor (m / norm), fp32 on the device, or None;
         `ia3` the module's IA3 vector (None: the scales are ones).
+        With `copy_factors=False` the caller copies A into the first `rank`
+        rows and B into the first `rank` columns itself (a staging program,
+        `peftreg.hotswap.staging`); everything else is written here.
         """
         spare = self.spare
         clean = spare.clean
@@ -256,7 +267,7 @@ class ModuleSlot:
         spare.clean = False
         written = 0
         rank = 0 if factors is None else factors.rank
-        if factors is not None:
+        if factors is not None and copy_factors:
             written += spare.put("a", (slice(0, rank),), factors.a)
             written += spare.put("b", (slice(None), slice(0, rank)), factors.b)
         if previous > rank:
@@ -270,9 +281,12 @@ class ModuleSlot:
             spare.bias_zero = True
         scaling = 0.0 if factors is None else factors.scaling * self.output_scale
         if row is None:
-            written += spare.clear("gain", ALL, scaling)
+            if not (clean and spare.gain_fill == scaling):
+                written += spare.clear("gain", ALL, scaling)
+                spare.gain_fill = scaling
         else:
             written += spare.put("gain", ALL, (row * scaling).to(self.dtype))
+            spare.gain_fill = None
         if spare.row_m1 is not None:
             if row is not None:
                 written += spare.put("row_m1", ALL, (row - 1.0).to(self.dtype))
