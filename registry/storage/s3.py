@@ -18,6 +18,7 @@ upload, and no optional checksum headers that some servers reject.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 
 __all__ = ["KeyLayout", "S3BlobStore", "S3UploadWriter"]
 
+logger = logging.getLogger(__name__)
 READ_CHUNK = 1024 * 1024
 MiB = 1024 * 1024
 # Writers send parts of PART_SIZE; S3 takes at most 10,000 parts, each of at
@@ -301,14 +303,22 @@ class S3BlobStore:
                     yield item["Key"], item["Size"], item["LastModified"]
 
     def _abort_multiparts(self, prefix: str) -> None:
-        """Abort the unfinished multipart uploads of writers that died under `prefix`."""
+        """Abort the unfinished multipart uploads of writers that died under `prefix`.
+
+        Housekeeping only (unfinished uploads are invisible, and a bucket
+        lifecycle rule reaps them too), so a failure, such as credentials
+        without `s3:ListBucketMultipartUploads`, is logged, not raised.
+        """
         paginator = self.client.get_paginator("list_multipart_uploads")
-        with s3_errors():
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                for upload in page.get("Uploads", []):
-                    self.client.abort_multipart_upload(
-                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
+        try:
+            with s3_errors():
+                for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                    for upload in page.get("Uploads", []):
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+        except StorageError as exc:
+            logger.warning("could not abort unfinished multipart uploads under %s: %s", prefix, exc)
 
     def _session(self, upload_id: str) -> tuple[list[Segment], list[Segment]]:
         """The segments of a session from offset 0, and stale ones (see `contiguous`).
