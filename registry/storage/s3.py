@@ -396,8 +396,10 @@ class S3BlobStore:
                 size += len(piece)
                 buffer += piece
                 while len(buffer) >= self.part_size:
-                    multipart.send(bytes(buffer[: self.part_size]))
+                    with memoryview(buffer) as view:
+                        head = bytes(view[: self.part_size])
                     del buffer[: self.part_size]
+                    multipart.send(head)
             if buffer or not multipart.parts:
                 multipart.send(bytes(buffer))
             actual = Digest(digest.algorithm, hasher.hexdigest())

@@ -56,8 +56,10 @@ class S3UploadWriter:
         self._buffer += data
         part = self._store.part_size
         while len(self._buffer) >= part:
-            self._send(bytes(self._buffer[:part]))
+            with memoryview(self._buffer) as view:
+                head = bytes(view[:part])  # one copy (a slice of the bytearray would be two)
             del self._buffer[:part]
+            self._send(head)
             if self._multipart is not None and self._multipart.parts >= self._store.max_parts:
                 self._finish_segment(with_buffer=False)
 
