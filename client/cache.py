@@ -30,16 +30,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 import platformdirs
 
 from peftreg.digest import Digest, InvalidDigest, digest_file
+from peftreg.file_lock import FileLock
 from peftreg.names import InvalidName, check_repository_name, check_tag
 from peftreg.sdk.errors import DigestMismatch, InvalidReferenceError
-
-if TYPE_CHECKING:
-    from filelock import FileLock
 
 ENV_CACHE = "PEFTREG_CACHE"
 ENV_OFFLINE = "PEFTREG_OFFLINE"
@@ -122,8 +119,6 @@ class Cache:
 
     def lock(self, name: str) -> FileLock:
         """An inter-process lock named by a digest or another key."""
-        from filelock import FileLock  # a push never locks: it does not pay for the import
-
         path = self.root / "locks" / (name.replace(":", "-").replace("/", "_") + ".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(path))
