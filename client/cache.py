@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import platformdirs
-from filelock import FileLock
 
 from peftreg.digest import Digest, InvalidDigest, digest_file
+from peftreg.file_lock import FileLock
 from peftreg.names import InvalidName, check_repository_name, check_tag
 from peftreg.sdk.errors import DigestMismatch, InvalidReferenceError
 

@@ -25,6 +25,7 @@ EMPTY_JSON_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c0
 TITLE_ANNOTATION = "org.opencontainers.image.title"
 
 ADAPTER_ARTIFACT = "application/vnd.peftreg.adapter.v1"
+ADAPTER_CONFIG_MEDIA_TYPE = "application/vnd.peftreg.adapter.config.v1+json"
 BASE_ARTIFACT = "application/vnd.peftreg.base.v1"
 CHECKPOINT_ARTIFACT = "application/vnd.peftreg.checkpoint.v1"
 PROMPT_ARTIFACT = "application/vnd.peftreg.prompt.v1"

@@ -11,7 +11,10 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ADAPTER_CONFIG_MEDIA_TYPE = "application/vnd.peftreg.adapter.config.v1+json"
+from peftreg import manifest
+
+ADAPTER_CONFIG_MEDIA_TYPE = manifest.ADAPTER_CONFIG_MEDIA_TYPE  # defined with the manifest's
+
 BASE_CONFIG_MEDIA_TYPE = "application/vnd.peftreg.base.config.v1+json"
 SAFETENSORS_MEDIA_TYPE = "application/vnd.peftreg.safetensors"
 NOLA_SAFETENSORS_MEDIA_TYPE = "application/vnd.peftreg.nola.safetensors"

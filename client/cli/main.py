@@ -7,6 +7,7 @@ Subcommands are imported when they are invoked (or listed by --help), so
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any
 
@@ -50,6 +51,22 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# The service's roles; every other command is a client of a registry.
+SERVICE_COMMANDS = frozenset({"serve", "worker", "db", "gc", "fsck"})
+
+
+def skip_pydantic_plugins(cmd_name: str) -> None:
+    """Spare a client command pydantic's plugin discovery.
+
+    The first pydantic model built looks for plugins in the entry points of
+    every installed distribution: in an environment with torch and friends,
+    tens of milliseconds of a 5 MB push. Client commands load no plugins;
+    the service's roles keep them, as does anyone who sets the variable.
+    """
+    if cmd_name not in SERVICE_COMMANDS:
+        os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+
+
 class LazyGroup(PeftregGroup):
     """A group whose subcommands live in modules imported on first use."""
 
@@ -60,6 +77,7 @@ class LazyGroup(PeftregGroup):
         target = COMMANDS.get(cmd_name)
         if target is None:
             return None
+        skip_pydantic_plugins(cmd_name)
         module_name, attribute = target.split(":")
         try:
             module = importlib.import_module(module_name)

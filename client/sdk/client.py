@@ -18,10 +18,8 @@ from peftreg.cache import Cache, offline_from_env
 from peftreg.digest import Digest
 from peftreg.manifest import BASE_ARTIFACT, MANIFEST_MEDIA_TYPES, OCI_MANIFEST, TITLE_ANNOTATION
 from peftreg.reference import Reference
-from peftreg.sdk import jobs as job_api
 from peftreg.sdk.errors import DigestMismatch, InvalidRequest
 from peftreg.sdk.http import DEFAULT_TIMEOUT, HttpSession
-from peftreg.sdk.jobs import JobInfo, JobLogLine
 from peftreg.sdk.models import (
     AuditEvent,
     DeletedVersion,
@@ -41,6 +39,7 @@ from peftreg.transfer.digest_memo import DigestMemo
 if TYPE_CHECKING:
     from peftreg.adapters.schema import BaseReference
     from peftreg.prompts.package import HardPrompt
+    from peftreg.sdk.jobs import JobInfo, JobLogLine
 from peftreg.transfer.progress import Progress
 
 DEFAULT_URL = "http://127.0.0.1:8750"
@@ -483,7 +482,7 @@ class Client:
             fallback_to_cache=fallback_to_cache,
         )
 
-    # jobs ---------------------------------------------------------------------
+    # jobs (their module is imported by these methods: a push or pull never loads it) --
 
     def export(
         self,
@@ -500,6 +499,8 @@ class Client:
         """Request a merged (optionally INT4) checkpoint, or with `output_format="gguf"` a
         GGUF model file (`quantize` f16, q8_0, q4_0 or q4_k_m); returns (job, newly created)."""
         sources = [(adapters, 1.0)] if isinstance(adapters, str) else list(adapters)
+        from peftreg.sdk import jobs as job_api
+
         return job_api.request_export(
             self.http,
             sources,
@@ -513,17 +514,25 @@ class Client:
         )
 
     def job(self, job_id: str) -> JobInfo:
+        from peftreg.sdk import jobs as job_api
+
         return job_api.get_job(self.http, job_id)
 
     def jobs(
         self, *, status: str | None = None, kind: str | None = None, repository: str | None = None
     ) -> list[JobInfo]:
+        from peftreg.sdk import jobs as job_api
+
         return job_api.list_jobs(self.http, status=status, kind=kind, repository=repository)
 
     def job_logs(self, job_id: str, *, after: int = 0) -> list[JobLogLine]:
+        from peftreg.sdk import jobs as job_api
+
         return job_api.job_logs(self.http, job_id, after=after)
 
     def cancel_job(self, job_id: str) -> JobInfo:
+        from peftreg.sdk import jobs as job_api
+
         return job_api.cancel_job(self.http, job_id)
 
     def wait_job(
@@ -535,6 +544,8 @@ class Client:
         on_update: Callable[[JobInfo], None] | None = None,
     ) -> JobInfo:
         """Poll until the job ends; raises `JobFailed` unless it succeeded."""
+        from peftreg.sdk import jobs as job_api
+
         return job_api.wait_job(
             self.http, job_id, timeout=timeout, interval=interval, on_update=on_update
         )

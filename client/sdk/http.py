@@ -19,6 +19,7 @@ from urllib.parse import urljoin
 import httpx
 
 from peftreg.sdk.errors import PeftregError, TransportError, error_class
+from peftreg.sdk.transport import LazyTlsTransport
 
 Scalar = str | int | float | bool | None
 QueryParams = Mapping[str, Scalar | Sequence[Scalar]] | list[tuple[str, Scalar]]
@@ -83,7 +84,7 @@ class HttpSession:
         self._client = httpx.Client(
             base_url=self.base_url,
             headers=headers,
-            transport=transport,
+            transport=transport or LazyTlsTransport(),
             timeout=timeout,
             follow_redirects=True,
         )

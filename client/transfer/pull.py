@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from peftreg.cache import Cache, link_or_copy, remove_tree
 from peftreg.digest import Digest, InvalidDigest
 from peftreg.manifest import (
+    ADAPTER_CONFIG_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPES,
     TITLE_ANNOTATION,
     ImageManifest,
@@ -229,8 +230,6 @@ def _adapter_config(
     http: HttpSession | None, cache: Cache, reference: Reference, content: bytes
 ) -> bytes | None:
     """The config blob of an adapter artifact, through the cache (offline: from it)."""
-    from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE
-
     parsed = parse_manifest(content, None)
     if not isinstance(parsed, ImageManifest):
         return None

@@ -1,0 +1,58 @@
+"""What a push and a pull load: the modules they do not need stay unimported.
+
+Start-up is most of a small transfer's time; these guard the lazy imports
+(figures are in benchmarks/bench_transfer.py, not here). Real processes,
+`python -X importtime`, against the test registry.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.client.conftest import CliEnv
+
+NEVER_FOR_TRANSFERS = {
+    "peftreg.sdk.jobs",  # job commands only
+    "peftreg.adapters.schema",  # typed adapters only
+    "rich",  # by httpx's own command line, which the CLI stops httpx from loading
+    "filelock",  # the cache locks with flock itself (peftreg.file_lock)
+    "torch",
+}
+
+
+def imported(cli_env: CliEnv, *args: str) -> set[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PEFTREG_")}
+    env.update(cli_env.env)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "peftreg.cli.main", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", done.stderr, re.M))
+
+
+def test_push_and_pull_load_only_what_they_use(cli_env: CliEnv, tmp_path: Path) -> None:
+    source = tmp_path / "adapter.bin"
+    source.write_bytes(os.urandom(100_000))
+
+    pushed = imported(cli_env, "push", str(source), "acme/startup:v1", "-q")
+    pulled = imported(cli_env, "pull", "acme/startup:v1", "-o", str(tmp_path / "out"), "-q")
+
+    assert {"httpx", "peftreg.transfer.push"} <= pushed  # the parse sees imports
+    assert "peftreg.file_lock" in pulled  # a pull locks its blobs
+    assert pushed.isdisjoint(NEVER_FOR_TRANSFERS)
+    assert pulled.isdisjoint(NEVER_FOR_TRANSFERS)
+    assert (tmp_path / "out" / "adapter.bin").read_bytes() == source.read_bytes()
+
+
+def test_version_loads_no_client(cli_env: CliEnv) -> None:
+    loaded = imported(cli_env, "--version")
+    assert loaded.isdisjoint({"httpx", "pydantic", "peftreg.sdk.client"})
