@@ -14,8 +14,11 @@ refused with the fix.
   factors (what `selfattn_lora` + `attn_matrices`, `intermediate_lora`, `output_lora`
   and `leave_out` chose) -> `target_modules`. AdapterHub's config is kept in the PEFT
   config under `peftreg_adapterhub`, so `pull --format adapterhub` writes it back.
-  Refused, having no PEFT LoRA form: `composition_mode: "scale"` ((IA)^3: the output
-  multiplied by a learned vector), `use_gating` (an input-dependent gate), `use_dora`,
+  AdapterHub's (IA)^3 (`composition_mode: "scale"`, r = 1) becomes peft's IA3 the
+  same way: each target's output (bias included) multiplied by a vector, AdapterHub's
+  `lora_B` (out, 1) renamed `base_model.model.<module>.ia3_l` with no feed-forward
+  modules; only with `alpha` 1 (AdapterHub multiplies by alpha too, peft does not).
+  Refused, having no PEFT form: `use_gating` (an input-dependent gate), `use_dora`,
   `vera_d` / `vera_b` (VeRA); other architectures (multi-task LoRA, prefix and
   prompt tuning, ReFT, unions) are refused by name.
 - Bottleneck adapters (`BnConfig`, no `config.architecture`: Houlsby, Pfeiffer, ...)
@@ -167,15 +170,22 @@ def imported_adapter(path: Path) -> Iterator[ImportedAdapter]:
         yield read_adapterhub_directory(path, Path(staging))
 
 
-# LoRA -------------------------------------------------------------------------------
+# LoRA and (IA)^3 ---------------------------------------------------------------------
+
+# The PEFT name of each AdapterHub factor: LoRA's (r, in) and (out, r) matrices, and
+# (IA)^3's (out, 1) vector, which peft's IA3 stores as `ia3_l` of the same shape.
+_PEFT_SUFFIXES = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
+_IA3_SUFFIX = ".ia3_l"
 
 
 def _lora_refusal(config: dict[str, Any]) -> str | None:
-    if config.get("composition_mode", "add") != "add":
+    mode = config.get("composition_mode", "add")
+    if mode not in ("add", "scale"):
+        return f"composition_mode {mode!r} is not AdapterHub's add (LoRA) or scale ((IA)^3)"
+    if mode == "scale" and config.get("alpha", 1) != 1:
         return (
-            f"composition_mode {config.get('composition_mode')!r} is AdapterHub's (IA)^3 "
-            "(each output multiplied by a learned vector), not a LoRA; peftreg does not "
-            "import it"
+            f"(IA)^3 (composition_mode 'scale') with alpha {config.get('alpha')} scales its "
+            "vectors by alpha, which peft's IA3 has not; save it with alpha=1"
         )
     if config.get("use_gating"):
         return "use_gating adds an input-dependent gate, which a PEFT LoRA has not"
@@ -207,25 +217,68 @@ def _number(config: dict[str, Any], key: str) -> float:
     return float(value)
 
 
-def peft_name(adapterhub_name: str, name: str) -> str:
-    """`<module>.loras.<name>.lora_A` -> `base_model.model.<module>.lora_A.weight`."""
+def peft_name(adapterhub_name: str, name: str, *, ia3: bool = False) -> str:
+    """`<module>.loras.<name>.lora_A` -> `base_model.model.<module>.lora_A.weight`
+    (lora_B likewise); for (IA)^3, `<module>.loras.<name>.lora_B` ->
+    `base_model.model.<module>.ia3_l`."""
     parsed = _LORA_TENSOR.match(adapterhub_name)
-    if parsed is None or parsed["name"] != name:
+    if parsed is None or parsed["name"] != name or (ia3 and parsed["factor"] != "lora_B"):
+        what = "(IA)^3 vector" if ia3 else "LoRA factor"
+        expected = "lora_B" if ia3 else "lora_A / lora_B"
         raise AdapterHubImportError(
-            f"tensor {adapterhub_name!r} is not a LoRA factor of adapter {name!r} "
-            f"(<module>.loras.{name}.lora_A / lora_B)"
+            f"tensor {adapterhub_name!r} is not a {what} of adapter {name!r} "
+            f"(<module>.loras.{name}.{expected})"
         )
-    return f"{PEFT_PREFIX}{parsed['module']}.{parsed['factor']}.weight"
+    suffix = _IA3_SUFFIX if ia3 else _PEFT_SUFFIXES[parsed["factor"]]
+    return f"{PEFT_PREFIX}{parsed['module']}{suffix}"
 
 
 def adapterhub_name(peft_tensor: str, name: str) -> str:
     """The inverse of `peft_name`."""
-    for factor in ("lora_A", "lora_B"):
-        suffix = f".{factor}.weight"
+    suffixes = {**{v: k for k, v in _PEFT_SUFFIXES.items()}, _IA3_SUFFIX: "lora_B"}
+    for suffix, factor in suffixes.items():
         if peft_tensor.startswith(PEFT_PREFIX) and peft_tensor.endswith(suffix):
             module = peft_tensor[len(PEFT_PREFIX) : -len(suffix)]
             return f"{module}.loras.{name}.{factor}"
-    raise PeftImportError(f"tensor {peft_tensor!r} is not a LoRA factor")
+    raise PeftImportError(f"tensor {peft_tensor!r} is not a LoRA factor or (IA)^3 vector")
+
+
+def _check_ranks(header: SafetensorsHeader, rank: int) -> None:
+    for tensor, entry in sorted(header.tensors.items()):
+        axis = 0 if tensor.endswith(".lora_A") else 1
+        if len(entry.shape) != 2 or entry.shape[axis] != rank:
+            raise AdapterHubImportError(
+                f"tensor {tensor!r} has shape {list(entry.shape)}, not rank {rank} on axis "
+                f"{axis} (fused projections such as GPT-2's c_attn are not imported)"
+            )
+
+
+def _peft_config(document: dict[str, Any], modules: list[str], ia3: bool) -> dict[str, Any]:
+    config = document["config"]
+    common = {
+        "task_type": _task_type(document.get("model_class")),
+        "base_model_name_or_path": document.get("model_name"),
+        "inference_mode": True,
+        "target_modules": modules,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        PROVENANCE_KEY: document,
+    }
+    if ia3:
+        # AdapterHub scales each target's output (bias included), as peft's IA3 does for
+        # modules that are not feed-forward ones.
+        return {"peft_type": "IA3", "feedforward_modules": [], "init_ia3_weights": True, **common}
+    return {
+        "peft_type": "LORA",
+        "r": config["r"],
+        "lora_alpha": _number(config, "alpha"),
+        "lora_dropout": _number(config, "dropout") if "dropout" in config else 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        **common,
+    }
 
 
 def _import_lora(
@@ -243,40 +296,18 @@ def _import_lora(
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise AdapterHubImportError(f"{CONFIG_FILE}: config.r must be a positive integer")
-    alpha = _number(config, "alpha")
-    renamed = {tensor: peft_name(tensor, name) for tensor in header.tensors}
+    ia3 = config.get("composition_mode", "add") == "scale"
+    renamed = {tensor: peft_name(tensor, name, ia3=ia3) for tensor in header.tensors}
     if not renamed:
         raise AdapterHubImportError(f"{WEIGHTS_FILE} holds no tensors")
+    _check_ranks(header, rank)
+    marker = _IA3_SUFFIX if ia3 else _PEFT_SUFFIXES["lora_A"]
     modules = sorted(
-        {
-            target[len(PEFT_PREFIX) : -len(".lora_A.weight")]
-            for target in renamed.values()
-            if target.endswith(".lora_A.weight")
-        }
+        target[len(PEFT_PREFIX) : -len(marker)]
+        for target in renamed.values()
+        if target.endswith(marker)
     )
-    for tensor, entry in sorted(header.tensors.items()):
-        axis = 0 if tensor.endswith(".lora_A") else 1
-        if len(entry.shape) != 2 or entry.shape[axis] != rank:
-            raise AdapterHubImportError(
-                f"tensor {tensor!r} has shape {list(entry.shape)}, not rank {rank} on axis "
-                f"{axis} (fused projections such as GPT-2's c_attn are not imported)"
-            )
-    peft_config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "task_type": _task_type(document.get("model_class")),
-        "base_model_name_or_path": document.get("model_name"),
-        "inference_mode": True,
-        "r": rank,
-        "lora_alpha": alpha,
-        "lora_dropout": _number(config, "dropout") if "dropout" in config else 0.0,
-        "target_modules": modules,
-        "fan_in_fan_out": False,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        PROVENANCE_KEY: document,
-    }
+    peft_config = _peft_config(document, modules, ia3)
     (staging / CONFIG_FILE).write_text(
         json.dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8"
     )
@@ -388,16 +419,17 @@ def _import_bottleneck(
 
 def adapterhub_document(config: AdapterConfig) -> dict[str, Any]:
     """AdapterHub's adapter_config.json of a stored adapter: a bottleneck adapter's, or
-    the one a LoRA imported from AdapterHub came with; refused for anything else."""
+    the one a LoRA or (IA)^3 imported from AdapterHub came with; refused for anything
+    else."""
     if config.kind == "bottleneck":
         return dict(config.peft_config)
     source = config.peft_config.get(PROVENANCE_KEY)
-    if config.kind == "lora" and _is_adapterhub_document(source):
+    if config.kind in ("lora", "ia3") and _is_adapterhub_document(source):
         assert isinstance(source, dict)
         return dict(source)
     raise PeftImportError(
         f"a {config.kind} adapter has no AdapterHub form: --format adapterhub writes "
-        "bottleneck adapters and LoRAs imported from AdapterHub"
+        "bottleneck adapters and the LoRA and (IA)^3 adapters imported from AdapterHub"
     )
 
 

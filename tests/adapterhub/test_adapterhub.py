@@ -116,7 +116,7 @@ def pushed(made: Made, cli: CliEnv) -> dict[str, str]:
     result = cli.run("base", "push", str(made.base), BASE_REF)
     assert result.exit_code == 0, result.output
     refs = {}
-    for name in ("lora", *BOTTLENECKS):
+    for name in ("lora", "ia3", *BOTTLENECKS):
         ref = f"acme/adapterhub/{name}:v1"
         result = cli.run("push", str(made.dirs[name]), ref, "--base", BASE_REF, "-q")
         assert result.exit_code == 0, result.output
@@ -195,7 +195,7 @@ def test_an_adapterhub_lora_is_a_peft_lora_with_adapterhubs_logits(
     assert (got - made.logits["base"]).abs().max().item() > 1e-2  # the adapter does something
 
 
-@pytest.mark.parametrize("name", ["lora", *BOTTLENECKS])
+@pytest.mark.parametrize("name", ["lora", "ia3", *BOTTLENECKS])
 def test_pulled_as_adapterhub_it_loads_in_adapterhub_with_the_same_logits(
     name: str, made: Made, reloaded: dict[str, torch.Tensor]
 ) -> None:
@@ -296,11 +296,47 @@ def test_the_librarys_default_pickle_is_refused_with_the_fix(made: Made, cli: Cl
     assert "use_safetensors=True" in result.output
 
 
-def test_adapterhub_ia3_is_refused_as_not_a_lora(made: Made, cli: CliEnv) -> None:
-    result = cli.run("push", str(made.dirs["ia3"]), "acme/adapterhub/ia3:v1")
+def test_adapterhub_ia3_is_peft_ia3_with_adapterhubs_logits(
+    made: Made, pushed: dict[str, str], cli: CliEnv, tmp_path: Path
+) -> None:
+    config = _stored_config(cli, pushed["ia3"])
+    assert config.kind == "ia3"
+    # IA3Config: k and v (selfattn_lora) and down_proj (intermediate_lora), outputs scaled.
+    assert config.peft_config["feedforward_modules"] == []
+    assert sorted(config.peft_config["target_modules"]) == sorted(
+        f"model.layers.{layer}.{module}"
+        for layer in (0, 1)
+        for module in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")
+    )
+    result = cli.run("pull", pushed["ia3"], "--format", "peft", "-o", str(tmp_path / "peft"))
+    assert result.exit_code == 0, result.output
+    base = LlamaForCausalLM.from_pretrained(str(made.base), dtype=torch.float32).eval()
+    got = _logits(PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval())
+    assert (got - made.logits["ia3"]).abs().max().item() <= TOLERANCE
+    assert (got - made.logits["base"]).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("ia3", {"alpha": 2}, "with alpha 2 scales its vectors by alpha"),
+        ("lora", {"use_dora": True}, "use_dora (AdapterHub's DoRA) is not imported"),
+        ("lora", {"vera_d": 0.1}, "AdapterHub's VeRA, not a LoRA"),
+        ("lora", {"use_gating": True}, "input-dependent gate"),
+    ],
+    ids=["ia3-alpha", "dora", "vera", "gating"],
+)
+def test_adapterhub_lora_variants_without_a_peft_form_are_refused(
+    name: str, change: dict[str, Any], message: str, made: Made, cli: CliEnv, tmp_path: Path
+) -> None:
+    source = tmp_path / name
+    shutil.copytree(made.dirs[name], source)
+    document = json.loads((source / "adapter_config.json").read_text())
+    document["config"].update(change)
+    (source / "adapter_config.json").write_text(json.dumps(document))
+    result = cli.run("push", str(source), "acme/adapterhub/refused:v1")
     assert result.exit_code != 0
-    assert "composition_mode 'scale'" in result.output
-    assert "(IA)^3" in result.output
+    assert message in result.output
 
 
 def test_a_bottleneck_adapter_has_no_peft_form_merge_or_hot_swap(
