@@ -60,6 +60,8 @@ def storage_refusal(peft_config: dict[str, Any]) -> str | None:
 def variants(peft_config: dict[str, Any]) -> list[str]:
     """Short names of the features that make an adapter more than its kind says."""
     found: list[str] = []
+    if peft_config.get("peftreg_adapterhub"):  # peftreg.adapters.adapterhub.PROVENANCE_KEY
+        found.append("from AdapterHub")
     if peft_config.get("use_rslora"):
         found.append("rsLoRA")
     if peft_config.get("alora_invocation_tokens"):

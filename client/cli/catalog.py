@@ -255,6 +255,16 @@ def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
             f"nola:          {nola['stored_parameters']} stored parameters for "
             f"{nola['materialized_parameters']} materialized ({ratio:.1f}x smaller than LoRA)"
         )
+    bottleneck = config.get("bottleneck")
+    if isinstance(bottleneck, dict):
+        sites = [s for s in ("mh_adapter", "output_adapter") if bottleneck.get(s)]
+        factor = bottleneck.get("reduction_factor")
+        factor_text = f"{factor:g}" if isinstance(factor, int | float) else str(factor)
+        click.echo(
+            f"bottleneck:    {bottleneck.get('style')} (AdapterHub), reduction factor "
+            f"{factor_text}, {bottleneck.get('non_linearity')}, "
+            f"{'+'.join(sites)}, layers {bottleneck.get('layers')}"
+        )
     targets = config.get("targets") or []
     click.echo(f"targets:       {len(targets)}")
     for target in targets:

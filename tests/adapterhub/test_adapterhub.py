@@ -171,6 +171,8 @@ def test_an_adapterhub_lora_is_a_peft_lora_with_adapterhubs_logits(
     made: Made, pushed: dict[str, str], cli: CliEnv, tmp_path: Path
 ) -> None:
     config = _stored_config(cli, pushed["lora"])
+    shown = cli.run("show", pushed["lora"])
+    assert "kind:          lora (from AdapterHub)" in shown.output, shown.output
     assert (config.kind, config.rank, config.alpha, config.scaling_rule) == (
         "lora",
         4,
@@ -242,6 +244,12 @@ def test_bottleneck_adapters_are_stored_typed_with_their_config(
             detail = client.version(pushed[name]).adapter
             assert detail is not None
             assert (detail.kind, detail.verified) == ("bottleneck", True)
+    shown = cli.run("show", pushed["houlsby"])
+    assert shown.exit_code == 0, shown.output
+    assert "bottleneck:    houlsby (AdapterHub), reduction factor 8, swish, " in shown.output, (
+        shown.output
+    )
+    assert "mh_adapter+output_adapter, layers [1]" in shown.output
 
 
 def test_a_bottleneck_adapter_that_does_not_fit_the_base_is_refused(
