@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 from peft import PeftModel
@@ -244,6 +245,9 @@ def test_bottleneck_adapters_are_stored_typed_with_their_config(
             detail = client.version(pushed[name]).adapter
             assert detail is not None
             assert (detail.kind, detail.verified) == ("bottleneck", True)
+    page = httpx.get(f"{cli.env['PEFTREG_URL']}/ui/r/acme/adapterhub/houlsby/-/versions/v1")
+    assert page.status_code == 200
+    assert "bottleneck" in page.text
     shown = cli.run("show", pushed["houlsby"])
     assert shown.exit_code == 0, shown.output
     assert "bottleneck:    houlsby (AdapterHub), reduction factor 8, swish, " in shown.output, (
