@@ -10,7 +10,8 @@ refused with the fix.
   `<module>.loras.<name>.lora_A` / `.lora_B` are renamed
   `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (bytes unchanged; the
   layouts (r, in) and (out, r) are peft's), `r` -> `r`, `alpha` -> `lora_alpha`
-  (scaling alpha / r in both), `dropout` -> `lora_dropout`, and the modules that hold
+  (scaling alpha / r in both; alpha = r for LoRAs saved by adapters < 1.1.0, as
+  AdapterHub's loader does), `dropout` -> `lora_dropout`, and the modules that hold
   factors (what `selfattn_lora` + `attn_matrices`, `intermediate_lora`, `output_lora`
   and `leave_out` chose) -> `target_modules`. AdapterHub's config is kept in the PEFT
   config under `peftreg_adapterhub`, so `pull --format adapterhub` writes it back.
@@ -135,7 +136,8 @@ def read_adapterhub_directory(path: Path, staging: Path) -> ImportedAdapter:
         return _import_bottleneck(path, document, header)
     raise AdapterHubImportError(
         f"AdapterHub architecture {architecture!r} is not supported; peftreg imports "
-        "AdapterHub LoRA (as a PEFT LoRA) and bottleneck adapters (Houlsby, Pfeiffer)"
+        "AdapterHub LoRA and (IA)^3 (as peft's LORA and IA3) and bottleneck adapters "
+        "(Houlsby, Pfeiffer, ...)"
     )
 
 
@@ -243,6 +245,26 @@ def adapterhub_name(peft_tensor: str, name: str) -> str:
     raise PeftImportError(f"tensor {peft_tensor!r} is not a LoRA factor or (IA)^3 vector")
 
 
+def _saved_before_1_1(version: Any) -> bool:
+    """Whether `version` ("adapters.x.y.z") is older than adapters 1.1.0."""
+    prefix = "adapters."
+    if not isinstance(version, str) or not version.startswith(prefix):
+        return False
+    parts = re.findall(r"\d+", version[len(prefix) :])[:2]
+    return tuple(int(part) for part in parts) < (1, 1)
+
+
+def _effective_alpha(document: dict[str, Any]) -> float:
+    """The alpha AdapterHub applies: its own, except for LoRAs saved by adapters < 1.1.0
+    with alpha != r, whose faulty scaling AdapterHub's loader undoes by using alpha = r
+    (adapters PR 770); so does this import."""
+    config = document["config"]
+    alpha = _number(config, "alpha")
+    if _saved_before_1_1(document.get("version")) and alpha != config["r"]:
+        return float(config["r"])
+    return alpha
+
+
 def _check_ranks(header: SafetensorsHeader, rank: int) -> None:
     for tensor, entry in sorted(header.tensors.items()):
         axis = 0 if tensor.endswith(".lora_A") else 1
@@ -271,7 +293,7 @@ def _peft_config(document: dict[str, Any], modules: list[str], ia3: bool) -> dic
     return {
         "peft_type": "LORA",
         "r": config["r"],
-        "lora_alpha": _number(config, "alpha"),
+        "lora_alpha": _effective_alpha(document),
         "lora_dropout": _number(config, "dropout") if "dropout" in config else 0.0,
         "bias": "none",
         "use_rslora": False,

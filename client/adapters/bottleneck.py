@@ -91,7 +91,8 @@ def check_bottleneck(spec: BottleneckSpec, tensors: Shapes, base: Shapes | None)
     sites_wanted = int(spec.mh_adapter) + int(spec.output_adapter)
     if sites_wanted == 0:
         raise AdapterInvalid(
-            "a bottleneck adapter needs mh_adapter or output_adapter", location="adapter_config"
+            "a bottleneck adapter needs mh_adapter or output_adapter",
+            location="adapter_config.json",
         )
     found: dict[tuple[int, str], dict[str, tuple[int, ...]]] = {}
     for name, shape in sorted(tensors.items()):
@@ -124,9 +125,7 @@ def check_bottleneck(spec: BottleneckSpec, tensors: Shapes, base: Shapes | None)
                 raise AdapterInvalid(f"module {module!r} is missing", location=module)
             for parameter in sorted(set(want) | set(got)):
                 if parameter not in got:
-                    raise AdapterInvalid(
-                        f"tensor {module}.{parameter!s} is missing", location=module
-                    )
+                    raise AdapterInvalid(f"tensor {module}.{parameter} is missing", location=module)
                 if parameter not in want:
                     raise AdapterInvalid(
                         f"tensor {module}.{parameter} is not part of a bottleneck module with "

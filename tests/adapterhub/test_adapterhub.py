@@ -125,14 +125,27 @@ def pushed(made: Made, cli: CliEnv) -> dict[str, str]:
     return refs
 
 
+def old_lora_dir(made: Made) -> Path:
+    """The LoRA (r 4, alpha 16) as if saved by adapters 1.0.1, whose loader uses alpha = r
+    for such LoRAs (their scaling was faulty before 1.1.0)."""
+    source = made.dirs["lora"].with_name("lora_1_0")
+    if not source.exists():
+        shutil.copytree(made.dirs["lora"], source)
+        document = json.loads((source / "adapter_config.json").read_text())
+        document["version"] = "adapters.1.0.1"
+        (source / "adapter_config.json").write_text(json.dumps(document))
+    return source
+
+
 @pytest.fixture(scope="module")
 def reloaded(
     pushed: dict[str, str], made: Made, cli: CliEnv, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, torch.Tensor]:
     """Each pushed adapter pulled with --format adapterhub and loaded back by AdapterHub:
-    its logits, by name."""
+    its logits, by name; and, as "lora_1_0", AdapterHub's logits for the LoRA claiming
+    to be saved by adapters 1.0.1 (`old_lora_dir`)."""
     root = tmp_path_factory.mktemp("exported")
-    load = []
+    load = [{"key": "lora_1_0", "dir": str(old_lora_dir(made))}]
     for name, ref in pushed.items():
         result = cli.run("pull", ref, "--format", "adapterhub", "-o", str(root / name), "-q")
         assert result.exit_code == 0, result.output
@@ -196,6 +209,22 @@ def test_an_adapterhub_lora_is_a_peft_lora_with_adapterhubs_logits(
     got = _logits(model)
     assert (got - made.logits["lora"]).abs().max().item() <= TOLERANCE
     assert (got - made.logits["base"]).abs().max().item() > 1e-2  # the adapter does something
+
+
+def test_a_lora_saved_before_adapters_1_1_imports_with_alpha_r_as_adapterhub_loads_it(
+    made: Made, reloaded: dict[str, torch.Tensor], cli: CliEnv, tmp_path: Path
+) -> None:
+    ref = "acme/adapterhub/lora-1.0:v1"
+    result = cli.run("push", str(old_lora_dir(made)), ref, "--base", BASE_REF, "-q")
+    assert result.exit_code == 0, result.output
+    config = _stored_config(cli, ref)
+    assert (config.rank, config.alpha, {t.scaling for t in config.targets}) == (4, 4.0, {1.0})
+    result = cli.run("pull", ref, "--format", "peft", "-o", str(tmp_path / "peft"))
+    assert result.exit_code == 0, result.output
+    base = LlamaForCausalLM.from_pretrained(str(made.base), dtype=torch.float32).eval()
+    got = _logits(PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval())
+    assert (got - reloaded["lora_1_0"]).abs().max().item() <= TOLERANCE
+    assert (got - made.logits["lora"]).abs().max().item() > 1e-2  # not alpha 16's
 
 
 @pytest.mark.parametrize("name", ["lora", "ia3", *BOTTLENECKS])
