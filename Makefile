@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # The suite runs in two processes (pytest-xdist), a test file per process at a time.
 PYTEST_WORKERS ?= 2
 
-.PHONY: install lock test-latest test-tools llamacpp serve test lint typecheck unit bench \
+.PHONY: install lock test-latest test-tools llamacpp adapters-env serve test lint typecheck unit bench \
 	bench-api bench-merge bench-swap bench-ui bench-multi bench-quant screenshots clean
 
 $(VENV)/.installed: $(LOCK) pyproject.toml
@@ -49,12 +49,26 @@ $(LLAMACPP)/node_modules/.package-lock.json: $(LLAMACPP)/package-lock.json
 
 llamacpp: $(LLAMACPP)/node_modules/.package-lock.json
 
+## AdapterHub's `adapters` library for the AdapterHub import/export tests, in its own
+## environment: it pins transformers ~=4.57.6, the project is on transformers 5. Installed
+## from requirements/adapters-lock.txt (hashed; the same CPU build of torch as the main lock).
+ADAPTERS_VENV := .venv-adapters
+ADAPTERS_LOCK := requirements/adapters-lock.txt
+$(ADAPTERS_VENV)/.installed: $(ADAPTERS_LOCK)
+	rm -rf $(ADAPTERS_VENV)
+	$(PYTHON) -m venv $(ADAPTERS_VENV)
+	$(ADAPTERS_VENV)/bin/pip install --quiet --require-hashes --no-deps -r $(ADAPTERS_LOCK)
+	$(ADAPTERS_VENV)/bin/pip check
+	touch $@
+
+adapters-env: $(ADAPTERS_VENV)/.installed
+
 ## Outside programs the tests drive as real clients: from Debian, skopeo (OCI copy,
 ## delete, token auth) and chromium (browser tests), installed when missing (as root);
 ## from npm, axe-core for the accessibility checks (tests/browser/package-lock.json)
-## and llama.cpp's runtime (above).
+## and llama.cpp's runtime (above); AdapterHub's library in .venv-adapters (above).
 DEBIAN_TEST_TOOLS := skopeo chromium
-test-tools: llamacpp
+test-tools: llamacpp adapters-env
 	@missing=""; for tool in $(DEBIAN_TEST_TOOLS); do \
 		command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
@@ -120,6 +134,7 @@ lock:
 		requirements/torch.in
 	.venv-lock/bin/python requirements/strip_self.py $(LOCK)
 	.venv-lock/bin/python requirements/strip_self.py requirements/server.txt --drop torch
+	$(COMPILE) -o $(ADAPTERS_LOCK) requirements/adapters.in requirements/torch.in
 
 ## The suite against the newest releases, in .venv-latest, to see drift before users do.
 test-latest: test-tools
@@ -132,4 +147,4 @@ test-latest: test-tools
 	.venv-latest/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-lock .venv-latest build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .venv-lock .venv-latest $(ADAPTERS_VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

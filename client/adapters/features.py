@@ -64,6 +64,8 @@ def variants(peft_config: dict[str, Any]) -> list[str]:
         mora_type = peft_config.get("mora_type", 1)
         name = {1: "sharing", 6: "RoPE"}.get(mora_type, "unsupported")
         found.append(f"MoRA type {mora_type}: {name}")
+    if peft_config.get("peftreg_adapterhub"):  # peftreg.adapters.adapterhub.PROVENANCE_KEY
+        found.append("from AdapterHub")
     if peft_config.get("use_rslora"):
         found.append("rsLoRA")
     if peft_config.get("alora_invocation_tokens"):

@@ -3,7 +3,8 @@
 An adapter artifact (artifactType ADAPTER_ARTIFACT) has:
 - config blob: canonical JSON of the AdapterConfig, ADAPTER_CONFIG_MEDIA_TYPE;
 - layers: the tensors file titled `adapter_model.safetensors`
-  (SAFETENSORS_MEDIA_TYPE) or `nola.safetensors` (NOLA_SAFETENSORS_MEDIA_TYPE),
+  (SAFETENSORS_MEDIA_TYPE), `nola.safetensors` (NOLA_SAFETENSORS_MEDIA_TYPE) or, for an
+  AdapterHub bottleneck adapter, `adapter.safetensors` (SAFETENSORS_MEDIA_TYPE),
   then every other file (README.md, ...) as FILE_MEDIA_TYPE. The PEFT
   `adapter_config.json` is not a layer: it lives in the config's `peft_config`;
 - manifest annotations: the title, `io.peftreg.adapter.kind` and
@@ -65,6 +66,11 @@ def export_snapshot_as_peft(
     config: AdapterConfig, snapshot: Path, titles: list[str], output: Path, *, replace: bool
 ) -> str | None:
     """Write a pulled adapter snapshot as a PEFT directory; a note to print or None."""
+    if config.kind == "bottleneck":
+        raise InvalidRequest(
+            "a bottleneck adapter has no PEFT form (peft has no bottleneck adapter type); "
+            "pull it with --format adapterhub"
+        )
     tensors_title = NOLA_FILE if config.kind == "nola" else TENSORS_FILE
     if tensors_title not in titles:
         raise InvalidRequest(f"the adapter artifact has no {tensors_title} layer")

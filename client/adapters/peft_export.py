@@ -10,9 +10,7 @@ The directory is built next to its final place and renamed into it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from peftreg.adapters.directory_writer import write_directory
 from peftreg.adapters.nola import materialize
 from peftreg.adapters.peft_import import (
     CONFIG_FILE,
@@ -28,7 +27,6 @@ from peftreg.adapters.peft_import import (
     read_safetensors_header,
 )
 from peftreg.adapters.schema import AdapterConfig
-from peftreg.sdk.errors import Conflict
 
 NOLA_NOTE = "exported NOLA as its materialized LoRA (PEFT has no NOLA)"
 MORA_NOTE = (
@@ -102,30 +100,6 @@ def nola_lora_config(config: AdapterConfig) -> dict[str, Any]:
     return document
 
 
-def _write_dir(out_dir: Path, writer: Any, *, replace: bool) -> None:
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise Conflict(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not replace:
-        raise Conflict(f"{out_dir} exists and is not empty; pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.peftreg-{uuid.uuid4().hex}"
-    retired = out_dir.parent / f".{out_dir.name}.peftreg-old-{uuid.uuid4().hex}"
-    try:
-        staging.mkdir()
-        writer(staging)
-        if out_dir.is_dir():
-            os.rename(out_dir, retired)
-        os.rename(staging, out_dir)
-    except BaseException:
-        if retired.exists() and not out_dir.exists():
-            os.rename(retired, out_dir)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(retired, ignore_errors=True)
-
-
 def _config_bytes(document: Mapping[str, Any]) -> bytes:
     return (json.dumps(dict(document), indent=2, sort_keys=True) + "\n").encode("utf-8")
 
@@ -176,5 +150,5 @@ def write_peft_directory(
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dest)
 
-    _write_dir(out_dir, writer, replace=replace)
+    write_directory(out_dir, writer, replace=replace)
     return note

@@ -34,7 +34,9 @@ def layer_media_type(title: str) -> str:
 # The LoRA family and the prompt types have their own typed path (targets with rank
 # and scaling; virtual tokens); every other type of peft is stored typed by the generic
 # path (`peftreg.adapters.peft_import`): its kind is its peft_type in lower case.
-TypedKind = Literal["lora", "dora", "prompt_tuning", "prefix_tuning", "nola", "mora"]
+# "bottleneck" is AdapterHub's bottleneck adapter (Houlsby, Pfeiffer; no peft type):
+# see `peftreg.adapters.adapterhub`.
+TypedKind = Literal["lora", "dora", "prompt_tuning", "prefix_tuning", "nola", "mora", "bottleneck"]
 GenericKind = Literal[
     "adalora",
     "adamss",
@@ -139,6 +141,33 @@ class MoraSpec(BaseModel):
     r_hat: int = Field(description="the largest square side over the targets")
 
 
+class BottleneckSpec(BaseModel):
+    """An AdapterHub bottleneck adapter (`adapters.BnConfig`): what its modules are and
+    where they sit. The whole AdapterHub config is kept in `AdapterConfig.peft_config`."""
+
+    style: Literal["houlsby", "pfeiffer", "parallel", "custom"] = Field(
+        description="houlsby: after attention and feed-forward (DoubleSeqBnConfig); pfeiffer: "
+        "after the feed-forward block only (SeqBnConfig); parallel: is_parallel (ParBnConfig)"
+    )
+    name: str = Field(description="the adapter's name in AdapterHub (its tensor names hold it)")
+    hidden_size: int
+    reduction_factor: float | dict[str, float]
+    non_linearity: str
+    mh_adapter: bool
+    output_adapter: bool
+    original_ln_before: bool
+    original_ln_after: bool
+    residual_before_ln: bool | str
+    ln_before: bool
+    ln_after: bool
+    is_parallel: bool
+    scaling: float | str
+    use_gating: bool
+    leave_out: list[int] = Field(default_factory=list)
+    layer_prefix: str = Field(description="the module path of the base's layer list")
+    layers: list[int] = Field(description="the layers that hold an adapter module")
+
+
 class AdapterConfig(BaseModel):
     """Config blob of an `application/vnd.peftreg.adapter.v1` artifact."""
 
@@ -156,10 +185,12 @@ class AdapterConfig(BaseModel):
     bytes: int
     tensors: list[TensorSpec]
     peft_config: dict[str, Any] = Field(
-        description="the PEFT adapter_config.json as imported, kept for export"
+        description="the PEFT adapter_config.json as imported, kept for export (for a "
+        "bottleneck adapter, AdapterHub's adapter_config.json)"
     )
     nola: NolaSpec | None = None
     mora: MoraSpec | None = None
+    bottleneck: BottleneckSpec | None = None
     num_virtual_tokens: int | None = None
 
 

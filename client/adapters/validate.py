@@ -21,6 +21,8 @@ whose weight is the base tensor `<m>.weight`:
 - MoRA (peft-mora, `use_mora`): `...<m>.lora_A.weight` and `...lora_B.weight`, one
   square matrix saved twice (same values), of the side the fork derives from the
   base Linear's shape (`peftreg.adapters.mora`);
+- AdapterHub bottleneck adapters (kind "bottleneck"): AdapterHub's own names, checked
+  against the config's `BottleneckSpec` and the base (`peftreg.adapters.bottleneck`);
 - the other peft types (`GENERIC_KINDS`): names under `base_model.` or top-level
   prompt tensors, float weights or integer indices, finite values. Their shapes
   against the base's architecture are checked by the library at `push --base`
@@ -164,6 +166,10 @@ def validate_adapter(
     _check_mora_kind(config)
     _check_index(config, header)
     _check_dtypes(config, header)
+    if config.kind == "bottleneck":
+        _check_values(header, read_values)
+        _check_bottleneck(config, header, base)
+        return
     if config.kind in ("lora", "dora", "nola", "mora"):
         _check_modules(config, header)
     if config.kind == "mora":
@@ -241,6 +247,20 @@ def _check_index(config: AdapterConfig, header: SafetensorsHeader) -> None:
             f"tensor {name!r} is declared in the config but missing from the safetensors file",
             location=name,
         )
+
+
+def _check_bottleneck(
+    config: AdapterConfig, header: SafetensorsHeader, base: BaseConfig | None
+) -> None:
+    from peftreg.adapters.bottleneck import check_bottleneck
+
+    if config.bottleneck is None:
+        raise AdapterInvalid(
+            "a bottleneck adapter's config needs its bottleneck spec", location="bottleneck"
+        )
+    base_shapes = None if base is None else {s.name: tuple(s.shape) for s in base.tensors}
+    tensors = {name: entry.shape for name, entry in header.tensors.items()}
+    check_bottleneck(config.bottleneck, tensors, base_shapes)
 
 
 def _check_generic_names(header: SafetensorsHeader) -> None:

@@ -284,6 +284,16 @@ def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
             f"mora:          type {mora.get('mora_type')}, r={mora.get('r')}: square "
             f"matrices up to {mora.get('r_hat')}x{mora.get('r_hat')} (r below is each side)"
         )
+    bottleneck = config.get("bottleneck")
+    if isinstance(bottleneck, dict):
+        sites = [s for s in ("mh_adapter", "output_adapter") if bottleneck.get(s)]
+        factor = bottleneck.get("reduction_factor")
+        factor_text = f"{factor:g}" if isinstance(factor, int | float) else str(factor)
+        click.echo(
+            f"bottleneck:    {bottleneck.get('style')} (AdapterHub), reduction factor "
+            f"{factor_text}, {bottleneck.get('non_linearity')}, "
+            f"{'+'.join(sites)}, layers {bottleneck.get('layers')}"
+        )
     targets = config.get("targets") or []
     click.echo(f"targets:       {len(targets)}")
     for target in targets:

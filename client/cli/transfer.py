@@ -158,6 +158,10 @@ def _push_prompt(
     emit(as_json, payload, f"{reference} {digest}{counted}")
 
 
+# The formats written as a whole directory (or file) at --output.
+DIRECTORY_FORMATS = ("peft", "adapterhub", "gguf-lora")
+
+
 @click.command()
 @click.argument("ref")
 @click.option(
@@ -172,11 +176,14 @@ def _push_prompt(
 @click.option(
     "--format",
     "output_format",
-    type=click.Choice(["files", "peft", "gguf-lora"]),
+    type=click.Choice(["files", "peft", "adapterhub", "gguf-lora"]),
     default="files",
     show_default=True,
     help="files: the layers as pushed; peft: a PEFT adapter directory (needs --output); "
-    "gguf-lora: a GGUF LoRA file for llama.cpp's --lora (needs --output and --base).",
+    "adapterhub: an AdapterHub adapter directory for model.load_adapter(DIR, "
+    "use_safetensors=True) (needs --output; bottleneck adapters and LoRAs imported from "
+    "AdapterHub); gguf-lora: a GGUF LoRA file for llama.cpp's --lora (needs --output and "
+    "--base).",
 )
 @click.option(
     "--base",
@@ -213,9 +220,9 @@ def pull(
     from it, with a warning.
     """
     reference = parse_reference(ref)
-    if output_format in ("peft", "gguf-lora") and output is None:
+    if output_format in DIRECTORY_FORMATS and output is None:
         raise InvalidRequest(f"--format {output_format} needs --output DIR")
-    if output_format in ("peft", "gguf-lora") and (include or exclude):
+    if output_format in DIRECTORY_FORMATS and (include or exclude):
         raise InvalidRequest(
             f"--format {output_format} writes the whole adapter: drop --include/--exclude"
         )
@@ -241,11 +248,14 @@ def pull(
                 str(output),
             )
             return
-        if output_format == "peft":
+        if output_format in ("peft", "adapterhub"):
             result = client.pull(reference, None, progress=progress)
             assert output is not None
             _warn_fallback(result)
-            _export_peft(result, output, force)
+            if output_format == "peft":
+                _export_peft(result, output, force)
+            else:
+                _export_adapterhub(result, output, force)
             path = output
         else:
             result = client.pull(
@@ -295,6 +305,20 @@ def _export_peft(result: PullResult, output: Path, force: bool) -> None:
     note = export_snapshot_as_peft(config, result.path, titles, output, replace=force)
     if note:
         click.echo(note, err=True)
+
+
+def _export_adapterhub(result: PullResult, output: Path, force: bool) -> None:
+    from peftreg.adapters.adapterhub import export_snapshot_as_adapterhub
+    from peftreg.adapters.schema import AdapterConfig
+
+    if result.adapter_config is None:
+        raise InvalidRequest(
+            f"{result.reference} is not a typed adapter artifact; pull it without --format "
+            "adapterhub"
+        )
+    config = AdapterConfig.model_validate_json(result.adapter_config)
+    titles = [str(title) for title, _digest, _size in result.files]
+    export_snapshot_as_adapterhub(config, result.path, titles, output, replace=force)
 
 
 def _base_model_config(client: Client, base: str) -> dict[str, Any]:

@@ -70,8 +70,13 @@ MERGED_FACTOR_KINDS = ("mora",)
 def swap_refusal(kind: str) -> str:
     """Why a host does not serve an adapter of `kind` (in unmerged mode, or in either),
     and what serves it instead."""
-    from peftreg.merge.compat import PEFT_MERGED_KINDS
+    from peftreg.merge.compat import BOTTLENECK_REASON, PEFT_MERGED_KINDS
 
+    if kind == "bottleneck":
+        return (
+            f"a bottleneck adapter cannot be hot-swapped: {BOTTLENECK_REASON}, and peft has "
+            "no such type; AdapterHub's `adapters` library serves it (pull --format adapterhub)"
+        )
     if kind == "ia3":
         return (
             "an ia3 adapter with a PEFT feature unmerged hot-swap does not implement cannot "
@@ -368,6 +373,8 @@ def adapter_from_pull(result: PullResult, *, source: str | None = None) -> Loade
     if result.adapter_config is None:
         raise UnsupportedAdapter(f"{result.reference} is not a typed adapter artifact")
     config = AdapterConfig.model_validate_json(result.adapter_config)
+    if config.kind == "bottleneck":  # its tensors file is AdapterHub's, not PEFT's
+        raise UnsupportedAdapter(f"{source or result.reference}: {swap_refusal(config.kind)}")
     title = tensors_title(config)
     tensors = tensors_from_bytes(verified_layer(result, title), title)
     return adapter_from_tensors(

@@ -73,6 +73,11 @@ UNMERGEABLE_KINDS: dict[str, str] = {
     "shadow": "ShadowPEFT's adaptation depends on the input, so it has no weight change",
     "xlora": "X-LoRA mixes LoRA adapters per token with a learned classifier",
 }
+# AdapterHub's bottleneck adapters (kind "bottleneck"): modules added after a layer.
+BOTTLENECK_REASON = (
+    "it adds a module (down-projection, nonlinearity, up-projection) after a layer, "
+    "which is not a change of any base weight, so it cannot be merged"
+)
 # adapter_config.json keys (when set) whose adapters a plain weight merge would get wrong.
 UNMERGEABLE_FEATURES: dict[str, str] = {
     "alora_invocation_tokens": (
@@ -161,6 +166,8 @@ def _check_kinds(adapters: Sequence[AdapterInput]) -> None:
                 f"{adapter.name} is a {kind} adapter: it adds virtual tokens, not weight "
                 "changes, so there is nothing to merge into the base"
             )
+        if kind == "bottleneck":
+            raise MergeError(f"{adapter.name} is a bottleneck adapter: {BOTTLENECK_REASON}")
         if kind in GENERIC_KINDS:
             _check_generic(adapter, many=len(adapters) > 1)
         if kind == "dora" and (len(adapters) > 1 or adapter.weight != 1.0):

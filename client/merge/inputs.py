@@ -25,6 +25,7 @@ from peftreg.adapters.peft_import import (
     read_safetensors_header,
 )
 from peftreg.adapters.schema import GENERIC_KINDS, AdapterConfig
+from peftreg.merge.compat import BOTTLENECK_REASON
 from peftreg.merge.errors import MergeError
 
 if TYPE_CHECKING:  # needs peft and transformers: imported when such an adapter is merged
@@ -75,6 +76,9 @@ def adapter_from_snapshot(
     parsed = (
         config if isinstance(config, AdapterConfig) else AdapterConfig.model_validate_json(config)
     )
+    if parsed.kind == "bottleneck":  # its tensors file is AdapterHub's, not PEFT's
+        name = label or digest or str(snapshot)
+        raise MergeError(f"{name} is a bottleneck adapter: {BOTTLENECK_REASON}")
     title = NOLA_FILE if parsed.kind == "nola" else TENSORS_FILE
     path = Path(snapshot) / title
     if not path.is_file():

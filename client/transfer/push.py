@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,12 +124,14 @@ def check_architecture(
 
 
 def _may_be_adapter(path: Path) -> bool:
-    """A PEFT directory (checked without importing the adapter modules for plain files)."""
+    """A PEFT or AdapterHub directory (checked without importing the adapter modules for
+    plain files)."""
     if not (path / "adapter_config.json").is_file():
         return False
+    from peftreg.adapters.adapterhub import is_adapterhub_directory
     from peftreg.adapters.peft_import import is_peft_directory
 
-    return is_peft_directory(path)
+    return is_peft_directory(path) or is_adapterhub_directory(path)
 
 
 def push_path(
@@ -147,21 +150,53 @@ def push_path(
     """Upload every file (skipping what the server has) and put the manifest.
 
     A PEFT directory (adapter_config.json + adapter_model.safetensors or
-    nola.safetensors) is pushed as a typed adapter (see client.adapters.package),
+    nola.safetensors), or an AdapterHub one (`peftreg.adapters.adapterhub`: its LoRA
+    as a PEFT LoRA), is pushed as a typed adapter (see client.adapters.package),
     unless another artifact type is asked for; its pickle files are refused
     before anything is uploaded. `base_architecture` gives the base's config.json: an
     adapter of a generic peft type is checked against it before anything is uploaded
     (`peftreg.adapters.peft_layout`). Each file is read once: hashed while it is sent,
     unless `memo` remembers its digest from an earlier push.
     """
+    with ExitStack() as stack:
+        return _push_path(
+            stack,
+            http,
+            path,
+            reference,
+            artifact_type=artifact_type,
+            annotations=annotations,
+            mount_from=mount_from,
+            base=base,
+            base_architecture=base_architecture,
+            progress=progress,
+            memo=memo,
+        )
+
+
+def _push_path(
+    stack: ExitStack,
+    http: HttpSession,
+    path: Path,
+    reference: Reference,
+    *,
+    artifact_type: str | None,
+    annotations: Mapping[str, str] | None,
+    mount_from: str | None,
+    base: BaseReference | None,
+    base_architecture: Callable[[], Mapping[str, Any]] | None,
+    progress: Progress | None,
+    memo: DigestMemo | None,
+) -> PushResult:
     progress = progress or NullProgress()
     config: tuple[str, bytes] = (EMPTY_JSON, EMPTY_CONFIG)
     if artifact_type in (None, ADAPTER_ARTIFACT) and _may_be_adapter(path):
+        from peftreg.adapters.adapterhub import imported_adapter
         from peftreg.adapters.package import adapter_annotations, adapter_artifact_files
-        from peftreg.adapters.peft_import import read_peft_directory
         from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE, GENERIC_KINDS
 
-        imported = read_peft_directory(path)
+        # An AdapterHub LoRA is converted to a PEFT directory that lives until the upload ends.
+        imported = stack.enter_context(imported_adapter(path))
         if base_architecture is not None and imported.config.kind in GENERIC_KINDS:
             check_architecture(imported, base_architecture, (base and base.name) or "the base")
         if base is not None:

@@ -44,3 +44,18 @@ def test_every_pin_has_a_hash_and_torch_is_the_cpu_build() -> None:
         assert "--hash=sha256:" in text[start:end], text[start:end]
     assert locked_versions()["torch"] == "2.13.0+cpu"
     assert "peftreg @" not in LOCK.read_text()  # the project is installed on its own
+
+
+def test_the_adapterhub_lock_pins_its_library_with_hashes_and_the_same_cpu_torch() -> None:
+    """AdapterHub's environment (.venv-adapters) is locked like the main one: its library,
+    the transformers it needs, and the main lock's CPU build of torch (never CUDA wheels)."""
+    lock = LOCK.with_name("adapters-lock.txt")
+    text = lock.read_text()
+    pinned = locked_versions(lock)
+    starts = [match.start() for match in PIN.finditer(text)]
+    for start, end in zip(starts, [*starts[1:], len(text)], strict=True):
+        assert "--hash=sha256:" in text[start:end], text[start:end]
+    assert pinned["adapters"] == "1.3.0"
+    assert pinned["transformers"].startswith("4.57.")
+    assert pinned["torch"] == locked_versions()["torch"] == "2.13.0+cpu"
+    assert not [name for name in pinned if name.startswith(("nvidia-", "triton"))]
