@@ -28,7 +28,8 @@ measures the peak (README).
 
 The output directory appears whole or not at all (built beside it, files
 fsynced, renamed into place). llm-compressor keeps one global session, so
-calls are serialized within a process. llm-compressor 0.14's AWQ pins cached
+calls are serialized within a process; its loguru console output is sent to
+`logging` (logger `peftreg.quantize.calibrated`), not stdout. llm-compressor 0.14's AWQ pins cached
 activations in page-locked memory, which fails on a machine without an
 accelerator; pinning only speeds host-to-device copies, so it is skipped
 there for the duration of the call.
@@ -37,9 +38,12 @@ there for the duration of the call.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import json
+import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -66,6 +70,7 @@ COPIED_FILES = tuple(
 )
 
 _ONESHOT = threading.Lock()  # llm-compressor's session is process-global
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -236,17 +241,19 @@ class _LlmCompressor:
 
 
 def _llmcompressor() -> _LlmCompressor:
-    try:
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-        from datasets import Dataset
-        from llmcompressor.entrypoints.oneshot import oneshot
-        from llmcompressor.modifiers.gptq import GPTQModifier
-        from llmcompressor.modifiers.quantization import QuantizationModifier
-        from llmcompressor.modifiers.transform import AWQModifier
+    try:  # its import logs to stdout before `_route_library_logs` can route it
+        with contextlib.redirect_stdout(sys.stderr):
+            from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+            from datasets import Dataset
+            from llmcompressor.entrypoints.oneshot import oneshot
+            from llmcompressor.modifiers.gptq import GPTQModifier
+            from llmcompressor.modifiers.quantization import QuantizationModifier
+            from llmcompressor.modifiers.transform import AWQModifier
     except ImportError as error:
         raise QuantizationError(
             f"GPTQ and AWQ need llm-compressor (pip install 'peftreg[worker]'): {error}"
         ) from None
+    _route_library_logs()
     return _LlmCompressor(
         oneshot=oneshot,
         gptq=GPTQModifier,
@@ -256,6 +263,20 @@ def _llmcompressor() -> _LlmCompressor:
         args=QuantizationArgs,
         dataset_type=Dataset,
     )
+
+
+@functools.cache
+def _route_library_logs() -> None:
+    """llm-compressor logs through loguru to stdout, which would mix its lines into a
+    command's `--json` output; its records go to this module's `logging` logger instead."""
+    from loguru import logger as loguru_logger
+
+    def forward(message: Any) -> None:
+        record = message.record
+        LOG.log(int(record["level"].no), "%s", record["message"])
+
+    loguru_logger.remove()
+    loguru_logger.add(forward, level="INFO", format="{message}")
 
 
 @contextlib.contextmanager
