@@ -23,14 +23,15 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftreg.cli.main import cli
 from peftreg.formats.calibration import parse_calibration
 from peftreg.quantize import Int4Encoder
 from peftreg.quantize.calibrated import CalibrationSettings, quantize_calibrated
-from tests.gguf.models import byte_level_tokenizer, corpus
+from tests.gguf.models import corpus
 from tests.merge.builders import save_adapter
+from tests.quantize.tiny_calibrated import tiny_llama_with_tokenizer
 from tests.quantize.tiny_int4 import write_checkpoint
 
 LOGIT_RELATIVE_FROBENIUS_BOUND = 0.25
@@ -43,24 +44,9 @@ AWQ_SETTINGS = CalibrationSettings(samples=4, max_sequence_length=32)
 
 class Tiny:
     def __init__(self, root: Path) -> None:
-        tokenizer = byte_level_tokenizer()
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            tie_word_embeddings=False,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        self.model = LlamaForCausalLM(config).eval()
         self.base = root / "base"
-        self.model.save_pretrained(str(self.base))
-        tokenizer.save_pretrained(str(self.base))
+        self.model = tiny_llama_with_tokenizer(self.base)
+        tokenizer = AutoTokenizer.from_pretrained(str(self.base))
         text = corpus(60_000)
         self.calibration = root / "calibration.txt"
         self.calibration.write_text(text[:40_000], encoding="utf-8")
