@@ -143,7 +143,7 @@ def quantize_calibrated(
     chosen = validate_calibrated_algorithm(algorithm)
     group_size = validate_group_size(group_size)
     settings = settings or CalibrationSettings()
-    modules = _llmcompressor()
+    modules = load_llmcompressor()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -240,7 +240,8 @@ class _LlmCompressor:
         return [self.awq(), self.quantization(config_groups=groups, ignore=ignore)]
 
 
-def _llmcompressor() -> _LlmCompressor:
+def load_llmcompressor() -> _LlmCompressor:
+    """Import llm-compressor (QuantizationError naming the extra when it is missing)."""
     try:  # its import logs to stdout before `_route_library_logs` can route it
         with contextlib.redirect_stdout(sys.stderr):
             from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
