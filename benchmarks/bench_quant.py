@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import tempfile
@@ -163,9 +162,17 @@ def int4_export(base: Path, adapter: Any, output: Path, algorithm: str, group: i
     merge_to_directory(base, [adapter], output, encoder=encoder, device="cpu")
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def rss_bytes(field: str) -> int:
+    """`VmRSS` (now) or `VmHWM` (peak since the last reset) of this process, Linux."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> None:
+    """Start `VmHWM` again from the current RSS (writing 5 to clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def calibrate_child(spec: dict[str, Any]) -> None:
@@ -181,7 +188,8 @@ def calibrate_child(spec: dict[str, Any]) -> None:
     )
 
     load_llmcompressor()  # import llm-compressor before the baseline too
-    baseline = peak_rss_bytes()
+    reset_peak_rss()  # the imports' own transient peak is not the run's
+    baseline = rss_bytes("VmRSS")
     calibration = Path(spec["calibration"])
     documents = parse_calibration(calibration.read_bytes(), calibration.name)
     result = quantize_calibrated(
@@ -196,7 +204,7 @@ def calibrate_child(spec: dict[str, Any]) -> None:
         json.dumps(
             {
                 "baseline_rss": baseline,
-                "peak_rss": peak_rss_bytes(),
+                "peak_rss": rss_bytes("VmHWM"),
                 "seconds": result.seconds,
                 "samples": result.samples,
                 "tokens": result.tokens,
