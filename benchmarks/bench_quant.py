@@ -330,9 +330,10 @@ def report_calibrated(
     for group in (128, 32):
         rtn_gap = scores[f"INT4 rtn g{group}"] - reference
         for algorithm in ("gptq", "awq"):
-            closed = (scores[f"INT4 rtn g{group}"] - scores[f"INT4 {algorithm} g{group}"]) / (
-                rtn_gap if rtn_gap else float("nan")
-            )
+            if rtn_gap <= 0:
+                print(f"{algorithm} g{group}: rtn has no gap to fp16 here, nothing to close")
+                continue
+            closed = (scores[f"INT4 rtn g{group}"] - scores[f"INT4 {algorithm} g{group}"]) / rtn_gap
             verdict = "yes" if closed >= 0.5 else "no"
             print(
                 f"{algorithm} g{group} closes {closed:+.0%} of rtn's gap to fp16 "
