@@ -18,7 +18,7 @@ from peftreg.cli.common import (
     parse_reference,
     to_jsonable,
 )
-from peftreg.cli.recipe_options import check_format, recipe_options
+from peftreg.cli.recipe_options import check_calibration, check_format, recipe_options
 from peftreg.sdk.jobs import JobInfo
 
 
@@ -52,6 +52,9 @@ def export(
     quantize: str,
     group_size: int,
     algorithm: str,
+    calibration: str | None,
+    calibration_samples: int | None,
+    max_sequence_length: int | None,
     wait: bool,
     timeout: float | None,
     output: Path | None,
@@ -60,7 +63,9 @@ def export(
     """Export REFERENCES merged into --base as a checkpoint (a server-side job).
 
     `--format gguf --quantize q4_k_m` (or f16, q8_0, q4_0) exports one GGUF
-    model file for llama.cpp and Ollama instead. An identical request returns
+    model file for llama.cpp and Ollama instead. `--quantize int4 --algorithm gptq`
+    (or awq) calibrates on `--calibration REF`, a pushed text or JSONL file.
+    An identical request returns
     the same job, and once it is done the same artifact. The checkpoint is
     published in the first adapter's repository, with the adapter as its subject.
     """
@@ -69,7 +74,8 @@ def export(
     if weights and len(weights) != len(references):
         raise fail(f"{len(weights)} --weight values for {len(references)} adapters", 2)
     quantize = check_format(output_format, quantize, dtype)
-    for text in (*references, base):
+    check_calibration(quantize, algorithm, calibration)
+    for text in (*references, base, *([calibration] if calibration else [])):
         parse_reference(text)
     sources = list(zip(references, weights or [1.0] * len(references), strict=True))
     with make_client() as client:
@@ -82,6 +88,9 @@ def export(
             group_size=group_size,
             algorithm=algorithm,
             output_format=output_format,
+            calibration=calibration,
+            calibration_samples=calibration_samples,
+            max_sequence_length=max_sequence_length,
         )
         click.echo(f"{'queued' if created else 'existing'} job {job.id} ({job.status})", err=True)
         if wait or output is not None:

@@ -5,19 +5,24 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
 from peftreg.cli.common import echo_json, human_size
-from peftreg.cli.recipe_options import check_format, recipe_options
+from peftreg.cli.recipe_options import check_calibration, check_format, recipe_options
 from peftreg.merge.errors import MergeError
 
 if TYPE_CHECKING:  # torch is imported only when a merge runs, never by `peftreg --help`
+    import torch
+
     from peftreg.checkpoint.encoding import TensorEncoder
+    from peftreg.merge.inputs import AdapterInput
     from peftreg.merge.stream import MergeResult
 
 SIZE_UNITS = {
@@ -189,6 +194,9 @@ def merge(
     quantize: str,
     group_size: int,
     algorithm: str,
+    calibration: str | None,
+    calibration_samples: int | None,
+    max_sequence_length: int | None,
     device: str,
     max_shard_size: str,
     force: bool,
@@ -203,6 +211,7 @@ def merge(
     """
     check_weights(weights, len(adapters))
     quantize = check_format(output_format, quantize, dtype)
+    check_calibration(quantize, algorithm, calibration)
     if output_format == "gguf":
         _merge_gguf(
             adapters,
@@ -227,6 +236,25 @@ def merge(
         adapter_from_peft_directory(path, weight=weights[index] if weights else 1.0)
         for index, path in enumerate(adapters)
     ]
+    if calibration is not None:
+        _merge_calibrated(
+            base_dir,
+            inputs,
+            output,
+            CalibratedChoice(
+                algorithm,
+                group_size,
+                calibration,
+                calibration_samples,
+                max_sequence_length,
+            ),
+            dtype=getattr(torch, dtype) if dtype else None,
+            base_quantization=base_quantization,
+            device=device,
+            force=force,
+            as_json=as_json,
+        )
+        return
     encoder = int4_encoder(base_dir, group_size, algorithm) if quantize == "int4" else None
     # One intra-op thread for a plain CPU merge (see single_threaded_cpu_merge); INT4's
     # scale search is compute-bound and keeps torch's threads.
@@ -250,6 +278,93 @@ def merge(
         if bar is not None:
             bar.close()
     _report(result, as_json)
+
+
+@dataclass(frozen=True)
+class CalibratedChoice:
+    """What `--algorithm gptq|awq` asked for."""
+
+    algorithm: str
+    group_size: int
+    calibration: str
+    samples: int | None
+    max_sequence_length: int | None
+
+
+def _merge_calibrated(
+    base_dir: Path,
+    inputs: Sequence[AdapterInput],
+    output: Path,
+    choice: CalibratedChoice,
+    *,
+    dtype: torch.dtype | None,
+    base_quantization: Literal["none", "nf4"],
+    device: str,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Merge dense into a scratch directory beside the output, then GPTQ/AWQ it into the
+    output (`peftreg.quantize.calibrated`); the scratch directory is removed either way."""
+    from peftreg.checkpoint.writer import check_output
+    from peftreg.cli.calibration_input import read_calibration
+    from peftreg.merge.destination import check_destination
+    from peftreg.merge.stream import merge_to_directory
+    from peftreg.quantize.calibrated import (
+        DEFAULT_MAX_SEQUENCE_LENGTH,
+        DEFAULT_SAMPLES,
+        CalibrationSettings,
+        quantize_calibrated,
+    )
+
+    output = output.absolute()
+    check_destination(output, base_dir, inputs)
+    check_output(output, replace=force)
+    settings = CalibrationSettings(
+        samples=choice.samples or DEFAULT_SAMPLES,
+        max_sequence_length=choice.max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH,
+    )
+    documents, source = read_calibration(choice.calibration)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.dense-", dir=output.parent) as scratch:
+        merged = merge_to_directory(
+            base_dir,
+            inputs,
+            Path(scratch) / "merged",
+            dtype=dtype,
+            base_quantization=base_quantization,
+            device=device,
+        )
+        result = quantize_calibrated(
+            merged.output,
+            output,
+            documents,
+            algorithm=choice.algorithm,
+            group_size=choice.group_size,
+            settings=settings,
+            calibration=source,
+            replace=force,
+        )
+    recipe = {**merged.recipe, "encoding": result.recipe}
+    if as_json:
+        echo_json(
+            {
+                "output": str(result.output),
+                "merged_modules": merged.merged_modules,
+                "seconds": round(merged.seconds + result.seconds, 3),
+                "device": merged.device,
+                "recipe": recipe,
+                "notes": merged.notes,
+            }
+        )
+        return
+    for note in merged.notes:
+        click.echo(f"note: {note}", err=True)
+    click.echo(
+        f"merged {len(inputs)} adapter(s), {merged.merged_modules} modules, and quantized them "
+        f"with {choice.algorithm} (INT4 g{choice.group_size}, {result.samples} calibration "
+        f"windows, {result.tokens} tokens) into {result.output} in "
+        f"{merged.seconds + result.seconds:.1f} s"
+    )
 
 
 def _merge_gguf(

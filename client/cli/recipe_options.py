@@ -10,6 +10,7 @@ import click
 from peftreg.gguf.formats import GGUF_QUANTIZATIONS
 
 DTYPES = ("float16", "bfloat16", "float32")
+CALIBRATED = ("gptq", "awq")  # INT4 algorithms that calibrate (llm-compressor)
 F = TypeVar("F", bound=Callable[..., Any])
 
 _OPTIONS = (
@@ -48,12 +49,43 @@ _OPTIONS = (
     click.option("--group-size", type=int, default=128, show_default=True, help="INT4 group size."),
     click.option(
         "--algorithm",
-        type=click.Choice(["rtn", "mse"]),
+        type=click.Choice(["rtn", "mse", *CALIBRATED]),
         default="rtn",
         show_default=True,
-        help="INT4 scales: round-to-nearest, or a per-group search minimizing the error.",
+        help="INT4: rtn (round-to-nearest), mse (a per-group scale search), or gptq / awq "
+        "(llm-compressor, calibrated on --calibration).",
+    ),
+    click.option(
+        "--calibration",
+        metavar="REF",
+        help='gptq/awq: calibration text, a pushed text or JSONL artifact (one {"text": ...} '
+        "per line); `peftreg merge` also takes a local file.",
+    ),
+    click.option(
+        "--calibration-samples",
+        type=click.IntRange(1, 4096),
+        help="gptq/awq: calibration windows (default 128).",
+    ),
+    click.option(
+        "--max-sequence-length",
+        type=click.IntRange(16, 32768),
+        help="gptq/awq: tokens per calibration window (default 512).",
     ),
 )
+
+
+def check_calibration(quantize: str, algorithm: str, calibration: str | None) -> None:
+    """UsageError unless gptq/awq come with --quantize int4 and --calibration, and
+    --calibration only with them."""
+    if algorithm in CALIBRATED:
+        if quantize != "int4":
+            raise click.UsageError(f"--algorithm {algorithm} applies to --quantize int4")
+        if calibration is None:
+            raise click.UsageError(
+                f"--algorithm {algorithm} needs --calibration (a text or JSONL artifact)"
+            )
+    elif calibration is not None:
+        raise click.UsageError("--calibration applies to --algorithm gptq or awq")
 
 
 def check_format(output_format: str, quantize: str, dtype: str | None) -> str:
@@ -75,7 +107,7 @@ def check_format(output_format: str, quantize: str, dtype: str | None) -> str:
 
 def recipe_options(command: F) -> F:
     """--weight, --dtype, --base-quantization, --format, --quantize, --group-size,
-    --algorithm."""
+    --algorithm, --calibration, --calibration-samples, --max-sequence-length."""
     for option in reversed(_OPTIONS):
         command = option(command)
     return command

@@ -495,9 +495,15 @@ class Client:
         group_size: int = 128,
         algorithm: str = "rtn",
         output_format: str = "safetensors",
+        calibration: str | None = None,
+        calibration_samples: int | None = None,
+        max_sequence_length: int | None = None,
     ) -> tuple[JobInfo, bool]:
         """Request a merged (optionally INT4) checkpoint, or with `output_format="gguf"` a
-        GGUF model file (`quantize` f16, q8_0, q4_0 or q4_k_m); returns (job, newly created)."""
+        GGUF model file (`quantize` f16, q8_0, q4_0 or q4_k_m); returns (job, newly created).
+
+        INT4 `algorithm` gptq or awq (llm-compressor) calibrates on `calibration`, the
+        reference of a pushed text or JSONL file (one `text` per line)."""
         sources = [(adapters, 1.0)] if isinstance(adapters, str) else list(adapters)
         from peftreg.sdk import jobs as job_api
 
@@ -511,6 +517,9 @@ class Client:
             group_size=group_size,
             algorithm=algorithm,
             output_format=output_format,
+            calibration=calibration,
+            calibration_samples=calibration_samples,
+            max_sequence_length=max_sequence_length,
         )
 
     def job(self, job_id: str) -> JobInfo:

@@ -75,8 +75,14 @@ def request_export(
     group_size: int = 128,
     algorithm: str = "rtn",
     output_format: str = "safetensors",
+    calibration: str | None = None,
+    calibration_samples: int | None = None,
+    max_sequence_length: int | None = None,
 ) -> tuple[JobInfo, bool]:
-    """(job, created): an identical earlier request returns its job with created False."""
+    """(job, created): an identical earlier request returns its job with created False.
+
+    `calibration` (the reference of a text or JSONL artifact) is what gptq and awq
+    calibrate on; the sample count and window length default to the server's."""
     body: dict[str, Any] = {
         "adapters": [{"reference": ref, "weight": weight} for ref, weight in adapters],
         "base": base,
@@ -88,6 +94,12 @@ def request_export(
     }
     if output_format != "safetensors":
         body["format"] = output_format
+    if calibration is not None:
+        body["calibration"] = calibration
+    if calibration_samples is not None:
+        body["calibration_samples"] = calibration_samples
+    if max_sequence_length is not None:
+        body["max_sequence_length"] = max_sequence_length
     response = http.request("POST", "/api/v1/exports", json_body=body, idempotent=True)
     return JobInfo.model_validate(response.json()), response.status_code == 202
 

@@ -49,8 +49,10 @@ from peftreg.registry.jobs.context import JobContext
 from peftreg.registry.jobs.sources import (
     AdapterArtifact,
     BaseArtifact,
+    CalibrationArtifact,
     load_adapter,
     load_base,
+    load_calibration,
     materialize,
     parse_reference,
 )
@@ -61,6 +63,9 @@ if TYPE_CHECKING:  # the API plans exports without torch; the worker computes wi
     from peftreg.checkpoint.encoding import TensorEncoder
 
 EXPORT = "export"
+CALIBRATED = ("gptq", "awq")  # INT4 algorithms that need calibration text (llm-compressor)
+DEFAULT_CALIBRATION_SAMPLES = 128  # as peftreg.quantize.calibrated, which imports torch
+DEFAULT_MAX_SEQUENCE_LENGTH = 512
 
 
 def _reference_text(text: str) -> str:
@@ -95,7 +100,24 @@ class ExportRequest(BaseModel):
     format: Literal["safetensors", "gguf"] = "safetensors"
     quantize: Literal["none", "int4", "f16", "q8_0", "q4_0", "q4_k_m"] = "none"
     group_size: int = 128
-    algorithm: Literal["rtn", "mse"] = "rtn"
+    algorithm: Literal["rtn", "mse", "gptq", "awq"] = "rtn"
+    calibration: ReferenceText | None = None
+    calibration_samples: int = Field(default=DEFAULT_CALIBRATION_SAMPLES, ge=1, le=4096)
+    max_sequence_length: int = Field(default=DEFAULT_MAX_SEQUENCE_LENGTH, ge=16, le=32768)
+
+    @model_validator(mode="after")
+    def _calibration(self) -> ExportRequest:
+        if self.algorithm in CALIBRATED:
+            if self.quantize != "int4" or self.format != "safetensors":
+                raise ValueError(f"algorithm {self.algorithm} applies to quantize int4 only")
+            if self.calibration is None:
+                raise ValueError(
+                    f"algorithm {self.algorithm} needs calibration: the reference of a text or "
+                    "JSONL artifact"
+                )
+        elif self.calibration is not None:
+            raise ValueError("calibration applies to algorithm gptq or awq only")
+        return self
 
     @model_validator(mode="after")
     def _format(self) -> ExportRequest:
@@ -130,6 +152,11 @@ class ExportRequest(BaseModel):
         }
         if self.quantize == "int4":
             params |= {"group_size": self.group_size, "algorithm": self.algorithm}
+        if self.algorithm in CALIBRATED:  # absent otherwise: earlier jobs keep their keys
+            params |= {
+                "calibration_samples": self.calibration_samples,
+                "max_sequence_length": self.max_sequence_length,
+            }
         if self.format == "gguf":  # absent for safetensors: earlier jobs keep their keys
             params["format"] = "gguf"
         return params
@@ -190,6 +217,8 @@ def export_access(request: ExportRequest) -> tuple[list[str], str]:
     """(repositories read, repository written) by a request, from its references alone."""
     sources = [parse_reference(item.reference) for item in request.adapters]
     reads = {parse_reference(request.base).repository, *(ref.repository for ref in sources)}
+    if request.calibration is not None:
+        reads.add(parse_reference(request.calibration).repository)
     return sorted(reads), sources[0].repository
 
 
@@ -213,6 +242,10 @@ def plan_export(session: Session, services: Services, request: ExportRequest) ->
             {"repository": a.repository, "digest": a.digest, "weight": w} for a, w in adapters
         ],
     }
+    if request.calibration is not None:  # absent otherwise: earlier jobs keep their keys
+        ref = parse_reference(request.calibration)
+        calibration = load_calibration(session, store, ref.repository, ref.identifier)
+        inputs["calibration"] = {"repository": calibration.repository, "digest": calibration.digest}
     return PlannedExport(
         inputs=inputs, params=request.params(), repository=adapters[0][0].repository
     )
@@ -284,6 +317,10 @@ def run_export(context: JobContext) -> Publication:
             )
             for item in context.inputs["adapters"]
         ]
+        calibration = None
+        if "calibration" in context.inputs:
+            source = context.inputs["calibration"]
+            calibration = load_calibration(session, store, source["repository"], source["digest"])
     params = context.params
     context.log(f"base {base.repository}@{base.digest} ({base.config.parameters} parameters)")
     bases = services.settings.resolved_work_dir() / "bases"
@@ -306,8 +343,12 @@ def run_export(context: JobContext) -> Publication:
         )
         context.log(f"adapter {adapter.repository}@{adapter.digest} weight {weight}")
     context.check()
+    libraries = library_versions()
     if params.get("format") == "gguf":
         output, quantization = _write_gguf(context, base, base_dir, inputs)
+    elif calibration is not None:
+        output, quantization = _write_calibrated(context, base, base_dir, inputs, calibration)
+        libraries |= _llmcompressor_version()
     else:
         output, quantization = _write_checkpoint(context, base, base_dir, inputs)
     config = CheckpointConfig(
@@ -322,7 +363,7 @@ def run_export(context: JobContext) -> Publication:
             "adapter_kinds": [a.config.kind for a, _ in adapters],
         },
         quantization=quantization,
-        libraries=library_versions(),
+        libraries=libraries,
         job=context.job_id,
     )
     first = adapters[0][0]
@@ -354,14 +395,26 @@ def _write_checkpoint(
     context: JobContext, base: BaseArtifact, base_dir: Path, inputs: list[Any]
 ) -> tuple[Path, dict[str, Any]]:
     """The merged (optionally INT4) model directory and its quantization recipe."""
+    encoder = _encoder(context.params, base_dir, context.device)
+    output = context.work_dir / "checkpoint"
+    _merge(context, base, base_dir, inputs, output, encoder)
+    return output, encoder.recipe()
+
+
+def _merge(
+    context: JobContext,
+    base: BaseArtifact,
+    base_dir: Path,
+    inputs: list[Any],
+    output: Path,
+    encoder: TensorEncoder,
+) -> None:
     import torch
 
     from peftreg.merge.errors import MergeCancelled
     from peftreg.merge.stream import merge_to_directory
 
     params = context.params
-    encoder = _encoder(params, base_dir, context.device)
-    output = context.work_dir / "checkpoint"
     dtype = getattr(torch, params["dtype"]) if params.get("dtype") else None
     try:
         result = merge_to_directory(
@@ -383,7 +436,62 @@ def _write_checkpoint(
         raise
     context.check()
     context.log(f"merged {result.merged_modules} modules into {len(result.shards)} shards")
-    return output, encoder.recipe()
+
+
+def _write_calibrated(
+    context: JobContext,
+    base: BaseArtifact,
+    base_dir: Path,
+    inputs: list[Any],
+    calibration: CalibrationArtifact,
+) -> tuple[Path, dict[str, Any]]:
+    """The merged model quantized to INT4 by GPTQ or AWQ: merged dense into scratch space,
+    then calibrated on the calibration artifact's text (`peftreg.quantize.calibrated`)."""
+    import shutil
+
+    from peftreg.checkpoint.encoding import CastEncoder
+    from peftreg.formats.calibration import parse_calibration
+    from peftreg.quantize.calibrated import CalibrationSettings, quantize_calibrated
+
+    params = context.params
+    dense = context.work_dir / "merged"
+    _merge(context, base, base_dir, inputs, dense, CastEncoder())
+    documents = parse_calibration(_calibration_bytes(context, calibration), calibration.title)
+    context.log(
+        f"calibrating {params['algorithm']} on {calibration.repository}@{calibration.digest} "
+        f"({len(documents)} documents)"
+    )
+    output = context.work_dir / "checkpoint"
+    result = quantize_calibrated(
+        dense,
+        output,
+        documents,
+        algorithm=str(params["algorithm"]),
+        group_size=int(params["group_size"]),
+        settings=CalibrationSettings(
+            samples=int(params["calibration_samples"]),
+            max_sequence_length=int(params["max_sequence_length"]),
+        ),
+        calibration=calibration.recipe(),
+        replace=True,
+    )
+    shutil.rmtree(dense, ignore_errors=True)
+    context.check()
+    context.log(
+        f"{params['algorithm']} on {result.samples} windows ({result.tokens} tokens) "
+        f"in {result.seconds:.1f} s"
+    )
+    return output, result.recipe
+
+
+def _calibration_bytes(context: JobContext, calibration: CalibrationArtifact) -> bytes:
+    return b"".join(context.services.store.read(Digest.parse(calibration.file_digest)))
+
+
+def _llmcompressor_version() -> dict[str, str]:
+    import importlib.metadata
+
+    return {"llmcompressor": importlib.metadata.version("llmcompressor")}
 
 
 def _write_gguf(

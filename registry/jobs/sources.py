@@ -18,6 +18,7 @@ from peftreg.adapters.schema import (
     BaseConfig,
 )
 from peftreg.digest import Digest
+from peftreg.formats.calibration import InvalidCalibration, calibration_file, parse_calibration
 from peftreg.manifest import (
     ADAPTER_ARTIFACT,
     BASE_ARTIFACT,
@@ -159,3 +160,38 @@ def materialize(store: BlobReader, manifest: ImageManifest, target: Path) -> Pat
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+@dataclass(frozen=True)
+class CalibrationArtifact:
+    """A calibration text artifact: one file (text or JSONL), checked to parse."""
+
+    repository: str
+    digest: str  # the manifest's
+    title: str  # the file's name
+    file_digest: str
+    documents: int
+
+    def recipe(self) -> dict[str, object]:
+        return {
+            "repository": self.repository,
+            "digest": self.digest,
+            "file": self.title,
+            "file_digest": self.file_digest,
+        }
+
+
+def load_calibration(
+    session: Session, store: BlobReader, repository: str, identifier: str
+) -> CalibrationArtifact:
+    """The calibration artifact at `repository`/`identifier`, refused (JobInvalid) when its
+    file is not usable calibration text."""
+    digest, parsed, _descriptor = _load(session, repository, identifier)
+    where = f"{repository}@{digest}"
+    try:
+        found = calibration_file(parsed, where)
+        data = b"".join(store.read(Digest.parse(found.digest)))
+        documents = parse_calibration(data, found.title)
+    except InvalidCalibration as exc:
+        raise JobInvalid(f"{where}: {exc.message}", detail={"reference": where}) from None
+    return CalibrationArtifact(repository, digest, found.title, found.digest, len(documents))
