@@ -196,16 +196,32 @@ def allocate(size: int) -> torch.Tensor:
 def tensors_in(buffer: torch.Tensor, header: SafetensorsHeader) -> dict[str, torch.Tensor]:
     """name -> tensor, views of `buffer` (uint8: the whole file) where aligned."""
     tensors = {}
+    typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype (one view each)
     for name, entry in header.tensors.items():
         dtype = SAFETENSORS_DTYPES.get(entry.dtype)
         if dtype is None:
             raise SwapError(f"tensor {name!r}: dtype {entry.dtype} has no torch equivalent")
         begin = header.data_start + entry.begin
-        raw = buffer[begin : header.data_start + entry.end]
-        if begin % dtype.itemsize:
-            raw = raw.clone()  # unaligned data: a copy of its own
-        tensors[name] = raw.view(dtype).reshape(entry.shape)
+        size = dtype.itemsize
+        if begin % size or buffer.numel() % size or not entry.shape:
+            raw = buffer[begin : header.data_start + entry.end]
+            if begin % size:
+                raw = raw.clone()  # unaligned data: a copy of its own
+            tensors[name] = raw.view(dtype).reshape(entry.shape)
+            continue
+        whole = typed.get(dtype)
+        if whole is None:
+            whole = typed[dtype] = buffer.view(dtype)
+        tensors[name] = whole.as_strided(entry.shape, _strides(entry.shape), begin // size)
     return tensors
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A contiguous tensor's strides, in elements."""
+    strides = [1] * len(shape)
+    for index in range(len(shape) - 2, -1, -1):
+        strides[index] = strides[index + 1] * max(shape[index + 1], 1)
+    return tuple(strides)
 
 
 def tensors_from_buffer(buffer: torch.Tensor, title: str) -> dict[str, torch.Tensor]:

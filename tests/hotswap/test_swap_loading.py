@@ -232,3 +232,19 @@ def test_a_file_buffer_is_reused_only_once_nothing_holds_it() -> None:
     del view
     assert pool.take(HUGE_PAGE).data_ptr() == address  # free again: reused
     assert pool.take(3 * HUGE_PAGE).numel() == 3 * HUGE_PAGE  # too small ones are not
+
+
+def test_tensors_viewed_in_a_file_buffer_keep_their_shapes_and_values(tmp_path: Path) -> None:
+    tensors = {
+        "cube": torch.randn(2, 3, 4),
+        "scalar": torch.tensor(1.5),
+        "empty": torch.zeros(0, 5),
+        "row": torch.randn(1, 7, dtype=torch.float64),
+        "half": torch.randn(3, dtype=torch.float16),
+    }
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    loaded = tensors_from_bytes((tmp_path / "t.safetensors").read_bytes(), "t.safetensors")
+    for name, tensor in tensors.items():
+        assert loaded[name].shape == tensor.shape, name
+        assert loaded[name].is_contiguous(), name
+        assert torch.equal(loaded[name], tensor), name
