@@ -6,7 +6,9 @@ a pulled layer is hashed against its manifest descriptor), refuses tensors
 and PEFT features a host would not serve (`peftreg.hotswap.contents`),
 resolves the LoRA-family factors with `peftreg.adapters.factors` (NOLA is
 materialized and checked against its recorded digest there), and refuses
-non-finite values, recording each tensor's largest magnitude. What depends
+non-finite values, recording each tensor's largest magnitude (or, for fp32
+factors viewed in one file buffer, the largest of them all, found in one
+pass: an upper bound the planner refines before refusing). What depends
 on the host (base identity, target modules, shapes, ranks, virtual tokens,
 whether the values fit the slots' dtype) is checked when a host plans the swap.
 """

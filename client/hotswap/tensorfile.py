@@ -3,9 +3,12 @@
 A cold swap used to parse a directory's header twice with the strict parser
 (`peftreg.formats.safetensors_header`: on import, and again before loading).
 Here it runs once on the header bytes, which also name the directory
-(`directory_identity`); the data is then loaded as long as the file is still
-the one whose header was parsed. A pulled layer, already in memory to be
-hashed, is parsed once and its tensors are views of that one buffer.
+(`directory_identity`), and not again for a header byte-identical to one
+parsed before (adapters of one layout). The file is then read whole, with
+one `readinto` into a pooled buffer whose pages are already faulted in, as
+long as it is still the one whose header was parsed; its tensors are views
+of that buffer. A pulled layer, already in memory to be hashed, is parsed
+once and its tensors are views of that one buffer too.
 """
 
 from __future__ import annotations
