@@ -6,7 +6,9 @@ a pulled layer is hashed against its manifest descriptor), refuses tensors
 and PEFT features a host would not serve (`peftreg.hotswap.contents`),
 resolves the LoRA-family factors with `peftreg.adapters.factors` (NOLA is
 materialized and checked against its recorded digest there), and refuses
-non-finite values, recording each tensor's largest magnitude. What depends
+non-finite values, recording each tensor's largest magnitude (or, for fp32
+factors viewed in one file buffer, the largest of them all, found in one
+pass: an upper bound the planner refines before refusing). What depends
 on the host (base identity, target modules, shapes, ranks, virtual tokens,
 whether the values fit the slots' dtype) is checked when a host plans the swap.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -55,7 +57,7 @@ from peftreg.hotswap.tensorfile import (
     HeaderRead,
     allocate,
     header_reader,
-    load_file_once,
+    read_file_once,
     tensors_from_buffer,
 )
 from peftreg.transfer.pull import PullResult
@@ -98,11 +100,17 @@ def swap_refusal(kind: str) -> str:
 
 @dataclass(frozen=True)
 class FactorBounds:
-    """The largest |value| of one module's factors (0.0 for an absent tensor)."""
+    """The largest |value| of one module's factors (0.0 for an absent tensor).
+
+    `exact=False`: upper bounds (the largest |value| of all the adapter's
+    factors, found in one pass); a check they fail is made again with each
+    tensor's own largest value before anything is refused.
+    """
 
     a: float
     b: float
     bias: float = 0.0
+    exact: bool = True
 
 
 @dataclass(frozen=True)
@@ -200,6 +208,44 @@ def _bounded(name: str, tensor: torch.Tensor | None) -> float:
     return value
 
 
+def _shared_bound(factors: Iterable[ModuleFactors]) -> float | None:
+    """The largest |value| of every factor tensor at once, when they are all fp32 views of
+    one CPU buffer (a file read whole): one vectorised pass over the span they lie in.
+
+    None when they are not, or when the span holds a value that is not finite
+    (which may belong to no factor: the tensors are then checked one by one,
+    naming the one at fault).
+    """
+    tensors = [
+        tensor
+        for item in factors
+        for tensor in (item.a, item.b, item.magnitude, item.bias)
+        if tensor is not None
+    ]
+    if not tensors:
+        return None
+    storage = tensors[0].untyped_storage()
+    address = storage.data_ptr()
+    begin, end = storage.nbytes(), 0
+    for tensor in tensors:
+        if (
+            tensor.dtype != torch.float32
+            or tensor.device.type != "cpu"
+            or not tensor.is_contiguous()
+            or tensor.untyped_storage().data_ptr() != address
+        ):
+            return None
+        start = int(tensor.storage_offset()) * 4  # bytes; a multiple of 4 from `begin` too
+        begin, end = min(begin, start), max(end, start + tensor.numel() * 4)
+    if begin >= end:
+        return None
+    span = torch.empty(0, dtype=torch.float32).set_(
+        storage, begin // 4, ((end - begin) // 4,), (1,)
+    )
+    value = largest(span)
+    return value if math.isfinite(value) else None
+
+
 def _factors(
     config: AdapterConfig, tensors: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, ModuleFactors], dict[str, FactorBounds]]:
@@ -211,6 +257,12 @@ def _factors(
         raise SwapError(f"NOLA adapter: {exc}") from None
     except FactorError as exc:
         raise AdapterShapeMismatch(str(exc)) from None
+    shared = _shared_bound(factors.values())
+    if shared is not None:  # every value finite: one pass over them all
+        return factors, {
+            module: FactorBounds(shared, shared, 0.0 if item.bias is None else shared, exact=False)
+            for module, item in factors.items()
+        }
     bounds = {}
     for module, item in factors.items():
         _bounded(f"{module}.lora_magnitude_vector", item.magnitude)
@@ -333,7 +385,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         read_safetensors_header(path, header_reader(reads))
     except PeftImportError as exc:
         raise SwapError(str(exc)) from None
-    return load_file_once(reads[0])
+    return read_file_once(reads[0])
 
 
 def verified_layer(result: PullResult, title: str) -> torch.Tensor:
@@ -447,7 +499,7 @@ def inspect_directory(
 def adapter_from_local(local: LocalAdapter) -> LoadedAdapter:
     """Load the tensors of an inspected directory (its header is not parsed again)."""
     if local.header is not None:
-        tensors = load_file_once(local.header)
+        tensors = read_file_once(local.header)
     else:
         tensors = read_tensors(local.tensors_path)
     return adapter_from_tensors(local.config, tensors, digest=local.digest, source=str(local.path))

@@ -318,8 +318,23 @@ class SwapPlanner:
             return  # merged mode: the merged weights are checked in their dtype
         if bounds is None:  # a hand-made LoadedAdapter
             bounds = FactorBounds(largest(factors.a), largest(factors.b), largest(factors.bias))
-        dtype = slot.dtype
-        gain = abs(factors.scaling * slot.output_scale)
+        if not bounds.exact:  # upper bounds: refuse only on each tensor's own values
+            try:
+                self._check_bounds(name, factors, bounds, slot.dtype, slot.output_scale)
+                return
+            except NonFiniteAdapter:
+                bounds = FactorBounds(largest(factors.a), largest(factors.b), largest(factors.bias))
+        self._check_bounds(name, factors, bounds, slot.dtype, slot.output_scale)
+
+    @staticmethod
+    def _check_bounds(
+        name: str,
+        factors: ModuleFactors,
+        bounds: FactorBounds,
+        dtype: torch.dtype,
+        output_scale: float,
+    ) -> None:
+        gain = abs(factors.scaling * output_scale)
         check_fits(f"{name}.lora_A", bounds.a, dtype)
         check_fits(f"{name}.lora_B", bounds.b, dtype)
         check_fits(f"{name}.lora_B.bias", bounds.bias, dtype)

@@ -66,11 +66,26 @@ def build_program(
     """The copies writing each module's A into the first `rank` rows of its buffer and B into
     the first `rank` columns (`buffers`: the set to write, by module)."""
     program = StagingProgram(adapter)
+    pairs = program.arrays
     for name, item in factors.items():
         spare = buffers[name]
         rank = item.rank
-        a = spare.a.T if spare.transposed_a else spare.a  # (R, in) whatever the layout
         array_a, array_b = spare.arrays.get("a"), spare.arrays.get("b")
+        values_a, values_b = numpy_view(item.a), numpy_view(item.b)
+        if (  # the common case, without a tensor view per factor: numpy to numpy
+            array_a is not None
+            and array_b is not None
+            and values_a is not None
+            and values_b is not None
+            and values_a.dtype == array_a.dtype
+            and values_b.dtype == array_b.dtype
+        ):
+            target_a, target_b = array_a[:rank], array_b[:, :rank]
+            pairs.append((target_a, values_a))
+            pairs.append((target_b, values_b))
+            program.nbytes += target_a.nbytes + target_b.nbytes
+            continue
+        a = spare.a.T if spare.transposed_a else spare.a  # (R, in) whatever the layout
         program.add(a[:rank], None if array_a is None else array_a[:rank], item.a)
         program.add(spare.b[:, :rank], None if array_b is None else array_b[:, :rank], item.b)
     return program

@@ -3,9 +3,12 @@
 A cold swap used to parse a directory's header twice with the strict parser
 (`peftreg.formats.safetensors_header`: on import, and again before loading).
 Here it runs once on the header bytes, which also name the directory
-(`directory_identity`); the data is then loaded as long as the file is still
-the one whose header was parsed. A pulled layer, already in memory to be
-hashed, is parsed once and its tensors are views of that one buffer.
+(`directory_identity`), and not again for a header byte-identical to one
+parsed before (adapters of one layout). The file is then read whole, with
+one `readinto` into a pooled buffer whose pages are already faulted in, as
+long as it is still the one whose header was parsed; its tensors are views
+of that buffer. A pulled layer, already in memory to be hashed, is parsed
+once and its tensors are views of that one buffer too.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import io
 import mmap
 import os
 import struct
+import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from peftreg.checkpoint.writer import SAFETENSORS_DTYPES
 from peftreg.formats.safetensors_header import (
@@ -44,6 +50,37 @@ class HeaderRead:
     stat: tuple[int, int, int]  # the file's (size, mtime_ns, inode) when the header was read
 
 
+class _ParsedHeaders:
+    """The strict parser's results by (header bytes, file size), the last `max_entries`.
+
+    The parse is a pure function of those two, and adapters of one layout
+    (same modules, ranks and dtypes) have byte-identical headers: a cold load
+    of a new adapter of a known layout does not parse its header again.
+    """
+
+    def __init__(self, max_entries: int = 32) -> None:
+        self.max_entries = max_entries
+        self._parsed: OrderedDict[tuple[bytes, int], SafetensorsHeader] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def parse(self, raw: bytes, size: int) -> SafetensorsHeader:
+        key = (raw, size)
+        with self._lock:
+            header = self._parsed.get(key)
+            if header is not None:
+                self._parsed.move_to_end(key)
+                return header
+        header = read_header(io.BytesIO(raw), size)  # raises SafetensorsError: not kept
+        with self._lock:
+            self._parsed[key] = header
+            while len(self._parsed) > self.max_entries:
+                self._parsed.popitem(last=False)
+        return header
+
+
+_PARSED = _ParsedHeaders()
+
+
 def read_prefix(path: Path) -> HeaderRead:
     """Read and strictly parse the header of `path` (raises SafetensorsError)."""
     with path.open("rb") as stream:
@@ -53,11 +90,11 @@ def read_prefix(path: Path) -> HeaderRead:
         # a length past the limit or the file is refused by the parser, with nothing read
         fits = length <= MAX_HEADER_BYTES and 8 + length <= stat[0]
         raw = prefix + (stream.read(length) if fits else b"")
-    header = read_header(io.BytesIO(raw), stat[0])
+    header = _PARSED.parse(raw, stat[0])
     return HeaderRead(path, header, raw[: header.data_start], stat)
 
 
-def _stat(stream: io.BufferedReader) -> tuple[int, int, int]:
+def _stat(stream: io.BufferedReader | io.FileIO) -> tuple[int, int, int]:
     """(size, mtime_ns, inode) of an open file."""
     result = os.fstat(stream.fileno())
     return result.st_size, result.st_mtime_ns, result.st_ino
@@ -74,29 +111,76 @@ def header_reader(reads: list[HeaderRead]) -> Callable[[Path], SafetensorsHeader
     return read
 
 
-def load_file_once(read: HeaderRead) -> dict[str, torch.Tensor]:
-    """Every tensor of the file `read` parsed, loaded without parsing strictly again.
+class BufferPool:
+    """Reusable memory for whole tensors files, so that a cold load writes into pages
+    already faulted in (first-touch faults of a fresh buffer cost more than the read).
 
-    safetensors' loader reads the data (its allocations are small and reused
-    from one load to the next, which one large fresh buffer is not). Raises
-    SwapError when the file was replaced or rewritten since its header was
-    read: another size, time or inode, or tensors other than the header's.
+    A buffer is a numpy array the pool keeps; the tensors of a loaded file are
+    views of it and hold it alive. It is handed out again only once nothing
+    but the pool refers to it (every adapter loaded from it was dropped: out
+    of the LRU, no longer active, its staging programs pruned), so a cached
+    adapter's values never change. At most `max_free` unused buffers are kept.
+    """
+
+    def __init__(self, max_free: int = 2) -> None:
+        self.max_free = max_free
+        self._buffers: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> torch.Tensor:
+        """`size` bytes (uint8): a free buffer of the pool at least that large (at most
+        twice), else a new one the pool keeps."""
+        with self._lock:
+            free = [index for index in range(len(self._buffers)) if self._is_free(index)]
+            for index in free:
+                if size <= self._buffers[index].nbytes <= 2 * size:
+                    return torch.from_numpy(self._buffers[index])[:size]
+            for index in reversed(free[self.max_free :]):
+                del self._buffers[index]  # more unused buffers than kept: release some
+            if size < HUGE_PAGE:
+                return torch.empty(size, dtype=torch.uint8)
+            buffer = allocate(size).numpy()
+            self._buffers.append(buffer)
+            return torch.from_numpy(buffer)
+
+    def _is_free(self, index: int) -> bool:
+        # references: the pool's list and getrefcount's argument; any tensor of the
+        # buffer holds one more (through its storage)
+        return sys.getrefcount(self._buffers[index]) <= 2
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buffers.clear()
+
+
+FILE_BUFFERS = BufferPool()
+
+
+def read_file_once(read: HeaderRead) -> dict[str, torch.Tensor]:
+    """Every tensor of the file `read` parsed: one read of the whole file into a pooled
+    buffer (`FILE_BUFFERS`), the tensors views of it, nothing parsed again.
+
+    Raises SwapError when the file was replaced or rewritten since its header
+    was read: another size, time or inode, or other header bytes.
     """
     changed = SwapError(f"{read.path} changed while it was loaded; swap again")
-    with read.path.open("rb") as stream:
+    size = read.stat[0]
+    with read.path.open("rb", buffering=0) as stream:
         if _stat(stream) != read.stat:
             raise changed
-        tensors = load_file(str(read.path), device="cpu")
-        if _stat(stream) != read.stat or os.stat(read.path).st_ino != read.stat[2]:
+        buffer = FILE_BUFFERS.take(size)
+        view = buffer.numpy().data
+        done = 0
+        while done < size:
+            count = stream.readinto(view[done:])
+            if not count:
+                break
+            done += count
+        if done != size or _stat(stream) != read.stat or os.stat(read.path).st_ino != read.stat[2]:
             raise changed
-    entries = read.header.tensors
-    if tensors.keys() != entries.keys() or any(
-        tuple(tensor.shape) != entries[name].shape
-        or tensor.dtype != SAFETENSORS_DTYPES.get(entries[name].dtype)
-        for name, tensor in tensors.items()
-    ):
+    if bytes(view[: len(read.raw)]) != read.raw:
         raise changed
-    return tensors
+    return tensors_in(buffer, read.header)
 
 
 def allocate(size: int) -> torch.Tensor:
@@ -115,16 +199,32 @@ def allocate(size: int) -> torch.Tensor:
 def tensors_in(buffer: torch.Tensor, header: SafetensorsHeader) -> dict[str, torch.Tensor]:
     """name -> tensor, views of `buffer` (uint8: the whole file) where aligned."""
     tensors = {}
+    typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer as each dtype (one view each)
     for name, entry in header.tensors.items():
         dtype = SAFETENSORS_DTYPES.get(entry.dtype)
         if dtype is None:
             raise SwapError(f"tensor {name!r}: dtype {entry.dtype} has no torch equivalent")
         begin = header.data_start + entry.begin
-        raw = buffer[begin : header.data_start + entry.end]
-        if begin % dtype.itemsize:
-            raw = raw.clone()  # unaligned data: a copy of its own
-        tensors[name] = raw.view(dtype).reshape(entry.shape)
+        size = dtype.itemsize
+        if begin % size or buffer.numel() % size or not entry.shape:
+            raw = buffer[begin : header.data_start + entry.end]
+            if begin % size:
+                raw = raw.clone()  # unaligned data: a copy of its own
+            tensors[name] = raw.view(dtype).reshape(entry.shape)
+            continue
+        whole = typed.get(dtype)
+        if whole is None:
+            whole = typed[dtype] = buffer.view(dtype)
+        tensors[name] = whole.as_strided(entry.shape, _strides(entry.shape), begin // size)
     return tensors
+
+
+def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A contiguous tensor's strides, in elements."""
+    strides = [1] * len(shape)
+    for index in range(len(shape) - 2, -1, -1):
+        strides[index] = strides[index + 1] * max(shape[index + 1], 1)
+    return tuple(strides)
 
 
 def tensors_from_buffer(buffer: torch.Tensor, title: str) -> dict[str, torch.Tensor]:

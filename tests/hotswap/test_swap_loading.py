@@ -5,13 +5,14 @@ staging programs replayed across ranks, buffer sets and dtypes, and the LRU's by
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from peftreg.hotswap import AdapterCache, AdapterHost, HostConfig, SwapError
+from peftreg.hotswap import AdapterCache, AdapterHost, HostConfig, NonFiniteAdapter, SwapError
 from peftreg.hotswap.adapter import (
     adapter_from_local,
     directory_identity,
@@ -19,6 +20,7 @@ from peftreg.hotswap.adapter import (
     largest,
     tensors_from_bytes,
 )
+from peftreg.hotswap.tensorfile import HUGE_PAGE, BufferPool
 from tests.adapters.tiny_models import sample_ids, tiny_llama
 from tests.hotswap.builders import (
     MAX_DIFF,
@@ -27,6 +29,7 @@ from tests.hotswap.builders import (
     mlp_input,
     model_outputs,
     peft_outputs,
+    rewrite_tensors,
     save_adapter,
 )
 
@@ -167,3 +170,81 @@ def test_the_cache_counts_each_entry_once(tmp_path: Path) -> None:
     assert cache.nbytes == 2 * size
     cache.clear()
     assert cache.nbytes == 0
+
+
+def _set_factors(values: dict[str, float]) -> Callable[[dict[str, torch.Tensor]], None]:
+    """Every factor small, the named ones (`fc1.lora_A`, ...) filled with their value."""
+
+    def change(tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            tensor.fill_(0.01)
+            for key, value in values.items():
+                module, factor = key.split(".")
+                if f".{module}.{factor}." in name:
+                    tensor.fill_(value)
+
+    return change
+
+
+def test_one_pass_bounds_refuse_only_a_module_that_overflows(tmp_path: Path) -> None:
+    """The factors are scanned together (one largest value for all); a module is refused
+    for its own values only: large A in fc1 and large B in fc2 fit an fp16 host (each
+    delta is small), large A and B in fc1 do not."""
+    good = save_adapter(TinyMLP, lora(["fc1", "fc2"], r=4), tmp_path / "good")
+    apart = rewrite_tensors(
+        good, tmp_path / "apart", _set_factors({"fc1.lora_A": 200.0, "fc2.lora_B": 200.0})
+    )
+    together = rewrite_tensors(
+        good, tmp_path / "together", _set_factors({"fc1.lora_A": 200.0, "fc1.lora_B": 200.0})
+    )
+    config = HostConfig(targets=["fc1", "fc2"], max_rank=4, dtype=torch.float16)
+    with AdapterHost(TinyMLP(), config) as host:
+        event = host.swap(apart)
+        assert host.active_digest == event.digest
+        bounds = host.active.bounds  # type: ignore[union-attr]
+        assert {b.exact for b in bounds.values()} == {False}
+        assert bounds["fc1"].a == 200.0
+        with pytest.raises(NonFiniteAdapter, match=r"fc1 delta.*float16"):
+            host.swap(together)
+        assert host.active_digest == event.digest
+
+
+def test_a_nan_found_by_the_one_pass_scan_names_its_tensor(tmp_path: Path) -> None:
+    good = save_adapter(TinyMLP, lora(["fc1", "fc2"], r=4), tmp_path / "good")
+    bad = rewrite_tensors(good, tmp_path / "bad", _set_factors({"fc2.lora_B": math.nan}))
+    with AdapterHost(TinyMLP(), HostConfig(targets=["fc1", "fc2"], max_rank=4)) as host:
+        with pytest.raises(NonFiniteAdapter, match=r"fc2\.lora_B holds NaN"):
+            host.swap(bad)
+        assert host.active is None
+
+
+def test_a_file_buffer_is_reused_only_once_nothing_holds_it() -> None:
+    pool = BufferPool(max_free=1)
+    first = pool.take(HUGE_PAGE)
+    first.fill_(7)
+    view = first[10:20]  # a tensor of an adapter still held
+    del first
+    second = pool.take(HUGE_PAGE)
+    assert second.data_ptr() != view.data_ptr() - 10
+    second.fill_(1)
+    assert bool((view == 7).all())  # the held buffer was not handed out again
+    address = view.data_ptr() - 10
+    del view
+    assert pool.take(HUGE_PAGE).data_ptr() == address  # free again: reused
+    assert pool.take(3 * HUGE_PAGE).numel() == 3 * HUGE_PAGE  # too small ones are not
+
+
+def test_tensors_viewed_in_a_file_buffer_keep_their_shapes_and_values(tmp_path: Path) -> None:
+    tensors = {
+        "cube": torch.randn(2, 3, 4),
+        "scalar": torch.tensor(1.5),
+        "empty": torch.zeros(0, 5),
+        "row": torch.randn(1, 7, dtype=torch.float64),
+        "half": torch.randn(3, dtype=torch.float16),
+    }
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    loaded = tensors_from_bytes((tmp_path / "t.safetensors").read_bytes(), "t.safetensors")
+    for name, tensor in tensors.items():
+        assert loaded[name].shape == tensor.shape, name
+        assert loaded[name].is_contiguous(), name
+        assert torch.equal(loaded[name], tensor), name
