@@ -21,6 +21,9 @@ NEVER_FOR_TRANSFERS = {
     "rich",  # by httpx's own command line, which the CLI stops httpx from loading
     "filelock",  # the cache locks with flock itself (peftreg.file_lock)
     "torch",
+    "pydantic",  # the registry's models: a pull reads manifests with peftreg.transfer.layers
+    "peftreg.manifest",
+    "peftreg.sdk.models",  # the typed answers of the catalog API
 }
 
 
