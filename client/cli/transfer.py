@@ -20,10 +20,10 @@ from peftreg.digest import Digest
 from peftreg.media_types import BASE_ARTIFACT, TITLE_ANNOTATION
 from peftreg.reference import Reference
 from peftreg.sdk.errors import InvalidRequest
-from peftreg.transfer.pull import PullResult
 
 if TYPE_CHECKING:
     from peftreg.sdk.client import Client
+    from peftreg.transfer.pull import PullResult
 
 
 def _annotations(values: tuple[str, ...]) -> dict[str, str]:

@@ -19,7 +19,7 @@ from peftreg.media_types import BASE_ARTIFACT, MANIFEST_MEDIA_TYPES, OCI_MANIFES
 from peftreg.reference import Reference
 from peftreg.sdk.errors import DigestMismatch, InvalidRequest
 from peftreg.sdk.http import DEFAULT_TIMEOUT, HttpSession
-from peftreg.transfer import download, pull, push, upload
+from peftreg.transfer import download, push, upload
 from peftreg.transfer.digest_memo import DigestMemo
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         Version,
         VersionDetail,
     )
+    from peftreg.transfer import pull
 from peftreg.transfer.progress import Progress
 
 DEFAULT_URL = "http://127.0.0.1:8750"
@@ -192,8 +193,10 @@ class Client:
     # OCI: manifests, tags, referrers -------------------------------------------
 
     def get_manifest(self, reference: Reference | str) -> ManifestResponse:
+        from peftreg.transfer.pull import fetch_manifest
+
         ref = self._own_reference(reference)
-        digest, content = pull.fetch_manifest(self.http, ref)
+        digest, content = fetch_manifest(self.http, ref)
         response_type = self.http.request(
             "HEAD",
             f"/v2/{ref.repository}/manifests/{digest}",
@@ -497,6 +500,8 @@ class Client:
         an unreachable registry is answered from the cache when it holds the
         reference (the result's `offline_fallback` says why).
         """
+        from peftreg.transfer import pull
+
         return pull.pull(
             None if self.offline else self.http,
             self.cache,
