@@ -7,32 +7,53 @@ read and validate; `canonical_json` produces the bytes we push ourselves.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from peftreg.digest import Digest
 from peftreg.formats.bounded_json import JsonTooDeep, loads_bounded
+from peftreg.media_types import (
+    ADAPTER_ARTIFACT,
+    ADAPTER_CONFIG_MEDIA_TYPE,
+    BASE_ARTIFACT,
+    CHECKPOINT_ARTIFACT,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    EMPTY_JSON,
+    EMPTY_JSON_DIGEST,
+    INDEX_MEDIA_TYPES,
+    MANIFEST_MEDIA_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    PROMPT_ARTIFACT,
+    TITLE_ANNOTATION,
+    InvalidManifest,
+    canonical_json,
+)
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-MANIFEST_MEDIA_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST)
-INDEX_MEDIA_TYPES = (OCI_INDEX, DOCKER_MANIFEST_LIST)
-EMPTY_JSON = "application/vnd.oci.empty.v1+json"
-EMPTY_JSON_DIGEST = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
-TITLE_ANNOTATION = "org.opencontainers.image.title"
-
-ADAPTER_ARTIFACT = "application/vnd.peftreg.adapter.v1"
-ADAPTER_CONFIG_MEDIA_TYPE = "application/vnd.peftreg.adapter.config.v1+json"
-BASE_ARTIFACT = "application/vnd.peftreg.base.v1"
-CHECKPOINT_ARTIFACT = "application/vnd.peftreg.checkpoint.v1"
-PROMPT_ARTIFACT = "application/vnd.peftreg.prompt.v1"
-
-
-class InvalidManifest(ValueError):
-    """Bytes that are not a valid OCI manifest or index."""
+__all__ = [
+    "ADAPTER_ARTIFACT",
+    "ADAPTER_CONFIG_MEDIA_TYPE",
+    "BASE_ARTIFACT",
+    "CHECKPOINT_ARTIFACT",
+    "DOCKER_MANIFEST",
+    "DOCKER_MANIFEST_LIST",
+    "EMPTY_JSON",
+    "EMPTY_JSON_DIGEST",
+    "INDEX_MEDIA_TYPES",
+    "MANIFEST_MEDIA_TYPES",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "PROMPT_ARTIFACT",
+    "TITLE_ANNOTATION",
+    "Descriptor",
+    "ImageIndex",
+    "ImageManifest",
+    "InvalidManifest",
+    "canonical_json",
+    "parse_manifest",
+]
 
 
 class Descriptor(BaseModel):
@@ -77,11 +98,6 @@ class ImageIndex(BaseModel):
     manifests: list[Descriptor]
     subject: Descriptor | None = None
     annotations: dict[str, str] | None = None
-
-
-def canonical_json(value: Any) -> bytes:
-    """Deterministic JSON bytes: sorted keys, no insignificant whitespace."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def parse_manifest(content: bytes, content_type: str | None) -> ImageManifest | ImageIndex:

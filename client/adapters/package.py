@@ -14,6 +14,7 @@ An adapter artifact (artifactType ADAPTER_ARTIFACT) has:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftreg.adapters.peft_import import NOLA_FILE, TENSORS_FILE, ImportedAdapter
 from peftreg.adapters.schema import (
@@ -23,8 +24,11 @@ from peftreg.adapters.schema import (
     SAFETENSORS_MEDIA_TYPE,
     AdapterConfig,
 )
-from peftreg.manifest import TITLE_ANNOTATION, ImageManifest, canonical_json
+from peftreg.media_types import TITLE_ANNOTATION, canonical_json
 from peftreg.sdk.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from peftreg.manifest import ImageManifest
 
 KIND_ANNOTATION = "io.peftreg.adapter.kind"
 RANK_ANNOTATION = "io.peftreg.adapter.rank"

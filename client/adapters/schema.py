@@ -11,9 +11,9 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from peftreg import manifest
+from peftreg import media_types
 
-ADAPTER_CONFIG_MEDIA_TYPE = manifest.ADAPTER_CONFIG_MEDIA_TYPE  # defined with the manifest's
+ADAPTER_CONFIG_MEDIA_TYPE = media_types.ADAPTER_CONFIG_MEDIA_TYPE  # defined with the manifest's
 
 BASE_CONFIG_MEDIA_TYPE = "application/vnd.peftreg.base.config.v1+json"
 SAFETENSORS_MEDIA_TYPE = "application/vnd.peftreg.safetensors"

@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
-from pydantic import BaseModel
 
 from peftreg.cache import Cache
 from peftreg.cli.config import resolve
@@ -94,7 +93,10 @@ def make_progress(quiet: bool) -> Progress:
 
 
 def to_jsonable(value: Any) -> Any:
-    if isinstance(value, BaseModel):
+    # A value can be a pydantic model only if pydantic is loaded: a push or a
+    # pull that never loads it does not import it here either.
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is not None and isinstance(value, pydantic.BaseModel):
         return value.model_dump(mode="json")
     if isinstance(value, list | tuple):
         return [to_jsonable(item) for item in value]

@@ -17,13 +17,13 @@ from peftreg.cli.common import (
     parse_reference,
 )
 from peftreg.digest import Digest
-from peftreg.manifest import BASE_ARTIFACT, TITLE_ANNOTATION, parse_manifest
+from peftreg.media_types import BASE_ARTIFACT, TITLE_ANNOTATION
 from peftreg.reference import Reference
 from peftreg.sdk.errors import InvalidRequest
-from peftreg.transfer.pull import PullResult
 
 if TYPE_CHECKING:
     from peftreg.sdk.client import Client
+    from peftreg.transfer.pull import PullResult
 
 
 def _annotations(values: tuple[str, ...]) -> dict[str, str]:
@@ -377,6 +377,8 @@ def tag(src_ref: str, dst_ref: str, as_json: bool) -> None:
     with make_client(source, target, offline=False) as client:
         manifest = client.get_manifest(source)
         if target.repository != source.repository:
+            from peftreg.manifest import parse_manifest
+
             parsed = parse_manifest(manifest.content, manifest.media_type)
             blobs = [getattr(parsed, "config", None), *getattr(parsed, "layers", [])]
             for blob in blobs:

@@ -12,39 +12,41 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import BaseModel, ValidationError
 
 from peftreg.cache import Cache, offline_from_env
 from peftreg.digest import Digest
-from peftreg.manifest import BASE_ARTIFACT, MANIFEST_MEDIA_TYPES, OCI_MANIFEST, TITLE_ANNOTATION
+from peftreg.media_types import BASE_ARTIFACT, MANIFEST_MEDIA_TYPES, OCI_MANIFEST, TITLE_ANNOTATION
 from peftreg.reference import Reference
 from peftreg.sdk.errors import DigestMismatch, InvalidRequest
 from peftreg.sdk.http import DEFAULT_TIMEOUT, HttpSession
-from peftreg.sdk.models import (
-    AuditEvent,
-    DeletedVersion,
-    Grant,
-    IssuedToken,
-    ManifestResponse,
-    Repository,
-    TagEvent,
-    TagInfo,
-    TokenInfo,
-    Version,
-    VersionDetail,
-)
-from peftreg.transfer import download, pull, push, upload
+from peftreg.transfer import download, push, upload
 from peftreg.transfer.digest_memo import DigestMemo
 
 if TYPE_CHECKING:
+    from pydantic import BaseModel
+
     from peftreg.adapters.schema import BaseReference
     from peftreg.prompts.package import HardPrompt
     from peftreg.sdk.jobs import JobInfo, JobLogLine
+    from peftreg.sdk.models import (
+        AuditEvent,
+        DeletedVersion,
+        Grant,
+        IssuedToken,
+        ManifestResponse,
+        Repository,
+        TagEvent,
+        TagInfo,
+        TokenInfo,
+        Version,
+        VersionDetail,
+    )
+    from peftreg.transfer import pull
 from peftreg.transfer.progress import Progress
 
 DEFAULT_URL = "http://127.0.0.1:8750"
 _LINK_RE = re.compile(r'<([^>]+)>;\s*rel="next"')
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound="BaseModel")
 
 
 def _digest(value: Digest | str) -> Digest:
@@ -191,13 +193,17 @@ class Client:
     # OCI: manifests, tags, referrers -------------------------------------------
 
     def get_manifest(self, reference: Reference | str) -> ManifestResponse:
+        from peftreg.transfer.pull import fetch_manifest
+
         ref = self._own_reference(reference)
-        digest, content = pull.fetch_manifest(self.http, ref)
+        digest, content = fetch_manifest(self.http, ref)
         response_type = self.http.request(
             "HEAD",
             f"/v2/{ref.repository}/manifests/{digest}",
             headers={"Accept": ", ".join(MANIFEST_MEDIA_TYPES)},
         ).headers.get("content-type", OCI_MANIFEST)
+        from peftreg.sdk.models import ManifestResponse
+
         return ManifestResponse(digest=str(digest), media_type=response_type, content=content)
 
     def resolve(self, reference: Reference | str) -> Digest:
@@ -253,6 +259,8 @@ class Client:
 
     def repositories(self, query: str | None = None) -> list[Repository]:
         params = {"q": query} if query else {}
+        from peftreg.sdk.models import Repository
+
         return list(self._cursor_pages("/api/v1/repositories", params, Repository))
 
     def versions(
@@ -285,6 +293,8 @@ class Client:
         if annotations:
             params["annotation"] = [f"{k}={v}" for k, v in annotations.items()]
         path = f"/api/v1/repositories/{repository}/versions" if repository else "/api/v1/versions"
+        from peftreg.sdk.models import Version
+
         return list(self._cursor_pages(path, params, Version))
 
     def version(self, reference: Reference | str) -> VersionDetail:
@@ -292,14 +302,20 @@ class Client:
         response = self.http.request(
             "GET", f"/api/v1/repositories/{ref.repository}/versions/{ref.identifier}"
         )
+        from peftreg.sdk.models import VersionDetail
+
         return VersionDetail.model_validate(response.json())
 
     def tags(self, repository: str) -> list[TagInfo]:
         response = self.http.request("GET", f"/api/v1/repositories/{repository}/tags")
+        from peftreg.sdk.models import TagInfo
+
         return [TagInfo.model_validate(item) for item in response.json()]
 
     def tag_history(self, repository: str, tag: str) -> list[TagEvent]:
         response = self.http.request("GET", f"/api/v1/repositories/{repository}/tags/{tag}/history")
+        from peftreg.sdk.models import TagEvent
+
         return [TagEvent.model_validate(item) for item in response.json()]
 
     def watch_tag(
@@ -324,6 +340,8 @@ class Client:
             f"/api/v1/repositories/{repository}/versions/{_digest(digest)}",
             params={"force": "true" if force else "false"},
         )
+        from peftreg.sdk.models import DeletedVersion
+
         return DeletedVersion.model_validate(response.json())
 
     def set_policy(self, repository: str, immutable_tags: Sequence[str]) -> Repository:
@@ -332,6 +350,8 @@ class Client:
             f"/api/v1/repositories/{repository}/policy",
             json_body={"immutable_tags": list(immutable_tags)},
         )
+        from peftreg.sdk.models import Repository
+
         return Repository.model_validate(response.json())
 
     def create_token(
@@ -341,6 +361,8 @@ class Client:
         *,
         expires_at: datetime | None = None,
     ) -> IssuedToken:
+        from peftreg.sdk.models import Grant, IssuedToken
+
         body: dict[str, Any] = {
             "name": name,
             "grants": [
@@ -357,10 +379,14 @@ class Client:
 
     def list_tokens(self) -> list[TokenInfo]:
         response = self.http.request("GET", "/api/v1/tokens")
+        from peftreg.sdk.models import TokenInfo
+
         return [TokenInfo.model_validate(item) for item in response.json()]
 
     def revoke_token(self, token_id: str) -> TokenInfo:
         response = self.http.request("DELETE", f"/api/v1/tokens/{token_id}")
+        from peftreg.sdk.models import TokenInfo
+
         return TokenInfo.model_validate(response.json())
 
     def audit(self, repository: str | None = None, limit: int = 100) -> list[AuditEvent]:
@@ -368,6 +394,8 @@ class Client:
         if repository:
             params["repository"] = repository
         response = self.http.request("GET", "/api/v1/audit", params=params)
+        from peftreg.sdk.models import AuditEvent
+
         return [AuditEvent.model_validate(item) for item in response.json()]
 
     # artifacts ----------------------------------------------------------------
@@ -378,6 +406,8 @@ class Client:
         A REF is resolved to the fingerprint and structure hash recorded in
         its base artifact's config.
         """
+        import pydantic
+
         from peftreg.adapters.schema import BaseConfig, BaseReference
 
         if base.startswith("sha256:"):
@@ -394,7 +424,7 @@ class Client:
             config = BaseConfig.model_validate_json(
                 self.get_blob(reference.repository, config_digest)
             )
-        except ValidationError:
+        except pydantic.ValidationError:
             raise InvalidRequest(f"{base} has no valid base config") from None
         return BaseReference(
             name=str(reference),
@@ -470,6 +500,8 @@ class Client:
         an unreachable registry is answered from the cache when it holds the
         reference (the result's `offline_fallback` says why).
         """
+        from peftreg.transfer import pull
+
         return pull.pull(
             None if self.offline else self.http,
             self.cache,

@@ -21,13 +21,11 @@ from pathlib import Path, PurePosixPath
 
 from peftreg.cache import Cache, link_or_copy, remove_tree
 from peftreg.digest import Digest, InvalidDigest
-from peftreg.manifest import (
+from peftreg.media_types import (
     ADAPTER_CONFIG_MEDIA_TYPE,
     MANIFEST_MEDIA_TYPES,
     TITLE_ANNOTATION,
-    ImageManifest,
     InvalidManifest,
-    parse_manifest,
 )
 from peftreg.reference import Reference
 from peftreg.sdk.errors import (
@@ -39,6 +37,7 @@ from peftreg.sdk.errors import (
 )
 from peftreg.sdk.http import HttpSession
 from peftreg.transfer.download import download_blob
+from peftreg.transfer.layers import read_image_layers
 from peftreg.transfer.progress import NullProgress, Progress
 from peftreg.transfer.titles import layer_paths
 from peftreg.transfer.unpack import is_directory_layer, unpack_directory
@@ -128,8 +127,8 @@ def select_files(
 
 def directory_layers(content: bytes) -> frozenset[PurePosixPath]:
     """Titles of the oras directory layers (tar+gzip marked for unpacking)."""
-    parsed = parse_manifest(content, None)
-    if not isinstance(parsed, ImageManifest):
+    parsed = read_image_layers(content)
+    if parsed is None:
         return frozenset()
     return frozenset(
         PurePosixPath((layer.annotations or {})[TITLE_ANNOTATION])
@@ -142,10 +141,10 @@ def directory_layers(content: bytes) -> frozenset[PurePosixPath]:
 def snapshot_files(reference: Reference, content: bytes) -> list[SnapshotFile]:
     """The (title, digest, size) of every layer, titles checked for safety."""
     try:
-        parsed = parse_manifest(content, None)
+        parsed = read_image_layers(content)
     except InvalidManifest as exc:
         raise InvalidRequest(f"{reference}: {exc}") from None
-    if not isinstance(parsed, ImageManifest):
+    if parsed is None:
         raise InvalidRequest(f"{reference} is an index; pull one of its manifests by digest")
     paths = layer_paths(parsed.layers)
     return [
@@ -230,8 +229,8 @@ def _adapter_config(
     http: HttpSession | None, cache: Cache, reference: Reference, content: bytes
 ) -> bytes | None:
     """The config blob of an adapter artifact, through the cache (offline: from it)."""
-    parsed = parse_manifest(content, None)
-    if not isinstance(parsed, ImageManifest):
+    parsed = read_image_layers(content)
+    if parsed is None:
         return None
     if parsed.config.media_type != ADAPTER_CONFIG_MEDIA_TYPE:
         return None

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftreg.digest import Digest
-from peftreg.manifest import (
+from peftreg.media_types import (
     ADAPTER_ARTIFACT,
     EMPTY_JSON,
     OCI_MANIFEST,

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import PurePosixPath
+from typing import Protocol
 
-from peftreg.manifest import TITLE_ANNOTATION, Descriptor
+from peftreg.media_types import TITLE_ANNOTATION
 from peftreg.sdk.errors import UnsafePath
+
+
+class Titled(Protocol):
+    """A descriptor as the registry's models and a pull's reader both have it."""
+
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def annotations(self) -> dict[str, str] | None: ...
 
 
 def check_title(title: str) -> PurePosixPath:
@@ -66,7 +77,7 @@ def check_titles(titles: list[str]) -> list[PurePosixPath]:
     return paths
 
 
-def layer_paths(layers: Sequence[Descriptor]) -> list[PurePosixPath]:
+def layer_paths(layers: Sequence[Titled]) -> list[PurePosixPath]:
     """Where each layer is pulled to: its title, or its digest when it has none; checked."""
     titles = [
         (layer.annotations or {}).get(TITLE_ANNOTATION) or layer.digest.replace(":", "-")

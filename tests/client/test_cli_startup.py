@@ -21,6 +21,9 @@ NEVER_FOR_TRANSFERS = {
     "rich",  # by httpx's own command line, which the CLI stops httpx from loading
     "filelock",  # the cache locks with flock itself (peftreg.file_lock)
     "torch",
+    "pydantic",  # the registry's models: a pull reads manifests with peftreg.transfer.layers
+    "peftreg.manifest",
+    "peftreg.sdk.models",  # the typed answers of the catalog API
 }
 
 
@@ -48,6 +51,7 @@ def test_push_and_pull_load_only_what_they_use(cli_env: CliEnv, tmp_path: Path) 
 
     assert {"httpx", "peftreg.transfer.push"} <= pushed  # the parse sees imports
     assert "peftreg.file_lock" in pulled  # a pull locks its blobs
+    assert "peftreg.transfer.pull" not in pushed
     assert pushed.isdisjoint(NEVER_FOR_TRANSFERS)
     assert pulled.isdisjoint(NEVER_FOR_TRANSFERS)
     assert (tmp_path / "out" / "adapter.bin").read_bytes() == source.read_bytes()
