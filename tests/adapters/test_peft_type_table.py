@@ -388,3 +388,26 @@ def test_a_generic_module_the_base_lacks_is_refused(
     code, message = error(response)
     assert code == "ADAPTER_INVALID"
     assert "'model.layers.1.self_attn.x_proj' is not a module of the base" in message
+
+
+def test_diff_and_the_version_page_list_a_generic_adapters_modules(
+    module_cli: CliEnv, tmp_path: Path
+) -> None:
+    """Two LoHa versions, the second adapting down_proj too: `diff` names the added
+    modules, the version page lists each module with its rank."""
+    for tag, targets in (("v1", TARGETS), ("v2", [*TARGETS, "down_proj"])):
+        config = PEFT_TYPE_TO_CONFIG_MAPPING["LOHA"](
+            task_type="CAUSAL_LM", r=4, rank_pattern={"down_proj": 2}, target_modules=targets
+        )
+        get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path / tag))
+        pushed = module_cli.run("push", str(tmp_path / tag), f"acme/diff/loha:{tag}", "-q")
+        assert pushed.exit_code == 0, pushed.output
+    result = module_cli.run("diff", "acme/diff/loha:v1", "acme/diff/loha:v2")
+    assert result.exit_code == 0, result.output
+    added = [line for line in result.output.splitlines() if line.startswith("+ target ")]
+    assert added == [f"+ target model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    page = httpx.get(f"{module_cli.env['PEFTREG_URL']}/ui/r/acme/diff/loha/-/versions/v2")
+    assert page.status_code == 200, page.text
+    assert "Targets (6)" in page.text
+    assert "<td><code>model.layers.1.mlp.down_proj</code></td><td>-</td><td>2</td>" in page.text
+    assert "<td><code>model.layers.1.self_attn.q_proj</code></td><td>-</td><td>4</td>" in page.text
