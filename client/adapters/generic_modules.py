@@ -275,6 +275,13 @@ RANK_KEYS: dict[str, tuple[str, str | None] | None] = {
 }
 
 
+def is_rank(kind: str) -> bool:
+    """Whether the kind's per-module figure is a rank `r` (not a block size or a count
+    of frequencies), so that the largest one is the adapter's rank."""
+    keys = RANK_KEYS.get(kind, ("r", "rank_pattern"))
+    return keys is not None and keys[0] == "r"
+
+
 def module_of(kind: str, name: str) -> str | None:
     """The adapted module a tensor name belongs to; None when it names none."""
     names = PARAMETER_NAMES.get(kind, frozenset())

@@ -10,13 +10,17 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 
 import pytest
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft import get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peftreg.adapters.generic_modules import PARAMETER_NAMES, adapted_modules, module_of
+from peftreg.adapters.peft_import import read_peft_directory
 from peftreg.adapters.schema import GENERIC_KINDS
+from tests.adapters.tiny_models import tiny_llama
 
 
 def _peft_parameter_names(peft_type: str) -> frozenset[str]:
@@ -65,3 +69,17 @@ def test_ranks_come_from_the_config_and_its_patterns() -> None:
     assert [m.rank for m in adapted_modules("ia3", {"r": 4}, ["base_model.model.q.ia3_l"])] == [
         None
     ]
+
+
+def test_the_largest_module_rank_is_the_adapters_rank(tmp_path: Path) -> None:
+    """LoHa with a rank_pattern above r: each module's rank, and the largest one."""
+    config = PEFT_TYPE_TO_CONFIG_MAPPING["LOHA"](
+        task_type="CAUSAL_LM", r=4, rank_pattern={"v_proj": 8}, target_modules=["q_proj", "v_proj"]
+    )
+    get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path))
+    imported = read_peft_directory(tmp_path).config
+    assert {m.module.rsplit(".", 1)[-1]: m.rank for m in imported.modules} == {
+        "q_proj": 4,
+        "v_proj": 8,
+    }
+    assert imported.rank == 8
