@@ -82,7 +82,8 @@ def _relative_change(a: AdapterSide, b: AdapterSide, name: str) -> float | None:
 
 
 def _modules(config: Mapping[str, Any]) -> set[str]:
-    return {str(target["module"]) for target in config.get("targets") or []}
+    listed = [*(config.get("targets") or []), *(config.get("modules") or [])]
+    return {str(target["module"]) for target in listed}
 
 
 def compare_adapters(a: AdapterSide, b: AdapterSide) -> AdapterComparison:

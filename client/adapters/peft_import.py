@@ -14,7 +14,9 @@ alpha / sqrt(r) with rsLoRA.
 
 Every other peft type is imported by the generic path: its kind is its
 `peft_type` in lower case (`GENERIC_KINDS`), its rank the config's `r` (or
-what stands for it) and its `adapter_config.json` is kept whole.
+what stands for it), its adapted modules (with their rank where the type has
+one) read from the tensor names (`peftreg.adapters.generic_modules`), and its
+`adapter_config.json` is kept whole.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from peftreg.adapters.features import storage_refusal
+from peftreg.adapters.generic_modules import adapted_modules, is_rank
 from peftreg.adapters.mora import MoraError, check_shared_values, is_mora, mora_targets
 from peftreg.adapters.schema import (
     GENERIC_KINDS,
@@ -335,10 +338,13 @@ def read_peft_directory(
             **common,
         )
     elif kind in GENERIC_KINDS:
+        modules = adapted_modules(kind, peft_config, header.tensors)
+        ranks = [m.rank for m in modules if m.rank is not None]
         config = AdapterConfig(
             kind=kind,
-            rank=_generic_rank(peft_config),
+            rank=max(ranks) if ranks and is_rank(kind) else _generic_rank(peft_config),
             scaling_rule="none",
+            modules=modules,
             num_virtual_tokens=_int_or_none(peft_config.get("num_virtual_tokens")),
             **common,
         )

@@ -120,6 +120,17 @@ class TargetModule(BaseModel):
     scaling: float
 
 
+class AdaptedModule(BaseModel):
+    """One module a generic peft type adapts (`GENERIC_KINDS`), from its tensor names."""
+
+    module: str = Field(description="module path in the base model, e.g. model.layers.0.q_proj")
+    rank: int | None = Field(
+        default=None,
+        description="the type's rank or what stands for it (r, block size, n_frequency, ...) "
+        "resolved for this module; null where the type has none",
+    )
+
+
 class NolaSpec(BaseModel):
     """How NOLA factors are regenerated, and the digest they must hash to."""
 
@@ -180,6 +191,10 @@ class AdapterConfig(BaseModel):
     alpha: float | None = None
     scaling_rule: ScalingRule = "alpha/r"
     targets: list[TargetModule] = Field(default_factory=list)
+    modules: list[AdaptedModule] = Field(
+        default_factory=list,
+        description="the modules a generic peft type adapts (the LoRA family lists targets)",
+    )
     dtype: str
     parameters: int
     bytes: int

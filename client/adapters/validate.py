@@ -24,7 +24,9 @@ whose weight is the base tensor `<m>.weight`:
 - AdapterHub bottleneck adapters (kind "bottleneck"): AdapterHub's own names, checked
   against the config's `BottleneckSpec` and the base (`peftreg.adapters.bottleneck`);
 - the other peft types (`GENERIC_KINDS`): names under `base_model.` or top-level
-  prompt tensors, float weights or integer indices, finite values. Their shapes
+  prompt tensors, float weights or integer indices, finite values; the config's
+  `modules` are exactly those the tensor names adapt (`peftreg.adapters.generic_modules`),
+  each of the base's modules when the base is known. Their shapes
   against the base's architecture are checked by the library at `push --base`
   (`peftreg.adapters.peft_layout`), which has torch and peft; the registry has not.
 
@@ -176,6 +178,7 @@ def validate_adapter(
         _check_mora(config, header, read_values)
     if config.kind in GENERIC_KINDS:
         _check_generic_names(header)
+        _check_generic_modules(config, header, base)
     _check_values(header, read_values)
     if base is not None and config.kind not in GENERIC_KINDS:
         # The other peft types' tensors are checked against the base's architecture by
@@ -272,6 +275,47 @@ def _check_generic_names(header: SafetensorsHeader) -> None:
                 f"tensor {name!r} is not a peft adapter tensor name (base_model.<module>."
                 "<parameter>, or a top-level prompt tensor)",
                 location=name,
+            )
+
+
+def _check_generic_modules(
+    config: AdapterConfig, header: SafetensorsHeader, base: BaseConfig | None
+) -> None:
+    """The recorded modules are those the tensor names adapt (with the ranks the
+    adapter_config.json gives them), and with a base, each is a module of the base."""
+    from peftreg.adapters.generic_modules import adapted_modules
+
+    want = {
+        m.module: m.rank for m in adapted_modules(config.kind, config.peft_config, header.tensors)
+    }
+    got = {m.module: m.rank for m in config.modules}
+    for module in sorted(set(want) | set(got)):
+        if module not in got:
+            raise AdapterInvalid(
+                f"module {module!r} is adapted by the tensors but not in the config's modules",
+                location=module,
+            )
+        if module not in want:
+            raise AdapterInvalid(
+                f"module {module!r} is in the config's modules but no tensor adapts it",
+                location=module,
+            )
+        if got[module] != want[module]:
+            raise AdapterInvalid(
+                f"module {module!r}: the config records rank {got[module]}, its "
+                f"adapter_config.json gives {want[module]}",
+                location=module,
+            )
+    if len(config.modules) != len(got):
+        raise AdapterInvalid("the config's modules list a module twice", location="modules")
+    if base is None:
+        return
+    base_names = [spec.name for spec in base.tensors]
+    for module in sorted(got):
+        if not any(name.startswith(f"{module}.") for name in base_names):
+            raise AdapterInvalid(
+                f"module {module!r} is not a module of the base (no tensor under it)",
+                location=module,
             )
 
 

@@ -295,12 +295,16 @@ def _echo_artifact(summary: dict[str, Any], config: dict[str, Any]) -> None:
             f"{'+'.join(sites)}, layers {bottleneck.get('layers')}"
         )
     targets = config.get("targets") or []
-    click.echo(f"targets:       {len(targets)}")
+    modules = config.get("modules") or []
+    click.echo(f"targets:       {len(targets) + len(modules)}")
     for target in targets:
         click.echo(
             f"  {target['module']}  {target.get('layer', 'linear')}  r={target['rank']}  "
             f"alpha={target['alpha']:g}"
         )
+    for module in modules:  # a generic peft type: its rank, or what stands for it
+        rank = module.get("rank")
+        click.echo(f"  {module['module']}" + ("" if rank is None else f"  r={rank}"))
 
 
 def _prompt_config(client: Client, text: str) -> dict[str, Any] | None:

@@ -91,7 +91,8 @@ def _files(document: dict[str, Any]) -> list[FileRow]:
 def _targets(config: dict[str, Any]) -> list[TargetRow]:
     tensors = config.get("tensors") or []
     rows = []
-    for target in config.get("targets") or []:
+    generic = [{**m, "layer": "-"} for m in config.get("modules") or []]
+    for target in [*(config.get("targets") or []), *generic]:
         module = str(target.get("module", ""))
         shapes = [
             f"{spec['name'].split(module + '.', 1)[-1]} {tuple(spec.get('shape', ()))}"

@@ -25,16 +25,19 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import PeftType
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
 from peftreg import Client
-from peftreg.adapters.schema import AdapterConfig, BaseReference, TensorSpec
+from peftreg.adapters.peft_import import read_peft_directory
+from peftreg.adapters.schema import AdaptedModule, AdapterConfig, BaseReference, TensorSpec
 from peftreg.adapters.validate import AdapterInvalid, validate_adapter
 from peftreg.formats.safetensors_header import read_header
 from peftreg.hotswap import AdapterHost, HostConfig, SwapError
 from peftreg.merge import MergeError, adapter_from_peft_directory, merge_to_directory
 from tests.adapters.tiny_models import sample_ids, tiny_llama
+from tests.artifacts.conftest import error, push_adapter
 from tests.client.conftest import CliEnv
 from tests.merge.builders import TOLERANCE, directory_tensors, max_difference, peft_merged
 
@@ -60,6 +63,7 @@ class Row:
     not_built: str = ""  # why the test cannot build it
     host_targets: tuple[str, ...] = tuple(TARGETS)  # what the exact hot-swap host attaches to
     tasks: int = 0  # a multitask prompt: each task is swapped in and compared
+    modules_in_tensors: bool = True  # False: the saved tensors do not name the modules
 
 
 LINEAR = {"target_modules": TARGETS}
@@ -105,7 +109,8 @@ TABLE: dict[str, Row] = {
     "XLORA": Row(None, not_built="X-LoRA is built from trained LoRA adapters on disk"),
     "HRA": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
     "VBLORA": Row({**LINEAR, "r": 4, "vector_length": 16, "num_vectors": 32}, "exact", MERGED_ONLY),
-    "UNILORA": Row(LINEAR, "exact", MERGED_ONLY),
+    # UniLoRA saves only its shared vector: its modules come back from the config and seed.
+    "UNILORA": Row(LINEAR, "exact", MERGED_ONLY, modules_in_tensors=False),
     "MISS": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
     "RANDLORA": Row({**LINEAR, "r": 4}, "exact", MERGED_ONLY),
     "ROAD": Row({**LINEAR, "group_size": 8}, "exact", MERGED_ONLY),
@@ -205,6 +210,7 @@ def test_peft_type(
     assert (adapter.kind, adapter.verified) == (kind, True)
     found = httpx.get(f"{module_cli.env['PEFTREG_URL']}/api/v1/versions", params={"kind": kind})
     assert [item["repository"] for item in found.json()["items"]] == [ref.partition(":")[0]]
+    _assert_recorded_modules(module_cli, ref, trained, row)
 
     pulled = tmp_path / "pulled"
     result = module_cli.run("pull", ref, "--format", "peft", "-o", str(pulled), "-q")
@@ -248,6 +254,32 @@ def test_peft_type(
             assert all(torch.equal(value, after[name]) for name, value in original.items())
 
 
+def _stored_config(url: str, ref: str) -> AdapterConfig:
+    with Client(url) as client:
+        detail = client.version(ref)
+        digest = str(detail.manifest["config"]["digest"])
+        return AdapterConfig.model_validate_json(client.get_blob(ref.partition(":")[0], digest))
+
+
+def _assert_recorded_modules(module_cli: CliEnv, ref: str, trained: Any, row: Row) -> None:
+    """The stored config lists the modules peft adapted (its tuner layers), and `show`
+    prints them with their ranks."""
+    config = _stored_config(module_cli.env["PEFTREG_URL"], ref)
+    adapted = sorted(
+        name.removeprefix("base_model.model.")
+        for name, module in trained.named_modules()
+        if isinstance(module, BaseTunerLayer)
+    )
+    listed = [*(t.module for t in config.targets), *(m.module for m in config.modules)]
+    assert listed == (adapted if row.modules_in_tensors else [])
+    shown = module_cli.run("show", ref)
+    assert shown.exit_code == 0, shown.output
+    assert f"targets:       {len(listed)}\n" in shown.output
+    for module in config.modules:
+        rank = "" if module.rank is None else f"  r={module.rank}"
+        assert f"  {module.module}{rank}\n" in shown.output
+
+
 def test_a_generic_adapter_that_does_not_fit_the_architecture_is_refused(
     module_cli: CliEnv, base_dir: Path, tmp_path: Path
 ) -> None:
@@ -282,3 +314,100 @@ def test_the_registry_checks_generic_tensor_names() -> None:
     )
     with pytest.raises(AdapterInvalid, match="not a peft adapter tensor name"):
         validate_adapter(config, header, lambda _name: iter(()), None)
+
+
+def _ia3_directory(path: Path) -> Path:
+    config = PEFT_TYPE_TO_CONFIG_MAPPING["IA3"](
+        task_type="CAUSAL_LM", target_modules=TARGETS, feedforward_modules=[]
+    )
+    get_peft_model(tiny_llama(), config).save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("forge", "named"),
+    [
+        ("drop", "model.layers.1.self_attn.v_proj"),
+        ("add", "model.layers.1.mlp.up_proj"),
+    ],
+)
+def test_a_config_whose_modules_the_tensors_do_not_adapt_is_refused(
+    module_cli: CliEnv, tmp_path: Path, forge: str, named: str
+) -> None:
+    """The registry derives the modules from the tensor names and refuses other ones."""
+    imported = read_peft_directory(_ia3_directory(tmp_path / "ia3"))
+    modules = [m for m in imported.config.modules if m.module != named]
+    if forge == "add":
+        modules.append(AdaptedModule(module=named))
+    forged = imported.config.model_copy(update={"modules": modules})
+    with httpx.Client(base_url=module_cli.env["PEFTREG_URL"], timeout=60) as http:
+        response = push_adapter(
+            http, "acme/types/forged-ia3", forge, forged, imported.tensors_path.read_bytes()
+        )
+    assert response.status_code == 422, response.text
+    code, message = error(response)
+    assert code == "ADAPTER_INVALID"
+    assert repr(named) in message
+
+
+def test_a_generic_module_the_base_lacks_is_refused(
+    module_cli: CliEnv, base_dir: Path, tmp_path: Path
+) -> None:
+    """Tensors and modules agree, but the base has no such module: refused naming it."""
+    imported = read_peft_directory(_ia3_directory(tmp_path / "ia3"))
+    tensors = load_file(str(imported.tensors_path))
+    renamed = {
+        name.replace("layers.1.self_attn.v_proj", "layers.1.self_attn.x_proj"): value
+        for name, value in tensors.items()
+    }
+    data = save(renamed)
+    header = read_header(io.BytesIO(data), len(data))
+    with Client(module_cli.env["PEFTREG_URL"]) as client:
+        base = client.version("acme/bases/llama:v1")
+        base_config = json.loads(
+            client.get_blob("acme/bases/llama", str(base.manifest["config"]["digest"]))
+        )
+    config = imported.config.model_copy(
+        update={
+            "modules": [
+                m.model_copy(update={"module": m.module.replace("v_proj", "x_proj")})
+                if m.module == "model.layers.1.self_attn.v_proj"
+                else m
+                for m in imported.config.modules
+            ],
+            "tensors": [
+                TensorSpec(name=name, dtype=entry.dtype, shape=entry.shape)
+                for name, entry in sorted(header.tensors.items())
+            ],
+            "base": BaseReference(fingerprint=base_config["fingerprint"]),
+        }
+    )
+    with httpx.Client(base_url=module_cli.env["PEFTREG_URL"], timeout=60) as http:
+        response = push_adapter(http, "acme/types/off-base-ia3", "v1", config, data)
+    assert response.status_code == 422, response.text
+    code, message = error(response)
+    assert code == "ADAPTER_INVALID"
+    assert "'model.layers.1.self_attn.x_proj' is not a module of the base" in message
+
+
+def test_diff_and_the_version_page_list_a_generic_adapters_modules(
+    module_cli: CliEnv, tmp_path: Path
+) -> None:
+    """Two LoHa versions, the second adapting down_proj too: `diff` names the added
+    modules, the version page lists each module with its rank."""
+    for tag, targets in (("v1", TARGETS), ("v2", [*TARGETS, "down_proj"])):
+        config = PEFT_TYPE_TO_CONFIG_MAPPING["LOHA"](
+            task_type="CAUSAL_LM", r=4, rank_pattern={"down_proj": 2}, target_modules=targets
+        )
+        get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path / tag))
+        pushed = module_cli.run("push", str(tmp_path / tag), f"acme/diff/loha:{tag}", "-q")
+        assert pushed.exit_code == 0, pushed.output
+    result = module_cli.run("diff", "acme/diff/loha:v1", "acme/diff/loha:v2")
+    assert result.exit_code == 0, result.output
+    added = [line for line in result.output.splitlines() if line.startswith("+ target ")]
+    assert added == [f"+ target model.layers.{i}.mlp.down_proj" for i in (0, 1)]
+    page = httpx.get(f"{module_cli.env['PEFTREG_URL']}/ui/r/acme/diff/loha/-/versions/v2")
+    assert page.status_code == 200, page.text
+    assert "Targets (6)" in page.text
+    assert "<td><code>model.layers.1.mlp.down_proj</code></td><td>-</td><td>2</td>" in page.text
+    assert "<td><code>model.layers.1.self_attn.q_proj</code></td><td>-</td><td>4</td>" in page.text
