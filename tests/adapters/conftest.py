@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +32,18 @@ def module_cli(server: RegistryProcess, tmp_path_factory: pytest.TempPathFactory
         "PEFTREG_OFFLINE": "",
     }
     return CliEnv(env, root / "cache", root / "config.json")
+
+
+@pytest.fixture
+def cli(server: RegistryProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliEnv:
+    """A fresh cache and config per test, no PEFTREG_* of the caller's environment."""
+    for name in list(os.environ):
+        if name.startswith("PEFTREG_"):
+            monkeypatch.delenv(name)
+    env = {
+        "PEFTREG_URL": server.url,
+        "PEFTREG_CACHE": str(tmp_path / "cache"),
+        "PEFTREG_CONFIG": str(tmp_path / "config.json"),
+        "PEFTREG_RETRIES": "1",
+    }
+    return CliEnv(env, tmp_path / "cache", tmp_path / "config.json")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,7 +33,7 @@ from peftreg.merge.mora import mora_delta
 from tests.adapters.tiny_models import LLAMA_NAME, same_weights, sample_ids, tiny_llama
 from tests.client.conftest import CliEnv
 from tests.fixtures.schemas import assert_valid_config
-from tests.fixtures.server import RegistryProcess, start_registry
+from tests.fixtures.server import RegistryProcess
 from tests.merge.builders import directory_tensors, save_base
 
 TOLERANCE = 1e-6
@@ -372,27 +370,6 @@ def test_hotswap_merged_mode_serves_mora_and_unmerged_refuses(tmp_path: Path) ->
 
 
 # --- registry: push --base, show, pull --format peft -------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    process = start_registry(tmp_path_factory.mktemp("registry") / "home")
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-def cli(server: RegistryProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliEnv:
-    for name in list(os.environ):
-        if name.startswith("PEFTREG_"):
-            monkeypatch.delenv(name)
-    env = {
-        "PEFTREG_URL": server.url,
-        "PEFTREG_CACHE": str(tmp_path / "cache"),
-        "PEFTREG_CONFIG": str(tmp_path / "config.json"),
-        "PEFTREG_RETRIES": "1",
-    }
-    return CliEnv(env, tmp_path / "cache", tmp_path / "config.json")
 
 
 def test_push_against_base_show_and_pull_round_trip(cli: CliEnv, tmp_path: Path) -> None:

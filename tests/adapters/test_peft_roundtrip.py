@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +26,6 @@ from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE, SAFETENSORS_MEDIA
 from peftreg.manifest import ADAPTER_ARTIFACT, TITLE_ANNOTATION
 from tests.adapters.tiny_models import same_weights, sample_ids, tiny_gpt2, tiny_llama
 from tests.client.conftest import CliEnv
-from tests.fixtures.server import RegistryProcess, start_registry
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    process = start_registry(tmp_path_factory.mktemp("registry") / "home")
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-def cli(server: RegistryProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliEnv:
-    for name in list(os.environ):
-        if name.startswith("PEFTREG_"):
-            monkeypatch.delenv(name)
-    env = {
-        "PEFTREG_URL": server.url,
-        "PEFTREG_CACHE": str(tmp_path / "cache"),
-        "PEFTREG_CONFIG": str(tmp_path / "config.json"),
-        "PEFTREG_RETRIES": "1",
-    }
-    return CliEnv(env, tmp_path / "cache", tmp_path / "config.json")
 
 
 def _perturb(model: torch.nn.Module) -> None:
