@@ -5,30 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-from click.testing import CliRunner, Result
-
-from peftreg.cli.main import cli
 from peftreg.sdk.client import Client
 from tests.fixtures.server import RegistryProcess
 from tests.jobs.artifacts import push_base_and_adapter
-
-
-@pytest.fixture
-def run(registry_server: RegistryProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    for name in ("PEFTREG_URL", "PEFTREG_TOKEN", "PEFTREG_CACHE", "PEFTREG_CONFIG"):
-        monkeypatch.delenv(name, raising=False)
-    env = {
-        "PEFTREG_URL": registry_server.url,
-        "PEFTREG_CACHE": str(tmp_path / "cli-cache"),
-        "PEFTREG_CONFIG": str(tmp_path / "config.json"),
-        "PEFTREG_RETRIES": "1",
-    }
-
-    def invoke(*args: str) -> Result:
-        return CliRunner().invoke(cli, list(args), env=env)
-
-    return invoke
 
 
 def test_export_wait_output_and_jobs_commands(

@@ -10,13 +10,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from click.testing import CliRunner, Result
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftreg.adapters.base_package import push_base
 from peftreg.checkpoint.package import CHECKPOINT_CONFIG_MEDIA_TYPE
-from peftreg.cli.main import cli
 from peftreg.sdk.client import Client
 from tests.fixtures.schemas import assert_valid_config
 from tests.fixtures.server import RegistryProcess
@@ -32,23 +30,6 @@ LOGIT_RELATIVE_FROBENIUS_BOUND = 0.25  # client/quantize/encoder.py's INT4 bound
 @pytest.fixture
 def client(registry_server: RegistryProcess, tmp_path: Path) -> Client:
     return Client(registry_server.url, cache=tmp_path / "cache")
-
-
-@pytest.fixture
-def run(registry_server: RegistryProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    for name in ("PEFTREG_URL", "PEFTREG_TOKEN", "PEFTREG_CACHE", "PEFTREG_CONFIG"):
-        monkeypatch.delenv(name, raising=False)
-    env = {
-        "PEFTREG_URL": registry_server.url,
-        "PEFTREG_CACHE": str(tmp_path / "cli-cache"),
-        "PEFTREG_CONFIG": str(tmp_path / "config.json"),
-        "PEFTREG_RETRIES": "1",
-    }
-
-    def invoke(*args: str) -> Result:
-        return CliRunner().invoke(cli, list(args), env=env)
-
-    return invoke
 
 
 def _push_sources(client: Client, root: Path) -> tuple[torch.nn.Module, Path]:
