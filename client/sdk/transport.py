@@ -7,13 +7,25 @@ no use for certificates and makes the verifying `https://` pool on the first
 request with that scheme (a registry over TLS, a redirect to a presigned
 store URL), with httpx's defaults for verification. Proxies from the
 environment are httpx's mounts and work as before.
+
+Reads from the socket are 4 MiB, not httpcore's 64 KiB: a 1 GiB blob GET
+then takes 16,000 fewer trips through h11's receive buffer, which halved
+the user CPU of a pull (profiled with py-spy; most of it was h11 copying
+and slicing 64 KiB pieces). `READ_NUM_BYTES` is a class attribute of the
+pinned httpcore's HTTP/1.1 connection with no other way to set it; it only
+bounds one `recv`, so other httpx clients in the process are not affected
+beyond reading larger pieces when more than 64 KiB are waiting.
 """
 
 from __future__ import annotations
 
 import threading
 
+import httpcore
 import httpx
+
+READ_SIZE = 4 * 1024 * 1024
+httpcore.HTTP11Connection.READ_NUM_BYTES = max(httpcore.HTTP11Connection.READ_NUM_BYTES, READ_SIZE)
 
 
 class LazyTlsTransport(httpx.BaseTransport):

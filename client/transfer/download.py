@@ -35,7 +35,7 @@ from peftreg.sdk.http import HttpSession
 from peftreg.transfer.progress import NullProgress, Progress
 
 READ_CHUNK = 4 * 1024 * 1024
-HASH_QUEUE = 64  # chunks the hashing thread may lag behind the writes
+HASH_QUEUE = 8  # chunks (of at most 4 MiB, the transport's read size) the hash may lag
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 

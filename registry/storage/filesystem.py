@@ -36,6 +36,7 @@ from peftreg.registry.storage.errors import (
 )
 from peftreg.registry.storage.hashing import RunningHashes
 from peftreg.registry.storage.upload_ids import check_upload_id, new_upload_id
+from peftreg.registry.storage.writeback import EarlyWriteback
 
 READ_CHUNK = 4 * 1024 * 1024  # serving reads: fewer thread hops per GiB
 logger = logging.getLogger(__name__)
@@ -113,12 +114,14 @@ class FilesystemUploadWriter:
         self._size = offset
         self._file.seek(offset)
         self._hash = store.hashes.begin(upload_id, offset)
+        self._writeback = EarlyWriteback(self._file.fileno(), offset)
 
     def write(self, data: bytes) -> None:
         self._file.write(data)
         self._size += len(data)
         if self._hash is not None:
             self._hash.update(data)
+        self._writeback.written(self._size)
 
     def close(self) -> int:
         self._file.close()  # durable at the commit: one fsync per blob, not per request
