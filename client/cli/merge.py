@@ -120,28 +120,37 @@ class _Bar:
         self._bar.__exit__(None, None, None)
 
 
-def _report(result: MergeResult, as_json: bool) -> None:
+def _print_result(
+    as_json: bool, fields: dict[str, Any], summary: str, notes: Sequence[str] = ()
+) -> None:
+    """One merge's outcome: `fields` as JSON, or the notes on stderr and the one-line
+    summary on stdout."""
     if as_json:
-        echo_json(
-            {
-                "output": str(result.output),
-                "shards": result.shards,
-                "tensors": result.tensors,
-                "bytes": result.bytes_written,
-                "merged_modules": result.merged_modules,
-                "seconds": round(result.seconds, 3),
-                "device": result.device,
-                "recipe": result.recipe,
-                "notes": result.notes,
-            }
-        )
+        echo_json(fields)
         return
-    for note in result.notes:
+    for note in notes:
         click.echo(f"note: {note}", err=True)
-    click.echo(
+    click.echo(summary)
+
+
+def _report(result: MergeResult, as_json: bool) -> None:
+    _print_result(
+        as_json,
+        {
+            "output": str(result.output),
+            "shards": result.shards,
+            "tensors": result.tensors,
+            "bytes": result.bytes_written,
+            "merged_modules": result.merged_modules,
+            "seconds": round(result.seconds, 3),
+            "device": result.device,
+            "recipe": result.recipe,
+            "notes": result.notes,
+        },
         f"merged {len(result.recipe['adapters'])} adapter(s), {result.merged_modules} modules, "
         f"into {result.output}: {result.tensors} tensors, {human_size(result.bytes_written)} "
-        f"in {len(result.shards)} shard(s), {result.seconds:.1f} s on {result.device}"
+        f"in {len(result.shards)} shard(s), {result.seconds:.1f} s on {result.device}",
+        result.notes,
     )
 
 
@@ -345,25 +354,21 @@ def _merge_calibrated(
             replace=force,
         )
     recipe = {**merged.recipe, "encoding": result.recipe}
-    if as_json:
-        echo_json(
-            {
-                "output": str(result.output),
-                "merged_modules": merged.merged_modules,
-                "seconds": round(merged.seconds + result.seconds, 3),
-                "device": merged.device,
-                "recipe": recipe,
-                "notes": merged.notes,
-            }
-        )
-        return
-    for note in merged.notes:
-        click.echo(f"note: {note}", err=True)
-    click.echo(
+    seconds = merged.seconds + result.seconds
+    _print_result(
+        as_json,
+        {
+            "output": str(result.output),
+            "merged_modules": merged.merged_modules,
+            "seconds": round(seconds, 3),
+            "device": merged.device,
+            "recipe": recipe,
+            "notes": merged.notes,
+        },
         f"merged {len(inputs)} adapter(s), {merged.merged_modules} modules, and quantized them "
         f"with {choice.algorithm} (INT4 g{choice.group_size}, {result.samples} calibration "
-        f"windows, {result.tokens} tokens) into {result.output} in "
-        f"{merged.seconds + result.seconds:.1f} s"
+        f"windows, {result.tokens} tokens) into {result.output} in {seconds:.1f} s",
+        merged.notes,
     )
 
 
@@ -401,22 +406,19 @@ def _merge_gguf(
     finally:
         if bar is not None:
             bar.close()
-    if as_json:
-        echo_json(
-            {
-                "output": str(result.output),
-                "tensors": result.tensors,
-                "bytes": result.bytes_written,
-                "merged_modules": result.merged_modules,
-                "seconds": round(result.seconds, 3),
-                "device": result.device,
-                "recipe": result.recipe,
-                "tensor_types": result.tensor_types,
-            }
-        )
-        return
-    click.echo(
+    _print_result(
+        as_json,
+        {
+            "output": str(result.output),
+            "tensors": result.tensors,
+            "bytes": result.bytes_written,
+            "merged_modules": result.merged_modules,
+            "seconds": round(result.seconds, 3),
+            "device": result.device,
+            "recipe": result.recipe,
+            "tensor_types": result.tensor_types,
+        },
         f"merged {len(inputs)} adapter(s), {result.merged_modules} modules, into {result.output}: "
         f"{quantization} GGUF, {result.tensors} tensors, {human_size(result.bytes_written)}, "
-        f"{result.seconds:.1f} s on {result.device}"
+        f"{result.seconds:.1f} s on {result.device}",
     )
