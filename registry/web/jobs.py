@@ -168,7 +168,11 @@ async def start_export(request: Request, viewer: ViewerDep) -> Response:
             adapters=[{"reference": form.get("adapter", "")}],
             base=form.get("base", ""),
             dtype=form.get("dtype") or None,
+            format=form.get("format") or "safetensors",
             quantize=form.get("quantize") or "none",
+            algorithm=form.get("algorithm") or "rtn",
+            group_size=form.get("group_size") or 128,
+            calibration=form.get("calibration") or None,
         )
     except ValidationError as exc:
         first = exc.errors()[0]

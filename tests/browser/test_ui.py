@@ -152,6 +152,40 @@ def test_lineage_picture(page: Page, ui_data: UiData, axe_source: str) -> None:
     assert_accessible(page, axe_source)
 
 
+def test_export_form_starts_gguf_and_refuses_gptq_without_calibration(
+    page: Page, ui_data: UiData, axe_source: str
+) -> None:
+    login(page, ui_data.url, ADMIN_TOKEN)
+    page.goto(f"{ui_data.url}/ui/r/acme/bot/-/versions/v1")
+    form = page.get_by_test_id("export-form")
+    form.get_by_label("Format").select_option("gguf")
+    form.get_by_label("Quantize").select_option("q8_0")
+    form.get_by_role("button", name="Start export").click()
+    expect(page).to_have_url(re.compile(r"/ui/jobs/job_"))
+    parameters = page.locator("code.small")
+    expect(parameters).to_contain_text('"format": "gguf"')
+    expect(parameters).to_contain_text('"quantize": "q8_0"')
+    assert_accessible(page, axe_source)
+    # Cancelled at once: no worker of a later test runs it.
+    page.get_by_role("button", name="Cancel job").click()
+    expect(page.get_by_test_id("job-status")).to_have_text("cancelled")
+
+    page.goto(f"{ui_data.url}/ui/r/acme/bot/-/versions/v1")
+    csrf = page.get_by_test_id("export-form").locator("input[name=csrf]").input_value()
+    refused = page.request.post(
+        f"{ui_data.url}/ui/exports",
+        form={
+            "csrf": csrf,
+            "adapter": "acme/bot:v1",
+            "base": ui_data.base_ref,
+            "quantize": "int4",
+            "algorithm": "gptq",
+        },
+    )
+    assert refused.status == 400
+    assert "calibration" in refused.text()
+
+
 def test_follow_a_job_from_queued_to_done_and_cancel_another(
     page: Page,
     ui_data: UiData,
