@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 
+from tests.fixtures.cli import CliEnv
 from tests.fixtures.server import RegistryProcess, start_registry
 
 ADMIN_TOKEN = "test-admin-token"
@@ -23,6 +25,35 @@ def registry_server(tmp_path: Path) -> Iterator[RegistryProcess]:
     server = start_registry(tmp_path / "home")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
+    """One embedded-default registry per test module (a folder or module may define its own)."""
+    process = start_registry(tmp_path_factory.mktemp("registry") / "home")
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def cli(server: RegistryProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliEnv:
+    """The CLI against the module's `server`: a fresh cache and config per test, and no
+    PEFTREG_* variable of the caller's environment."""
+    for name in list(os.environ):
+        if name.startswith("PEFTREG_"):
+            monkeypatch.delenv(name)
+    return CliEnv.for_registry(server.url, tmp_path)
+
+
+@pytest.fixture
+def run(
+    registry_server: RegistryProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Result]:
+    """`peftreg ARGS` in-process against the test's own `registry_server`."""
+    for name in list(os.environ):
+        if name.startswith("PEFTREG_"):
+            monkeypatch.delenv(name)
+    return CliEnv.for_registry(registry_server.url, tmp_path / "cli").run
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ from peftreg.hotswap.adapter import adapter_from_pull
 from peftreg.hotswap.errors import UnsupportedAdapter
 from peftreg.merge import MergeError, adapter_from_snapshot, merge_to_directory
 from tests.adapters.tiny_models import sample_ids, tiny_llama
-from tests.client.conftest import CliEnv
-from tests.fixtures.server import RegistryProcess, start_registry
+from tests.fixtures.cli import CliEnv
+from tests.fixtures.server import RegistryProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 ADAPTERS_PYTHON = ROOT / ".venv-adapters" / "bin" / "python"
@@ -88,13 +87,6 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Made:
         "make": make,
     }
     return Made(base, dirs, root / "lora-bin", run_adapters(job, root))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    process = start_registry(tmp_path_factory.mktemp("registry") / "home")
-    yield process
-    process.stop()
 
 
 @pytest.fixture(scope="module")

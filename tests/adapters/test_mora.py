@@ -31,7 +31,7 @@ from peftreg.hotswap import AdapterHost, HostConfig, UnsupportedAdapter
 from peftreg.merge import adapter_from_peft_directory, merge_to_directory
 from peftreg.merge.mora import mora_delta
 from tests.adapters.tiny_models import LLAMA_NAME, same_weights, sample_ids, tiny_llama
-from tests.client.conftest import CliEnv
+from tests.fixtures.cli import CliEnv
 from tests.fixtures.schemas import assert_valid_config
 from tests.fixtures.server import RegistryProcess
 from tests.merge.builders import directory_tensors, save_base

@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,8 +28,8 @@ from peftreg.adapters.peft_import import read_peft_directory
 from peftreg.adapters.schema import NOLA_SAFETENSORS_MEDIA_TYPE
 from peftreg.sdk import errors
 from tests.adapters.tiny_models import LLAMA_NAME, same_weights, sample_ids, tiny_llama
-from tests.client.conftest import CliEnv
-from tests.fixtures.server import RegistryProcess, start_registry
+from tests.fixtures.cli import CliEnv
+from tests.fixtures.server import RegistryProcess
 
 MODULES = {  # module -> (in, out) of the tiny Llama
     "model.layers.0.self_attn.q_proj": (32, 32),
@@ -173,13 +172,6 @@ def test_tampered_coefficient_is_caught(tmp_path: Path) -> None:
     seeds["base_model.model.model.layers.0.self_attn.q_proj.nola_A.seed"] += 1
     with pytest.raises(NolaDigestMismatch):
         materialize(config, seeds)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    process = start_registry(tmp_path_factory.mktemp("registry") / "home")
-    yield process
-    process.stop()
 
 
 def test_nola_push_pull_exports_materialized_lora(

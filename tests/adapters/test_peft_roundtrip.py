@@ -25,7 +25,7 @@ from peftreg import Client
 from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE
 from peftreg.manifest import ADAPTER_ARTIFACT, TITLE_ANNOTATION
 from tests.adapters.tiny_models import same_weights, sample_ids, tiny_gpt2, tiny_llama
-from tests.client.conftest import CliEnv
+from tests.fixtures.cli import CliEnv
 
 
 def _perturb(model: torch.nn.Module) -> None:

@@ -38,7 +38,7 @@ from peftreg.hotswap import AdapterHost, HostConfig, SwapError
 from peftreg.merge import MergeError, adapter_from_peft_directory, merge_to_directory
 from tests.adapters.tiny_models import sample_ids, tiny_llama
 from tests.artifacts.conftest import error, push_adapter
-from tests.client.conftest import CliEnv
+from tests.fixtures.cli import CliEnv
 from tests.merge.builders import TOLERANCE, directory_tensors, max_difference, peft_merged
 
 TARGETS = ["q_proj", "v_proj"]

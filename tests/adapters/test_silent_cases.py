@@ -30,7 +30,7 @@ from peftreg.formats.safetensors_header import read_header
 from peftreg.hotswap import AdapterHost, HostConfig, HostError, SwapError
 from peftreg.merge import adapter_from_peft_directory, merge_to_directory
 from tests.adapters.tiny_models import same_weights, sample_ids, tiny_llama, tiny_qwen2
-from tests.client.conftest import CliEnv
+from tests.fixtures.cli import CliEnv
 from tests.merge.builders import TOLERANCE, directory_tensors, max_difference, peft_merged
 
 MODELS: dict[str, Callable[[], PreTrainedModel]] = {"llama": tiny_llama, "qwen2": tiny_qwen2}

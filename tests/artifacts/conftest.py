@@ -29,7 +29,7 @@ from peftreg.adapters.schema import (
 )
 from peftreg.cli.main import cli
 from peftreg.manifest import ADAPTER_ARTIFACT, OCI_MANIFEST, TITLE_ANNOTATION, canonical_json
-from tests.fixtures.server import RegistryProcess, start_registry
+from tests.fixtures.server import RegistryProcess
 
 HIDDEN, KV, VOCAB = 16, 8, 64
 Q_PROJ = "model.layers.0.self_attn.q_proj"
@@ -41,13 +41,6 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
 
 def sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    process = start_registry(tmp_path_factory.mktemp("registry") / "home")
-    yield process
-    process.stop()
 
 
 @pytest.fixture(scope="module")

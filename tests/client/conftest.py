@@ -3,43 +3,15 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-from peftreg.cli.main import cli
+from tests.fixtures.cli import CliEnv
 from tests.fixtures.server import RegistryProcess
 
 CLIENT_ENV = ("PEFTREG_URL", "PEFTREG_TOKEN", "PEFTREG_CACHE", "PEFTREG_CONFIG", "PEFTREG_OFFLINE")
-
-
-@dataclass
-class CliEnv:
-    env: dict[str, str]
-    cache: Path
-    config: Path
-
-    def run(self, *args: str, **extra: str) -> Result:
-        result = CliRunner().invoke(cli, list(args), env={**self.env, **extra})
-        return result
-
-    def subprocess(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PEFTREG_")}
-        env.update(self.env)
-        env.update(extra)
-        return subprocess.run(
-            [sys.executable, "-m", "peftreg.cli.main", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,9 @@ from pathlib import Path
 from peftreg import Client
 from peftreg.digest import Digest
 from peftreg.manifest import EMPTY_JSON, OCI_MANIFEST, TITLE_ANNOTATION, canonical_json
-from tests.client.conftest import CliEnv, make_tree, tree_bytes
+from tests.client.conftest import make_tree, tree_bytes
 from tests.conftest import ADMIN_TOKEN
+from tests.fixtures.cli import CliEnv
 from tests.fixtures.server import RegistryProcess
 
 

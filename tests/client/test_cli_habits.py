@@ -16,8 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from peftreg.cli.main import COMMANDS, LazyGroup, cli
-from tests.client.conftest import CliEnv, tree_bytes
+from tests.client.conftest import tree_bytes
 from tests.conftest import ADMIN_TOKEN
+from tests.fixtures.cli import CliEnv
 from tests.fixtures.server import RegistryProcess, free_port, start_registry
 
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.client.conftest import CliEnv
+from tests.fixtures.cli import CliEnv
 
 NEVER_FOR_TRANSFERS = {
     "peftreg.sdk.jobs",  # job commands only

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -17,16 +16,9 @@ from peftreg.sdk.http import HttpSession
 from peftreg.transfer.digest_memo import DigestMemo
 from peftreg.transfer.upload import upload_blob, upload_file
 from tests.client.proxy import cutting_proxy
-from tests.fixtures.server import RegistryProcess, start_registry
+from tests.fixtures.server import RegistryProcess
 
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    process = start_registry(tmp_path_factory.mktemp("streamed") / "home")
-    yield process
-    process.stop()
 
 
 def _big_file(path: Path, size: int) -> Digest:

@@ -14,8 +14,9 @@ import pytest
 from peftreg import Client
 from peftreg.cache import Cache
 from peftreg.digest import Digest
-from tests.client.conftest import CliEnv, make_tree, tree_bytes
+from tests.client.conftest import make_tree, tree_bytes
 from tests.client.proxy import cutting_proxy
+from tests.fixtures.cli import CliEnv
 from tests.fixtures.server import RegistryProcess
 
 MiB = 1024 * 1024

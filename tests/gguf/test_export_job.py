@@ -8,11 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 from peft import LoraConfig
 
 from peftreg.adapters.base_package import push_base
-from peftreg.cli.main import cli
 from peftreg.gguf.model import export_gguf
 from peftreg.gguf.runtime import GgufRun, LoraFile
 from peftreg.sdk.client import Client
@@ -28,23 +26,6 @@ from tests.gguf.models import (
 )
 from tests.gguf.runtime import MODULES, llamacpp
 from tests.merge.builders import save_adapter, save_base
-
-
-@pytest.fixture
-def run(registry_server: RegistryProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    for name in ("PEFTREG_URL", "PEFTREG_TOKEN", "PEFTREG_CACHE", "PEFTREG_CONFIG"):
-        monkeypatch.delenv(name, raising=False)
-    env = {
-        "PEFTREG_URL": registry_server.url,
-        "PEFTREG_CACHE": str(tmp_path / "cli-cache"),
-        "PEFTREG_CONFIG": str(tmp_path / "config.json"),
-        "PEFTREG_RETRIES": "1",
-    }
-
-    def invoke(*args: str) -> Result:
-        return CliRunner().invoke(cli, list(args), env=env)
-
-    return invoke
 
 
 def test_gguf_export_job_lora_pull_and_eval(  # type: ignore[no-untyped-def]

@@ -11,7 +11,6 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -33,19 +32,12 @@ from peftreg.hotswap import (
 from peftreg.registry.storage.filesystem import blob_path
 from peftreg.sdk.errors import NotFound, PeftregError
 from tests.adapters.tiny_models import sample_ids, tiny_llama
-from tests.fixtures.server import RegistryProcess, start_registry
+from tests.fixtures.server import RegistryProcess
 from tests.hotswap.builders import MAX_DIFF, lora, model_outputs, peft_outputs, save_adapter
 
 TARGETS = ["q_proj", "v_proj"]
 POLL = 3.0
 TENSORS = "adapter_model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    process = start_registry(tmp_path_factory.mktemp("registry") / "home")
-    yield process
-    process.stop()
 
 
 class CountingTransport(httpx.BaseTransport):

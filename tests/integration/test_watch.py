@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from peftreg import Client
 from tests.conftest import ADMIN_TOKEN
-from tests.fixtures.server import RegistryProcess, start_registry
+from tests.fixtures.server import RegistryProcess
 from tests.integration.oci_helpers import (
     bearer,
     error_codes,
@@ -27,13 +27,6 @@ from tests.integration.oci_helpers import (
 REPO = "acme/watched"
 MAX_WATCHES = 100  # registry.api.routes.watch.MAX_WATCHES_PER_PRINCIPAL
 WATCH = f"/api/v1/repositories/{REPO}/tags/prod/watch"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    process = start_registry(tmp_path_factory.mktemp("registry") / "home")
-    yield process
-    process.stop()
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,9 +23,8 @@ from peftreg.prompts.template import PromptInvalid, decode_template, placeholder
 from peftreg.sdk.errors import InvalidRequest, PeftregError
 from peftreg.transfer.push import LocalFile, build_manifest
 from tests.adapters.tiny_models import tiny_llama
-from tests.client.conftest import CliEnv
+from tests.fixtures.cli import CliEnv
 from tests.fixtures.schemas import assert_valid_config
-from tests.fixtures.server import RegistryProcess, start_registry
 
 TEMPLATE = "You answer questions about the product.\nQuestion: {input}\nAnswer in {language}.\n"
 WORDS = [
@@ -96,27 +93,6 @@ def test_text_checks() -> None:
 
 
 # --- through a registry ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryProcess]:
-    process = start_registry(tmp_path_factory.mktemp("registry") / "home")
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-def cli(server: RegistryProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CliEnv:
-    for name in list(os.environ):
-        if name.startswith("PEFTREG_"):
-            monkeypatch.delenv(name)
-    env = {
-        "PEFTREG_URL": server.url,
-        "PEFTREG_CACHE": str(tmp_path / "cache"),
-        "PEFTREG_CONFIG": str(tmp_path / "config.json"),
-        "PEFTREG_RETRIES": "1",
-    }
-    return CliEnv(env, tmp_path / "cache", tmp_path / "config.json")
 
 
 def _base_with_tokenizer(cli: CliEnv, root: Path, ref: str) -> Path:
