@@ -41,6 +41,7 @@ import torch
 
 from peftreg.adapters.factors import ModuleFactors
 from peftreg.hotswap.adapter import LoadedAdapter
+from peftreg.hotswap.layouts import FactorLayout
 from peftreg.hotswap.slots import ModuleSlot, SlotBuffers
 
 
@@ -94,6 +95,13 @@ def resident_set(
     bias = factors.bias
     if bias is not None and not _fits(bias, layout.lora_bias):
         return None
+    return _in_place(slot, factors, vectors)
+
+
+def _in_place(slot: ModuleSlot, factors: ModuleFactors, vectors: ConstantVectors) -> SlotBuffers:
+    """The resident set of factors known to fit the slot (`resident_set` checks)."""
+    layout = slot.spare
+    bias = factors.bias
     out = layout.gain.shape[0]
     zeros = vectors.get(out, 0.0, layout.gain)
     return SlotBuffers(
@@ -125,6 +133,9 @@ class ResidentSets:
     def __init__(self) -> None:
         self.vectors = ConstantVectors()
         self._sets: dict[str, tuple[LoadedAdapter, dict[str, SlotBuffers] | None]] = {}
+        # id(layout) -> (the layout, whether its factors fit the slots): the same shapes,
+        # dtypes and strides for every adapter of a layout
+        self._layouts: dict[int, tuple[FactorLayout, bool]] = {}
 
     def sets(
         self,
@@ -137,15 +148,37 @@ class ResidentSets:
         entry = self._sets.get(adapter.digest)
         if entry is not None and entry[0] is adapter:
             return entry[1]
-        built: dict[str, SlotBuffers] | None = {}
-        for name, item in factors.items():
-            buffers = resident_set(slots[name], item, self.vectors)
-            if buffers is None:
-                built = None
-                break
-            assert built is not None
-            built[name] = buffers
+        layout = adapter.layout
+        known = None if layout is None else self._layouts.get(id(layout))
+        fits = None if known is None or known[0] is not layout else known[1]
+        built: dict[str, SlotBuffers] | None = None
+        if fits is not False:
+            built = self._build(factors, slots, checked=fits is True)
+        if layout is not None and fits is None:  # every adapter of the layout fits, or none
+            if len(self._layouts) >= 64:
+                self._layouts.clear()
+            self._layouts[id(layout)] = (layout, built is not None)
         self._sets[adapter.digest] = (adapter, built)
+        return built
+
+    def _build(
+        self,
+        factors: Mapping[str, ModuleFactors],
+        slots: Mapping[str, ModuleSlot],
+        *,
+        checked: bool,
+    ) -> dict[str, SlotBuffers] | None:
+        """The sets; `checked`: factors of a layout known to fit (shapes not compared)."""
+        built = {}
+        for name, item in factors.items():
+            slot = slots[name]
+            if checked:
+                buffers: SlotBuffers | None = _in_place(slot, item, self.vectors)
+            else:
+                buffers = resident_set(slot, item, self.vectors)
+            if buffers is None:
+                return None
+            built[name] = buffers
         return built
 
     def prune(self, keep: Callable[[str], bool]) -> None:
@@ -163,4 +196,5 @@ class ResidentSets:
 
     def clear(self) -> None:
         self._sets.clear()
+        self._layouts.clear()
         self.vectors.clear()
