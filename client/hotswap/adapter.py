@@ -578,7 +578,7 @@ def adapter_from_local(local: LocalAdapter) -> LoadedAdapter:
     scan = None if layout is None else SpanScan(4 * layout.begin, 4 * layout.end)
     buffer = read_file_buffer(local.header, scan)
     if layout is not None and scan is not None:
-        value = scan.largest  # every factor's values, scanned as they were read
+        value = scan.bound  # above every factor's |values|, scanned as they were read
         if math.isfinite(value):
             factors = layout.factors(buffer)
             bounds = _shared_bounds(factors, value)

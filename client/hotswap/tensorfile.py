@@ -171,19 +171,22 @@ CHUNK = 512 << 10  # bytes read at a time while scanning (they are still in the 
 
 
 class SpanScan:
-    """The largest |value| of the float32 values in bytes [begin, end) of a file, found
-    while the file is read: each chunk is scanned right after it is read, while it is
-    still in the CPU's cache, instead of in passes over memory after the read.
+    """An upper bound of every |value| among the float32 values in bytes [begin, end) of
+    a file, found while the file is read: each chunk is scanned right after it is read,
+    while it is still in the CPU's cache, in one pass (its sum of squares, BLAS's dot).
 
-    `largest` is NaN when a value is NaN, infinite when one is, and NaN until
-    the whole span was read.
+    `bound` is sqrt(sum of squares) with a margin for the float32 rounding of the
+    sum, so never below the largest |value|. It is not finite when a value is NaN
+    or infinite, or when the squares overflow (values beyond ~1e19: the caller then
+    finds the largest values exactly), and NaN until the whole span was read.
     """
+
+    MARGIN = 1.0 + 2.0**-8  # relative: far above float32 accumulation error in a chunk
 
     def __init__(self, begin: int, end: int) -> None:
         self.begin, self.end = begin, end
         self._position = begin
-        self._high = np.float32(-np.inf)
-        self._low = np.float32(np.inf)
+        self._squares = 0.0
 
     def feed(self, data: np.ndarray, done: int) -> None:
         """`data` (uint8) holds the file's first `done` bytes."""
@@ -192,15 +195,14 @@ class SpanScan:
         if stop <= self._position:
             return
         values = data[self._position : stop].view(np.float32)
-        self._high = np.maximum(self._high, values.max())  # (np.maximum keeps a NaN)
-        self._low = np.minimum(self._low, values.min())
+        self._squares += float(np.dot(values, values))  # NaN or inf for a NaN or inf
         self._position = stop
 
     @property
-    def largest(self) -> float:
+    def bound(self) -> float:
         if self._position < self.end or self.begin >= self.end:
             return math.nan
-        return float(np.maximum(self._high, -self._low))
+        return math.sqrt(self._squares) * self.MARGIN
 
 
 def read_file_buffer(read: HeaderRead, scan: SpanScan | None = None) -> torch.Tensor:
