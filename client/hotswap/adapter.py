@@ -60,10 +60,10 @@ from peftreg.hotswap.errors import (
 from peftreg.hotswap.layouts import INSPECTED_KINDS, INSPECTIONS, LAYOUTS, FactorLayout, Inspected
 from peftreg.hotswap.tensorfile import (
     HeaderRead,
+    PendingRead,
     SpanScan,
     allocate,
     header_reader,
-    read_file_buffer,
     read_file_once,
     read_prefix,
     tensors_from_buffer,
@@ -576,11 +576,14 @@ def adapter_from_local(local: LocalAdapter) -> LoadedAdapter:
     key = None if local.blob is None else (local.blob, local.header.raw)
     layout = None if key is None else LAYOUTS.get(key)
     scan = None if layout is None else SpanScan(4 * layout.begin, 4 * layout.end)
-    buffer = read_file_buffer(local.header, scan)
-    if layout is not None and scan is not None:
+    pending = PendingRead(local.header, scan)
+    try:  # the views are made while the helper thread reads; valid once the read is done
+        factors = None if layout is None else layout.factors(pending.buffer)
+    finally:
+        buffer = pending.wait()
+    if layout is not None and scan is not None and factors is not None:
         value = scan.bound  # above every factor's |values|, scanned as they were read
         if math.isfinite(value):
-            factors = layout.factors(buffer)
             bounds = _shared_bounds(factors, value)
             return LoadedAdapter(
                 local.digest,

@@ -4,6 +4,7 @@ values are scanned while the file is read, and every refusal of the full path st
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -109,17 +110,19 @@ def test_the_span_scan_bounds_every_value_whatever_the_chunks() -> None:
     data = np.concatenate([np.zeros(12, np.uint8), values.view(np.uint8), np.zeros(5, np.uint8)])
     begin, end = 12, 12 + values.nbytes
     norm = float(np.sqrt(np.sum(values.astype(np.float64) ** 2)))
-    for pieces in ([len(data)], [3, 13, 14, 101, 4000, len(data)], list(range(1, len(data) + 1))):
+    every = list(range(4, len(data) + 4, 4))
+    for pieces in ([len(data)], [12, 16, 116, 4000, len(data)], every):
         scan = SpanScan(begin, end)
         assert math.isnan(scan.bound)  # nothing read yet
-        for done in pieces:
-            scan.feed(data, done)
+        for start, stop in reversed(list(itertools.pairwise([0, *pieces]))):  # any order
+            scan.add(data, start, min(stop, len(data)))
         assert 3.0 <= norm <= scan.bound <= norm * 1.01
     for bad, want in ((math.nan, math.isnan), (-math.inf, math.isinf), (3e20, math.isinf)):
         spoiled = values.copy()
         spoiled[777] = bad
         data[begin:end] = spoiled.view(np.uint8)
         scan = SpanScan(begin, end)
-        scan.feed(data, 500)
-        scan.feed(data, len(data))
+        scan.add(data, 0, 500)
+        assert math.isnan(scan.bound)  # not all of it yet
+        scan.add(data, 500, len(data))
         assert want(scan.bound), bad
