@@ -259,11 +259,11 @@ def _shared_bound(factors: Iterable[ModuleFactors]) -> float | None:
 
 
 def _shared_bounds(factors: Mapping[str, ModuleFactors], shared: float) -> dict[str, FactorBounds]:
-    """Every module bounded by the largest |value| of all the factors (upper bounds)."""
-    return {
-        module: FactorBounds(shared, shared, 0.0 if item.bias is None else shared, exact=False)
-        for module, item in factors.items()
-    }
+    """Every module bounded by one bound of all the factors (upper bounds; two immutable
+    objects shared by the modules, with a bias and without)."""
+    plain = FactorBounds(shared, shared, 0.0, exact=False)
+    biased = FactorBounds(shared, shared, shared, exact=False)
+    return {module: plain if item.bias is None else biased for module, item in factors.items()}
 
 
 def _factors(
