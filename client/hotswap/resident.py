@@ -95,13 +95,6 @@ def resident_set(
     bias = factors.bias
     if bias is not None and not _fits(bias, layout.lora_bias):
         return None
-    return _in_place(slot, factors, vectors)
-
-
-def _in_place(slot: ModuleSlot, factors: ModuleFactors, vectors: ConstantVectors) -> SlotBuffers:
-    """The resident set of factors known to fit the slot (`resident_set` checks)."""
-    layout = slot.spare
-    bias = factors.bias
     out = layout.gain.shape[0]
     zeros = vectors.get(out, 0.0, layout.gain)
     return SlotBuffers(
@@ -122,6 +115,31 @@ def _in_place(slot: ModuleSlot, factors: ModuleFactors, vectors: ConstantVectors
     )
 
 
+def _templates(
+    built: dict[str, SlotBuffers] | None, slots: Mapping[str, ModuleSlot]
+) -> dict[str, SlotBuffers] | None:
+    """The sets of a layout without the adapter's tensors (the slot's own buffers stand in
+    for them, so a template keeps no adapter's file buffer alive)."""
+    if built is None:
+        return None
+    templates = {}
+    for name, buffers in built.items():
+        own = slots[name].own[0]
+        bias = None if buffers.bias_zero else own.lora_bias
+        templates[name] = buffers.with_factors(own.a, own.b, bias)
+    return templates
+
+
+def _from_templates(
+    templates: Mapping[str, SlotBuffers], factors: Mapping[str, ModuleFactors]
+) -> dict[str, SlotBuffers]:
+    """The sets of an adapter of a layout whose factors are known to fit."""
+    return {
+        name: templates[name].with_factors(item.a, item.b, item.bias)
+        for name, item in factors.items()
+    }
+
+
 class ResidentSets:
     """The resident sets of the adapters a host serves in place, by digest.
 
@@ -133,9 +151,9 @@ class ResidentSets:
     def __init__(self) -> None:
         self.vectors = ConstantVectors()
         self._sets: dict[str, tuple[LoadedAdapter, dict[str, SlotBuffers] | None]] = {}
-        # id(layout) -> (the layout, whether its factors fit the slots): the same shapes,
-        # dtypes and strides for every adapter of a layout
-        self._layouts: dict[int, tuple[FactorLayout, bool]] = {}
+        # id(layout) -> (the layout, its modules' templates; None: its factors do not fit):
+        # the same shapes, dtypes, strides and scalings for every adapter of a layout
+        self._layouts: dict[int, tuple[FactorLayout, dict[str, SlotBuffers] | None]] = {}
 
     def sets(
         self,
@@ -150,32 +168,25 @@ class ResidentSets:
             return entry[1]
         layout = adapter.layout
         known = None if layout is None else self._layouts.get(id(layout))
-        fits = None if known is None or known[0] is not layout else known[1]
-        built: dict[str, SlotBuffers] | None = None
-        if fits is not False:
-            built = self._build(factors, slots, checked=fits is True)
-        if layout is not None and fits is None:  # every adapter of the layout fits, or none
-            if len(self._layouts) >= 64:
-                self._layouts.clear()
-            self._layouts[id(layout)] = (layout, built is not None)
+        built: dict[str, SlotBuffers] | None
+        if known is not None and known[0] is layout:
+            templates = known[1]
+            built = None if templates is None else _from_templates(templates, factors)
+        else:
+            built = self._build(factors, slots)
+            if layout is not None:
+                if len(self._layouts) >= 64:
+                    self._layouts.clear()
+                self._layouts[id(layout)] = (layout, _templates(built, slots))
         self._sets[adapter.digest] = (adapter, built)
         return built
 
     def _build(
-        self,
-        factors: Mapping[str, ModuleFactors],
-        slots: Mapping[str, ModuleSlot],
-        *,
-        checked: bool,
+        self, factors: Mapping[str, ModuleFactors], slots: Mapping[str, ModuleSlot]
     ) -> dict[str, SlotBuffers] | None:
-        """The sets; `checked`: factors of a layout known to fit (shapes not compared)."""
         built = {}
         for name, item in factors.items():
-            slot = slots[name]
-            if checked:
-                buffers: SlotBuffers | None = _in_place(slot, item, self.vectors)
-            else:
-                buffers = resident_set(slot, item, self.vectors)
+            buffers = resident_set(slots[name], item, self.vectors)
             if buffers is None:
                 return None
             built[name] = buffers

@@ -115,6 +115,20 @@ class SlotBuffers:
         views = {name: numpy_view(tensor) for name, tensor in self.fields().items()}
         self.arrays = {name: view for name, view in views.items() if view is not None}
 
+    def with_factors(
+        self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None
+    ) -> SlotBuffers:
+        """This resident set with the factors (and bias, when it has one) of another adapter
+        of the same layout: the same shapes, strides, dtype, rank and gain. A copy of the
+        attributes (no `__init__`: a cold swap makes one per module)."""
+        assert self.resident, "only a resident set is a template"
+        other = object.__new__(SlotBuffers)
+        other.__dict__.update(self.__dict__)
+        other.a, other.b = a, b
+        if bias is not None:
+            other.lora_bias = bias
+        return other
+
     def fields(self) -> dict[str, torch.Tensor]:
         """The writable tensors by name; "a" as (R, in) whatever the layout."""
         items = {

@@ -4,6 +4,8 @@ adapter evicted from the LRU stays intact while it is active."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from tests.hotswap.builders import (
     mlp_input,
     model_outputs,
     peft_outputs,
+    rewrite_tensors,
     save_adapter,
 )
 
@@ -124,3 +127,31 @@ def test_another_slot_dtype_is_staged_by_copy(tmp_path: Path, dtype: torch.dtype
         event = host.swap(path)
         assert event.bytes_copied > 0
         assert not host.slots["fc1"].active.resident
+
+
+def test_nothing_keeps_an_adapter_served_in_place_once_dropped(tmp_path: Path) -> None:
+    """Resident sets of a layout are made from per-layout templates: neither they nor the
+    host keep an adapter's tensors once it is out of the LRU and no longer active."""
+    first = save_adapter(TinyMLP, lora(["fc1", "fc2"], r=4), tmp_path / "a0", seed=1)
+    paths = [first] + [
+        rewrite_tensors(
+            first, tmp_path / f"a{i}", lambda t, i=i: [v.mul_(i + 1) for v in t.values()]
+        )
+        for i in range(1, 4)
+    ]
+    x = mlp_input()
+    held = []
+    with AdapterHost(TinyMLP(), HostConfig(targets=["fc1", "fc2"], max_rank=4)) as host:
+        for path in paths:
+            host.swap(path)
+            assert _resident(host, ["fc1", "fc2"])
+            adapter = host.active
+            assert adapter is not None
+            held += [weakref.ref(adapter.factors["fc1"].a), weakref.ref(adapter.factors["fc2"].b)]
+            want = peft_outputs(TinyMLP, path, x)
+            assert (model_outputs(host.model, x) - want).abs().max().item() <= MAX_DIFF
+        del adapter
+        host.cache.clear()
+        host.unload()
+        gc.collect()
+        assert [ref for ref in held if ref() is not None] == []
