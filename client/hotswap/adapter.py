@@ -158,6 +158,8 @@ class LoadedAdapter:
     @cached_property
     def nbytes(self) -> int:
         """Bytes of the tensors held (what the in-memory cache counts)."""
+        if self.layout is not None and self._factors_only:
+            return self.layout.nbytes  # the same for every adapter of the layout
         tensors: list[torch.Tensor] = []
         for item in self.factors.values():
             tensors += [item.a, item.b]
@@ -169,6 +171,15 @@ class LoadedAdapter:
         tensors += list(self.base_layers.values())
         tensors += list(self.peft_tensors.values())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def _factors_only(self) -> bool:
+        return (
+            self.prompt is None
+            and self.task_prompts is None
+            and not self.base_layers
+            and not self.peft_tensors
+        )
 
     def pin_memory(self) -> LoadedAdapter:
         """A copy whose tensors are in page-locked memory (fast, asynchronous GPU copies)."""

@@ -24,6 +24,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Generic, TypeVar
 
 import torch
@@ -96,7 +97,7 @@ def _strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(strides)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FactorLayout:
     """Each module's factors as (offset, shape) in a file buffer read as float32, and the
     span [begin, end) they all lie in."""
@@ -174,6 +175,12 @@ class FactorLayout:
             )
             for m in self.modules
         }
+
+    @cached_property
+    def nbytes(self) -> int:
+        """Bytes of every module's factors (what an adapter of this layout holds)."""
+        spans = [s for m in self.modules for s in (m.a, m.b, m.magnitude, m.bias) if s]
+        return 4 * sum(_numel(shape) for _offset, shape in spans)
 
     def span(self, buffer: torch.Tensor) -> torch.Tensor:
         """Every value the factors lie among, as one float32 vector (a view of `buffer`)."""

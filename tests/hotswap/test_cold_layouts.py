@@ -55,6 +55,10 @@ def test_adapters_of_a_known_layout_load_through_it_and_match_peft(tmp_path: Pat
             assert not event.cached
             assert host.active is not None
             layouts.append(host.active.layout)
+            held = [
+                t for f in host.active.factors.values() for t in (f.a, f.b, f.bias) if t is not None
+            ]
+            assert host.active.nbytes == sum(t.numel() * t.element_size() for t in held)
             got = model_outputs(host.model, x)
             assert (got - peft_outputs(TinyMLP, path, x)).abs().max().item() <= MAX_DIFF
     known = [layout for layout in layouts[1:] if layout is not None]
