@@ -209,6 +209,9 @@ class SpanScan:
         return math.sqrt(sum(value for _count, value in self._squares)) * self.MARGIN
 
 
+_PREADV = hasattr(os, "preadv")  # reads at an offset, from any thread (not on Windows)
+
+
 class _Helper:
     """One thread that reads chunks beside the caller (the kernel's copies, and the scan,
     run without the GIL: two cores copy at once, and the caller's Python goes on)."""
@@ -251,7 +254,7 @@ class PendingRead:
         self._count = -(-self.size // CHUNK)
         self._short = False
         self._helper: Future[None] | None = None
-        if self._count > 1:
+        if self._count > 1 and _PREADV:
             self._helper = _HELPER.submit(self._work)
 
     def _work(self) -> None:
@@ -264,7 +267,11 @@ class PendingRead:
             stop = min(self.size, start + CHUNK)
             done = start
             while done < stop:
-                count = os.preadv(fd, [self._view[done:stop]], done)
+                if _PREADV:
+                    count = os.preadv(fd, [self._view[done:stop]], done)
+                else:  # (no helper thread: the caller alone reads, in order)
+                    os.lseek(fd, done, os.SEEK_SET)
+                    count = self._stream.readinto(self._view[done:stop]) or 0
                 if not count:
                     self._short = True  # the file shrank
                     return

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from peftreg.hotswap import AdapterHost, HostConfig, NonFiniteAdapter, SwapError
+from peftreg.hotswap import AdapterHost, HostConfig, NonFiniteAdapter, SwapError, tensorfile
 from peftreg.hotswap.adapter import adapter_from_local, inspect_directory
 from peftreg.hotswap.tensorfile import SpanScan
 from tests.hotswap.builders import (
@@ -130,3 +131,17 @@ def test_the_span_scan_bounds_every_value_whatever_the_chunks() -> None:
         assert math.isnan(scan.bound)  # not all of it yet
         scan.add(data, 500, len(data))
         assert want(scan.bound), bad
+
+
+@pytest.mark.parametrize("preadv", [True, False])
+def test_a_file_of_many_chunks_is_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preadv: bool
+) -> None:
+    """By the caller and the helper thread at once (preadv), or by the caller alone."""
+    monkeypatch.setattr(tensorfile, "_PREADV", preadv and tensorfile._PREADV)
+    tensors = {"big": torch.randn(3 * tensorfile.CHUNK // 4 + 5), "small": torch.randn(3, 5)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    read = tensorfile.read_prefix(tmp_path / "t.safetensors")
+    for _ in range(3):
+        loaded = tensorfile.read_file_once(read)
+        assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
