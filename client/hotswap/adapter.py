@@ -20,6 +20,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,16 @@ from peftreg.adapters.ia3 import Ia3Scale, ia3_scales
 from peftreg.adapters.nola import NolaDigestMismatch, NolaError
 from peftreg.adapters.package import config_blob
 from peftreg.adapters.peft_import import (
+    CONFIG_FILE,
     NOLA_FILE,
     TENSORS_FILE,
     PeftImportError,
+    pickle_files,
     read_peft_directory,
     read_safetensors_header,
 )
 from peftreg.adapters.schema import AdapterConfig
+from peftreg.formats.safetensors_header import SafetensorsError
 from peftreg.hotswap.contents import (
     PROMPT_KINDS,
     PROMPT_TENSOR,
@@ -53,12 +57,17 @@ from peftreg.hotswap.errors import (
     SwapError,
     UnsupportedAdapter,
 )
+from peftreg.hotswap.layouts import INSPECTED_KINDS, INSPECTIONS, LAYOUTS, FactorLayout, Inspected
 from peftreg.hotswap.tensorfile import (
     HeaderRead,
+    PendingRead,
+    SpanScan,
     allocate,
     header_reader,
     read_file_once,
+    read_prefix,
     tensors_from_buffer,
+    tensors_in,
 )
 from peftreg.transfer.pull import PullResult
 
@@ -133,6 +142,9 @@ class LoadedAdapter:
     ia3: Mapping[str, Ia3Scale] = field(default_factory=dict)
     # Multitask prompt tuning: every task's virtual tokens (tasks, n, dim); a swap picks one.
     task_prompts: torch.Tensor | None = None
+    # Where the factors lie in their file, shared by every adapter of that layout (checks
+    # that depend on it alone need not run again); None: not read through a known layout.
+    layout: FactorLayout | None = field(default=None, compare=False, repr=False)
 
     @property
     def tasks(self) -> int:
@@ -143,9 +155,11 @@ class LoadedAdapter:
     def kind(self) -> str:
         return self.config.kind
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """Bytes of the tensors held (what the in-memory cache counts)."""
+        if self.layout is not None and self._factors_only:
+            return self.layout.nbytes  # the same for every adapter of the layout
         tensors: list[torch.Tensor] = []
         for item in self.factors.values():
             tensors += [item.a, item.b]
@@ -157,6 +171,15 @@ class LoadedAdapter:
         tensors += list(self.base_layers.values())
         tensors += list(self.peft_tensors.values())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def _factors_only(self) -> bool:
+        return (
+            self.prompt is None
+            and self.task_prompts is None
+            and not self.base_layers
+            and not self.peft_tensors
+        )
 
     def pin_memory(self) -> LoadedAdapter:
         """A copy whose tensors are in page-locked memory (fast, asynchronous GPU copies)."""
@@ -246,6 +269,14 @@ def _shared_bound(factors: Iterable[ModuleFactors]) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _shared_bounds(factors: Mapping[str, ModuleFactors], shared: float) -> dict[str, FactorBounds]:
+    """Every module bounded by one bound of all the factors (upper bounds; two immutable
+    objects shared by the modules, with a bias and without)."""
+    plain = FactorBounds(shared, shared, 0.0, exact=False)
+    biased = FactorBounds(shared, shared, shared, exact=False)
+    return {module: plain if item.bias is None else biased for module, item in factors.items()}
+
+
 def _factors(
     config: AdapterConfig, tensors: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, ModuleFactors], dict[str, FactorBounds]]:
@@ -259,10 +290,7 @@ def _factors(
         raise AdapterShapeMismatch(str(exc)) from None
     shared = _shared_bound(factors.values())
     if shared is not None:  # every value finite: one pass over them all
-        return factors, {
-            module: FactorBounds(shared, shared, 0.0 if item.bias is None else shared, exact=False)
-            for module, item in factors.items()
-        }
+        return factors, _shared_bounds(factors, shared)
     bounds = {}
     for module, item in factors.items():
         _bounded(f"{module}.lora_magnitude_vector", item.magnitude)
@@ -435,14 +463,18 @@ def adapter_from_pull(result: PullResult, *, source: str | None = None) -> Loade
 
 
 def directory_identity(
-    config: AdapterConfig, tensors_path: Path, header_bytes: bytes | None = None
+    config: AdapterConfig,
+    tensors_path: Path,
+    header_bytes: bytes | None = None,
+    blob: bytes | None = None,
 ) -> str:
     """A digest naming a local PEFT directory's adapter: its config, the tensors file's
     header, and the file's size, modification time, inode and path.
 
     An identity for the cache and for events, cheap to compute; not a content
     digest (a local directory has no recorded digest to verify against).
-    `header_bytes`: the file's header as already read (else it is read here).
+    `header_bytes`: the file's header as already read (else it is read here);
+    `blob`: `config_blob(config)` as already made.
     """
     stat = tensors_path.stat()
     header = header_bytes
@@ -450,7 +482,7 @@ def directory_identity(
         with tensors_path.open("rb") as stream:
             header = stream.read(8)
             header += stream.read(int.from_bytes(header, "little")) if len(header) == 8 else b""
-    hasher = hashlib.sha256(config_blob(config))
+    hasher = hashlib.sha256(config_blob(config) if blob is None else blob)
     hasher.update(header)
     hasher.update(
         f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{tensors_path.resolve()}".encode()
@@ -467,6 +499,7 @@ class LocalAdapter:
     tensors_path: Path
     digest: str  # `directory_identity`
     header: HeaderRead | None = None  # the tensors file's header as read and parsed
+    blob: bytes | None = None  # `config_blob(config)`
 
 
 def inspect_directory(
@@ -475,7 +508,16 @@ def inspect_directory(
     base_fingerprint: str | None = None,
     base_structure_hash: str | None = None,
 ) -> LocalAdapter:
-    """Read a PEFT directory's config and tensor header (cheap: what a cache lookup needs)."""
+    """Read a PEFT directory's config and tensor header (cheap: what a cache lookup needs).
+
+    A LoRA or DoRA directory whose config and header bytes were resolved before
+    (`peftreg.hotswap.layouts.INSPECTIONS`) is not resolved again.
+    """
+    path = Path(path)
+    config_bytes = _config_bytes(path)
+    known = _inspected(path, config_bytes, base_fingerprint, base_structure_hash)
+    if known is not None:
+        return known
     reads: list[HeaderRead] = []
     try:
         imported = read_peft_directory(
@@ -492,17 +534,88 @@ def inspect_directory(
         raise SwapError(f"NOLA adapter: {exc}") from None
     read = next((item for item in reads if item.path == imported.tensors_path), None)
     raw = None if read is None else read.raw
-    digest = directory_identity(imported.config, imported.tensors_path, raw)
-    return LocalAdapter(Path(path), imported.config, imported.tensors_path, digest, read)
+    blob = config_blob(imported.config)
+    digest = directory_identity(imported.config, imported.tensors_path, raw, blob)
+    if (
+        read is not None
+        and config_bytes is not None
+        and imported.config.kind in INSPECTED_KINDS
+        and _config_bytes(path) == config_bytes  # what was resolved is what was keyed
+    ):
+        key = (config_bytes, read.raw, read.stat[0], base_fingerprint, base_structure_hash)
+        INSPECTIONS.put(key, Inspected(imported.config, blob))
+    return LocalAdapter(path, imported.config, imported.tensors_path, digest, read, blob)
+
+
+def _config_bytes(path: Path) -> bytes | None:
+    try:
+        return (path / CONFIG_FILE).read_bytes()
+    except OSError:
+        return None  # (read_peft_directory says what is wrong)
+
+
+def _inspected(
+    path: Path,
+    config_bytes: bytes | None,
+    base_fingerprint: str | None,
+    base_structure_hash: str | None,
+) -> LocalAdapter | None:
+    """The directory as inspected before, when its config and header bytes are known."""
+    tensors_path = path / TENSORS_FILE
+    if config_bytes is None or pickle_files(path):
+        return None  # (the full inspection refuses pickles)
+    try:
+        read = read_prefix(tensors_path)
+    except (OSError, SafetensorsError):
+        return None
+    key = (config_bytes, read.raw, read.stat[0], base_fingerprint, base_structure_hash)
+    known = INSPECTIONS.get(key)
+    if known is None:
+        return None
+    digest = directory_identity(known.config, tensors_path, read.raw, known.blob)
+    return LocalAdapter(path, known.config, tensors_path, digest, read, known.blob)
 
 
 def adapter_from_local(local: LocalAdapter) -> LoadedAdapter:
-    """Load the tensors of an inspected directory (its header is not parsed again)."""
-    if local.header is not None:
-        tensors = read_file_once(local.header)
-    else:
+    """Load the tensors of an inspected directory (its header is not parsed again; a layout
+    seen before is not worked out again, `peftreg.hotswap.layouts.LAYOUTS`)."""
+    if local.header is None:
         tensors = read_tensors(local.tensors_path)
-    return adapter_from_tensors(local.config, tensors, digest=local.digest, source=str(local.path))
+        return adapter_from_tensors(
+            local.config, tensors, digest=local.digest, source=str(local.path)
+        )
+    key = None if local.blob is None else (local.blob, local.header.raw)
+    layout = None if key is None else LAYOUTS.get(key)
+    scan = None if layout is None else SpanScan(4 * layout.begin, 4 * layout.end)
+    pending = PendingRead(local.header, scan)
+    try:  # the views are made while the helper thread reads; valid once the read is done
+        factors = None if layout is None else layout.factors(pending.buffer)
+    finally:
+        buffer = pending.wait()
+    if layout is not None and scan is not None and factors is not None:
+        value = scan.bound  # above every factor's |values|, scanned as they were read
+        if math.isfinite(value):
+            bounds = _shared_bounds(factors, value)
+            return LoadedAdapter(
+                local.digest,
+                str(local.path),
+                local.config,
+                factors=factors,
+                bounds=bounds,
+                layout=layout,
+            )
+        # a value not finite: the full path names the tensor
+    tensors = tensors_in(buffer, local.header.header)
+    adapter = adapter_from_tensors(
+        local.config, tensors, digest=local.digest, source=str(local.path)
+    )
+    learn = key is not None and layout is None and local.config.kind in INSPECTED_KINDS
+    if learn and not adapter.base_layers and not adapter.peft_tensors:
+        found = FactorLayout.of(buffer, adapter.factors)
+        if found is not None:
+            assert key is not None
+            LAYOUTS.put(key, found)
+    return adapter
 
 
 def adapter_from_directory(

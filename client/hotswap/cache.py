@@ -1,9 +1,11 @@
 """`AdapterCache`: a small LRU of loaded adapters on the CPU, keyed by digest.
 
-Switching back to a cached adapter is a copy into the host's buffers: no
-download, no parse, no NOLA materialization. Bounded by a number of entries
-and by bytes; the least recently used entries go first. Thread-safe; one
-cache may serve several hosts.
+Switching back to a cached adapter needs no download, no parse, no NOLA
+materialization: a host serves it in place (its own tensors become the slots'
+buffers, `peftreg.hotswap.resident`) or copies it into its spare buffers.
+Bounded by a number of entries and by bytes (an entry served in place is
+counted once: its tensors are the slots' buffers); the least recently used
+entries go first. Thread-safe; one cache may serve several hosts.
 """
 
 from __future__ import annotations

@@ -15,7 +15,10 @@ A swap goes: load (the in-memory LRU, else pull or read, and check;
 ranks, virtual tokens, values against the slots' dtype; nothing written;
 `peftreg.hotswap.planning`) -> the adapter enters the LRU -> DoRA row factors
 computed and checked -> stage into the spare buffers -> flip under the
-forward gate. Any failure before the flip leaves the active adapter, and so
+forward gate. An adapter whose factors are already slot-shaped (the host's
+max rank and dtype, on the CPU) is not staged: its own tensors become the
+slots' active buffers under the gate, and a swap to it copies nothing
+(`peftreg.hotswap.resident`). Any failure before the flip leaves the active adapter, and so
 the model's outputs, untouched. In merged mode the merged weights are
 computed and checked before the gate, and only copied under it (rolled back
 from the pristine copy if a copy fails).
@@ -51,7 +54,8 @@ from peftreg.hotswap.loading import AdapterLoader, AdapterSource, source_label
 from peftreg.hotswap.merged import PristineWeights
 from peftreg.hotswap.planning import EMPTY, SwapPlan, SwapPlanner, content_of
 from peftreg.hotswap.prompt import PromptSlot
-from peftreg.hotswap.slots import ModuleSlot
+from peftreg.hotswap.resident import ResidentSets
+from peftreg.hotswap.slots import ModuleSlot, SlotBuffers
 from peftreg.hotswap.staging import ProgramCache
 from peftreg.hotswap.targets import TargetSite, refuse_tied_for_merged, resolve_targets
 from peftreg.sdk.client import Client
@@ -94,6 +98,8 @@ class AdapterHost:
         self._spare_content: str | None = EMPTY
         self.slots: dict[str, ModuleSlot] = {}
         self._programs = ProgramCache(2 * (config.cache_entries + 1))  # two buffer sets
+        self._residents = ResidentSets()
+        self._resident_active = False  # some slot's active set is an adapter's own tensors
         self.pristine: PristineWeights | None = None
         self._followers: list[TagFollower] = []
         self._detached = False
@@ -178,8 +184,9 @@ class AdapterHost:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the host reserved: slot buffers, soft-prompt buffers, pristine weights."""
-        total = sum(slot.nbytes() for slot in self.slots.values())
+        """Bytes the host reserved: slot buffers, soft-prompt buffers, pristine weights, and
+        the constant vectors of resident sets (their factors are the cached adapters')."""
+        total = sum(slot.nbytes() for slot in self.slots.values()) + self._residents.nbytes
         total += 0 if self.prompt is None else self.prompt.nbytes()
         return total + (0 if self.pristine is None else self.pristine.nbytes())
 
@@ -299,9 +306,9 @@ class AdapterHost:
                 self._keep(adapter)  # a good adapter: a retry needs no download
                 raise
             finally:
-                self._programs.prune(self._keeps_program)
+                self._prune()
             self._keep(adapter)
-            self._programs.prune(self._keeps_program)
+            self._prune()
             return self._event(previous, adapter, label, started, written, cached)
 
     def _keep(self, adapter: LoadedAdapter | None) -> None:
@@ -334,7 +341,20 @@ class AdapterHost:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
+    def _prune(self) -> None:
+        self._programs.prune(self._keeps_program)
+        self._residents.prune(self._keeps_program)
+
+    def _resident_sets(self, plan: SwapPlan) -> dict[str, SlotBuffers] | None:
+        """The adapter's own tensors as the slots' buffers, when every factor is slot-shaped."""
+        if plan.adapter is None or not plan.factors or plan.ia3:
+            return None
+        return self._residents.sets(plan.adapter, plan.factors, self.slots)
+
     def _apply_unmerged(self, plan: SwapPlan, flip_timeout: float | None) -> int:
+        residents = self._resident_sets(plan)
+        if residents is not None:
+            return self._show_resident(plan, residents, flip_timeout)
         written = 0
         with torch.no_grad():
             if self._spare_content != plan.content:
@@ -351,7 +371,8 @@ class AdapterHost:
                     written += self.prompt.stage(plan.prompt)
                 self._spare_content = plan.content
             self._synchronize()
-            previous = self._active_content()
+            # after a resident set, a slot's spare is the set that was neither: unknown
+            previous = None if self._resident_active else self._active_content()
             with self.gate.exclusive(flip_timeout):
                 for slot in self.slots.values():
                     slot.flip()
@@ -361,6 +382,36 @@ class AdapterHost:
                 self._active_task = plan.task
                 self._active_factors = dict(plan.factors)
                 self._spare_content = previous
+                self._resident_active = False
+        return written
+
+    def _show_resident(
+        self, plan: SwapPlan, residents: dict[str, SlotBuffers], flip_timeout: float | None
+    ) -> int:
+        """Make the adapter's own tensors the targeted slots' buffers; the other slots (and
+        the soft prompt) are staged empty and flipped, all under one gate."""
+        written = 0
+        with torch.no_grad():
+            self._spare_content = None  # the spares of the other slots change
+            for name, slot in self.slots.items():
+                if name not in residents:
+                    written += slot.stage(None, None, None)
+            if self.prompt is not None:
+                written += self.prompt.stage(plan.prompt)
+            self._synchronize()
+            with self.gate.exclusive(flip_timeout):
+                for name, slot in self.slots.items():
+                    buffers = residents.get(name)
+                    if buffers is None:
+                        slot.flip()
+                    else:
+                        slot.show(buffers)
+                if self.prompt is not None:
+                    self.prompt.flip()
+                self._active = plan.adapter
+                self._active_task = plan.task
+                self._active_factors = dict(plan.factors)
+                self._resident_active = True
         return written
 
     def _keeps_program(self, digest: str) -> bool:
@@ -481,6 +532,8 @@ class AdapterHost:
             self._detached = True
             self.slots.clear()  # the planner holds the same dict
             self._programs.clear()
+            self._residents.clear()
+            self._resident_active = False
             self.pristine = None
             self.prompt = None
             self.planner.prompt = None

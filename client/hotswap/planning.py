@@ -36,6 +36,7 @@ from peftreg.hotswap.errors import (
 from peftreg.hotswap.targets import TargetSite
 
 if TYPE_CHECKING:
+    from peftreg.hotswap.layouts import FactorLayout
     from peftreg.merge.peft_modules import PeftModules
 
 EMPTY = "empty"  # what the spare buffers hold after an unload was staged in them
@@ -101,6 +102,32 @@ def check_fits(what: str, value: float, dtype: torch.dtype) -> None:
         )
 
 
+@dataclass(frozen=True)
+class _LayoutLimits:
+    """What an adapter's values are checked against on one host, for every adapter of a
+    layout: the slots' dtype (one for all the modules), the largest |gain| (scaling times
+    the slot's output scale) and the largest |gain| * rank."""
+
+    dtype: torch.dtype
+    gain: float
+    delta: float
+
+    @classmethod
+    def of(cls, planner: SwapPlanner, adapter: LoadedAdapter) -> _LayoutLimits | None:
+        """None when the modules have no slots (merged mode) or slots of several dtypes."""
+        dtypes, gain, delta = set(), 0.0, 0.0
+        for name, factors in adapter.factors.items():
+            slot = planner.slots.get(name)
+            if slot is None:
+                return None
+            dtypes.add(slot.dtype)
+            scaled = abs(factors.scaling * slot.output_scale)
+            gain, delta = max(gain, scaled), max(delta, scaled * factors.rank)
+        if len(dtypes) != 1:
+            return None
+        return cls(dtypes.pop(), gain, delta)
+
+
 class SwapPlanner:
     """The checks of one host; `base_weight(name)` gives a site's original weight."""
 
@@ -125,6 +152,8 @@ class SwapPlanner:
         # digest -> the adapter object whose factors and prompt passed every check: the
         # same object (immutable) planned again is not checked again (a warm swap)
         self._checked: dict[str, weakref.ref[LoadedAdapter]] = {}
+        # id(layout) -> (the layout, its limits): an adapter of that layout passed
+        self._layouts: dict[int, tuple[FactorLayout, _LayoutLimits | None]] = {}
 
     def plan(self, adapter: LoadedAdapter | None, task_id: int | None = None) -> SwapPlan:
         """Check `adapter` (for a multitask prompt: its task `task_id`) against this host
@@ -148,9 +177,15 @@ class SwapPlanner:
 
     def _check_contents(self, adapter: LoadedAdapter) -> None:
         """Factors, base layers and every prompt (each task's, for a multitask adapter)."""
+        if self._check_layout(adapter):
+            return
         for name, factors in adapter.factors.items():
             self._check_module(adapter, name, factors)
             self._check_values(name, factors, adapter.bounds.get(name))
+        if adapter.layout is not None and not adapter.base_layers:
+            if len(self._layouts) >= 64:
+                self._layouts.clear()
+            self._layouts[id(adapter.layout)] = (adapter.layout, _LayoutLimits.of(self, adapter))
         self._check_base_layers(adapter)
         if adapter.prompt is not None:
             self._check_prompt(adapter, adapter.prompt)
@@ -260,6 +295,28 @@ class SwapPlanner:
                 "load the base in its registered dtype, or attach with "
                 "HostConfig(verify_base='shapes'))"
             )
+
+    def _check_layout(self, adapter: LoadedAdapter) -> bool:
+        """True when an adapter of the same layout (modules, shapes, ranks: all decided by
+        its config and tensors header) passed here, and this one's values fit too; checked
+        at once against the layout's largest gain and gain * rank, with the largest of the
+        adapter's value bounds (False: the checks run module by module)."""
+        layout = adapter.layout
+        known = None if layout is None else self._layouts.get(id(layout))
+        if known is None or known[0] is not layout or adapter.base_layers:
+            return False
+        limits = known[1]
+        if limits is None:
+            return False
+        value = max((max(b.a, b.b, b.bias) for b in adapter.bounds.values()), default=float("nan"))
+        dtype = limits.dtype
+        fits = value <= dtype_max(dtype)  # (False for NaN)
+        return (
+            fits
+            and limits.gain <= dtype_max(dtype)
+            and limits.gain * value <= dtype_max(dtype)
+            and limits.delta * value * value <= dtype_max(dtype)
+        )
 
     def _check_module(self, adapter: LoadedAdapter, name: str, factors: ModuleFactors) -> None:
         site = self.sites.get(name)

@@ -22,7 +22,10 @@ adapter), as peft's unmerged IA3 forward does. A scale of one is exact, so
 a host with no IA3 adapter computes what it computes without the vectors.
 
 A swap stages the new factors into the spare buffers (forwards keep reading
-the active ones), then `flip` exchanges the two sets' tensor references. The
+the active ones), then `flip` exchanges the two sets' tensor references. An
+adapter whose factors already have the buffers' exact shape, dtype, device
+and strides needs no staging: `show` makes a resident set active, one made of
+the adapter's own tensors (`peftreg.hotswap.resident`), never written. The
 compiled graph takes these tensors as inputs (dynamo guards their dtype,
 shape and strides, which never change), so swaps do not recompile.
 """
@@ -104,10 +107,27 @@ class SlotBuffers:
     gain_fill: float | None = 0.0  # the one value gain holds throughout (None: per-row values)
     index: int = 0  # which of the slot's two sets (staging programs are kept per set)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    resident: bool = False  # an adapter's own tensors (and shared constants): never written
 
     def __post_init__(self) -> None:
+        if self.resident:
+            return  # never staged into: no arrays to write through
         views = {name: numpy_view(tensor) for name, tensor in self.fields().items()}
         self.arrays = {name: view for name, view in views.items() if view is not None}
+
+    def with_factors(
+        self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None
+    ) -> SlotBuffers:
+        """This resident set with the factors (and bias, when it has one) of another adapter
+        of the same layout: the same shapes, strides, dtype, rank and gain. A copy of the
+        attributes (no `__init__`: a cold swap makes one per module)."""
+        assert self.resident, "only a resident set is a template"
+        other = object.__new__(SlotBuffers)
+        other.__dict__.update(self.__dict__)
+        other.a, other.b = a, b
+        if bias is not None:
+            other.lora_bias = bias
+        return other
 
     def fields(self) -> dict[str, torch.Tensor]:
         """The writable tensors by name; "a" as (R, in) whatever the layout."""
@@ -169,6 +189,7 @@ class ModuleSlot:
         self.ia3 = ia3 and site.layer != "embedding"  # peft's IA3 has no embedding layer
         self.active = self._allocate(dora, 0)
         self.spare = self._allocate(dora, 1)
+        self.own = (self.active, self.spare)  # the two sets allocated at attach
         self._handles: list[RemovableHandle] = []
 
     @property
@@ -200,8 +221,8 @@ class ModuleSlot:
         )
 
     def nbytes(self) -> int:
-        """Device bytes of both buffer sets."""
-        tensors = self.active.tensors() + self.spare.tensors()
+        """Device bytes of both buffer sets allocated at attach."""
+        tensors = self.own[0].tensors() + self.own[1].tensors()
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # forward ------------------------------------------------------------------
@@ -317,8 +338,21 @@ class ModuleSlot:
         return written
 
     def flip(self) -> None:
-        """Make the staged buffers active; call only with forwards excluded."""
-        self.active, self.spare = self.spare, self.active
+        """Make the staged buffers active; call only with forwards excluded.
+
+        The set active before becomes the spare, unless it was a resident set
+        (never written): the spare is then the other set allocated at attach.
+        """
+        previous, self.active = self.active, self.spare
+        if previous.resident:
+            previous = self.own[0] if self.active is self.own[1] else self.own[1]
+        self.spare = previous
+
+    def show(self, buffers: SlotBuffers) -> None:
+        """Make a resident set active (nothing is written); call only with forwards excluded.
+        The spare stays the set it was."""
+        assert buffers.resident, "only a resident set is shown; anything else is staged"
+        self.active = buffers
 
 
 def output_scale(site: TargetSite) -> float:

@@ -1,8 +1,10 @@
 """Staging programs: the copies that write one adapter's factors into one set of slot buffers,
 worked out once and replayed on every swap to that adapter.
 
-A swap stages a LoRA-family adapter by copying each target module's A and B
-into the spare buffers. Working out those copies (slicing the buffers to the
+A swap stages a LoRA-family adapter that is not served in place
+(`peftreg.hotswap.resident`: one of a lower rank than the host's, another
+dtype, a GPU host) by copying each target module's A and B into the spare
+buffers. Working out those copies (slicing the buffers to the
 adapter's rank, viewing tensors as numpy arrays, matching dtypes) costs more
 Python per tensor than the copy itself for a rank-16 factor, so a host keeps,
 per adapter and per buffer set, the list of (target, source) pairs. A warm

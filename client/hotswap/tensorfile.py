@@ -4,17 +4,21 @@ A cold swap used to parse a directory's header twice with the strict parser
 (`peftreg.formats.safetensors_header`: on import, and again before loading).
 Here it runs once on the header bytes, which also name the directory
 (`directory_identity`), and not again for a header byte-identical to one
-parsed before (adapters of one layout). The file is then read whole, with
-one `readinto` into a pooled buffer whose pages are already faulted in, as
-long as it is still the one whose header was parsed; its tensors are views
-of that buffer. A pulled layer, already in memory to be hashed, is parsed
-once and its tensors are views of that one buffer too.
+parsed before (adapters of one layout). The file is then read whole into a
+pooled buffer whose pages are already faulted in, as long as it is still the
+one whose header was parsed: in chunks, by the caller and a helper thread at
+once (`PendingRead`; a chunk may be scanned for the values' bound while it is
+in the CPU's cache, `SpanScan`); its tensors are views of that buffer. A
+pulled layer, already in memory to be hashed, is parsed once and its tensors
+are views of that one buffer too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
+import math
 import mmap
 import os
 import struct
@@ -22,6 +26,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,24 +168,144 @@ def read_file_once(read: HeaderRead) -> dict[str, torch.Tensor]:
     Raises SwapError when the file was replaced or rewritten since its header
     was read: another size, time or inode, or other header bytes.
     """
-    changed = SwapError(f"{read.path} changed while it was loaded; swap again")
-    size = read.stat[0]
-    with read.path.open("rb", buffering=0) as stream:
-        if _stat(stream) != read.stat:
-            raise changed
-        buffer = FILE_BUFFERS.take(size)
-        view = buffer.numpy().data
-        done = 0
-        while done < size:
-            count = stream.readinto(view[done:])
-            if not count:
-                break
-            done += count
-        if done != size or _stat(stream) != read.stat or os.stat(read.path).st_ino != read.stat[2]:
-            raise changed
-    if bytes(view[: len(read.raw)]) != read.raw:
-        raise changed
-    return tensors_in(buffer, read.header)
+    return tensors_in(read_file_buffer(read), read.header)
+
+
+CHUNK = 512 << 10  # bytes read at a time (and scanned while they are in the CPU's cache)
+
+
+class SpanScan:
+    """An upper bound of every |value| among the float32 values in bytes [begin, end) of
+    a file, found while the file is read: each chunk is scanned right after it is read,
+    while it is still in the CPU's cache, in one pass (its sum of squares, BLAS's dot).
+
+    `begin` and `end` are multiples of 4 from the file's start, and so is every
+    chunk's start. `bound` is sqrt(sum of squares) with a margin for the float32
+    rounding of the sum, so never below the largest |value|. It is not finite
+    when a value is NaN or infinite, or when the squares overflow (values beyond
+    ~1e19: the caller then finds the largest values exactly), and NaN until the
+    whole span was scanned. Chunks may be scanned in any order, by any thread.
+    """
+
+    MARGIN = 1.0 + 2.0**-8  # relative: far above float32 accumulation error in a chunk
+
+    def __init__(self, begin: int, end: int) -> None:
+        self.begin, self.end = begin, end
+        self._squares: list[tuple[int, float]] = []  # (bytes scanned, sum of squares)
+
+    def add(self, data: np.ndarray, start: int, stop: int) -> None:
+        """Scan what of bytes [start, stop) of `data` (uint8, the file) is in the span."""
+        start, stop = max(start, self.begin), min(stop, self.end)
+        if stop <= start:
+            return
+        values = data[start:stop].view(np.float32)
+        self._squares.append((stop - start, float(np.dot(values, values))))  # (atomic)
+
+    @property
+    def bound(self) -> float:
+        scanned = sum(count for count, _value in self._squares)
+        if self.begin >= self.end or scanned != self.end - self.begin:
+            return math.nan
+        return math.sqrt(sum(value for _count, value in self._squares)) * self.MARGIN
+
+
+_PREADV = hasattr(os, "preadv")  # reads at an offset, from any thread (not on Windows)
+
+
+class _Helper:
+    """One thread that reads chunks beside the caller (the kernel's copies, and the scan,
+    run without the GIL: two cores copy at once, and the caller's Python goes on)."""
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, work: Callable[[], None]) -> Future[None]:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="peftreg-read")
+            return self._executor.submit(work)
+
+
+_HELPER = _Helper()
+
+
+class PendingRead:
+    """A tensors file being read into a pooled buffer, chunk by chunk, by a helper thread
+    and (in `wait`) the caller: views of `buffer` may be made at once, and are valid
+    once `wait` returned. `scan` is given every chunk as it is read."""
+
+    def __init__(self, read: HeaderRead, scan: SpanScan | None) -> None:
+        self.read = read
+        self.scan = scan
+        self._changed = SwapError(f"{read.path} changed while it was loaded; swap again")
+        self._stream = read.path.open("rb", buffering=0)
+        try:
+            if _stat(self._stream) != read.stat:
+                raise self._changed
+            self.size = read.stat[0]
+            self.buffer = FILE_BUFFERS.take(self.size)
+        except BaseException:
+            self._stream.close()
+            raise
+        self._view = self.buffer.numpy().data
+        self._array = self.buffer.numpy()
+        self._chunks = itertools.count()  # the next chunk to read (next() is atomic)
+        self._count = -(-self.size // CHUNK)
+        self._short = False
+        self._helper: Future[None] | None = None
+        if self._count > 1 and _PREADV:
+            self._helper = _HELPER.submit(self._work)
+
+    def _work(self) -> None:
+        fd = self._stream.fileno()
+        while not self._short:
+            index = next(self._chunks)
+            if index >= self._count:
+                return
+            start = index * CHUNK
+            stop = min(self.size, start + CHUNK)
+            done = start
+            while done < stop:
+                if _PREADV:
+                    count = os.preadv(fd, [self._view[done:stop]], done)
+                else:  # (no helper thread: the caller alone reads, in order)
+                    os.lseek(fd, done, os.SEEK_SET)
+                    count = self._stream.readinto(self._view[done:stop]) or 0
+                if not count:
+                    self._short = True  # the file shrank
+                    return
+                done += count
+            if self.scan is not None:
+                self.scan.add(self._array, start, stop)
+
+    def wait(self) -> torch.Tensor:
+        """The buffer, every byte read; raises SwapError when the file was replaced or
+        rewritten since its header was read (another size, time or inode, or other header
+        bytes)."""
+        read = self.read
+        try:
+            self._work()
+            helper = self._helper
+            if helper is not None and not helper.cancel():
+                helper.result()
+            if (
+                self._short
+                or _stat(self._stream) != read.stat
+                or os.stat(read.path).st_ino != read.stat[2]
+            ):
+                raise self._changed
+        finally:
+            self._stream.close()
+        if bytes(self._view[: len(read.raw)]) != read.raw:
+            raise self._changed
+        return self.buffer
+
+
+def read_file_buffer(read: HeaderRead, scan: SpanScan | None = None) -> torch.Tensor:
+    """The whole file `read` parsed, in a pooled buffer (uint8; see `read_file_once`);
+    `scan` is given every chunk as it is read."""
+    return PendingRead(read, scan).wait()
 
 
 def allocate(size: int) -> torch.Tensor:

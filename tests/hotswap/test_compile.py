@@ -1,5 +1,6 @@
 """A torch.compile'd model does not recompile across swaps of any kind, IA3 and p-tuning
-included (dynamo's counters, and `error_on_recompile`), with dynamo alone (eager) and with
+included, nor when a swap serves an adapter's own tensors in place (a resident set)
+(dynamo's counters, and `error_on_recompile`), with dynamo alone (eager) and with
 AOTAutograd's graphs (aot_eager)."""
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def test_swaps_do_not_recompile(backend: str, sources: list[Path], fresh_dynamo:
                     host.unload()
                 else:
                     host.swap(adapter)
+                if adapter is loaded[1]:  # rank 8 = max_rank: the adapter's own tensors
+                    assert all(slot.active.resident for slot in host.slots.values())
                 got = compiled(input_ids=ids).logits
                 want = model(input_ids=ids).logits  # the same host, eager
                 assert torch.allclose(got, want, atol=1e-6, rtol=0)

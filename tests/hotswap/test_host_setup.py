@@ -204,7 +204,9 @@ def test_detach_releases_the_hosts_buffers(mode: str) -> None:
 
 
 def test_slot_memory_is_reused_across_ranks(tmp_path: Path) -> None:
-    """Swapping ranks 2, 4 and 8 (and unloading) writes into the buffers allocated at attach."""
+    """Swapping ranks 2 and 4 (and unloading) writes into the buffers allocated at attach;
+    rank 8, the host's max rank, is served from the adapter's own tensors (nothing copied
+    into the slots, nothing allocated by the host)."""
     paths = [
         save_adapter(tiny_llama, lora(["q_proj", "v_proj"], r=r), tmp_path / f"r{r}", seed=r)
         for r in (2, 4, 8)
@@ -215,21 +217,33 @@ def test_slot_memory_is_reused_across_ranks(tmp_path: Path) -> None:
         assert host.prompt is not None
 
         def pointers() -> set[int]:
-            tensors = [
-                t for s in host.slots.values() for t in s.active.tensors() + s.spare.tensors()
-            ]
+            tensors = [t for s in host.slots.values() for own in s.own for t in own.tensors()]
             tensors += [host.prompt.active.embeds, host.prompt.spare.embeds]  # type: ignore[union-attr]
             return {t.data_ptr() for t in tensors}
+
+        def active() -> set[int]:
+            return {t.data_ptr() for s in host.slots.values() for t in (s.active.a, s.active.b)}
 
         attached, reserved = pointers(), host.nbytes
         copied = 0
         for path in [*paths, paths[0], paths[2], paths[1]]:
-            copied += host.swap(path).bytes_copied
+            event = host.swap(path)
+            copied += event.bytes_copied
             assert pointers() == attached
+            adapter = host.active
+            assert adapter is not None
+            factors = {t.data_ptr() for f in adapter.factors.values() for t in (f.a, f.b)}
+            if path == paths[2]:
+                assert active() == factors  # in place: the adapter's own tensors
+                assert host.nbytes > reserved  # its gain vector, shared by every resident set
+                resident = host.nbytes
+            else:
+                assert active() <= attached
         assert copied > 0
         host.unload()
         assert pointers() == attached
-        assert host.nbytes == reserved
+        assert active() <= attached
+        assert host.nbytes == resident
 
 
 def test_a_directory_swapped_again_comes_from_the_cache(tmp_path: Path) -> None:

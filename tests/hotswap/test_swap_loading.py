@@ -203,7 +203,7 @@ def test_one_pass_bounds_refuse_only_a_module_that_overflows(tmp_path: Path) -> 
         assert host.active_digest == event.digest
         bounds = host.active.bounds  # type: ignore[union-attr]
         assert {b.exact for b in bounds.values()} == {False}
-        assert bounds["fc1"].a == 200.0
+        assert bounds["fc1"].a >= 200.0  # one bound for all the factors, an upper one
         with pytest.raises(NonFiniteAdapter, match=r"fc1 delta.*float16"):
             host.swap(together)
         assert host.active_digest == event.digest
