@@ -28,8 +28,16 @@ from peftreg.registry.catalog.repositories import (
     ensure_repository,
     find_repository,
     is_immutable_tag,
+    valid_name,
 )
-from peftreg.registry.db.models import Blob, Manifest, ManifestReference, Repository, RepositoryBlob
+from peftreg.registry.db.models import (
+    Blob,
+    Manifest,
+    ManifestReference,
+    Repository,
+    RepositoryBlob,
+    Tag,
+)
 from peftreg.registry.errors import (
     DigestInvalid,
     LayerTitleInvalid,
@@ -37,6 +45,7 @@ from peftreg.registry.errors import (
     ManifestInvalid,
     ManifestUnknown,
     TagImmutable,
+    TagInvalid,
     VersionInUse,
 )
 from peftreg.registry.storage.base import BlobReader
@@ -156,16 +165,32 @@ def _check_layer_titles(parsed: ImageManifest | ImageIndex) -> None:
 
 
 def get_manifest(session: Session, *, repository: str, reference: str) -> Manifest:
-    repo = find_repository(session, name=repository)
-    digest = (
-        _valid_digest(reference)
-        if is_digest(reference)
-        else tags.resolve_tag(session, repository=repo, tag=tags.valid_tag(reference))
+    """A version by digest or tag, in one statement; the lookups that name what is missing
+    (repository, tag, version) run only when nothing is found."""
+    valid_name(repository)
+    try:
+        key = _valid_digest(reference) if is_digest(reference) else tags.valid_tag(reference)
+    except (DigestInvalid, TagInvalid):
+        find_repository(session, name=repository)  # an unknown repository is reported first
+        raise
+    statement = (
+        select(Manifest)
+        .join(Repository, Repository.id == Manifest.repository_id)
+        .where(Repository.name == repository)
     )
-    row = session.scalar(
-        select(Manifest).where(Manifest.repository_id == repo.id, Manifest.digest == digest)
-    )
+    if is_digest(reference):
+        statement = statement.where(Manifest.digest == key)
+    else:
+        statement = statement.join(
+            Tag,
+            (Tag.repository_id == Manifest.repository_id)
+            & (Tag.manifest_digest == Manifest.digest),
+        ).where(Tag.name == key)
+    row = session.scalar(statement)
     if row is None:
+        repo = find_repository(session, name=repository)
+        if not is_digest(reference):
+            tags.resolve_tag(session, repository=repo, tag=key)
         raise ManifestUnknown(
             f"manifest {reference} is not in {repository}", detail={"reference": reference}
         )

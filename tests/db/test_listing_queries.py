@@ -14,10 +14,11 @@ from sqlalchemy.orm import Session
 
 from peftreg.digest import Digest
 from peftreg.registry.auth.scopes import anonymous_principal
-from peftreg.registry.catalog import search, tags
+from peftreg.registry.catalog import manifests, search, tags
 from peftreg.registry.db import migrate
 from peftreg.registry.db.engine import make_engine
 from peftreg.registry.db.models import Manifest, Repository, Tag
+from peftreg.registry.errors import DigestInvalid, ManifestUnknown, NameUnknown, TagInvalid
 from tests.fixtures.postgres import fresh_database, postgres_admin_url
 
 READER = anonymous_principal("read")
@@ -300,3 +301,33 @@ def test_a_page_reads_indexes_only_beside_a_large_repository(
     assert "INDEX ix_tags_" in page_plan or "using ix_tags_" in page_plan, page_plan
     if repository == "acme/other":  # 5 of 5,005 versions: on the repository's index
         assert "ix_manifests_repository_" in page_plan, page_plan
+
+
+@pytest.mark.parametrize("by", ["tag", "digest"])
+def test_a_manifest_lookup_is_one_statement(catalog: Catalog, by: str) -> None:
+    with Session(catalog.engine) as session:
+        digest = _page(session, None, 1).items[0][0].digest
+    reference = "v59" if by == "tag" else digest
+    with _statements(catalog.engine) as seen, Session(catalog.engine) as session:
+        row = manifests.get_manifest(session, repository="acme/bot", reference=reference)
+    assert row.digest == digest
+    assert len([s for s in seen if s.lstrip().upper().startswith("SELECT")]) == 1, seen
+
+
+@pytest.mark.parametrize(
+    ("repository", "reference", "error"),
+    [
+        ("acme/none", "v1", NameUnknown),
+        ("acme/none", "-bad-tag", NameUnknown),
+        ("acme/bot", "-bad-tag", TagInvalid),
+        ("acme/bot", "sha256:zz", DigestInvalid),
+        ("acme/bot", "v999", ManifestUnknown),
+        ("acme/bot", "sha256:" + "0" * 64, ManifestUnknown),
+        ("acme/other", "v59", ManifestUnknown),  # a tag of another repository
+    ],
+)
+def test_a_missing_manifest_names_what_is_missing(
+    catalog: Catalog, repository: str, reference: str, error: type[Exception]
+) -> None:
+    with Session(catalog.engine) as session, pytest.raises(error):
+        manifests.get_manifest(session, repository=repository, reference=reference)
