@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, defer
 
 from peftreg.formats.bounded_json import loads_bounded
 from peftreg.registry.auth.scopes import Principal
+from peftreg.registry.catalog import tags
 from peftreg.registry.catalog.repositories import find_repository
 from peftreg.registry.db.models import ArtifactIndex, Manifest, Repository, Tag
 from peftreg.registry.errors import InvalidRequest
@@ -159,7 +160,7 @@ def list_versions(
         for manifest, tag_list, index, name in batch:
             shown = repository or name or ""  # a repository listing selects no name
             if principal.can("read", shown):
-                results.append((manifest, shown, sorted(tag_list.split()), index))
+                results.append((manifest, shown, tags.split_names(tag_list), index))
         if len(batch) < batch_size:
             break
         last_id = batch[-1][0].id
@@ -168,19 +169,14 @@ def list_versions(
     return Page(page, encode_cursor(page[-1][0].id) if more and page else None)
 
 
-TAG_SEPARATOR = " "
-"""Joins a version's tag names in one column: no tag name holds a space."""
-PageSelect = Select[Manifest, str, ArtifactIndex | None, str | None]
+PageSelect = Select[*tuple[Any, ...]]
 """A version, its tags (joined), its index row, its repository's name (across repositories)."""
 
 
 def _page_statement(repository_id: int | None, filters: ArtifactFilters) -> PageSelect:
     """Versions newest first with their tags, index row and (across repositories) name."""
-    tag_list = (
-        select(func.coalesce(func.aggregate_strings(Tag.name, TAG_SEPARATOR), ""))
-        .where(Tag.repository_id == Manifest.repository_id, Tag.manifest_digest == Manifest.digest)
-        .scalar_subquery()
-    )
+    tag_list = tags.names_column()
+    statement: PageSelect
     if repository_id is not None:
         # One repository: its name is known, and no join may lead the planner off the index.
         statement = select(Manifest, tag_list, ArtifactIndex, null()).where(

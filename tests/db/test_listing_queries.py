@@ -304,14 +304,32 @@ def test_a_page_reads_indexes_only_beside_a_large_repository(
 
 
 @pytest.mark.parametrize("by", ["tag", "digest"])
-def test_a_manifest_lookup_is_one_statement(catalog: Catalog, by: str) -> None:
+def test_a_manifest_or_version_lookup_is_one_statement(catalog: Catalog, by: str) -> None:
     with Session(catalog.engine) as session:
         digest = _page(session, None, 1).items[0][0].digest
-    reference = "v59" if by == "tag" else digest
+    reference = "v57" if by == "tag" else _digest_of(catalog, "v57")
     with _statements(catalog.engine) as seen, Session(catalog.engine) as session:
         row = manifests.get_manifest(session, repository="acme/bot", reference=reference)
-    assert row.digest == digest
-    assert len([s for s in seen if s.lstrip().upper().startswith("SELECT")]) == 1, seen
+        version, tag_names, index = manifests.get_version(
+            session, repository="acme/bot", reference=reference
+        )
+    assert row.digest == version.digest == _digest_of(catalog, "v57") != digest
+    assert tag_names == ["a-57", "v57"]  # every third version has an `a-<n>` tag too
+    assert index is None
+    assert len([s for s in seen if s.lstrip().upper().startswith("SELECT")]) == 2, seen
+
+
+def _digest_of(catalog: Catalog, tag: str) -> str:
+    with Session(catalog.engine) as session:
+        repository = session.scalars(
+            text("SELECT id FROM repositories WHERE name = 'acme/bot'")
+        ).one()
+        return str(
+            session.scalars(
+                text("SELECT manifest_digest FROM tags WHERE repository_id = :r AND name = :t"),
+                {"r": repository, "t": tag},
+            ).one()
+        )
 
 
 @pytest.mark.parametrize(
@@ -329,5 +347,8 @@ def test_a_manifest_lookup_is_one_statement(catalog: Catalog, by: str) -> None:
 def test_a_missing_manifest_names_what_is_missing(
     catalog: Catalog, repository: str, reference: str, error: type[Exception]
 ) -> None:
-    with Session(catalog.engine) as session, pytest.raises(error):
-        manifests.get_manifest(session, repository=repository, reference=reference)
+    with Session(catalog.engine) as session:
+        with pytest.raises(error):
+            manifests.get_manifest(session, repository=repository, reference=reference)
+        with pytest.raises(error):
+            manifests.get_version(session, repository=repository, reference=reference)
