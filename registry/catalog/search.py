@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, defer
 from peftreg.formats.bounded_json import loads_bounded
 from peftreg.registry.auth.scopes import Principal
 from peftreg.registry.catalog import tags
-from peftreg.registry.catalog.repositories import find_repository
+from peftreg.registry.catalog.repositories import repository_id_of
 from peftreg.registry.db.models import ArtifactIndex, Manifest, Repository, Tag
 from peftreg.registry.errors import InvalidRequest
 
@@ -142,9 +142,10 @@ def list_versions(
     """
     filters = filters or ArtifactFilters()
     after = decode_cursor(cursor, int)
-    repository_id = None
+    repository_id, readable = None, False
     if repository is not None:
-        repository_id = find_repository(session, name=repository).id
+        repository_id = repository_id_of(session, name=repository)
+        readable = principal.can("read", repository)  # one answer for every row
     results: list[tuple[Manifest, str, list[str], ArtifactIndex | None]] = []
     last_id = after
     batch_size = limit + 1
@@ -158,9 +159,11 @@ def list_versions(
             statement = statement.where(Manifest.annotations[key].as_string() == value)
         batch = list(session.execute(statement))
         for manifest, tag_list, index, name in batch:
-            shown = repository or name or ""  # a repository listing selects no name
-            if principal.can("read", shown):
-                results.append((manifest, shown, tags.split_names(tag_list), index))
+            if repository is not None:  # a repository listing selects no name
+                if readable:
+                    results.append((manifest, repository, tags.split_names(tag_list), index))
+            elif principal.can("read", name):
+                results.append((manifest, name, tags.split_names(tag_list), index))
         if len(batch) < batch_size:
             break
         last_id = batch[-1][0].id

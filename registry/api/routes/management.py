@@ -67,7 +67,7 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 def _summary(index: ArtifactIndex | None) -> ArtifactSummaryOut | None:
     if index is None:
         return None
-    return ArtifactSummaryOut(
+    return ArtifactSummaryOut.model_construct(
         kind=index.kind,
         rank=index.max_rank,
         base_fingerprint=index.base_fingerprint,
@@ -83,7 +83,8 @@ def _version_out(
     tag_names: list[str],
     index: ArtifactIndex | None = None,
 ) -> VersionOut:
-    return VersionOut(
+    # Built from typed columns, so not validated again (100 of them make a page).
+    return VersionOut.model_construct(
         repository=repository,
         digest=manifest.digest,
         media_type=manifest.media_type,
