@@ -22,8 +22,8 @@ Versions are written straight into each registry's database (peftreg: rows
 as a push writes them; MLflow: through its own client on the store), so
 filling 10,000 takes seconds for peftreg; MLflow's client takes longer.
 Sizes and backends: `BENCH_API_VERSIONS=1000,10000`, `BENCH_API_BACKENDS=
-sqlite,postgresql`. The query plans of the listing and of a version's tags
-are printed at the largest size (EXPLAIN).
+sqlite,postgresql`. The plans of the statements a listing page, a version
+detail and a manifest by tag send are printed at the largest size (EXPLAIN).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -200,28 +201,71 @@ def fill_peftreg(database_url: str, count: int) -> tuple[list[str], list[int]]:
     return digests, ids
 
 
-def explain(database_url: str, repository_id: int = 1) -> str:
-    from sqlalchemy import text
-
+def explain(database_url: str, digests: list[str], ids: list[int]) -> str:
+    """The plans of the statements peftreg sends for a listing page from the middle, a
+    version's detail and a manifest by tag (captured as sent, with their parameters)."""
+    from peftreg.registry.auth.scopes import anonymous_principal
+    from peftreg.registry.catalog import manifests, search
     from peftreg.registry.db.engine import make_engine
 
     engine = make_engine(database_url)
-    prefix = "EXPLAIN QUERY PLAN " if database_url.startswith("sqlite") else "EXPLAIN "
-    queries = {
-        "listing": "SELECT * FROM manifests WHERE repository_id = :r AND id < :c "
-        "ORDER BY id DESC LIMIT 101",
-        "tags of a version": "SELECT name FROM tags WHERE repository_id = :r "
-        "AND manifest_digest = :d ORDER BY name",
+    middle = len(ids) // 2
+    requests = {
+        "listing": lambda session: search.list_versions(
+            session,
+            principal=anonymous_principal("read"),
+            repository=REPO,
+            artifact_type=None,
+            annotations={},
+            cursor=search.encode_cursor(ids[middle]),
+            limit=100,
+        ),
+        "version detail": lambda session: manifests.get_version(
+            session, repository=REPO, reference=digests[middle]
+        ),
+        "manifest by tag": lambda session: manifests.get_manifest(
+            session, repository=REPO, reference=f"v{middle}"
+        ),
     }
+    sqlite = database_url.startswith("sqlite")
     lines = []
-    with engine.connect() as connection:
-        for label, query in queries.items():
-            rows = connection.execute(
-                text(prefix + query), {"r": repository_id, "c": 10**9, "d": "sha256:0"}
-            )
-            lines.append(f"  {label}: " + " | ".join(str(row[-1]).strip() for row in rows))
+    for label, request in requests.items():
+        sent = selects_sent(engine, request)
+        with engine.connect() as connection:
+            raw = connection.connection.dbapi_connection
+            assert raw is not None
+            for number, (statement, parameters) in enumerate(sent, 1):
+                cursor = raw.cursor()
+                cursor.execute(
+                    ("EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN ") + statement, parameters
+                )
+                plan = " | ".join(str(row[-1]).strip() for row in cursor.fetchall())
+                cursor.close()
+                lines.append(f"  {label} ({number}/{len(sent)}): {plan}")
     engine.dispose()
     return "\n".join(lines)
+
+
+def selects_sent(engine: Any, request: Any) -> list[tuple[str, object]]:
+    """The SELECT statements (with parameters) `request(session)` sends."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    sent: list[tuple[str, object]] = []
+
+    def record(
+        _c: object, _cursor: object, statement: str, parameters: object, *_a: object
+    ) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            sent.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with Session(engine) as session:
+            request(session)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    return sent
 
 
 @contextmanager
@@ -384,7 +428,7 @@ def main() -> int:
                 print(f"{backend}, {count} versions: filling peftreg ...", flush=True)
                 digests, ids = fill_peftreg(ours_db, count)
                 if count == max(sizes):
-                    plans[backend] = explain(ours_db)
+                    plans[backend] = explain(ours_db, digests, ids)
                 (root / "home").mkdir()
                 url = stack.enter_context(peftreg_workers(root / "home", ours_db, workers))
                 for label, paths in peftreg_paths(digests, ids).items():

@@ -78,6 +78,9 @@ def identify(services: Services, authorization: str | None, *, service: str) -> 
 
 async def get_principal(request: Request, services: ServicesDep) -> Principal:
     authorization = request.headers.get("authorization")
+    if not authorization:
+        # Nothing to verify or look up: no hop to a worker thread.
+        return anonymous_principal(services.settings.anonymous_scope())
     service = registry_service(request, services)
     return await run_in_threadpool(partial(identify, services, authorization, service=service))
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
 from peftreg.digest import Digest, InvalidDigest
@@ -28,8 +28,17 @@ from peftreg.registry.catalog.repositories import (
     ensure_repository,
     find_repository,
     is_immutable_tag,
+    valid_name,
 )
-from peftreg.registry.db.models import Blob, Manifest, ManifestReference, Repository, RepositoryBlob
+from peftreg.registry.db.models import (
+    ArtifactIndex,
+    Blob,
+    Manifest,
+    ManifestReference,
+    Repository,
+    RepositoryBlob,
+    Tag,
+)
 from peftreg.registry.errors import (
     DigestInvalid,
     LayerTitleInvalid,
@@ -37,11 +46,14 @@ from peftreg.registry.errors import (
     ManifestInvalid,
     ManifestUnknown,
     TagImmutable,
+    TagInvalid,
     VersionInUse,
 )
 from peftreg.registry.storage.base import BlobReader
 from peftreg.sdk.errors import UnsafePath
 from peftreg.transfer.titles import layer_paths
+
+S = TypeVar("S", bound=Select[*tuple[Any, ...]])  # selecting `Manifest` first
 
 
 @dataclass(frozen=True)
@@ -156,20 +168,66 @@ def _check_layer_titles(parsed: ImageManifest | ImageIndex) -> None:
 
 
 def get_manifest(session: Session, *, repository: str, reference: str) -> Manifest:
-    repo = find_repository(session, name=repository)
-    digest = (
-        _valid_digest(reference)
-        if is_digest(reference)
-        else tags.resolve_tag(session, repository=repo, tag=tags.valid_tag(reference))
-    )
-    row = session.scalar(
-        select(Manifest).where(Manifest.repository_id == repo.id, Manifest.digest == digest)
-    )
+    """A version by digest or tag, in one statement (see `_find`)."""
+    key = _valid_reference(session, repository, reference)
+    row = session.scalar(_find(select(Manifest), repository, reference, key))
     if row is None:
-        raise ManifestUnknown(
-            f"manifest {reference} is not in {repository}", detail={"reference": reference}
-        )
+        _missing(session, repository, reference, key)
     return row
+
+
+def get_version(
+    session: Session, *, repository: str, reference: str
+) -> tuple[Manifest, list[str], ArtifactIndex | None]:
+    """A version by digest or tag with its tags and index row, in one statement."""
+    key = _valid_reference(session, repository, reference)
+    statement = _find(
+        select(Manifest, tags.names_column(), ArtifactIndex).outerjoin(
+            ArtifactIndex, ArtifactIndex.manifest_id == Manifest.id
+        ),
+        repository,
+        reference,
+        key,
+    )
+    found = session.execute(statement).first()
+    if found is None:
+        _missing(session, repository, reference, key)
+    row, names, index = found
+    return row, tags.split_names(names), index
+
+
+def _valid_reference(session: Session, repository: str, reference: str) -> str:
+    """The digest or tag `reference` names, checked; an unknown repository is reported first."""
+    valid_name(repository)
+    try:
+        return _valid_digest(reference) if is_digest(reference) else tags.valid_tag(reference)
+    except (DigestInvalid, TagInvalid):
+        find_repository(session, name=repository)
+        raise
+
+
+def _find(statement: S, repository: str, reference: str, key: str) -> S:
+    """`statement` (selecting `Manifest`) narrowed to the version: repository, tag and
+    version joined on their unique indexes."""
+    statement = statement.join(Repository, Repository.id == Manifest.repository_id).where(
+        Repository.name == repository
+    )
+    if is_digest(reference):
+        return statement.where(Manifest.digest == key)
+    return statement.join(
+        Tag,
+        (Tag.repository_id == Manifest.repository_id) & (Tag.manifest_digest == Manifest.digest),
+    ).where(Tag.name == key)
+
+
+def _missing(session: Session, repository: str, reference: str, key: str) -> NoReturn:
+    """Raise what is missing: the repository, the tag, or the version."""
+    repo = find_repository(session, name=repository)
+    if not is_digest(reference):
+        tags.resolve_tag(session, repository=repo, tag=key)
+    raise ManifestUnknown(
+        f"manifest {reference} is not in {repository}", detail={"reference": reference}
+    )
 
 
 def _valid_digest(reference: str) -> str:

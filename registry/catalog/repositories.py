@@ -29,6 +29,14 @@ def find_repository(session: Session, *, name: str) -> Repository:
     return repository
 
 
+def repository_id_of(session: Session, *, name: str) -> int:
+    """`find_repository(...).id`, reading the id alone."""
+    found = session.scalar(select(Repository.id).where(Repository.name == valid_name(name)))
+    if found is None:
+        raise NameUnknown(f"repository {name!r} does not exist", detail={"name": name})
+    return found
+
+
 def ensure_repository(session: Session, *, name: str) -> Repository:
     """The repository, created with the default tag policy if new (race-safe)."""
     valid_name(name)

@@ -7,12 +7,13 @@ import json
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, null, select
 from sqlalchemy.orm import Session, defer
 
 from peftreg.formats.bounded_json import loads_bounded
 from peftreg.registry.auth.scopes import Principal
-from peftreg.registry.catalog.repositories import find_repository
+from peftreg.registry.catalog import tags
+from peftreg.registry.catalog.repositories import repository_id_of
 from peftreg.registry.db.models import ArtifactIndex, Manifest, Repository, Tag
 from peftreg.registry.errors import InvalidRequest
 
@@ -133,62 +134,70 @@ def list_versions(
     A keyset page: `id < cursor ORDER BY id DESC LIMIT n`, on the index
     `(repository_id, id)` for one repository and on the primary key across
     all of them, so a page costs the same however many versions there are.
-    Tags and index rows of the page come in one query each, not one per row.
+    A version's tags and index row come in the same statement: the tags as a
+    correlated aggregate looked up on `(repository_id, manifest_digest)` for
+    each row of the page (never a scan of the repository's tags, which a
+    planner may prefer for a list of 100 digests), the index row by an outer
+    join on its primary key.
     """
     filters = filters or ArtifactFilters()
     after = decode_cursor(cursor, int)
-    repository_id = None
+    repository_id, readable = None, False
     if repository is not None:
-        repository_id = find_repository(session, name=repository).id
-    results: list[tuple[Manifest, str]] = []
+        repository_id = repository_id_of(session, name=repository)
+        readable = principal.can("read", repository)  # one answer for every row
+    results: list[tuple[Manifest, str, list[str], ArtifactIndex | None]] = []
     last_id = after
     batch_size = limit + 1
     while len(results) <= limit:
-        statement = (
-            select(Manifest, Repository.name)
-            .options(defer(Manifest.content))  # listings never need the document itself
-            .join(Repository, Repository.id == Manifest.repository_id)
-            .order_by(Manifest.id.desc())
-            .limit(batch_size)
-        )
+        statement = _page_statement(repository_id, filters).limit(batch_size)
         if last_id is not None:
             statement = statement.where(Manifest.id < int(last_id))
-        if repository_id is not None:
-            statement = statement.where(Manifest.repository_id == repository_id)
         if artifact_type is not None:
             statement = statement.where(Manifest.artifact_type == artifact_type)
         for key, value in annotations.items():
             statement = statement.where(Manifest.annotations[key].as_string() == value)
-        if filters.active():
-            statement = _filter_index(statement, filters)
-        batch = [(m, name) for m, name in session.execute(statement)]
-        results += [(m, name) for m, name in batch if principal.can("read", name)]
+        batch = list(session.execute(statement))
+        for manifest, tag_list, index, name in batch:
+            if repository is not None:  # a repository listing selects no name
+                if readable:
+                    results.append((manifest, repository, tags.split_names(tag_list), index))
+            elif principal.can("read", name):
+                results.append((manifest, name, tags.split_names(tag_list), index))
         if len(batch) < batch_size:
             break
         last_id = batch[-1][0].id
         batch_size = max(batch_size, 200)  # the caller may read few of these: larger steps
     page, more = results[:limit], len(results) > limit
-    ids = [m.id for m, _n in page]
-    indexes = {
-        row.manifest_id: row
-        for row in session.scalars(select(ArtifactIndex).where(ArtifactIndex.manifest_id.in_(ids)))
-    }
-    tag_names = _tags_of_page(session, [m for m, _n in page])
-    items = [
-        (
-            manifest,
-            name,
-            tag_names.get((manifest.repository_id, manifest.digest), []),
-            indexes.get(manifest.id),
+    return Page(page, encode_cursor(page[-1][0].id) if more and page else None)
+
+
+PageSelect = Select[*tuple[Any, ...]]
+"""A version, its tags (joined), its index row, its repository's name (across repositories)."""
+
+
+def _page_statement(repository_id: int | None, filters: ArtifactFilters) -> PageSelect:
+    """Versions newest first with their tags, index row and (across repositories) name."""
+    tag_list = tags.names_column()
+    statement: PageSelect
+    if repository_id is not None:
+        # One repository: its name is known, and no join may lead the planner off the index.
+        statement = select(Manifest, tag_list, ArtifactIndex, null()).where(
+            Manifest.repository_id == repository_id
         )
-        for manifest, name in page
-    ]
-    return Page(items, encode_cursor(page[-1][0].id) if more and page else None)
+    else:
+        statement = select(Manifest, tag_list, ArtifactIndex, Repository.name).join(
+            Repository, Repository.id == Manifest.repository_id
+        )
+    statement = statement.options(defer(Manifest.content))  # listings never need the document
+    if filters.active():
+        statement = _filter_index(statement, filters)
+    else:
+        statement = statement.outerjoin(ArtifactIndex, ArtifactIndex.manifest_id == Manifest.id)
+    return statement.order_by(Manifest.id.desc())
 
 
-def _filter_index(
-    statement: Select[Manifest, str], filters: ArtifactFilters
-) -> Select[Manifest, str]:
+def _filter_index(statement: PageSelect, filters: ArtifactFilters) -> PageSelect:
     statement = statement.join(ArtifactIndex, ArtifactIndex.manifest_id == Manifest.id)
     if filters.kind is not None:
         statement = statement.where(ArtifactIndex.kind == filters.kind)
@@ -201,19 +210,3 @@ def _filter_index(
     if filters.verified is not None:
         statement = statement.where(ArtifactIndex.verified == filters.verified)
     return statement
-
-
-def _tags_of_page(session: Session, page: list[Manifest]) -> dict[tuple[int, str], list[str]]:
-    """The tags of every version of a page, in one query, sorted by name."""
-    if not page:
-        return {}
-    statement = (
-        select(Tag.repository_id, Tag.manifest_digest, Tag.name)
-        .where(Tag.manifest_digest.in_({m.digest for m in page}))
-        .where(Tag.repository_id.in_({m.repository_id for m in page}))
-        .order_by(Tag.name)
-    )
-    found: dict[tuple[int, str], list[str]] = {}
-    for repository_id, digest, name in session.execute(statement):
-        found.setdefault((repository_id, digest), []).append(name)
-    return found

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import ScalarSelect, func, select
 from sqlalchemy.orm import Session
 
 from peftreg.names import InvalidName, check_tag
 from peftreg.registry.auth.scopes import Principal
 from peftreg.registry.catalog import audit
 from peftreg.registry.catalog.repositories import is_immutable_tag
-from peftreg.registry.db.models import Repository, Tag, TagEvent
+from peftreg.registry.db.models import Manifest, Repository, Tag, TagEvent
 from peftreg.registry.db.upsert import insert_ignore
 from peftreg.registry.errors import ManifestUnknown, TagImmutable, TagInvalid
 
@@ -115,6 +115,30 @@ def tags_of(session: Session, *, repository_id: int, digest: str) -> list[str]:
             .order_by(Tag.name)
         )
     )
+
+
+NAME_SEPARATOR = " "
+"""Joins a version's tag names in one column: no tag name holds a space."""
+
+
+def names_column() -> ScalarSelect[str]:
+    """The tags of the `Manifest` of each row, joined by `NAME_SEPARATOR` ("" for none).
+
+    A correlated aggregate, looked up on `(repository_id, manifest_digest)` for
+    each row the statement returns: never a scan of the repository's tags,
+    which a planner may prefer for a list of digests (`split_names` reads it).
+    """
+    return (
+        select(func.coalesce(func.aggregate_strings(Tag.name, NAME_SEPARATOR), ""))
+        .where(Tag.repository_id == Manifest.repository_id, Tag.manifest_digest == Manifest.digest)
+        .correlate_except(Tag)  # its own `tags`, even where the statement joins tags too
+        .scalar_subquery()
+    )
+
+
+def split_names(joined: str) -> list[str]:
+    """The names `names_column` joined, in name order."""
+    return sorted(joined.split(NAME_SEPARATOR)) if joined else []
 
 
 def list_tags(

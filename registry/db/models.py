@@ -112,8 +112,8 @@ class Manifest(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     repository_id: Mapped[int] = mapped_column(
-        ForeignKey("repositories.id", ondelete="CASCADE"), index=True
-    )
+        ForeignKey("repositories.id", ondelete="CASCADE")
+    )  # indexed by `ix_manifests_repository_newest`, as its leading column
     digest: Mapped[str] = mapped_column(DIGEST)
     media_type: Mapped[str] = mapped_column(String(255))
     artifact_type: Mapped[str | None] = mapped_column(String(255))

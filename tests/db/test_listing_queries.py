@@ -9,15 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event, insert, text
 from sqlalchemy.orm import Session
 
 from peftreg.digest import Digest
 from peftreg.registry.auth.scopes import anonymous_principal
-from peftreg.registry.catalog import search, tags
+from peftreg.registry.catalog import manifests, search, tags
 from peftreg.registry.db import migrate
 from peftreg.registry.db.engine import make_engine
 from peftreg.registry.db.models import Manifest, Repository, Tag
+from peftreg.registry.errors import DigestInvalid, ManifestUnknown, NameUnknown, TagInvalid
 from tests.fixtures.postgres import fresh_database, postgres_admin_url
 
 READER = anonymous_principal("read")
@@ -87,11 +88,13 @@ def _database(backend: str, directory: Path) -> Iterator[str]:
         yield url
 
 
-def _page(session: Session, cursor: str | None, limit: int) -> search.Page[Any]:
+def _page(
+    session: Session, cursor: str | None, limit: int, repository: str = "acme/bot"
+) -> search.Page[Any]:
     return search.list_versions(
         session,
         principal=READER,
-        repository="acme/bot",
+        repository=repository,
         artifact_type=None,
         annotations={},
         cursor=cursor,
@@ -121,7 +124,8 @@ def test_a_page_costs_the_same_queries_whatever_its_size(catalog: Catalog) -> No
             page = _page(session, None, limit)
         assert len(page.items) == limit
         counts[limit] = len(seen)
-    assert counts[5] == counts[50] <= 5, counts
+    # The repository, then one statement for the versions with their tags and index rows.
+    assert counts[5] == counts[50] <= 3, counts
 
 
 def test_cursors_are_stable_across_inserts(catalog: Catalog) -> None:
@@ -197,3 +201,154 @@ def test_listing_and_tag_lookups_use_their_indexes(catalog: Catalog) -> None:
         assert "ix_tags_repository_digest_name" in plan, plan
         assert "TEMP B-TREE" not in plan, plan
         assert "Sort" not in plan, plan
+
+
+LARGE = 5000  # versions: where a planner would rather scan the tags than look up 100 digests
+
+
+@pytest.fixture(
+    scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def large_catalog(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Engine]:
+    """One repository of `LARGE` tagged versions beside a small one, with statistics."""
+    with _database(request.param, tmp_path_factory.mktemp("large")) as url:
+        migrate.upgrade(url)
+        engine = make_engine(url)
+        with Session(engine) as session, session.begin():
+            ours = Repository(name="acme/bot", immutable_tags=[])
+            other = Repository(name="acme/other", immutable_tags=[])
+            session.add_all([ours, other])
+            session.flush()
+            _add_versions(session, other.id, 0, 5)
+            digests = [str(Digest.of_bytes(f"large {n}".encode())) for n in range(LARGE)]
+            common = {"media_type": "application/vnd.oci.image.manifest.v1+json", "size": 2}
+            session.execute(
+                insert(Manifest),
+                [
+                    {**common, "repository_id": ours.id, "digest": d, "annotations": {}}
+                    | {"content": b"{}"}
+                    for d in digests
+                ],
+            )
+            session.execute(
+                insert(Tag),
+                [
+                    {"repository_id": ours.id, "name": f"v{n}", "manifest_digest": d}
+                    for n, d in enumerate(digests)
+                ],
+            )
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.execute(text("ANALYZE"))
+        yield engine
+        engine.dispose()
+
+
+def _plans(engine: Engine, repository: str, cursor: str | None, size: int) -> list[str]:
+    """The plan of each statement a listing page sends, with the parameters it sent."""
+    sent: list[tuple[str, Any]] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            sent.append((statement, parameters))
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        with Session(engine) as session:
+            page = _page(session, cursor, 100, repository)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert len(page.items) == size
+    assert all(tag_names for _m, _n, tag_names, _i in page.items)
+    sqlite = engine.dialect.name == "sqlite"
+    plans = []
+    with engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        for statement, parameters in sent:
+            dbapi_cursor = raw.cursor()
+            dbapi_cursor.execute(
+                ("EXPLAIN QUERY PLAN " if sqlite else "EXPLAIN ") + statement, parameters
+            )
+            plans.append(" | ".join(str(row[-1]) for row in dbapi_cursor.fetchall()))
+            dbapi_cursor.close()
+    return plans
+
+
+@pytest.mark.parametrize(
+    ("repository", "position", "size"),
+    [("acme/bot", "first page", 100), ("acme/bot", "middle", 100), ("acme/other", "first page", 5)],
+)
+def test_a_page_reads_indexes_only_beside_a_large_repository(
+    large_catalog: Engine, repository: str, position: str, size: int
+) -> None:
+    """With the planner's own choices: no scan of the tags or versions, no sort."""
+    cursor = None
+    if position == "middle":
+        with Session(large_catalog) as session:
+            middle = session.scalar(
+                text("SELECT id FROM manifests ORDER BY id LIMIT 1 OFFSET :n"), {"n": LARGE // 2}
+            )
+        cursor = search.encode_cursor(middle)
+    plans = _plans(large_catalog, repository, cursor, size)
+    assert len(plans) == 2, plans  # the repository; the page with its tags and index rows
+    page_plan = plans[-1]
+    for scan in ("SCAN tags", "Seq Scan on tags", "SCAN manifests", "Seq Scan on manifests"):
+        assert scan not in page_plan, page_plan
+    assert "TEMP B-TREE" not in page_plan, page_plan
+    assert "Sort" not in page_plan, page_plan
+    assert "INDEX ix_tags_" in page_plan or "using ix_tags_" in page_plan, page_plan
+    if repository == "acme/other":  # 5 of 5,005 versions: on the repository's index
+        assert "ix_manifests_repository_" in page_plan, page_plan
+
+
+@pytest.mark.parametrize("by", ["tag", "digest"])
+def test_a_manifest_or_version_lookup_is_one_statement(catalog: Catalog, by: str) -> None:
+    with Session(catalog.engine) as session:
+        digest = _page(session, None, 1).items[0][0].digest
+    reference = "v57" if by == "tag" else _digest_of(catalog, "v57")
+    with _statements(catalog.engine) as seen, Session(catalog.engine) as session:
+        row = manifests.get_manifest(session, repository="acme/bot", reference=reference)
+        version, tag_names, index = manifests.get_version(
+            session, repository="acme/bot", reference=reference
+        )
+    assert row.digest == version.digest == _digest_of(catalog, "v57") != digest
+    assert tag_names == ["a-57", "v57"]  # every third version has an `a-<n>` tag too
+    assert index is None
+    assert len([s for s in seen if s.lstrip().upper().startswith("SELECT")]) == 2, seen
+
+
+def _digest_of(catalog: Catalog, tag: str) -> str:
+    with Session(catalog.engine) as session:
+        repository = session.scalars(
+            text("SELECT id FROM repositories WHERE name = 'acme/bot'")
+        ).one()
+        return str(
+            session.scalars(
+                text("SELECT manifest_digest FROM tags WHERE repository_id = :r AND name = :t"),
+                {"r": repository, "t": tag},
+            ).one()
+        )
+
+
+@pytest.mark.parametrize(
+    ("repository", "reference", "error"),
+    [
+        ("acme/none", "v1", NameUnknown),
+        ("acme/none", "-bad-tag", NameUnknown),
+        ("acme/bot", "-bad-tag", TagInvalid),
+        ("acme/bot", "sha256:zz", DigestInvalid),
+        ("acme/bot", "v999", ManifestUnknown),
+        ("acme/bot", "sha256:" + "0" * 64, ManifestUnknown),
+        ("acme/other", "v59", ManifestUnknown),  # a tag of another repository
+    ],
+)
+def test_a_missing_manifest_names_what_is_missing(
+    catalog: Catalog, repository: str, reference: str, error: type[Exception]
+) -> None:
+    with Session(catalog.engine) as session:
+        with pytest.raises(error):
+            manifests.get_manifest(session, repository=repository, reference=reference)
+        with pytest.raises(error):
+            manifests.get_version(session, repository=repository, reference=reference)

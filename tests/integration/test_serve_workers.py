@@ -42,7 +42,7 @@ def test_workers_serve_and_background_work_runs_once(server: RegistryProcess) ->
     # The job worker and periodic GC run in the supervising process only.
     assert len(_log_lines(server, "peftreg.registry.jobs.worker worker", 1)) == 1
     log = server.log_path.read_text()
-    assert log.count("Running upgrade") == 5  # migrated once, before the workers started
+    assert log.count("Running upgrade") == 6  # migrated once, before the workers started
     with httpx.Client(base_url=server.url) as client:
         for _ in range(8):
             assert client.get("/v2/").status_code == 200

@@ -67,7 +67,7 @@ Limit = Annotated[int, Query(ge=1, le=1000)]
 def _summary(index: ArtifactIndex | None) -> ArtifactSummaryOut | None:
     if index is None:
         return None
-    return ArtifactSummaryOut(
+    return ArtifactSummaryOut.model_construct(
         kind=index.kind,
         rank=index.max_rank,
         base_fingerprint=index.base_fingerprint,
@@ -83,7 +83,8 @@ def _version_out(
     tag_names: list[str],
     index: ArtifactIndex | None = None,
 ) -> VersionOut:
-    return VersionOut(
+    # Built from typed columns, so not validated again (100 of them make a page).
+    return VersionOut.model_construct(
         repository=repository,
         digest=manifest.digest,
         media_type=manifest.media_type,
@@ -222,12 +223,11 @@ async def get_version(
     authorize(principal, "read", name)
 
     def work(session: Session) -> tuple[Manifest, list[str], ArtifactIndex | None, Any, Any]:
-        row = manifests.get_manifest(session, repository=name, reference=reference)
-        tag_names = tags.tags_of(session, repository_id=row.repository_id, digest=row.digest)
+        row, tag_names, index = manifests.get_version(session, repository=name, reference=reference)
         document = json.loads(row.content)
         # A store read: here on the worker thread, off the event loop.
         config = _decoded_config(services, row.config_digest, document)
-        return row, tag_names, session.get(ArtifactIndex, row.id), document, config
+        return row, tag_names, index, document, config
 
     row, tag_names, index, document, config = await in_read_transaction(services, work)
     summary = _version_out(row, name, tag_names, index)
