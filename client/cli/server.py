@@ -35,7 +35,6 @@ def serve(host: str | None, port: int | None, log_level: str, workers: int, as_j
     import uvicorn
 
     from peftreg.registry.app import background_threads, build_services, create_app
-    from peftreg.registry.http_protocol import LargeBodyHttpToolsProtocol
     from peftreg.registry.observability.logging import configure_logging
     from peftreg.registry.settings import Settings
 
@@ -66,7 +65,6 @@ def serve(host: str | None, port: int | None, log_level: str, workers: int, as_j
             timeout_graceful_shutdown=10,
             factory=workers > 1,
             workers=workers,
-            http=LargeBodyHttpToolsProtocol,
         )
 
     address = f"http://{settings.host}:{settings.port}"
