@@ -71,7 +71,9 @@ def role_environment(
             names, _, torch = extras.partition("+")
             targets = [f"peftreg[{names}] @ {wheel.as_uri()}" if names else str(wheel)]
             targets += ["torch"] if torch else []
-            pip = [str(bin_dir / "python"), "-m", "pip", "install", "--quiet"]
+            # No byte-compiling of every installed file (torch has thousands): imports
+            # compile what they use.
+            pip = [str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "--no-compile"]
             installed = subprocess.run(
                 [*pip, "--disable-pip-version-check", "--constraint", str(constraints), *targets],
                 check=False,
