@@ -24,6 +24,7 @@ from peftreg.digest import Digest, digest_file
 from peftreg.formats.fingerprint import TensorRecord, fingerprint_records, tensor_records
 from peftreg.formats.safetensors_header import SafetensorsError
 from peftreg.manifest import BASE_ARTIFACT, OCI_MANIFEST, canonical_json
+from peftreg.prompts.tokenizer import TOKENIZER_FILES
 from peftreg.reference import Reference
 from peftreg.sdk.client import Client
 from peftreg.sdk.errors import InvalidRequest
@@ -33,13 +34,7 @@ BASE_FILES = (
     "config.json",
     "generation_config.json",
     "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
+    *TOKENIZER_FILES,
     "chat_template.jinja",
 )
 
