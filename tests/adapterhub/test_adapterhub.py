@@ -92,15 +92,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> Made:
 @pytest.fixture(scope="module")
 def cli(server: RegistryProcess, tmp_path_factory: pytest.TempPathFactory) -> CliEnv:
     root = tmp_path_factory.mktemp("cli")
-    env = {
-        "PEFTREG_URL": server.url,
-        "PEFTREG_CACHE": str(root / "cache"),
-        "PEFTREG_CONFIG": str(root / "config.json"),
-        "PEFTREG_RETRIES": "1",
-        "PEFTREG_TOKEN": "",
-        "PEFTREG_OFFLINE": "",
-    }
-    return CliEnv(env, root / "cache", root / "config.json")
+    return CliEnv.for_registry(server.url, root, PEFTREG_TOKEN="", PEFTREG_OFFLINE="")
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from peftreg.adapters.schema import (
 )
 from peftreg.cli.main import cli
 from peftreg.manifest import ADAPTER_ARTIFACT, OCI_MANIFEST, TITLE_ANNOTATION, canonical_json
+from tests.fixtures.cli import CliEnv
 from tests.fixtures.server import RegistryProcess
 
 HIDDEN, KV, VOCAB = 16, 8, 64
@@ -60,16 +61,7 @@ class Cli:
 @pytest.fixture(scope="module")
 def run_cli(server: RegistryProcess, tmp_path_factory: pytest.TempPathFactory) -> Cli:
     root = tmp_path_factory.mktemp("cli")
-    return Cli(
-        {
-            "PEFTREG_URL": server.url,
-            "PEFTREG_CACHE": str(root / "cache"),
-            "PEFTREG_CONFIG": str(root / "config.json"),
-            "PEFTREG_RETRIES": "1",
-            "PEFTREG_TOKEN": "",
-            "PEFTREG_OFFLINE": "",
-        }
-    )
+    return Cli(CliEnv.for_registry(server.url, root, PEFTREG_TOKEN="", PEFTREG_OFFLINE="").env)
 
 
 @pytest.fixture(scope="module")

@@ -54,6 +54,16 @@ def _add_versions(session: Session, repository_id: int, first: int, count: int) 
             )
 
 
+def _two_repositories(session: Session) -> tuple[Repository, Repository]:
+    """`acme/bot` (empty) and `acme/other` with 5 versions."""
+    ours = Repository(name="acme/bot", immutable_tags=[])
+    other = Repository(name="acme/other", immutable_tags=[])
+    session.add_all([ours, other])
+    session.flush()
+    _add_versions(session, other.id, 0, 5)
+    return ours, other
+
+
 @pytest.fixture(
     scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 )
@@ -64,11 +74,7 @@ def catalog(
         migrate.upgrade(url)
         engine = make_engine(url)
         with Session(engine) as session, session.begin():
-            ours = Repository(name="acme/bot", immutable_tags=[])
-            other = Repository(name="acme/other", immutable_tags=[])
-            session.add_all([ours, other])
-            session.flush()
-            _add_versions(session, other.id, 0, 5)
+            ours, other = _two_repositories(session)
             _add_versions(session, ours.id, 0, VERSIONS)
             repository_id, small = ours.id, other.id
         if engine.dialect.name == "postgresql":
@@ -217,11 +223,7 @@ def large_catalog(
         migrate.upgrade(url)
         engine = make_engine(url)
         with Session(engine) as session, session.begin():
-            ours = Repository(name="acme/bot", immutable_tags=[])
-            other = Repository(name="acme/other", immutable_tags=[])
-            session.add_all([ours, other])
-            session.flush()
-            _add_versions(session, other.id, 0, 5)
+            ours, _other = _two_repositories(session)
             digests = [str(Digest.of_bytes(f"large {n}".encode())) for n in range(LARGE)]
             common = {"media_type": "application/vnd.oci.image.manifest.v1+json", "size": 2}
             session.execute(
