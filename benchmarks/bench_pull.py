@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_transfer import settle
 from peftreg import Client
 from tests.fixtures.server import start_registry
 
@@ -38,8 +39,8 @@ def make_file(path: Path, size: int) -> None:
 
 
 def timed(label: str, results: list[tuple[str, float]], action: object) -> None:
-    """Time one step; `sync` first, so no step pays for an earlier one's writeback."""
-    os.sync()
+    """Time one step after `settle`: no earlier writeback, no memory the host took back."""
+    settle()
     started = time.perf_counter()
     action()  # type: ignore[operator]
     results.append((label, time.perf_counter() - started))

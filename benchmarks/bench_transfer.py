@@ -6,7 +6,8 @@ each 1 GiB figure is measured (default 3; the median is printed, every run
 on fresh servers and stores). Everything lives in one
 temporary directory, so the file, its copies and every store are on the
 same disk. Each step starts after `sync`, so none pays for the writeback
-of an earlier one. One run prints every figure as a ratio to `cp + fsync`
+of an earlier one, and after `warm_memory`, so none pays the host for memory
+it took back from the virtual machine. One run prints every figure as a ratio to `cp + fsync`
 measured in the same run:
 
 - the floor: `cp`, `cp` + fsync of the copy, one `sha256sum` pass;
@@ -52,6 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MiB = 1024 * 1024
 BLOCK = 1024 * 1024
+PAGE = 4096
+WARM_BYTES = 3 * 1024 * MiB  # a 1 GiB step's page cache, its buffers and the servers' memory
+SMALL_WARM = 64 * MiB  # the same for a 5 MB step
 REPO = "bench/transfer"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PEFTREG = [sys.executable, "-m", "peftreg.cli.main"]
@@ -159,13 +163,38 @@ class Row:
     note: str = ""
 
 
-def run_measured(command: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run a command after `sync`; (seconds, peak RSS in MB of that process).
+def warm_memory(size: int = WARM_BYTES) -> None:
+    """Write one byte in every page of `size` bytes of new memory, then free it.
+
+    On a virtual machine whose host takes back the guest's free memory (free
+    page reporting, as Firecracker's balloon does), the first write to such a
+    page costs a host fault: about 2 s per GiB on the lead's machine, ten times
+    the cost of the copy itself. Whichever step then allocates its page cache
+    from reclaimed pages pays that, whether it is `cp`, the peer or peftreg, so
+    the figures measure the host instead of the programs. Every step starts
+    after this, on memory the host backs again. Elsewhere it only costs time.
+    """
+    pages = size // PAGE
+    memory = bytearray(size)
+    memory[::PAGE] = b"\x01" * pages
+    del memory
+
+
+def settle(warm: int = WARM_BYTES) -> None:
+    """Before each measured step: no writeback of an earlier step, no reclaimed memory."""
+    os.sync()
+    warm_memory(warm)
+
+
+def run_measured(
+    command: Sequence[str], env: dict[str, str] | None = None, warm: int = WARM_BYTES
+) -> tuple[float, float]:
+    """Run a command after `settle`; (seconds, peak RSS in MB of that process).
 
     The peak comes from GNU time (`/usr/bin/time -f %M`): the rusage of a child
     forked from this process would count this process's pages from before exec.
     """
-    os.sync()
+    settle(warm)
     with tempfile.NamedTemporaryFile("r") as peak:
         wrapped = ["/usr/bin/time", "-f", "%M", "-o", peak.name, *command]
         started = time.perf_counter()
@@ -184,7 +213,7 @@ def run_measured(command: Sequence[str], env: dict[str, str] | None = None) -> t
 
 
 def timed(work: Callable[[], object]) -> float:
-    os.sync()
+    settle()
     started = time.perf_counter()
     work()
     return time.perf_counter() - started
@@ -346,12 +375,17 @@ def cli_env(url: str, cache: Path) -> dict[str, str]:
     return clean_env(PEFTREG_URL=url, PEFTREG_CACHE=str(cache))
 
 
-def cli_push(url: str, path: Path, ref: str, cache: Path) -> tuple[float, float]:
-    return run_measured([*PEFTREG, "push", str(path), ref, "-q"], cli_env(url, cache))
+def cli_push(
+    url: str, path: Path, ref: str, cache: Path, warm: int = WARM_BYTES
+) -> tuple[float, float]:
+    return run_measured([*PEFTREG, "push", str(path), ref, "-q"], cli_env(url, cache), warm)
 
 
-def cli_pull(url: str, ref: str, out: Path, cache: Path) -> tuple[float, float]:
-    return run_measured([*PEFTREG, "pull", ref, "-o", str(out), "-q"], cli_env(url, cache))
+def cli_pull(
+    url: str, ref: str, out: Path, cache: Path, warm: int = WARM_BYTES
+) -> tuple[float, float]:
+    command = [*PEFTREG, "pull", ref, "-o", str(out), "-q"]
+    return run_measured(command, cli_env(url, cache), warm)
 
 
 @contextmanager
@@ -479,20 +513,26 @@ def small_rows(url: str, root: Path) -> list[Row]:
 
     def plain(index: int) -> tuple[float, float]:
         make_file(root / f"small-{index}.bin", 5 * 1000 * 1000)
-        return cli_push(url, root / f"small-{index}.bin", f"{REPO}/a:v{index}", root / "c-a")
+        return cli_push(
+            url, root / f"small-{index}.bin", f"{REPO}/a:v{index}", root / "c-a", SMALL_WARM
+        )
 
     def adapter(index: int) -> tuple[float, float]:
         make_adapter(root / f"adapter-{index}", 5 * 1000 * 1000)
-        return cli_push(url, root / f"adapter-{index}", f"{REPO}/b:v{index}", root / "c-b")
+        return cli_push(
+            url, root / f"adapter-{index}", f"{REPO}/b:v{index}", root / "c-b", SMALL_WARM
+        )
 
     def known(index: int) -> tuple[float, float]:
-        return cli_push(url, root / "small-0.bin", f"{REPO}/a:k{index}", root / "c-a")
+        return cli_push(url, root / "small-0.bin", f"{REPO}/a:k{index}", root / "c-a", SMALL_WARM)
 
     def cold(index: int) -> tuple[float, float]:
-        return cli_pull(url, f"{REPO}/b:v{index}", root / f"o-{index}", root / f"p-{index}")
+        return cli_pull(
+            url, f"{REPO}/b:v{index}", root / f"o-{index}", root / f"p-{index}", SMALL_WARM
+        )
 
     def warm(index: int) -> tuple[float, float]:
-        return cli_pull(url, f"{REPO}/b:v0", root / f"w-{index}", root / "p-0")
+        return cli_pull(url, f"{REPO}/b:v0", root / f"w-{index}", root / "p-0", SMALL_WARM)
 
     for label, measure in (
         ("5 MB push, new content (CLI)", plain),
@@ -504,7 +544,7 @@ def small_rows(url: str, root: Path) -> list[Row]:
         seconds, rss = median_of(runs, measure)
         rows.append(Row(label, seconds, rss, note))
     seconds, rss = median_of(
-        runs, lambda _index: run_measured([*PEFTREG, "--version"], clean_env())
+        runs, lambda _index: run_measured([*PEFTREG, "--version"], clean_env(), SMALL_WARM)
     )
     rows.append(Row("peftreg --version", seconds, rss, f"target < 0.15 s, median of {runs}"))
     return rows

@@ -2,7 +2,10 @@
 
 Bytes go to `blobs/sha256/<hex>.incomplete` as they arrive from one GET,
 and a hashing thread follows the writes, so the digest is known when the
-last byte lands: the file is never read back. An interrupted download
+last byte lands: the file is never read back. Writeback to disk starts as
+the bytes arrive (`peftreg.writeback`) and the complete file is fsynced
+before the rename, so a crash never leaves a torn blob under a verified
+name, and that fsync waits only for the tail. An interrupted download
 resumes from what the `.incomplete` file holds (a `Range` request; only
 then is that prefix read, to hash it). A mismatch deletes the partial file;
 a match renames it to its final name. A per-digest file lock makes
@@ -33,6 +36,7 @@ from peftreg.digest import Digest
 from peftreg.sdk.errors import DigestMismatch, PeftregError, ServerError, TransportError
 from peftreg.sdk.http import HttpSession
 from peftreg.transfer.progress import NullProgress, Progress
+from peftreg.writeback import EarlyWriteback
 
 READ_CHUNK = 4 * 1024 * 1024
 HASH_QUEUE = 8  # chunks (of at most 4 MiB, the transport's read size) the hash may lag
@@ -173,6 +177,7 @@ class _Fetcher:
                     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | (0 if start else os.O_TRUNC))
                     try:
                         os.lseek(fd, start, os.SEEK_SET)
+                        writeback = EarlyWriteback(fd, start)
                         # Chunks as the transport delivers them: no re-chunking copy.
                         encoded = "content-encoding" in response.headers
                         chunks = response.iter_bytes() if encoded else response.iter_raw()
@@ -184,7 +189,10 @@ class _Fetcher:
                                 view = view[os.write(fd, view) :]
                             hasher.update(chunk)
                             state["offset"] += len(chunk)
+                            writeback.written(state["offset"])
                             self._count(len(chunk))
+                        if state["offset"] == self.size:
+                            os.fsync(fd)  # durable before `commit_blob` renames it
                     finally:
                         os.close(fd)
                 if state["offset"] < self.size:

@@ -10,7 +10,7 @@ draining it; listings time the calls that fetch each item.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -57,6 +57,9 @@ class InstrumentedUploadWriter:
 
     def write(self, data: bytes) -> None:
         self._timer.call("write", lambda: self.inner.write(data))
+
+    def write_many(self, chunks: Sequence[bytes]) -> None:
+        self._timer.call("write", lambda: self.inner.write_many(chunks))
 
     def close(self) -> int:
         return self._timer.call("close", self.inner.close)

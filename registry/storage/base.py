@@ -13,7 +13,7 @@ leaves nothing visible.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -24,6 +24,10 @@ class UploadWriter(Protocol):
     """Appends bytes to an upload session from a given offset."""
 
     def write(self, data: bytes) -> None: ...
+
+    def write_many(self, chunks: Sequence[bytes]) -> None:
+        """Append the chunks in order, as `write` of their concatenation (without making it)."""
+        ...
 
     def close(self) -> int:
         """Make the written bytes durable; returns the upload's new size."""

@@ -20,7 +20,7 @@ import fcntl
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -36,9 +36,10 @@ from peftreg.registry.storage.errors import (
 )
 from peftreg.registry.storage.hashing import RunningHashes
 from peftreg.registry.storage.upload_ids import check_upload_id, new_upload_id
-from peftreg.registry.storage.writeback import EarlyWriteback
+from peftreg.writeback import EarlyWriteback
 
 READ_CHUNK = 4 * 1024 * 1024  # serving reads: fewer thread hops per GiB
+IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev takes
 logger = logging.getLogger(__name__)
 
 
@@ -101,6 +102,17 @@ def _blob_digest(algorithm: str, prefix: str, path: Path) -> Digest | None:
     return digest
 
 
+def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
+    """Write every byte of `chunks` at the file's position (`writev` may write fewer)."""
+    pending = [memoryview(chunk) for chunk in chunks if chunk]
+    while pending:
+        written = os.writev(fd, pending[:IOV_MAX])
+        while pending and written >= len(pending[0]):
+            written -= len(pending.pop(0))
+        if written:
+            pending[0] = pending[0][written:]
+
+
 class FilesystemUploadWriter:
     def __init__(self, store: FilesystemBlobStore, upload_id: str, offset: int) -> None:
         self._store = store
@@ -117,10 +129,15 @@ class FilesystemUploadWriter:
         self._writeback = EarlyWriteback(self._file.fileno(), offset)
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
-        self._size += len(data)
-        if self._hash is not None:
-            self._hash.update(data)
+        self.write_many((data,))
+
+    def write_many(self, chunks: Sequence[bytes]) -> None:
+        """One `writev` for the chunks as they arrived: they are never joined (copied)."""
+        _write_all(self._file.fileno(), chunks)
+        for chunk in chunks:
+            self._size += len(chunk)
+            if self._hash is not None:
+                self._hash.update(chunk)
         self._writeback.written(self._size)
 
     def close(self) -> int:

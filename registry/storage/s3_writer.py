@@ -11,6 +11,7 @@ parts is completed and the writer goes on in a fresh one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from peftreg.registry.storage.errors import UploadNotFound
@@ -43,6 +44,10 @@ class S3UploadWriter:
         self._multipart: MultipartUpload | None = None
         self._buffer = bytearray()
         self._written: list[str] = []
+
+    def write_many(self, chunks: Sequence[bytes]) -> None:
+        for chunk in chunks:  # the part buffer joins them anyway
+            self.write(chunk)
 
     def write(self, data: bytes) -> None:
         if not data:

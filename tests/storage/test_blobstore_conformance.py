@@ -142,6 +142,23 @@ def test_chunked_appends_across_writers(blob_store: BlobStore) -> None:
     assert read_all(blob_store, Digest.of_bytes(data)) == data
 
 
+def test_write_many_appends_the_chunks_in_order(blob_store: BlobStore) -> None:
+    """More chunks than one `writev` takes, empty ones among them, across S3 part boundaries."""
+    rng = random.Random(7)
+    chunks = [payload(rng.choice((0, 1, 4096, 9000)), seed=i) for i in range(2500)]
+    chunks.append(payload(6 * MiB, seed=2))
+    data = b"".join(chunks)
+    upload_id = blob_store.create_upload()
+    writer = blob_store.open_writer(upload_id, 0)
+    writer.write_many(chunks[:1200])
+    writer.write(b"")
+    writer.write_many(chunks[1200:])
+    assert writer.close() == len(data) == blob_store.upload_size(upload_id)
+
+    assert blob_store.commit_upload(upload_id, Digest.of_bytes(data)) == len(data)
+    assert read_all(blob_store, Digest.of_bytes(data)) == data
+
+
 def test_writers_of_other_replicas_and_rehash(store_settings: Settings) -> None:
     """Sessions written by several processes are re-hashed from the stored bytes."""
     first, second, third = (open_blob_store(store_settings) for _ in range(3))

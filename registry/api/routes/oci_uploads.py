@@ -89,19 +89,19 @@ async def receive_body(
                 # input and disk output (and hashing) overlap, writes stay in order.
                 if in_flight is not None:
                     await in_flight
-                in_flight = asyncio.ensure_future(run_in_threadpool(writer.write, b"".join(buffer)))
+                in_flight = asyncio.ensure_future(run_in_threadpool(writer.write_many, buffer))
                 buffer, buffered = [], 0
         if in_flight is not None:
             await in_flight
             in_flight = None
         if buffer:
-            await run_in_threadpool(writer.write, b"".join(buffer))
+            await run_in_threadpool(writer.write_many, buffer)
     except ClientDisconnect:
         # Keep everything that arrived, buffered bytes included, so the client
         # resumes from there; unless a write failed, then drop this request's.
         if await _settle(in_flight):
             if buffer:
-                await run_in_threadpool(writer.write, b"".join(buffer))
+                await run_in_threadpool(writer.write_many, buffer)
             await run_in_threadpool(writer.close)
         else:
             await run_in_threadpool(writer.cancel)

@@ -1,14 +1,15 @@
 """Start the kernel's writeback of a file's written range early, without waiting.
 
-A blob is fsynced once, when its upload is committed. Left alone, the kernel
-starts writing a large upload's pages to disk only when dirty memory passes
-its background threshold (10% of memory by default), so the whole blob is
-written at the final fsync and the client waits for all of it. Asking for
-writeback of each range as soon as it is written (Linux `sync_file_range`
-with `SYNC_FILE_RANGE_WRITE`: start, do not wait) lets the disk work while
-the rest of the body arrives; the final fsync then waits only for the tail.
-Durability is unchanged: it still comes from that fsync. Elsewhere (or if
-the call fails) this does nothing.
+A blob is fsynced once, when it is complete: on the server when its upload
+is committed, in the client's cache before a download is renamed to its
+digest. Left alone, the kernel starts writing a large file's pages to disk
+only when dirty memory passes its background threshold (10% of memory by
+default), so the whole blob is written at the final fsync and the client
+waits for all of it. Asking for writeback of each range as soon as it is
+written (Linux `sync_file_range` with `SYNC_FILE_RANGE_WRITE`: start, do not
+wait) lets the disk work while the rest of the bytes arrive; the final fsync
+then waits only for the tail. Durability is unchanged: it still comes from
+that fsync. Elsewhere (or if the call fails) this does nothing.
 """
 
 from __future__ import annotations
