@@ -153,7 +153,7 @@ def test_lineage_picture(page: Page, ui_data: UiData, axe_source: str) -> None:
 
 
 def test_export_form_starts_gguf_and_refuses_gptq_without_calibration(
-    page: Page, ui_data: UiData, axe_source: str
+    page: Page, ui_data: UiData, admin_client: Client, axe_source: str
 ) -> None:
     login(page, ui_data.url, ADMIN_TOKEN)
     page.goto(f"{ui_data.url}/ui/r/acme/bot/-/versions/v1")
@@ -172,6 +172,7 @@ def test_export_form_starts_gguf_and_refuses_gptq_without_calibration(
 
     page.goto(f"{ui_data.url}/ui/r/acme/bot/-/versions/v1")
     csrf = page.get_by_test_id("export-form").locator("input[name=csrf]").input_value()
+    jobs_before = {job.id for job in admin_client.jobs()}
     refused = page.request.post(
         f"{ui_data.url}/ui/exports",
         form={
@@ -184,6 +185,7 @@ def test_export_form_starts_gguf_and_refuses_gptq_without_calibration(
     )
     assert refused.status == 400
     assert "calibration" in refused.text()
+    assert {job.id for job in admin_client.jobs()} == jobs_before, "a refused export made a job"
 
 
 def test_follow_a_job_from_queued_to_done_and_cancel_another(

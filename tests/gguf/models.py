@@ -51,14 +51,24 @@ def byte_level_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=SPECIAL, eos_token=SPECIAL)
 
 
-def tiny_llama_with_tokenizer(directory: Path, *, seed: int = 0) -> LlamaForCausalLM:
-    """Save a 2-layer Llama (hidden 256, GQA 4/2 heads) and its tokenizer in `directory`."""
+def tiny_llama_with_tokenizer(
+    directory: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 256,
+    intermediate_size: int = 512,
+    weight_scale: float = 4.0,
+) -> LlamaForCausalLM:
+    """Save a 2-layer Llama (GQA 4/2 heads) and its tokenizer in `directory`.
+
+    Its matrices are scaled by `weight_scale` (clear margins for greedy choices).
+    """
     tokenizer = byte_level_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=512,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -68,10 +78,11 @@ def tiny_llama_with_tokenizer(directory: Path, *, seed: int = 0) -> LlamaForCaus
         eos_token_id=0,
     )
     model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.mul_(4.0)
+    if weight_scale != 1.0:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.dim() == 2:
+                    parameter.mul_(weight_scale)
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
     return model
