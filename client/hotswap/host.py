@@ -378,9 +378,7 @@ class AdapterHost:
                     slot.flip()
                 if self.prompt is not None:
                     self.prompt.flip()
-                self._active = plan.adapter
-                self._active_task = plan.task
-                self._active_factors = dict(plan.factors)
+                self._now_serving(plan)
                 self._spare_content = previous
                 self._resident_active = False
         return written
@@ -408,9 +406,7 @@ class AdapterHost:
                         slot.show(buffers)
                 if self.prompt is not None:
                     self.prompt.flip()
-                self._active = plan.adapter
-                self._active_task = plan.task
-                self._active_factors = dict(plan.factors)
+                self._now_serving(plan)
                 self._resident_active = True
         return written
 
@@ -441,11 +437,15 @@ class AdapterHost:
                     raise
                 if self.prompt is not None:
                     self.prompt.flip()
-                self._active = plan.adapter
-                self._active_task = plan.task
-                self._active_factors = dict(plan.factors)
+                self._now_serving(plan)
                 self._active_peft = sorted(merged) if plan.peft is not None else []
         return written
+
+    def _now_serving(self, plan: SwapPlan) -> None:
+        """Record the adapter (task, factors) a flip just made active; under the gate."""
+        self._active = plan.adapter
+        self._active_task = plan.task
+        self._active_factors = dict(plan.factors)
 
     def _roll_back(self, pristine: PristineWeights, before: dict[str, ModuleFactors]) -> None:
         """After a failed write: the previous adapter again, else the base model."""
