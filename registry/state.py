@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from anyio import CapacityLimiter
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -43,6 +44,11 @@ class Services:
         """
         with self._read_sessions.begin() as session:
             yield session
+
+    @cached_property
+    def read_threads(self) -> CapacityLimiter:
+        """How many requests' read transactions run at once in this process."""
+        return CapacityLimiter(self.settings.resolved_db_read_threads())
 
     @cached_property
     def token_key(self) -> bytes:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Annotated, TypeVar
 
+from anyio import to_thread
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -125,13 +126,17 @@ def authorize_global_admin(principal: Principal) -> None:
 
 
 async def in_read_transaction(services: Services, work: Callable[[Session], T]) -> T:
-    """Run read-only `work(session)` in one snapshot on a worker thread (no write lock)."""
+    """Run read-only `work(session)` in one snapshot on a worker thread (no write lock).
+
+    At most `Settings.db_read_threads` of them run at once in a process; the
+    others wait their turn on the event loop instead of contending for the GIL.
+    """
 
     def run() -> T:
         with services.read_transaction() as session:
             return work(session)
 
-    return await run_in_threadpool(run)
+    return await to_thread.run_sync(run, limiter=services.read_threads)
 
 
 async def in_transaction(services: Services, work: Callable[[Session], T]) -> T:

@@ -25,7 +25,6 @@ from peftreg.registry.api.deps import (
 )
 from peftreg.registry.api.openapi import failures
 from peftreg.registry.api.schemas import (
-    ArtifactSummaryOut,
     AuditEventOut,
     DeletedVersionOut,
     IssuedTokenOut,
@@ -37,7 +36,6 @@ from peftreg.registry.api.schemas import (
     TokenIn,
     TokenOut,
     VersionDetail,
-    VersionOut,
     VersionPage,
 )
 from peftreg.registry.auth import tokens
@@ -64,39 +62,44 @@ MAX_DECODED_CONFIG = 1024 * 1024
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
-def _summary(index: ArtifactIndex | None) -> ArtifactSummaryOut | None:
+def _summary(index: ArtifactIndex | None) -> dict[str, Any] | None:
     if index is None:
         return None
-    return ArtifactSummaryOut.model_construct(
-        kind=index.kind,
-        rank=index.max_rank,
-        base_fingerprint=index.base_fingerprint,
-        base_quantization=index.base_quantization,
-        verified=index.verified,
-        fingerprint=index.fingerprint,
-    )
+    return {
+        "kind": index.kind,
+        "rank": index.max_rank,
+        "base_fingerprint": index.base_fingerprint,
+        "base_quantization": index.base_quantization,
+        "verified": index.verified,
+        "fingerprint": index.fingerprint,
+    }
 
 
-def _version_out(
+def _version_fields(
     manifest: Manifest,
     repository: str,
     tag_names: list[str],
     index: ArtifactIndex | None = None,
-) -> VersionOut:
-    # Built from typed columns, so not validated again (100 of them make a page).
-    return VersionOut.model_construct(
-        repository=repository,
-        digest=manifest.digest,
-        media_type=manifest.media_type,
-        artifact_type=manifest.artifact_type,
-        size=manifest.size,
-        annotations=manifest.annotations or {},
-        subject=manifest.subject_digest,
-        tags=tag_names,
-        pushed_by=manifest.pushed_by,
-        created_at=manifest.created_at,
-        adapter=_summary(index),
-    )
+) -> dict[str, Any]:
+    """A version's `VersionOut` fields as plain data.
+
+    The response models validate these in pydantic-core, which for a page of
+    100 is several times faster than building the models field by field in
+    Python (`model_construct`).
+    """
+    return {
+        "repository": repository,
+        "digest": manifest.digest,
+        "media_type": manifest.media_type,
+        "artifact_type": manifest.artifact_type,
+        "size": manifest.size,
+        "annotations": manifest.annotations or {},
+        "subject": manifest.subject_digest,
+        "tags": tag_names,
+        "pushed_by": manifest.pushed_by,
+        "created_at": manifest.created_at,
+        "adapter": _summary(index),
+    }
 
 
 @router.get("/repositories", response_model=RepositoryPage, responses=failures(InvalidRequest))
@@ -141,11 +144,8 @@ async def _versions(
             filters=artifact_filters,
         ),
     )
-    return _json(
-        VersionPage(
-            items=[_version_out(*item) for item in page.items], next_cursor=page.next_cursor
-        )
-    )
+    items = [_version_fields(*item) for item in page.items]
+    return _json(VersionPage.model_validate({"items": items, "next_cursor": page.next_cursor}))
 
 
 def _json(model: BaseModel) -> Response:
@@ -230,8 +230,8 @@ async def get_version(
         return row, tag_names, index, document, config
 
     row, tag_names, index, document, config = await in_read_transaction(services, work)
-    summary = _version_out(row, name, tag_names, index)
-    return _json(VersionDetail(**summary.model_dump(), manifest=document, config=config))
+    fields = _version_fields(row, name, tag_names, index)
+    return _json(VersionDetail.model_validate({**fields, "manifest": document, "config": config}))
 
 
 def _decoded_config(services: Services, digest: str | None, document: dict[str, Any]) -> Any:
