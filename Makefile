@@ -135,6 +135,7 @@ lock:
 	.venv-lock/bin/python requirements/strip_self.py $(LOCK)
 	.venv-lock/bin/python requirements/strip_self.py requirements/server.txt --drop torch
 	$(COMPILE) -o $(ADAPTERS_LOCK) requirements/adapters.in requirements/torch.in
+	$(COMPILE) -o benchmarks/mlflow-lock.txt benchmarks/mlflow.in
 
 ## The suite against the newest releases, in .venv-latest, to see drift before users do.
 test-latest: test-tools

@@ -16,7 +16,8 @@ peftreg runs as `peftreg serve --workers N` (`BENCH_API_WORKERS`, default
 the number of cores: the documented setting); MLflow as `mlflow server
 --workers 4` (its default). MLflow is installed into its own virtual
 environment (`BENCH_MLFLOW_VENV`, default `~/.cache/peftreg-bench/mlflow`),
-created here on first use, never into the project's lock.
+created here on first use from its own hashed lock (`benchmarks/mlflow-lock.txt`,
+MLflow 3.17.2), never from the project's.
 
 Versions are written straight into each registry's database (peftreg: rows
 as a push writes them; MLflow: through its own client on the store), so
@@ -322,17 +323,23 @@ for number in range(count):
 """
 
 
+MLFLOW_LOCK = Path(__file__).with_name("mlflow-lock.txt")
+
+
 def mlflow_venv() -> Path:
+    """MLflow in its own environment, installed from its hashed lock (the same release
+    every run); reinstalled when the lock changes."""
     venv = Path(os.environ.get("BENCH_MLFLOW_VENV", Path.home() / ".cache/peftreg-bench/mlflow"))
     python = venv / "bin" / "python"
-    if not (venv / ".installed").exists():
-        print(f"installing MLflow into {venv} (once) ...", flush=True)
+    lock = MLFLOW_LOCK.read_bytes()
+    stamp = venv / ".installed"
+    if not stamp.exists() or stamp.read_bytes() != lock:
+        print(f"installing MLflow into {venv} from {MLFLOW_LOCK.name} ...", flush=True)
+        shutil.rmtree(venv, ignore_errors=True)
         subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", "mlflow", "psycopg[binary]"],
-            check=True,
-        )
-        (venv / ".installed").touch()
+        install = ["install", "--quiet", "--require-hashes", "--no-deps", "-r", str(MLFLOW_LOCK)]
+        subprocess.run([str(python), "-m", "pip", *install], check=True)
+        stamp.write_bytes(lock)
     return venv
 
 
