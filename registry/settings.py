@@ -89,8 +89,9 @@ class Settings(BaseSettings):
     db_read_threads: int | None = Field(default=None, ge=1, le=64)
     """Threads per server process running requests' read-only database work (default:
     1 on SQLite, 2 otherwise). Few on purpose: the work is mostly Python, so more threads
-    only contend for the GIL (`make bench-api`: 40 threads served listings 1.4-1.6x slower
-    than 1 on SQLite or 2 on PostgreSQL, whose reads also wait on the network)."""
+    only contend for the GIL (`make bench-api`'s listing load, 2 workers: 40 threads served
+    1.2-1.4x fewer pages than 1 on SQLite, 1.6x fewer than 2 on PostgreSQL, whose reads
+    also wait on the network)."""
 
     @field_validator("token_signing_key")
     @classmethod
