@@ -15,19 +15,22 @@ that fsync. Elsewhere (or if the call fails) this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 from collections.abc import Callable
+from functools import cache
 
 SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_EVERY = 16 * 1024 * 1024  # bytes written between two writeback requests
 
 
+@cache
 def _load() -> Callable[[int, int, int], None] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        # The symbols already loaded into this process, libc's among them. Not
+        # `ctypes.util.find_library("c")`: it runs `ldconfig -p`, 40 ms of every transfer.
+        libc = ctypes.CDLL(None, use_errno=True)
         call = libc.sync_file_range
     except (OSError, AttributeError):
         return None
@@ -40,9 +43,6 @@ def _load() -> Callable[[int, int, int], None] | None:
     return start
 
 
-_start = _load()
-
-
 class EarlyWriteback:
     """Asks for writeback of every `every` bytes appended to one file descriptor."""
 
@@ -53,7 +53,7 @@ class EarlyWriteback:
 
     def written(self, end: int) -> None:
         """The file now holds bytes up to `end`; start writing back what is due."""
-        if _start is None or end - self._requested < self._every:
+        if end - self._requested < self._every or (start := _load()) is None:
             return
-        _start(self._fd, self._requested, end - self._requested)
+        start(self._fd, self._requested, end - self._requested)
         self._requested = end

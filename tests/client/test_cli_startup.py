@@ -24,6 +24,8 @@ NEVER_FOR_TRANSFERS = {
     "pydantic",  # the registry's models: a pull reads manifests with peftreg.transfer.layers
     "peftreg.manifest",
     "peftreg.sdk.models",  # the typed answers of the catalog API
+    "ctypes.util",  # find_library runs `ldconfig -p`: peftreg.writeback uses loaded symbols
+    "subprocess",  # no other program runs in a transfer
 }
 
 
