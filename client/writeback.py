@@ -29,7 +29,7 @@ def _load() -> Callable[[int, int, int], None] | None:
         return None
     try:
         # The symbols already loaded into this process, libc's among them. Not
-        # `ctypes.util.find_library("c")`: it runs `ldconfig -p`, 40 ms of every transfer.
+        # `ctypes.util.find_library("c")`: it runs `ldconfig -p`, ~20 ms of every transfer.
         libc = ctypes.CDLL(None, use_errno=True)
         call = libc.sync_file_range
     except (OSError, AttributeError):
