@@ -335,7 +335,8 @@ def mlflow_venv() -> Path:
     stamp = venv / ".installed"
     if not stamp.exists() or stamp.read_bytes() != lock:
         print(f"installing MLflow into {venv} from {MLFLOW_LOCK.name} ...", flush=True)
-        shutil.rmtree(venv, ignore_errors=True)
+        if stamp.exists():  # one this bench made from an older lock: start afresh
+            shutil.rmtree(venv)
         subprocess.run(["python3", "-m", "venv", str(venv)], check=True)
         install = ["install", "--quiet", "--require-hashes", "--no-deps", "-r", str(MLFLOW_LOCK)]
         subprocess.run([str(python), "-m", "pip", *install], check=True)
