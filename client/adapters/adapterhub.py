@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftreg.adapters.peft_import import (
     CONFIG_FILE,
@@ -61,8 +61,10 @@ from peftreg.adapters.peft_import import (
     read_safetensors_header,
 )
 from peftreg.adapters.safetensors_rename import write_renamed
-from peftreg.adapters.schema import AdapterConfig, BaseReference, BottleneckSpec, TensorSpec
 from peftreg.formats.safetensors_header import SafetensorsHeader
+
+if TYPE_CHECKING:  # the models load where a bottleneck adapter is imported or exported
+    from peftreg.adapters.schema import AdapterConfig, BottleneckSpec
 
 WEIGHTS_FILE = "adapter.safetensors"
 PICKLE_WEIGHTS_FILE = "pytorch_adapter.bin"
@@ -362,6 +364,7 @@ def _style(config: dict[str, Any]) -> str:
 
 def _bottleneck_spec(document: dict[str, Any], header: SafetensorsHeader) -> BottleneckSpec:
     from peftreg.adapters.bottleneck import split_name
+    from peftreg.adapters.schema import BottleneckSpec
 
     config = document["config"]
     name = document["name"]
@@ -412,6 +415,7 @@ def _import_bottleneck(
 ) -> ImportedAdapter:
     from peftreg.adapters.bottleneck import check_bottleneck
     from peftreg.adapters.peft_import import _dominant_dtype
+    from peftreg.adapters.schema import AdapterConfig, BaseReference, TensorSpec
     from peftreg.adapters.validate import AdapterInvalid
 
     try:
@@ -433,7 +437,7 @@ def _import_bottleneck(
         peft_config=document,
         bottleneck=spec,
     )
-    return ImportedAdapter(config, path / WEIGHTS_FILE, WEIGHTS_FILE, extra_files(path))
+    return ImportedAdapter.of_config(config, path / WEIGHTS_FILE, WEIGHTS_FILE, extra_files(path))
 
 
 # Export -----------------------------------------------------------------------------

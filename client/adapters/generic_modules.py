@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from peftreg.adapters.schema import AdaptedModule
+from peftreg.adapters.documents import ModuleDocument
 
 PREFIX = "base_model.model."
 
@@ -320,10 +320,10 @@ def module_rank(kind: str, peft_config: dict[str, Any], module: str) -> int | No
 
 def adapted_modules(
     kind: str, peft_config: dict[str, Any], tensor_names: Iterable[str]
-) -> list[AdaptedModule]:
+) -> list[ModuleDocument]:
     """The modules a generic kind's tensors adapt, sorted, each with its rank."""
     modules = {m for name in tensor_names if (m := module_of(kind, name))}
     return [
-        AdaptedModule(module=module, rank=module_rank(kind, peft_config, module))
+        {"module": module, "rank": module_rank(kind, peft_config, module)}
         for module in sorted(modules)
     ]

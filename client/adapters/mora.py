@@ -32,7 +32,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from peftreg.adapters.schema import MoraSpec, TargetModule
+from peftreg.adapters.documents import MoraDocument, TargetDocument, target_document
 from peftreg.formats.safetensors_header import SafetensorsHeader
 from peftreg.sdk.errors import InvalidRequest
 
@@ -131,7 +131,7 @@ def _refusal(peft_config: Mapping[str, Any]) -> str | None:
 
 def mora_targets(
     peft_config: Mapping[str, Any], header: SafetensorsHeader
-) -> tuple[list[TargetModule], MoraSpec]:
+) -> tuple[list[TargetDocument], MoraDocument]:
     """The targets (rank = the square's side) and spec of a peft-mora directory's header.
 
     Every adapted module has `lora_A.weight` and `lora_B.weight`, both square and of one
@@ -145,7 +145,7 @@ def mora_targets(
     alpha = peft_config.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float):
         raise MoraError(f"adapter_config.json: lora_alpha {alpha!r} is not a number")
-    targets: list[TargetModule] = []
+    targets: list[TargetDocument] = []
     for name, entry in sorted(header.tensors.items()):
         short = name[len(PREFIX) :] if name.startswith(PREFIX) else name
         if "lora_embedding_" in short:
@@ -168,13 +168,11 @@ def mora_targets(
         if mora_type == 6 and side % 2:
             raise MoraError(f"{name}: MoRA type 6 (RoPE) needs an even side, not {side}")
         module_rank(peft_config, module)  # a usable r
-        targets.append(
-            TargetModule(module=module, layer="linear", rank=side, alpha=float(alpha), scaling=1.0)
-        )
+        targets.append(target_document(module, "linear", side, float(alpha), 1.0))
     if not targets:
         raise MoraError("the tensors file holds no MoRA square (lora_A.weight) tensors")
     r = _positive(peft_config.get("r"), "r")
-    spec = MoraSpec(mora_type=mora_type, r=r, r_hat=max(t.rank for t in targets))
+    spec: MoraDocument = {"mora_type": mora_type, "r": r, "r_hat": max(t["rank"] for t in targets)}
     return targets, spec
 
 

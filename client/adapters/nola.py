@@ -63,7 +63,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftreg.adapters.schema import AdapterConfig, NolaSpec, TargetModule
+from peftreg.adapters.documents import NolaDocument, TargetDocument, target_document
+from peftreg.adapters.schema import AdapterConfig, NolaSpec
 from peftreg.formats.safetensors_header import SafetensorsHeader
 from peftreg.sdk.errors import InvalidRequest
 
@@ -216,8 +217,9 @@ def compression_ratio(config: AdapterConfig) -> float:
 
 def nola_config_parts(
     peft_config: dict[str, Any], tensors_path: Path, header: SafetensorsHeader
-) -> tuple[list[TargetModule], NolaSpec, int]:
-    """Targets, NolaSpec (with the digest computed here) and stored parameters."""
+) -> tuple[list[TargetDocument], NolaDocument, int]:
+    """Targets, the NolaSpec document (with the digest computed here) and stored
+    parameters."""
     del header  # validated by the caller before this load
     tensors = load_file(str(tensors_path), device="cpu")
     try:
@@ -227,20 +229,14 @@ def nola_config_parts(
     except (KeyError, TypeError, ValueError):
         raise NolaError("adapter_config.json of a NOLA adapter needs lora_alpha") from None
     factors = materialize_factors(tensors, init_a)
-    targets: list[TargetModule] = []
+    targets: list[TargetDocument] = []
     stored = materialized = 0
     basis_a: set[int] = set()
     basis_b: set[int] = set()
     for module, (a, b) in factors.items():
         rank = a.shape[0]
         targets.append(
-            TargetModule(
-                module=module,
-                layer="conv1d" if conv1d else "linear",
-                rank=rank,
-                alpha=alpha,
-                scaling=alpha / rank,
-            )
+            target_document(module, "conv1d" if conv1d else "linear", rank, alpha, alpha / rank)
         )
         coeff_a = tensors[nola_key(module, "A", "coefficients")].numel()
         coeff_b = tensors[nola_key(module, "B", "coefficients")].numel()
@@ -267,7 +263,7 @@ def nola_config_parts(
             f"NOLA factors of {len(factors)} modules materialize to {spec.factors_digest}, "
             f"but adapter_config.json records {recorded}"
         )
-    return targets, spec, stored
+    return targets, spec.model_dump(mode="json"), stored
 
 
 def write_nola_directory(

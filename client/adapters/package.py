@@ -16,44 +16,46 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftreg.adapters.peft_import import NOLA_FILE, TENSORS_FILE, ImportedAdapter
-from peftreg.adapters.schema import (
+from peftreg.adapters.kinds import (
     ADAPTER_CONFIG_MEDIA_TYPE,
     FILE_MEDIA_TYPE,
     NOLA_SAFETENSORS_MEDIA_TYPE,
     SAFETENSORS_MEDIA_TYPE,
-    AdapterConfig,
 )
+from peftreg.adapters.peft_import import NOLA_FILE, TENSORS_FILE, ImportedAdapter
 from peftreg.media_types import TITLE_ANNOTATION, canonical_json
 from peftreg.sdk.errors import InvalidRequest
 
 if TYPE_CHECKING:
+    from peftreg.adapters.documents import AdapterDocument
+    from peftreg.adapters.schema import AdapterConfig
     from peftreg.manifest import ImageManifest
 
 KIND_ANNOTATION = "io.peftreg.adapter.kind"
 RANK_ANNOTATION = "io.peftreg.adapter.rank"
 
 
-def config_blob(config: AdapterConfig) -> bytes:
-    return canonical_json(config.model_dump(mode="json"))
+def config_blob(config: AdapterConfig | AdapterDocument) -> bytes:
+    """The config blob's bytes: the same for a model and for its document
+    (`peftreg.adapters.documents`)."""
+    return canonical_json(config if isinstance(config, dict) else config.model_dump(mode="json"))
 
 
 def adapter_artifact_files(
     imported: ImportedAdapter,
 ) -> tuple[bytes, list[tuple[Path, str, str]]]:
     """(config blob bytes, [(path, title, media type)]) with the tensors file first."""
-    media = (
-        NOLA_SAFETENSORS_MEDIA_TYPE if imported.config.kind == "nola" else SAFETENSORS_MEDIA_TYPE
-    )
+    kind = imported.document["kind"]
+    media = NOLA_SAFETENSORS_MEDIA_TYPE if kind == "nola" else SAFETENSORS_MEDIA_TYPE
     layers = [(imported.tensors_path, imported.tensors_title, media)]
     layers += [(path, title, FILE_MEDIA_TYPE) for title, path in imported.extra_files]
-    return config_blob(imported.config), layers
+    return config_blob(imported.document), layers
 
 
-def adapter_annotations(config: AdapterConfig, title: str) -> dict[str, str]:
-    annotations = {TITLE_ANNOTATION: title, KIND_ANNOTATION: config.kind}
-    if config.rank is not None:
-        annotations[RANK_ANNOTATION] = str(config.rank)
+def adapter_annotations(document: AdapterDocument, title: str) -> dict[str, str]:
+    annotations = {TITLE_ANNOTATION: title, KIND_ANNOTATION: document["kind"]}
+    if document["rank"] is not None:
+        annotations[RANK_ANNOTATION] = str(document["rank"])
     return annotations
 
 
@@ -63,6 +65,8 @@ def adapter_config_of(manifest: ImageManifest, config_bytes: bytes) -> AdapterCo
             f"not a typed adapter: its config is {manifest.config.media_type!r}, not "
             f"{ADAPTER_CONFIG_MEDIA_TYPE!r}; push the PEFT directory again with this peftreg"
         )
+    from peftreg.adapters.schema import AdapterConfig
+
     return AdapterConfig.model_validate_json(config_bytes)
 
 

@@ -26,28 +26,35 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from peftreg.adapters.documents import (
+    AdapterDocument,
+    BaseDocument,
+    MoraDocument,
+    TargetDocument,
+    TensorDocument,
+    adapter_document,
+    base_document,
+    target_document,
+    tensor_document,
+)
 from peftreg.adapters.features import storage_refusal
 from peftreg.adapters.generic_modules import adapted_modules, is_rank
+from peftreg.adapters.kinds import GENERIC_KINDS, AdapterKind
 from peftreg.adapters.mora import MoraError, check_shared_values, is_mora, mora_targets
-from peftreg.adapters.schema import (
-    GENERIC_KINDS,
-    AdapterConfig,
-    AdapterKind,
-    BaseReference,
-    MoraSpec,
-    TargetModule,
-    TensorSpec,
-)
 from peftreg.formats.safetensors_header import (
     SafetensorsError,
     SafetensorsHeader,
     read_header,
 )
 from peftreg.sdk.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from peftreg.adapters.schema import AdapterConfig
 
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter_model.safetensors"
@@ -74,10 +81,42 @@ class PickleRefused(PeftImportError):
 
 @dataclass(frozen=True)
 class ImportedAdapter:
-    config: AdapterConfig
+    """An imported directory: its config document and the files to upload.
+
+    `document` is the config blob's JSON (`peftreg.adapters.documents`), what a
+    push uploads; `config` is that document validated into the model, made on
+    first use (it loads pydantic, which a push does not need).
+    """
+
+    document: AdapterDocument
     tensors_path: Path
     tensors_title: str  # adapter_model.safetensors or nola.safetensors
     extra_files: list[tuple[str, Path]] = field(default_factory=list)  # (title, path)
+
+    @classmethod
+    def of_config(
+        cls,
+        config: AdapterConfig,
+        tensors_path: Path,
+        tensors_title: str,
+        extra_files: list[tuple[str, Path]],
+    ) -> ImportedAdapter:
+        document: AdapterDocument = config.model_dump(mode="json")  # type: ignore[assignment]
+        imported = cls(document, tensors_path, tensors_title, extra_files)
+        imported.__dict__["config"] = config  # the cached_property's slot
+        return imported
+
+    @cached_property
+    def config(self) -> AdapterConfig:
+        from peftreg.adapters.schema import AdapterConfig
+
+        return AdapterConfig.model_validate(self.document)
+
+    def with_base(self, base: BaseDocument) -> ImportedAdapter:
+        """The same adapter recorded against `base` (its name kept where `base` has none)."""
+        document = dict(self.document)
+        document["base"] = {**base, "name": base["name"] or self.document["base"]["name"]}
+        return replace(self, document=document)  # type: ignore[arg-type]
 
 
 def pickle_message(title: str) -> str:
@@ -157,21 +196,21 @@ def _dominant_dtype(header: SafetensorsHeader) -> str:
     return counts.most_common(1)[0][0]
 
 
-def _tensor_specs(header: SafetensorsHeader) -> list[TensorSpec]:
+def _tensor_specs(header: SafetensorsHeader) -> list[TensorDocument]:
     return [
-        TensorSpec(name=name, dtype=entry.dtype, shape=entry.shape)
+        tensor_document(name, entry.dtype, entry.shape)
         for name, entry in sorted(header.tensors.items())
     ]
 
 
-def _lora_targets(peft_config: dict[str, Any], header: SafetensorsHeader) -> list[TargetModule]:
+def _lora_targets(peft_config: dict[str, Any], header: SafetensorsHeader) -> list[TargetDocument]:
     r_default = peft_config.get("r")
     alpha_default = peft_config.get("lora_alpha")
     if not isinstance(r_default, int) or not isinstance(alpha_default, int | float):
         raise PeftImportError(f"{CONFIG_FILE}: LoRA needs integer r and numeric lora_alpha")
     rslora = bool(peft_config.get("use_rslora"))
     conv1d = bool(peft_config.get("fan_in_fan_out"))
-    targets: list[TargetModule] = []
+    targets: list[TargetDocument] = []
     for name, entry in sorted(header.tensors.items()):
         short = _strip_prefix(name)
         if short.endswith(".lora_A.weight"):
@@ -190,12 +229,12 @@ def _lora_targets(peft_config: dict[str, Any], header: SafetensorsHeader) -> lis
                 f"{CONFIG_FILE} gives {module}"
             )
         targets.append(
-            TargetModule(
-                module=module,
-                layer=layer,
-                rank=int(rank),
-                alpha=float(alpha),
-                scaling=lora_scaling(float(alpha), int(rank), rslora),
+            target_document(
+                module,
+                layer,
+                int(rank),
+                float(alpha),
+                lora_scaling(float(alpha), int(rank), rslora),
             )
         )
     if not targets:
@@ -206,6 +245,13 @@ def _lora_targets(peft_config: dict[str, Any], header: SafetensorsHeader) -> lis
 def _generic_kind(peft_type: str) -> AdapterKind | None:
     kind = peft_type.lower()
     return kind if kind in GENERIC_KINDS else None  # type: ignore[return-value]
+
+
+def _base_name(peft_config: dict[str, Any]) -> str | None:
+    name = peft_config.get("base_model_name_or_path")
+    if name is not None and not isinstance(name, str):
+        raise PeftImportError(f"{CONFIG_FILE}: base_model_name_or_path {name!r} is not a string")
+    return name
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -223,7 +269,7 @@ def _generic_rank(peft_config: dict[str, Any]) -> int | None:
 
 def _mora_parts(
     peft_config: dict[str, Any], header: SafetensorsHeader, tensors_path: Path
-) -> tuple[list[TargetModule], MoraSpec]:
+) -> tuple[list[TargetDocument], MoraDocument]:
     try:
         targets, spec = mora_targets(peft_config, header)
         with tensors_path.open("rb") as stream:
@@ -234,7 +280,7 @@ def _mora_parts(
                 return stream.read(end - start)
 
             for target in targets:
-                check_shared_values(read, target.module)
+                check_shared_values(read, target["module"])
     except MoraError as exc:
         raise PeftImportError(f"{TENSORS_FILE}: {exc}") from None
     return targets, spec
@@ -289,8 +335,8 @@ def read_peft_directory(
         raise PeftImportError(f"{path} has {CONFIG_FILE} but no {title}")
     header = read_safetensors_header(tensors_path, read_header)
     recorded = _recorded_base(peft_config)
-    base = BaseReference(
-        name=peft_config.get("base_model_name_or_path"),
+    base = base_document(
+        name=_base_name(peft_config),
         fingerprint=base_fingerprint or recorded.get("fingerprint"),
         structure_hash=base_structure_hash or recorded.get("structure_hash"),
     )
@@ -304,9 +350,9 @@ def read_peft_directory(
     }
     if kind == "lora":
         targets = _lora_targets(peft_config, header)
-        config = AdapterConfig(
+        document = adapter_document(
             kind="dora" if peft_config.get("use_dora") else "lora",
-            rank=max(t.rank for t in targets),
+            rank=max(t["rank"] for t in targets),
             alpha=float(peft_config["lora_alpha"]),
             scaling_rule="alpha/sqrt(r)" if peft_config.get("use_rslora") else "alpha/r",
             targets=targets,
@@ -317,9 +363,9 @@ def read_peft_directory(
 
         targets, spec, parameters = nola_config_parts(peft_config, tensors_path, header)
         common["parameters"] = parameters
-        config = AdapterConfig(
+        document = adapter_document(
             kind="nola",
-            rank=max(t.rank for t in targets),
+            rank=max(t["rank"] for t in targets),
             alpha=float(peft_config["lora_alpha"]),
             scaling_rule="alpha/r",
             targets=targets,
@@ -328,10 +374,10 @@ def read_peft_directory(
         )
     elif kind == "mora":
         targets, mora = _mora_parts(peft_config, header, tensors_path)
-        config = AdapterConfig(
+        document = adapter_document(
             kind="mora",
-            rank=mora.r_hat,
-            alpha=targets[0].alpha,
+            rank=mora["r_hat"],
+            alpha=targets[0]["alpha"],
             scaling_rule="none",
             targets=targets,
             mora=mora,
@@ -339,8 +385,8 @@ def read_peft_directory(
         )
     elif kind in GENERIC_KINDS:
         modules = adapted_modules(kind, peft_config, header.tensors)
-        ranks = [m.rank for m in modules if m.rank is not None]
-        config = AdapterConfig(
+        ranks = [rank for m in modules if (rank := m["rank"]) is not None]
+        document = adapter_document(
             kind=kind,
             rank=max(ranks) if ranks and is_rank(kind) else _generic_rank(peft_config),
             scaling_rule="none",
@@ -352,13 +398,15 @@ def read_peft_directory(
         tokens = peft_config.get("num_virtual_tokens")
         if not isinstance(tokens, int):
             raise PeftImportError(f"{CONFIG_FILE}: {peft_type} needs num_virtual_tokens")
-        config = AdapterConfig(kind=kind, scaling_rule="none", num_virtual_tokens=tokens, **common)
+        document = adapter_document(
+            kind=kind, scaling_rule="none", num_virtual_tokens=tokens, **common
+        )
     extras = [
         (item.relative_to(path).as_posix(), item)
         for item in sorted(path.rglob("*"))
         if item.is_file() and item.relative_to(path).as_posix() not in (CONFIG_FILE, title)
     ]
-    return ImportedAdapter(config, tensors_path, title, extras)
+    return ImportedAdapter(document, tensors_path, title, extras)
 
 
 __all__ = [

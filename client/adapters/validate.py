@@ -210,7 +210,7 @@ def _check_mora(
         targets, spec = mora_targets(config.peft_config, header)
     except MoraError as exc:
         raise AdapterInvalid(str(exc), location="adapter_config.json") from None
-    if spec != config.mora or {t.module: t.rank for t in targets} != {
+    if spec != config.mora.model_dump() or {t["module"]: t["rank"] for t in targets} != {
         t.module: t.rank for t in config.targets
     }:
         raise AdapterInvalid(
@@ -225,9 +225,9 @@ def _check_mora(
 
     for target in targets:
         try:
-            check_shared_values(read, target.module)
+            check_shared_values(read, target["module"])
         except MoraError as exc:
-            raise AdapterInvalid(str(exc), location=target.module) from None
+            raise AdapterInvalid(str(exc), location=target["module"]) from None
 
 
 def _check_index(config: AdapterConfig, header: SafetensorsHeader) -> None:
@@ -286,7 +286,8 @@ def _check_generic_modules(
     from peftreg.adapters.generic_modules import adapted_modules
 
     want = {
-        m.module: m.rank for m in adapted_modules(config.kind, config.peft_config, header.tensors)
+        m["module"]: m["rank"]
+        for m in adapted_modules(config.kind, config.peft_config, header.tensors)
     }
     got = {m.module: m.rank for m in config.modules}
     for module in sorted(set(want) | set(got)):

@@ -534,7 +534,7 @@ def inspect_directory(
         raise SwapError(f"NOLA adapter: {exc}") from None
     read = next((item for item in reads if item.path == imported.tensors_path), None)
     raw = None if read is None else read.raw
-    blob = config_blob(imported.config)
+    blob = config_blob(imported.document)
     digest = directory_identity(imported.config, imported.tensors_path, raw, blob)
     if (
         read is not None

@@ -192,24 +192,23 @@ def _push_path(
     config: tuple[str, bytes] = (EMPTY_JSON, EMPTY_CONFIG)
     if artifact_type in (None, ADAPTER_ARTIFACT) and _may_be_adapter(path):
         from peftreg.adapters.adapterhub import imported_adapter
+        from peftreg.adapters.documents import base_document
+        from peftreg.adapters.kinds import ADAPTER_CONFIG_MEDIA_TYPE, GENERIC_KINDS
         from peftreg.adapters.package import adapter_annotations, adapter_artifact_files
-        from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE, GENERIC_KINDS
 
         # An AdapterHub LoRA is converted to a PEFT directory that lives until the upload ends.
         imported = stack.enter_context(imported_adapter(path))
-        if base_architecture is not None and imported.config.kind in GENERIC_KINDS:
+        if base_architecture is not None and imported.document["kind"] in GENERIC_KINDS:
             check_architecture(imported, base_architecture, (base and base.name) or "the base")
         if base is not None:
-            imported.config.base = base.model_copy(
-                update={"name": base.name or imported.config.base.name}
-            )
+            imported = imported.with_base(base_document(**base.model_dump()))
         config_bytes, layers = adapter_artifact_files(imported)
         config = (ADAPTER_CONFIG_MEDIA_TYPE, config_bytes)
         check_titles([title for _path, title, _media in layers])
         entries = [(title, item, media) for item, title, media in layers]
         artifact_type = ADAPTER_ARTIFACT
         annotations = {
-            **adapter_annotations(imported.config, path.absolute().name),
+            **adapter_annotations(imported.document, path.absolute().name),
             **(annotations or {}),
         }
     else:

@@ -62,11 +62,11 @@ def test_a_module_is_the_path_before_the_last_parameter_segment() -> None:
 def test_ranks_come_from_the_config_and_its_patterns() -> None:
     names = [f"base_model.model.layers.{i}.q.fourierft_spectrum" for i in (0, 1)]
     config = {"n_frequency": 16, "n_frequency_pattern": {"layers.1.q": 8}}
-    assert [(m.module, m.rank) for m in adapted_modules("fourierft", config, names)] == [
+    assert [(m["module"], m["rank"]) for m in adapted_modules("fourierft", config, names)] == [
         ("layers.0.q", 16),
         ("layers.1.q", 8),
     ]
-    assert [m.rank for m in adapted_modules("ia3", {"r": 4}, ["base_model.model.q.ia3_l"])] == [
+    assert [m["rank"] for m in adapted_modules("ia3", {"r": 4}, ["base_model.model.q.ia3_l"])] == [
         None
     ]
 

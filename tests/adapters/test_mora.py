@@ -30,6 +30,7 @@ from peftreg.cli.main import cli as cli_main
 from peftreg.hotswap import AdapterHost, HostConfig, UnsupportedAdapter
 from peftreg.merge import adapter_from_peft_directory, merge_to_directory
 from peftreg.merge.mora import mora_delta
+from tests.adapters.documents import assert_document_is_the_model
 from tests.adapters.tiny_models import LLAMA_NAME, same_weights, sample_ids, tiny_llama
 from tests.fixtures.cli import CliEnv
 from tests.fixtures.schemas import assert_valid_config
@@ -225,7 +226,9 @@ def test_delta_matches_the_fork_forward_and_merge(
 
 def test_import_is_typed_mora_never_plain_lora(tmp_path: Path) -> None:
     directory = save_mora(tmp_path / "mora", r=4, mora_type=6)
-    config = read_peft_directory(directory).config
+    imported = read_peft_directory(directory)
+    assert_document_is_the_model(imported)
+    config = imported.config
     assert config.kind == "mora"
     assert config.mora is not None
     assert (config.mora.mora_type, config.mora.r) == (6, 4)

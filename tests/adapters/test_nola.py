@@ -27,6 +27,7 @@ from peftreg.adapters.nola import (
 from peftreg.adapters.peft_import import read_peft_directory
 from peftreg.adapters.schema import NOLA_SAFETENSORS_MEDIA_TYPE
 from peftreg.sdk import errors
+from tests.adapters.documents import assert_document_is_the_model
 from tests.adapters.tiny_models import LLAMA_NAME, same_weights, sample_ids, tiny_llama
 from tests.fixtures.cli import CliEnv
 from tests.fixtures.server import RegistryProcess
@@ -204,7 +205,9 @@ def test_nola_push_pull_exports_materialized_lora(
     )
     assert imported.exit_code == 0, imported.output
     assert "compression" in imported.stdout
-    config = read_peft_directory(directory).config
+    imported_adapter = read_peft_directory(directory)
+    assert_document_is_the_model(imported_adapter)
+    config = imported_adapter.config
     (directory / "README.md").write_text("# nola\n")
     pushed = cli.run("push", str(directory), "acme/nola:v1", "-q")
     assert pushed.exit_code == 0, pushed.output

@@ -36,6 +36,7 @@ from peftreg.adapters.validate import AdapterInvalid, validate_adapter
 from peftreg.formats.safetensors_header import read_header
 from peftreg.hotswap import AdapterHost, HostConfig, SwapError
 from peftreg.merge import MergeError, adapter_from_peft_directory, merge_to_directory
+from tests.adapters.documents import assert_document_is_the_model
 from tests.adapters.tiny_models import sample_ids, tiny_llama
 from tests.artifacts.conftest import error, push_adapter
 from tests.fixtures.cli import CliEnv
@@ -200,6 +201,7 @@ def test_peft_type(
     trained.eval()
     source = tmp_path / "source"
     trained.save_pretrained(str(source))
+    assert_document_is_the_model(read_peft_directory(source))
 
     ref = f"acme/types/{kind.replace('_', '-')}:v1"
     pushed = module_cli.run("push", str(source), ref, "--base", "acme/bases/llama:v1", "-q")

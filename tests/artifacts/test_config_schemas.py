@@ -23,6 +23,7 @@ from peftreg.adapters.schema import ADAPTER_CONFIG_MEDIA_TYPE, BASE_CONFIG_MEDIA
 from peftreg.artifact_schemas import SCHEMA_MEDIA_TYPE, schema_names
 from peftreg.registry.app import build_services, create_app
 from peftreg.registry.settings import Settings
+from tests.adapters.documents import assert_document_is_the_model
 from tests.adapters.test_nola import reference_checkpoint
 from tests.adapters.test_peft_roundtrip import CASES, _perturb
 from tests.adapters.tiny_models import tiny_llama
@@ -65,6 +66,7 @@ def test_every_peft_kind_yields_a_valid_adapter_config(case: str, tmp_path: Path
     _perturb(model)
     model.save_pretrained(str(tmp_path / "adapter"), safe_serialization=True)
     imported = read_peft_directory(tmp_path / "adapter", base_fingerprint="sha256:" + "0" * 64)
+    assert_document_is_the_model(imported)
     assert_valid_config(imported.config.model_dump(mode="json"), ADAPTER_CONFIG_MEDIA_TYPE)
 
 

@@ -7,17 +7,22 @@ Start-up is most of a small transfer's time; these guard the lazy imports
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+import numpy as np
+from safetensors.numpy import save_file
+
 from tests.fixtures.cli import CliEnv
 
 NEVER_FOR_TRANSFERS = {
     "peftreg.sdk.jobs",  # job commands only
-    "peftreg.adapters.schema",  # typed adapters only
+    "peftreg.adapters.schema",  # models: a push builds an adapter's config as plain data
     "rich",  # by httpx's own command line, which the CLI stops httpx from loading
     "filelock",  # the cache locks with flock itself (peftreg.file_lock)
     "torch",
@@ -57,6 +62,31 @@ def test_push_and_pull_load_only_what_they_use(cli_env: CliEnv, tmp_path: Path) 
     assert pushed.isdisjoint(NEVER_FOR_TRANSFERS)
     assert pulled.isdisjoint(NEVER_FOR_TRANSFERS)
     assert (tmp_path / "out" / "adapter.bin").read_bytes() == source.read_bytes()
+
+
+def test_an_adapter_push_types_it_without_loading_the_models(
+    cli_env: CliEnv, tmp_path: Path
+) -> None:
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file(
+        {
+            f"{prefix}.lora_A.weight": np.ones((4, 16), np.float32),
+            f"{prefix}.lora_B.weight": np.ones((16, 4), np.float32),
+        },
+        str(lora / "adapter_model.safetensors"),
+    )
+
+    pushed = imported(cli_env, "push", str(lora), "acme/startup-lora:v1", "-q")
+
+    assert "peftreg.adapters.peft_import" in pushed
+    assert pushed.isdisjoint(NEVER_FOR_TRANSFERS)
+    url = cli_env.env["PEFTREG_URL"]
+    version = httpx.get(f"{url}/api/v1/repositories/acme/startup-lora/versions/v1").json()
+    assert (version["adapter"]["kind"], version["adapter"]["rank"]) == ("lora", 4)
 
 
 def test_version_loads_no_client(cli_env: CliEnv) -> None:
