@@ -10,14 +10,17 @@ tests can put their own seam under it.
 from __future__ import annotations
 
 import json
+import ssl
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urljoin
 
 import httpx
 
+from peftreg.sdk.direct_get import open_body, proxies_configured
 from peftreg.sdk.errors import PeftregError, TransportError, error_class
 from peftreg.sdk.transport import LazyTlsTransport
 
@@ -60,6 +63,28 @@ def error_from_response(response: httpx.Response) -> PeftregError:
     )
 
 
+class Body(Protocol):
+    """A successful GET's status, headers (lower-case names) and body, read in pieces."""
+
+    status_code: int
+    headers: Mapping[str, str]
+
+    def chunks(self, chunk: int) -> Iterator[bytes]: ...
+
+
+class _HttpxBody:
+    def __init__(self, response: httpx.Response) -> None:
+        self.status_code = response.status_code
+        self.headers: Mapping[str, str] = response.headers
+        self._response = response
+
+    def chunks(self, chunk: int) -> Iterator[bytes]:
+        # Pieces as the transport delivers them (no re-chunking copy), decoded if encoded.
+        if "content-encoding" in self._response.headers:
+            return self._response.iter_bytes()
+        return self._response.iter_raw()
+
+
 class HttpSession:
     """An httpx client bound to one registry, with auth, retries and error mapping."""
 
@@ -81,10 +106,18 @@ class HttpSession:
         headers = {"User-Agent": USER_AGENT}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        self._headers = headers
+        # httpx honours the environment's proxies only with its own transport: with one,
+        # the session keeps it. Without, large bodies skip httpx (peftreg.sdk.direct_get).
+        self._direct = transport is None and not proxies_configured()
+        if self._direct:
+            transport = LazyTlsTransport()
+        self._ssl_lock = threading.Lock()
+        self._ssl: ssl.SSLContext | None = None
         self._client = httpx.Client(
             base_url=self.base_url,
             headers=headers,
-            transport=transport or LazyTlsTransport(),
+            transport=transport,
             timeout=timeout,
             follow_redirects=True,
         )
@@ -184,6 +217,38 @@ class HttpSession:
             yield response
         finally:
             response.close()
+
+    @contextmanager
+    def body(
+        self, path: str, *, headers: Mapping[str, str] | None = None, large: bool = False
+    ) -> Iterator[Body]:
+        """A GET's body to read in pieces; errors raised before yielding, as `stream`.
+
+        A `large` body is read with http.client where the session allows
+        (`peftreg.sdk.direct_get`: a fifth of httpx's CPU per byte); an error
+        status, or a session with a proxy or a transport of its own, goes
+        through httpx.
+        """
+        if large and self._direct:
+            sent = {**self._headers, "Accept-Encoding": "identity", **(headers or {})}
+            direct = open_body(
+                self.url(path), sent, timeout=self._client.timeout.read, ssl_context=self._tls
+            )
+            if direct is not None:
+                try:
+                    yield direct
+                finally:
+                    direct.close()
+                return
+        with self.stream("GET", path, headers=headers) as response:
+            yield _HttpxBody(response)
+
+    def _tls(self) -> ssl.SSLContext:
+        """The verifying context httpx's own https transport makes, made on first use."""
+        with self._ssl_lock:
+            if self._ssl is None:
+                self._ssl = httpx.create_ssl_context()
+            return self._ssl
 
     def __enter__(self) -> HttpSession:
         return self

@@ -5,8 +5,9 @@ is made: a third of the start-up of a CLI command against a plain-HTTP
 registry. This transport sends `http://` requests through a pool that has
 no use for certificates and makes the verifying `https://` pool on the first
 request with that scheme (a registry over TLS, a redirect to a presigned
-store URL), with httpx's defaults for verification. Proxies from the
-environment are httpx's mounts and work as before.
+store URL), with httpx's defaults for verification. httpx applies the
+environment's proxies only to a client without a transport of its own, so
+`HttpSession` uses this one only where no proxy is configured.
 
 Reads from the socket are 4 MiB, not httpcore's 64 KiB: a 1 GiB blob GET
 then takes 16,000 fewer trips through h11's receive buffer, which halved

@@ -34,12 +34,15 @@ import httpx
 from peftreg.cache import Cache
 from peftreg.digest import Digest
 from peftreg.sdk.errors import DigestMismatch, PeftregError, ServerError, TransportError
-from peftreg.sdk.http import HttpSession
+from peftreg.sdk.http import Body, HttpSession
 from peftreg.transfer.progress import NullProgress, Progress
 from peftreg.writeback import EarlyWriteback
 
 READ_CHUNK = 4 * 1024 * 1024
 HASH_QUEUE = 8  # chunks (of at most 4 MiB, the transport's read size) the hash may lag
+# From this size a blob's body is read with http.client (HttpSession.body): smaller ones
+# reuse the session's open httpx connection, and would not notice the difference.
+LARGE_BODY = 8 * 1024 * 1024
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -141,7 +144,7 @@ class _Fetcher:
                 time.sleep(self.http.delay(attempt))
                 attempt += 1
 
-    def _check_range(self, response: httpx.Response, start: int) -> None:
+    def _check_range(self, response: Body, start: int) -> None:
         if start == 0 and response.status_code == 200:
             return
         match = _CONTENT_RANGE_RE.match(response.headers.get("content-range", ""))
@@ -172,16 +175,14 @@ class _Fetcher:
                     partial.touch()
                     return
                 headers = {"Range": f"bytes={start}-"} if start else {}
-                with self.http.stream("GET", self.url, headers=headers) as response:
+                large = self.size - start >= LARGE_BODY
+                with self.http.body(self.url, headers=headers, large=large) as response:
                     self._check_range(response, start)
                     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | (0 if start else os.O_TRUNC))
                     try:
                         os.lseek(fd, start, os.SEEK_SET)
                         writeback = EarlyWriteback(fd, start)
-                        # Chunks as the transport delivers them: no re-chunking copy.
-                        encoded = "content-encoding" in response.headers
-                        chunks = response.iter_bytes() if encoded else response.iter_raw()
-                        for chunk in chunks:
+                        for chunk in response.chunks(READ_CHUNK):
                             if state["offset"] + len(chunk) > self.size:
                                 raise DigestMismatch(f"{self.url} sent more than {self.size} bytes")
                             view = memoryview(chunk)

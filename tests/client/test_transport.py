@@ -2,7 +2,9 @@
 
 Real servers on loopback: a plain one that redirects, and a TLS one whose
 self-signed certificate (made here with `openssl`) is trusted only when
-`SSL_CERT_FILE` names it.
+`SSL_CERT_FILE` names it. Large bodies (`HttpSession.body(..., large=True)`)
+are read with http.client (`peftreg.sdk.direct_get`), which must keep every
+rule of the httpx path: verification, redirects, the token, errors, proxies.
 """
 
 from __future__ import annotations
@@ -17,19 +19,31 @@ from pathlib import Path
 
 import pytest
 
-from peftreg.sdk.errors import TransportError
+from peftreg.sdk.errors import NotFound, TransportError
 from peftreg.sdk.http import HttpSession
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
     target = ""
+    seen: list[dict[str, str]]  # each request's path and headers, per server
 
     def do_GET(self) -> None:
-        if self.path == "/redirect":
+        self.seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+        if self.path in ("/redirect", "/redirect-here"):
             self.send_response(307)
-            self.send_header("Location", f"{self.target}/blob")
+            here = self.path == "/redirect-here"
+            self.send_header("Location", "/blob" if here else f"{self.target}/blob")
             self.send_header("Content-Length", "0")
             self.end_headers()
+            return
+        if self.path == "/missing":
+            body = b'{"errors": [{"code": "BLOB_UNKNOWN", "message": "no such blob"}]}'
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
             return
         body = b"over " + (b"tls" if isinstance(self.connection, ssl.SSLSocket) else b"plain")
         self.send_response(200)
@@ -42,8 +56,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @contextmanager
-def _serve(context: ssl.SSLContext | None, target: str = "") -> Iterator[str]:
-    handler = type("Handler", (_Handler,), {"target": target})
+def _serve(
+    context: ssl.SSLContext | None, target: str = "", seen: list[dict[str, str]] | None = None
+) -> Iterator[str]:
+    handler = type("Handler", (_Handler,), {"target": target, "seen": [] if seen is None else seen})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     if context is not None:
         server.socket = context.wrap_socket(server.socket, server_side=True)
@@ -108,3 +124,75 @@ def test_redirect_to_untrusted_https_fails(tls_url: str, monkeypatch: pytest.Mon
         pytest.raises(TransportError),
     ):
         http.request("GET", "/redirect")
+
+
+def _large(http: HttpSession, path: str) -> bytes:
+    with http.body(path, large=True) as body:
+        assert body.status_code == 200
+        return b"".join(body.chunks(4))
+
+
+def test_a_large_body_is_read_past_httpx_with_the_sessions_token() -> None:
+    seen: list[dict[str, str]] = []
+    with _serve(None, seen=seen) as url, HttpSession(url, token="secret") as http:
+        assert _large(http, "/blob") == b"over plain"
+        with http.body("/blob") as small:
+            assert b"".join(small.chunks(4)) == b"over plain"
+    direct, through_httpx = seen
+    assert direct["authorization"] == through_httpx["authorization"] == "Bearer secret"
+    assert direct["accept-encoding"] == "identity"  # http.client: nothing to decode
+    assert "gzip" in through_httpx["accept-encoding"]
+
+
+def test_a_large_body_follows_redirects_and_keeps_the_token_only_on_its_origin(
+    tls_url: str, certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+    seen: list[dict[str, str]] = []
+    with (
+        _serve(None, target=tls_url, seen=seen) as url,
+        HttpSession(url, token="secret") as http,
+    ):
+        assert _large(http, "/redirect-here") == b"over plain"
+        assert _large(http, "/redirect") == b"over tls"
+    assert [(r["path"], r.get("authorization")) for r in seen] == [
+        ("/redirect-here", "Bearer secret"),
+        ("/blob", "Bearer secret"),
+        ("/redirect", "Bearer secret"),
+    ]  # the TLS server saw the last GET, without the token
+
+
+def test_a_large_body_from_untrusted_https_fails(
+    tls_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with (
+        _serve(None, target=tls_url) as url,
+        HttpSession(url, retries=0) as http,
+        pytest.raises(TransportError),
+    ):
+        _large(http, "/redirect")
+
+
+def test_a_large_body_answered_with_an_error_raises_the_typed_error() -> None:
+    with (
+        _serve(None) as url,
+        HttpSession(url, retries=0) as http,
+        pytest.raises(NotFound) as caught,
+    ):
+        _large(http, "/missing")
+    assert caught.value.code == "BLOB_UNKNOWN"
+
+
+def test_a_proxy_in_the_environment_is_used_for_every_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[dict[str, str]] = []
+    with _serve(None, seen=seen) as url:
+        monkeypatch.setenv("HTTP_PROXY", url)  # this server answers the proxied GET itself
+        monkeypatch.setenv("NO_PROXY", "")
+        with HttpSession("http://registry.invalid") as http:
+            assert http.request("GET", "/blob").content == b"over plain"
+            assert _large(http, "/blob") == b"over plain"
+    # Both went to the proxy (absolute-form targets), through httpx.
+    assert [r["path"] for r in seen] == ["http://registry.invalid/blob"] * 2
