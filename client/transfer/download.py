@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import re
 import threading
 import time
@@ -33,6 +32,7 @@ import httpx
 
 from peftreg.cache import Cache
 from peftreg.digest import Digest
+from peftreg.following_hash import FollowingHash
 from peftreg.sdk.errors import DigestMismatch, PeftregError, ServerError, TransportError
 from peftreg.sdk.http import Body, HttpSession
 from peftreg.transfer.progress import NullProgress, Progress
@@ -92,29 +92,6 @@ def download_blob(
         return DownloadResult(cache.commit_blob(digest, partial), fetcher.received)
 
 
-class _FollowingHasher:
-    """Hashes, on its own thread, the chunks handed to it in order."""
-
-    def __init__(self, algorithm: str) -> None:
-        self._hasher = hashlib.new(algorithm)
-        self._algorithm = algorithm
-        self._chunks: queue.Queue[bytes | None] = queue.Queue(HASH_QUEUE)
-        self._thread = threading.Thread(target=self._run, name="peftreg-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (chunk := self._chunks.get()) is not None:
-            self._hasher.update(chunk)
-
-    def update(self, chunk: bytes) -> None:
-        self._chunks.put(chunk)
-
-    def finish(self) -> Digest:
-        self._chunks.put(None)
-        self._thread.join()
-        return Digest(self._algorithm, self._hasher.hexdigest())
-
-
 class _Fetcher:
     def __init__(self, http: HttpSession, url: str, size: int, progress: Progress) -> None:
         self.http = http
@@ -154,7 +131,7 @@ class _Fetcher:
     # one stream, hashed by a thread that follows the writes ------------------
 
     def single(self, partial: Path, algorithm: str) -> tuple[Digest, int]:
-        hasher = _FollowingHasher(algorithm)
+        hasher = FollowingHash(hashlib.new(algorithm), HASH_QUEUE)
         offset = 0
         state = {"offset": offset}
         try:
@@ -201,5 +178,5 @@ class _Fetcher:
 
             self._with_retries(attempt)
         finally:
-            digest = hasher.finish()
+            digest = Digest(algorithm, hasher.finish().hexdigest())
         return digest, state["offset"]

@@ -26,7 +26,10 @@ class UploadWriter(Protocol):
     def write(self, data: bytes) -> None: ...
 
     def write_many(self, chunks: Sequence[bytes]) -> None:
-        """Append the chunks in order, as `write` of their concatenation (without making it)."""
+        """Append the chunks in order, as `write` of their concatenation (without making it).
+
+        The chunks are the store's until `close` or `cancel`: it may hash them after
+        this returns, so the caller must not change them (bytes cannot change)."""
         ...
 
     def close(self) -> int:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from peftreg.digest import Digest, InvalidDigest, digest_stream
+from peftreg.following_hash import FollowingHash
 from peftreg.registry.storage.errors import (
     BlobNotFound,
     DigestMismatch,
@@ -39,6 +40,7 @@ from peftreg.registry.storage.upload_ids import check_upload_id, new_upload_id
 from peftreg.writeback import EarlyWriteback
 
 READ_CHUNK = 4 * 1024 * 1024  # serving reads: fewer thread hops per GiB
+HASH_DEPTH = 2  # write batches (of about 4 MiB, oci_uploads.WRITE_BUFFER) the hash may lag
 IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev takes
 logger = logging.getLogger(__name__)
 
@@ -125,7 +127,9 @@ class FilesystemUploadWriter:
         self._offset = offset
         self._size = offset
         self._file.seek(offset)
-        self._hash = store.hashes.begin(upload_id, offset)
+        # Hashed on its own thread while the next batch is written (peftreg.following_hash).
+        state = store.hashes.begin(upload_id, offset)
+        self._hash = None if state is None else FollowingHash(state, HASH_DEPTH)
         self._writeback = EarlyWriteback(self._file.fileno(), offset)
 
     def write(self, data: bytes) -> None:
@@ -134,21 +138,23 @@ class FilesystemUploadWriter:
     def write_many(self, chunks: Sequence[bytes]) -> None:
         """One `writev` for the chunks as they arrived: they are never joined (copied)."""
         _write_all(self._file.fileno(), chunks)
-        for chunk in chunks:
-            self._size += len(chunk)
-            if self._hash is not None:
-                self._hash.update(chunk)
+        if self._hash is not None:
+            self._hash.update_many(chunks)
+        self._size += sum(len(chunk) for chunk in chunks)
         self._writeback.written(self._size)
 
     def close(self) -> int:
         self._file.close()  # durable at the commit: one fsync per blob, not per request
         if self._hash is not None:
-            self._store.hashes.advance(self._upload_id, self._offset, self._size, self._hash)
+            state = self._hash.finish()
+            self._store.hashes.advance(self._upload_id, self._offset, self._size, state)
         return self._size
 
     def cancel(self) -> None:
         self._file.truncate(self._offset)
         self._file.close()
+        if self._hash is not None:
+            self._hash.finish()
         self._store.hashes.forget(self._upload_id)
 
 
