@@ -10,12 +10,14 @@ of an earlier one, and after `warm_memory`, so none pays the host for memory
 it took back from the virtual machine. One run prints every figure as a ratio to `cp + fsync`
 measured in the same run:
 
-- the floor: `cp`, `cp` + fsync of the copy, one `sha256sum` pass;
+- the floor: `cp`, `cp` + fsync of the copy, one `sha256sum` pass, and one
+  sha256 pass of hashlib (OpenSSL, what peftreg's client and server use);
 - peftreg on the filesystem backend, through the CLI as a user types it
   (`peftreg push FILE REF`, `peftreg pull REF -o DIR` with a cold cache:
   process start included, peak RSS of the process reported), and through
-  the raw protocol (POST + one streamed PATCH hashed on the way + PUT; GET
-  verified while written);
+  the raw protocol with the standard library's http.client (POST + one
+  streamed PATCH hashed on the way + PUT; GET written, hashed on a thread,
+  fsynced and verified);
 - CNCF distribution (Debian `docker-registry`, started here on a loopback
   port with a temporary config), pushed with `sha256sum` + curl POST + PUT
   and pulled with curl + `sha256sum`;
@@ -31,6 +33,7 @@ reported as skipped, not failed: the lead's machine has them.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import queue
@@ -42,10 +45,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -263,8 +267,31 @@ class ThreadHasher:
         return f"sha256:{self._hasher.hexdigest()}"
 
 
+def _connect(url: str) -> http.client.HTTPConnection:
+    parts = urlsplit(url)
+    return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=600)
+
+
+def _request(
+    connection: http.client.HTTPConnection,
+    method: str,
+    target: str,
+    body: Iterable[bytes] | None = None,
+    headers: dict[str, str] | None = None,
+) -> http.client.HTTPResponse:
+    connection.request(method, target, body=body, headers=headers or {})
+    response = connection.getresponse()
+    if response.status >= 300 and response.status not in (307,):
+        raise RuntimeError(f"raw {method} {target}: {response.status} {response.read()[:200]!r}")
+    return response
+
+
 def raw_push(url: str, path: Path) -> str:
-    """POST, one PATCH streaming the file (hashed on a thread on the way), PUT ?digest=."""
+    """POST, one PATCH streaming the file (hashed on a thread on the way), PUT ?digest=.
+
+    The standard library's http.client, which sends each block as it is: the raw
+    protocol measures the server, not a client library's copies.
+    """
     hasher = ThreadHasher()
 
     def body() -> Iterator[bytes]:
@@ -273,35 +300,50 @@ def raw_push(url: str, path: Path) -> str:
                 hasher.update(block)
                 yield block
 
-    with httpx.Client(base_url=url, timeout=600) as client:
-        started = client.post(f"/v2/{REPO}/blobs/uploads/")
-        started.raise_for_status()
+    connection = _connect(url)
+    try:
+        started = _request(connection, "POST", f"/v2/{REPO}/blobs/uploads/")
+        started.read()
         size = path.stat().st_size
-        patched = client.patch(
+        patched = _request(
+            connection,
+            "PATCH",
             started.headers["Location"],
-            content=body(),
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+            body(),
+            {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
         )
-        patched.raise_for_status()
+        patched.read()
         digest = hasher.digest()
-        finished = client.put(patched.headers["Location"], params={"digest": digest})
-        if finished.status_code != 201:
-            raise RuntimeError(f"raw push failed: {finished.status_code} {finished.text}")
+        finished = _request(connection, "PUT", f"{patched.headers['Location']}?digest={digest}")
+        finished.read()
+        if finished.status != 201:
+            raise RuntimeError(f"raw push failed: {finished.status}")
+    finally:
+        connection.close()
     return digest
 
 
 def raw_pull(url: str, digest: str, target: Path) -> None:
-    """One GET, written as it arrives and hashed on a thread (verified at the end)."""
+    """One GET (following a redirect), written as it arrives, hashed on a thread, fsynced
+    and verified at the end: what `cp` + fsync and a verified pull must both do."""
     hasher = ThreadHasher()
-    with (
-        httpx.Client(base_url=url, timeout=600, follow_redirects=True) as client,
-        client.stream("GET", f"/v2/{REPO}/blobs/{digest}") as response,
-        target.open("wb") as handle,
-    ):
-        response.raise_for_status()
-        for chunk in response.iter_raw():
-            handle.write(chunk)
-            hasher.update(chunk)
+    location = f"{url}/v2/{REPO}/blobs/{digest}"
+    for _ in range(3):
+        parts = urlsplit(location)
+        connection = _connect(location)
+        response = _request(connection, "GET", parts.path + (f"?{parts.query}" * bool(parts.query)))
+        if response.status != 307:
+            break
+        connection.close()
+        location = urljoin(location, response.headers["Location"])
+    try:
+        with target.open("wb", buffering=0) as handle:
+            while chunk := response.read(4 * BLOCK):
+                handle.write(chunk)
+                hasher.update(chunk)
+            os.fsync(handle.fileno())
+    finally:
+        connection.close()
     if hasher.digest() != digest:
         raise RuntimeError("raw pull: digest mismatch")
 
@@ -410,6 +452,15 @@ def seaweed_store() -> Iterator[dict[str, str] | None]:
         }
 
 
+def hash_file(path: Path) -> str:
+    """One sha256 pass in this process (OpenSSL, as peftreg's client and server hash)."""
+    hasher = hashlib.sha256()
+    with path.open("rb", buffering=0) as handle:
+        while block := handle.read(4 * BLOCK):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
 def floor_rows(root: Path, source: Path) -> list[Row]:
     rows = [Row("cp", timed(lambda: subprocess.run(["cp", source, root / "c1"], check=True)))]
     rows.append(Row("cp + fsync (the floor)", timed(lambda: durable_copy(source, root / "c2"))))
@@ -419,6 +470,7 @@ def floor_rows(root: Path, source: Path) -> list[Row]:
             timed(lambda: subprocess.run(["sha256sum", source], check=True, capture_output=True)),
         )
     )
+    rows.append(Row("sha256, hashlib (one pass)", timed(lambda: hash_file(source))))
     for name in ("c1", "c2"):
         (root / name).unlink()
     return rows
