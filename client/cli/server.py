@@ -37,6 +37,7 @@ def serve(host: str | None, port: int | None, log_level: str, workers: int, as_j
     from peftreg.registry.app import background_threads, build_services, create_app
     from peftreg.registry.observability.logging import configure_logging
     from peftreg.registry.settings import Settings
+    from peftreg.registry.zero_copy import SendfileHttpToolsProtocol
 
     overrides: dict[str, object] = {}
     if host is not None:
@@ -65,6 +66,7 @@ def serve(host: str | None, port: int | None, log_level: str, workers: int, as_j
             timeout_graceful_shutdown=10,
             factory=workers > 1,
             workers=workers,
+            http=SendfileHttpToolsProtocol,  # blob GETs sent from the file by the kernel
         )
 
     address = f"http://{settings.host}:{settings.port}"

@@ -17,6 +17,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from peftreg.registry.api.sendfile import SENDFILE
 from peftreg.registry.observability.metrics import Metrics
 
 UNMATCHED = "unmatched"
@@ -71,6 +72,9 @@ class HttpMetricsMiddleware:
                 status = message["status"]
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
+            elif message["type"] == SENDFILE:
+                sent += message["count"]
+                metrics.add_zero_copy_bytes(message["count"])
             await send(message)
 
         try:

@@ -9,6 +9,8 @@ in one process, and each exposes only its own numbers at `/metrics`.
 - `http_request_duration_seconds{method, route}`: histogram of serving time.
 - `blob_bytes_total{direction}`: blob bytes received by uploads (`in`) and
   sent by blob GETs (`out`).
+- `blob_bytes_zero_copy_total`: the part of `out` sent by the kernel from the
+  file (`peftreg.registry.zero_copy`).
 - `blob_store_seconds{backend, operation}`: histogram of blob store calls.
 - `job_duration_seconds{kind, outcome}`: histogram of finished job attempts
   (`observe_job`).
@@ -125,6 +127,12 @@ class Metrics:
             ["direction"],
             registry=self.registry,
         )
+        self.blob_bytes_zero_copy = Counter(
+            "blob_bytes_zero_copy",
+            "Blob bytes of GETs handed to the kernel to send from the file (sendfile); "
+            "part of blob_bytes{direction=out}.",
+            registry=self.registry,
+        )
         self.blob_store_seconds = Histogram(
             "blob_store_seconds",
             "Time of blob store operations.",
@@ -177,6 +185,10 @@ class Metrics:
     def add_blob_bytes(self, direction: str, count: int) -> None:
         if count > 0:
             self.blob_bytes.labels(direction).inc(count)
+
+    def add_zero_copy_bytes(self, count: int) -> None:
+        if count > 0:
+            self.blob_bytes_zero_copy.inc(count)
 
     def observe_store(self, backend: str, operation: str, seconds: float) -> None:
         self.blob_store_seconds.labels(backend, operation).observe(seconds)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from peftreg.digest import Digest
 from peftreg.registry.observability.metrics import Metrics
@@ -84,6 +84,9 @@ class InstrumentedBlobStore:
 
     def redirect_url(self, digest: Digest) -> str | None:
         return self._timer.call("redirect_url", lambda: self.inner.redirect_url(digest))
+
+    def local_file(self, digest: Digest) -> BinaryIO | None:
+        return self._timer.call("local_file", lambda: self.inner.local_file(digest))
 
     # ingesting
     def create_upload(self) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from peftreg.digest import Digest
 
@@ -55,6 +55,12 @@ class BlobReader(Protocol):
 
     def redirect_url(self, digest: Digest) -> str | None:
         """A URL clients may fetch the blob from directly, or None to proxy."""
+        ...
+
+    def local_file(self, digest: Digest) -> BinaryIO | None:
+        """The blob as an open local file (the caller closes it), for the kernel to send
+        as it is; raises `BlobNotFound`. A store that keeps no local files answers None
+        for every digest, without looking it up."""
         ...
 
 

@@ -196,6 +196,12 @@ class FilesystemBlobStore:
     def redirect_url(self, digest: Digest) -> str | None:
         return None
 
+    def local_file(self, digest: Digest) -> BinaryIO | None:
+        try:
+            return blob_path(self.root, digest).open("rb")
+        except FileNotFoundError:
+            raise BlobNotFound(digest) from None
+
     # ingesting
     def create_upload(self) -> str:
         upload_id = new_upload_id()

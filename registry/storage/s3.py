@@ -22,7 +22,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import boto3
 from botocore.config import Config
@@ -163,6 +163,9 @@ class S3BlobStore:
                 yield from body.iter_chunks(READ_CHUNK)
         finally:
             body.close()
+
+    def local_file(self, digest: Digest) -> BinaryIO | None:
+        return None
 
     def redirect_url(self, digest: Digest) -> str | None:
         if not self.redirect:

@@ -263,6 +263,19 @@ def test_range_reads(blob_store: BlobStore) -> None:
     assert read_all(blob_store, digest, size) == b""
 
 
+def test_a_local_file_is_the_blob_or_none(blob_store: BlobStore) -> None:
+    data = b"sent from the file" * 100
+    digest = store_blob(blob_store, data)
+    local = blob_store.local_file(digest)
+    if local is None:  # a store without local files says so for every blob
+        assert blob_store.local_file(Digest.of_bytes(b"absent")) is None
+        return
+    with local:
+        assert local.read() == data
+    with pytest.raises(BlobNotFound):
+        blob_store.local_file(Digest.of_bytes(b"absent"))
+
+
 def test_read_of_missing_blob_raises_before_iterating(blob_store: BlobStore) -> None:
     missing = Digest.of_bytes(b"never stored")
     with pytest.raises(BlobNotFound):

@@ -1,10 +1,11 @@
 """OCI blobs: HEAD/GET (with Range, or a redirect to the store) and DELETE.
 
-No zero-copy send: uvicorn implements neither ASGI's `zerocopysend` nor
-`pathsend` extension (Starlette's `FileResponse` uses the latter where a
-server offers it), so bytes go through Python. The filesystem store reads
-4 MiB at a time on a worker thread, which keeps that to a few hundred
-thread hops per GiB; at scale the S3 store redirects clients to the store.
+A GET of a blob the store keeps as a local file (the filesystem store) is
+sent by the kernel from the file to the socket where the server offers the
+`peftreg.sendfile` extension (`peftreg serve` does, on plain HTTP:
+`peftreg.registry.zero_copy`). Otherwise the bytes go through Python, read
+4 MiB at a time on a worker thread; the S3 store redirects clients to the
+store where that is configured.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 from functools import partial
+from typing import BinaryIO
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from peftreg.registry.api.caching import content_cache_headers
 from peftreg.registry.api.deps import (
@@ -26,6 +29,7 @@ from peftreg.registry.api.deps import (
     in_transaction,
 )
 from peftreg.registry.api.openapi import BLOB_BYTES, OCTET_STREAM, body, failures, no_body
+from peftreg.registry.api.sendfile import offers_sendfile, sendfile_message
 from peftreg.registry.catalog import blobs
 from peftreg.registry.catalog.repositories import valid_name
 from peftreg.registry.errors import (
@@ -38,6 +42,31 @@ from peftreg.registry.errors import (
 from peftreg.registry.storage.errors import BlobNotFound
 
 router = APIRouter()
+
+
+class SendfileResponse(Response):
+    """Bytes `[start, end)` of an open file, sent by the server's `peftreg.sendfile`."""
+
+    def __init__(
+        self, file: BinaryIO, start: int, end: int, status_code: int, headers: dict[str, str]
+    ) -> None:
+        super().__init__(status_code=status_code, headers=headers)
+        self.file, self.start, self.end = file, start, end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            await send(sendfile_message(self.file, self.start, self.end - self.start))
+        finally:
+            self.file.close()
+
+
 BLOB_BYTES_SCHEMA = {"type": "string", "format": "binary"}
 _RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")  # matched whole (`fullmatch`)
 
@@ -106,6 +135,10 @@ async def get_blob(
         status = 206
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     try:
+        if offers_sendfile(request.scope):
+            local = await run_in_threadpool(services.store.local_file, parsed)
+            if local is not None:
+                return SendfileResponse(local, start, end, status, headers)
         # Opening the blob is the backend's request (an S3 GetObject): off the loop.
         chunks = await run_in_threadpool(services.store.read, parsed, start, end)
     except BlobNotFound:

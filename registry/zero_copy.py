@@ -1,0 +1,126 @@
+"""Blob bodies sent from the file to the socket by the kernel (`sendfile`).
+
+uvicorn implements neither ASGI's `zerocopysend` nor its `pathsend`
+extension, so a body the app sends goes through Python: read from the file
+into memory, then written to the socket. `peftreg serve` runs uvicorn with
+`SendfileHttpToolsProtocol`, uvicorn's httptools protocol plus one ASGI
+extension, `peftreg.sendfile` (`peftreg.registry.api.sendfile`), offered on
+plain (not TLS) connections. When the app sends that message, the headers
+are on the wire, and a worker thread calls `os.sendfile` on a duplicate of
+the connection's descriptor until `count` bytes are sent, waiting with
+`poll` while the socket is full. The duplicate keeps the socket open if the
+connection is closed meanwhile, so the bytes can never reach another
+connection that reused its number. Where the headers still sit in the
+transport's buffer, the body is sent the ordinary way (read by a thread); a
+connection that breaks is closed. The blob GET of the filesystem store uses
+it (`peftreg.registry.api.routes.oci_blobs`).
+
+This reaches into uvicorn's `RequestResponseCycle` (its `send`, its
+Content-Length accounting), whose version the lock pins;
+`tests/integration/test_zero_copy.py` runs it in a real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+from collections.abc import Awaitable, Callable
+from typing import Any, BinaryIO
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from peftreg.registry.api.sendfile import SENDFILE
+
+READ_CHUNK = 4 * 1024 * 1024  # the fallback's pieces
+STALL_SECONDS = 300  # a client that reads nothing for this long is dropped
+Send = Callable[[Any], Awaitable[None]]
+
+
+def _send_all(socket_fd: int, file_fd: int, offset: int, count: int) -> None:
+    """`count` bytes of the file from `offset` to a non-blocking socket."""
+    poller = select.poll()
+    poller.register(socket_fd, select.POLLOUT)
+    end = offset + count
+    while offset < end:
+        try:
+            sent = os.sendfile(socket_fd, file_fd, offset, end - offset)
+        except BlockingIOError:
+            if not poller.poll(STALL_SECONDS * 1000):
+                raise TimeoutError(f"the client read nothing for {STALL_SECONDS} s") from None
+            continue
+        if sent == 0:
+            raise EOFError(f"the file ended {end - offset} bytes early")
+        offset += sent
+
+
+class _SendfileCycle:
+    """The `send` of one request's cycle, taught the `peftreg.sendfile` message."""
+
+    def __init__(self, cycle: RequestResponseCycle) -> None:
+        self.cycle = cycle
+        self.send_ordinary: Send = cycle.send
+
+    async def send(self, message: Any) -> None:
+        if message["type"] != SENDFILE:
+            await self.send_ordinary(message)
+            return
+        cycle = self.cycle
+        count = int(message["count"])
+        if cycle.disconnected:
+            return
+        if (
+            not cycle.response_started
+            or cycle.response_complete
+            or cycle.chunked_encoding
+            or cycle.scope["method"] == "HEAD"
+            or cycle.expected_content_length != count
+        ):
+            raise RuntimeError(f"{SENDFILE} needs a started response of Content-Length {count}")
+        transport = cycle.transport
+        socket = transport.get_extra_info("socket")
+        if socket is None or transport.get_write_buffer_size():
+            await self._send_read(message["file"], int(message["offset"]), count)
+            return
+        duplicate = os.dup(socket.fileno())
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, _send_all, duplicate, message["file"].fileno(), int(message["offset"]), count
+            )
+        except (OSError, TimeoutError, EOFError):
+            cycle.disconnected = True  # the connection cannot carry another response
+            transport.close()
+            return
+        finally:
+            os.close(duplicate)
+        cycle.expected_content_length = 0  # sent past the cycle's own accounting
+        await self.send_ordinary({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_read(self, file: BinaryIO, offset: int, count: int) -> None:
+        """The ordinary way: pieces read on a worker thread, sent as body messages."""
+        loop = asyncio.get_running_loop()
+        end = offset + count
+        while offset < end:
+            piece = await loop.run_in_executor(
+                None, os.pread, file.fileno(), min(READ_CHUNK, end - offset), offset
+            )
+            if not piece:
+                raise EOFError(f"the file ended {end - offset} bytes early")
+            offset += len(piece)
+            await self.send_ordinary(
+                {"type": "http.response.body", "body": piece, "more_body": offset < end}
+            )
+
+
+class SendfileHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools HTTP/1.1 protocol with the `peftreg.sendfile` extension."""
+
+    def on_headers_complete(self) -> None:
+        before = self.cycle
+        super().on_headers_complete()
+        cycle = self.cycle
+        # A new cycle whose task has not run yet (it starts on the next loop turn).
+        if cycle is None or cycle is before or self.transport.get_extra_info("sslcontext"):
+            return
+        self.scope.setdefault("extensions", {})[SENDFILE] = {}
+        cycle.send = _SendfileCycle(cycle).send  # type: ignore[method-assign]

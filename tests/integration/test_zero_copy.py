@@ -1,0 +1,103 @@
+"""Blob GETs sent by the kernel from the file (`peftreg.registry.zero_copy`), in a real server.
+
+`peftreg serve` offers the `peftreg.sendfile` extension and the filesystem
+store's blob GET uses it: what a client reads must be the blob (whole or a
+range), on a connection that then serves the next request, and a client that
+goes away mid-body must leave the server serving. The metric
+`blob_bytes_zero_copy_total` says the bytes went that way.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import struct
+from pathlib import Path
+
+import httpx
+import pytest
+
+from peftreg.cache import Cache
+from peftreg.digest import Digest
+from peftreg.sdk.http import HttpSession
+from peftreg.transfer.download import download_blob
+from peftreg.transfer.upload import upload_blob
+from tests.fixtures.server import RegistryProcess
+from tests.observability.test_metrics import parse, scrape, value
+
+REPO = "acme/zero-copy"
+SIZE = 24 * 1024 * 1024 + 5  # several socket buffers, and not a multiple of any chunk
+
+
+@pytest.fixture(scope="module")
+def blob(server: RegistryProcess, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
+    data = os.urandom(SIZE)
+    path = tmp_path_factory.mktemp("zero-copy") / "blob.bin"
+    path.write_bytes(data)
+    digest = Digest.of_bytes(data)
+    with HttpSession(server.url) as http:
+        upload_blob(http, REPO, digest, SIZE, path)
+    return str(digest), data
+
+
+def _zero_copy_bytes(server: RegistryProcess) -> float:
+    return value(parse(scrape(server.url).text), "blob_bytes_zero_copy_total")
+
+
+def test_a_blob_and_a_range_arrive_whole_on_one_kept_alive_connection(
+    server: RegistryProcess, blob: tuple[str, bytes]
+) -> None:
+    digest, data = blob
+    before = _zero_copy_bytes(server)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        connection.request("GET", f"/v2/{REPO}/blobs/{digest}")
+        whole = connection.getresponse()
+        assert (whole.status, whole.getheader("content-length")) == (200, str(SIZE))
+        received = bytearray()
+        while piece := whole.read(64 * 1024):  # a slow reader: the socket fills, send waits
+            received += piece
+        assert received == data
+
+        connection.request("GET", f"/v2/{REPO}/blobs/{digest}", headers={"Range": "bytes=7-"})
+        part = connection.getresponse()
+        assert part.status == 206
+        assert part.getheader("content-range") == f"bytes 7-{SIZE - 1}/{SIZE}"
+        assert part.read() == data[7:]
+
+        connection.request("HEAD", f"/v2/{REPO}/blobs/{digest}")
+        head = connection.getresponse()
+        assert (head.status, head.read()) == (200, b"")
+    finally:
+        connection.close()
+    assert _zero_copy_bytes(server) - before == SIZE + SIZE - 7
+
+
+def test_a_client_gone_mid_body_leaves_the_server_serving(
+    server: RegistryProcess, blob: tuple[str, bytes]
+) -> None:
+    digest, data = blob
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as gone:
+            request = f"GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: registry\r\n\r\n"
+            gone.sendall(request.encode())
+            assert gone.recv(65536).startswith(b"HTTP/1.1 200")
+            # Closed with a reset (linger 0), as a killed client's would be.
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # The server answers other requests, and the whole blob again.
+    response = httpx.get(f"{server.url}/v2/{REPO}/blobs/{digest}", timeout=60)
+    assert response.status_code == 200
+    assert response.content == data
+
+
+def test_a_pull_through_the_sdk_is_verified_after_a_zero_copy_send(
+    server: RegistryProcess, blob: tuple[str, bytes], tmp_path: Path
+) -> None:
+    digest, data = blob
+    before = _zero_copy_bytes(server)
+    cache = Cache(tmp_path / "cache")
+    with HttpSession(server.url) as http:
+        result = download_blob(http, REPO, Digest.parse(digest), SIZE, cache)
+    assert result.path.read_bytes() == data
+    assert _zero_copy_bytes(server) - before == SIZE
