@@ -23,9 +23,11 @@ Content-Length accounting), whose version the lock pins;
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import select
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -34,7 +36,15 @@ from peftreg.registry.api.sendfile import SENDFILE
 
 READ_CHUNK = 4 * 1024 * 1024  # the fallback's pieces
 STALL_SECONDS = 300  # a client that reads nothing for this long is dropped
+# Threads for sends in flight (each mostly waits in `poll` on a slow client), per process:
+# not asyncio's default executor, whose few threads other work shares.
+SENDERS = 64
 Send = Callable[[Any], Awaitable[None]]
+
+
+@functools.cache
+def _executor() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(SENDERS, thread_name_prefix="peftreg-sendfile")
 
 
 def _send_all(socket_fd: int, file_fd: int, offset: int, count: int) -> None:
@@ -84,8 +94,9 @@ class _SendfileCycle:
             return
         duplicate = os.dup(socket.fileno())
         try:
+            file, offset = message["file"].fileno(), int(message["offset"])
             await asyncio.get_running_loop().run_in_executor(
-                None, _send_all, duplicate, message["file"].fileno(), int(message["offset"]), count
+                _executor(), _send_all, duplicate, file, offset, count
             )
         except (OSError, TimeoutError, EOFError):
             cycle.disconnected = True  # the connection cannot carry another response
@@ -101,9 +112,8 @@ class _SendfileCycle:
         loop = asyncio.get_running_loop()
         end = offset + count
         while offset < end:
-            piece = await loop.run_in_executor(
-                None, os.pread, file.fileno(), min(READ_CHUNK, end - offset), offset
-            )
+            size = min(READ_CHUNK, end - offset)
+            piece = await loop.run_in_executor(_executor(), os.pread, file.fileno(), size, offset)
             if not piece:
                 raise EOFError(f"the file ended {end - offset} bytes early")
             offset += len(piece)
