@@ -96,8 +96,8 @@ class CacheProblem:
 
 
 class Cache:
-    def __init__(self, root: Path | None = None) -> None:
-        self.root = (root or default_cache_dir()).absolute()
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = (default_cache_dir() if root is None else Path(root)).absolute()
 
     # blobs -----------------------------------------------------------------
 

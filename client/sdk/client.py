@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -74,7 +75,7 @@ class Client:
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         retries: int = 4,
         backoff: float = 0.25,
-        cache: Cache | Path | None = None,
+        cache: Cache | str | os.PathLike[str] | None = None,
         offline: bool | None = None,
     ) -> None:
         self.url = url.rstrip("/")

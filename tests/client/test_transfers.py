@@ -214,3 +214,15 @@ def test_cached_refs_of_nested_repositories_do_not_collide(tmp_path: Path) -> No
         ("acme/bot", "c"),
         ("acme/bot/c", "v1"),
     }
+
+
+def test_the_sdk_takes_its_cache_and_paths_as_strings(
+    registry_server: RegistryProcess, tmp_path: Path
+) -> None:
+    source = tmp_path / "weights.bin"
+    source.write_bytes(os.urandom(1000))
+    with Client(registry_server.url, cache=str(tmp_path / "cache")) as client:
+        client.push(str(source), "acme/strings:v1")
+        pulled = client.pull("acme/strings:v1", output=str(tmp_path / "out"))
+    assert (pulled.path / "weights.bin").read_bytes() == source.read_bytes()
+    assert Cache(tmp_path / "cache").has_blob(Digest.of_bytes(source.read_bytes()), 1000)

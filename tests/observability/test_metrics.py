@@ -89,7 +89,9 @@ def test_metrics_after_a_push_and_a_pull(
     # The blob GETs open the files, which the kernel sends (peftreg.registry.zero_copy).
     assert delta("blob_store_seconds_count", **store, operation="local_file") >= len(FILES)
     assert delta("blob_bytes_zero_copy_total") == sum(len(d) for d in FILES.values())
-    assert value(after, "blob_store_seconds_bucket", **store, operation="local_file", le="+Inf") >= 2
+    assert (
+        value(after, "blob_store_seconds_bucket", **store, operation="local_file", le="+Inf") >= 2
+    )
 
     # The job system's gauges, read from the database at scrape time: the
     # embedded worker's heartbeat, and the queue (empty until a job is asked for).
