@@ -26,6 +26,7 @@ import asyncio
 import functools
 import os
 import select
+import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
@@ -47,21 +48,36 @@ def _executor() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(SENDERS, thread_name_prefix="peftreg-sendfile")
 
 
-def _send_all(socket_fd: int, file_fd: int, offset: int, count: int) -> None:
-    """`count` bytes of the file from `offset` to a non-blocking socket."""
-    poller = select.poll()
-    poller.register(socket_fd, select.POLLOUT)
-    end = offset + count
-    while offset < end:
-        try:
-            sent = os.sendfile(socket_fd, file_fd, offset, end - offset)
-        except BlockingIOError:
-            if not poller.poll(STALL_SECONDS * 1000):
-                raise TimeoutError(f"the client read nothing for {STALL_SECONDS} s") from None
-            continue
-        if sent == 0:
-            raise EOFError(f"the file ended {end - offset} bytes early")
-        offset += sent
+def _send_all(
+    socket_fd: int, file_fd: int, offset: int, count: int, abort: threading.Event
+) -> None:
+    """`count` bytes of the file from `offset` to a non-blocking socket.
+
+    Owns both descriptors (duplicates, closed here), so whatever happens to the
+    request meanwhile, no number it uses can come to name another file or
+    connection. Stops within a second of `abort` being set.
+    """
+    try:
+        poller = select.poll()
+        poller.register(socket_fd, select.POLLOUT)
+        end = offset + count
+        idle = 0
+        while offset < end:
+            if abort.is_set():
+                raise ConnectionAbortedError("the request was cancelled")
+            try:
+                sent = os.sendfile(socket_fd, file_fd, offset, end - offset)
+            except BlockingIOError:
+                idle = 0 if poller.poll(1000) else idle + 1
+                if idle >= STALL_SECONDS:
+                    raise TimeoutError(f"the client read nothing for {STALL_SECONDS} s") from None
+                continue
+            if sent == 0:
+                raise EOFError(f"the file ended {end - offset} bytes early")
+            offset += sent
+    finally:
+        os.close(socket_fd)
+        os.close(file_fd)
 
 
 class _SendfileCycle:
@@ -92,18 +108,26 @@ class _SendfileCycle:
         if socket is None or transport.get_write_buffer_size():
             await self._send_read(message["file"], int(message["offset"]), count)
             return
-        duplicate = os.dup(socket.fileno())
+        abort = threading.Event()
+        duplicates = [os.dup(socket.fileno())]
         try:
-            file, offset = message["file"].fileno(), int(message["offset"])
-            await asyncio.get_running_loop().run_in_executor(
-                _executor(), _send_all, duplicate, file, offset, count
-            )
+            duplicates.append(os.dup(message["file"].fileno()))
+            socket_copy, file_copy = duplicates
+            offset = int(message["offset"])
+            sending = _executor().submit(_send_all, socket_copy, file_copy, offset, count, abort)
+        except BaseException:
+            for descriptor in duplicates:  # the thread never took them
+                os.close(descriptor)
+            raise
+        try:
+            await asyncio.wrap_future(sending)
         except (OSError, TimeoutError, EOFError):
             cycle.disconnected = True  # the connection cannot carry another response
             transport.close()
             return
-        finally:
-            os.close(duplicate)
+        except asyncio.CancelledError:
+            abort.set()
+            raise
         cycle.expected_content_length = 0  # sent past the cycle's own accounting
         await self.send_ordinary({"type": "http.response.body", "body": b"", "more_body": False})
 
