@@ -6,11 +6,11 @@ into memory, then written to the socket. `peftreg serve` runs uvicorn with
 `SendfileHttpToolsProtocol`, uvicorn's httptools protocol plus one ASGI
 extension, `peftreg.sendfile` (`peftreg.registry.api.sendfile`), offered on
 plain (not TLS) connections. When the app sends that message, the headers
-are on the wire, and a worker thread calls `os.sendfile` on a duplicate of
-the connection's descriptor until `count` bytes are sent, waiting with
-`poll` while the socket is full. The duplicate keeps the socket open if the
-connection is closed meanwhile, so the bytes can never reach another
-connection that reused its number. Where the headers still sit in the
+are on the wire, and a worker thread calls `os.sendfile` on duplicates of
+the connection's and the file's descriptors until `count` bytes are sent,
+waiting with `poll` while the socket is full. The thread owns and closes the
+duplicates, so if the connection or the file is closed meanwhile, no number
+it uses can come to name another connection or file. Where the headers still sit in the
 transport's buffer, the body is sent the ordinary way (read by a thread); a
 connection that breaks is closed. The blob GET of the filesystem store uses
 it (`peftreg.registry.api.routes.oci_blobs`).
