@@ -74,23 +74,6 @@ def test_a_blob_and_a_range_arrive_whole_on_one_kept_alive_connection(
     assert _zero_copy_bytes(server) - before == SIZE + SIZE - 7
 
 
-def test_a_client_gone_mid_body_leaves_the_server_serving(
-    server: RegistryProcess, blob: tuple[str, bytes]
-) -> None:
-    digest, data = blob
-    for _ in range(3):
-        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as gone:
-            request = f"GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: registry\r\n\r\n"
-            gone.sendall(request.encode())
-            assert gone.recv(65536).startswith(b"HTTP/1.1 200")
-            # Closed with a reset (linger 0), as a killed client's would be.
-            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    # The server answers other requests, and the whole blob again.
-    response = httpx.get(f"{server.url}/v2/{REPO}/blobs/{digest}", timeout=60)
-    assert response.status_code == 200
-    assert response.content == data
-
-
 def test_a_pull_through_the_sdk_is_verified_after_a_zero_copy_send(
     server: RegistryProcess, blob: tuple[str, bytes], tmp_path: Path
 ) -> None:
@@ -101,3 +84,24 @@ def test_a_pull_through_the_sdk_is_verified_after_a_zero_copy_send(
         result = download_blob(http, REPO, Digest.parse(digest), SIZE, cache)
     assert result.path.read_bytes() == data
     assert _zero_copy_bytes(server) - before == SIZE
+
+
+def test_a_client_gone_mid_body_leaves_the_server_serving(
+    server: RegistryProcess, blob: tuple[str, bytes]
+) -> None:
+    digest, data = blob
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as gone:
+            request = f"GET /v2/{REPO}/blobs/{digest} HTTP/1.1\r\nHost: registry\r\n\r\n"
+            gone.sendall(request.encode())
+            head = b""
+            while b"\r\n" not in head:
+                head += gone.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200")
+            # Closed with a reset (linger 0), as a killed client's would be.
+            gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # The server answers other requests, and the whole blob again. (Last in this file: the
+    # reset sends may still be counted in the metric the other tests compare.)
+    response = httpx.get(f"{server.url}/v2/{REPO}/blobs/{digest}", timeout=60)
+    assert response.status_code == 200
+    assert response.content == data
