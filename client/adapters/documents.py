@@ -18,7 +18,8 @@ from typing import Any, TypedDict
 
 from peftreg.adapters.kinds import AdapterKind, BaseQuantization, ScalingRule
 
-# What the JSON holds for the nested models (`peftreg.adapters.schema`).
+# What the JSON holds for the nested models (`peftreg.adapters.schema`). A bottleneck
+# adapter's config is built by the models themselves (`peftreg.adapters.adapterhub`).
 NolaDocument = dict[str, Any]
 BottleneckDocument = dict[str, Any]
 
@@ -121,7 +122,6 @@ def adapter_document(
     modules: Iterable[ModuleDocument] = (),
     nola: NolaDocument | None = None,
     mora: MoraDocument | None = None,
-    bottleneck: BottleneckDocument | None = None,
     num_virtual_tokens: int | None = None,
 ) -> AdapterDocument:
     """The config document, every field present as `AdapterConfig` dumps it."""
@@ -141,6 +141,6 @@ def adapter_document(
         "peft_config": dict(peft_config),
         "nola": nola,
         "mora": mora,
-        "bottleneck": bottleneck,
+        "bottleneck": None,
         "num_virtual_tokens": num_virtual_tokens,
     }

@@ -173,11 +173,7 @@ class FilesystemBlobStore:
             raise BlobNotFound(digest) from None
 
     def read(self, digest: Digest, start: int = 0, end: int | None = None) -> Iterator[bytes]:
-        try:
-            handle = blob_path(self.root, digest).open("rb")
-        except FileNotFoundError:
-            raise BlobNotFound(digest) from None
-        return self._read_from(handle, start, end)
+        return self._read_from(self.local_file(digest), start, end)
 
     @staticmethod
     def _read_from(handle: BinaryIO, start: int, end: int | None) -> Iterator[bytes]:
@@ -196,7 +192,7 @@ class FilesystemBlobStore:
     def redirect_url(self, digest: Digest) -> str | None:
         return None
 
-    def local_file(self, digest: Digest) -> BinaryIO | None:
+    def local_file(self, digest: Digest) -> BinaryIO:
         try:
             return blob_path(self.root, digest).open("rb")
         except FileNotFoundError:

@@ -42,6 +42,8 @@ from peftreg.registry.errors import (
 from peftreg.registry.storage.errors import BlobNotFound
 
 router = APIRouter()
+BLOB_BYTES_SCHEMA = {"type": "string", "format": "binary"}
+_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")  # matched whole (`fullmatch`)
 
 
 class SendfileResponse(Response):
@@ -65,10 +67,6 @@ class SendfileResponse(Response):
             await send(sendfile_message(self.file, self.start, self.end - self.start))
         finally:
             self.file.close()
-
-
-BLOB_BYTES_SCHEMA = {"type": "string", "format": "binary"}
-_RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)")  # matched whole (`fullmatch`)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
