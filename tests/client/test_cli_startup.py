@@ -64,21 +64,26 @@ def test_push_and_pull_load_only_what_they_use(cli_env: CliEnv, tmp_path: Path) 
     assert (tmp_path / "out" / "adapter.bin").read_bytes() == source.read_bytes()
 
 
-def test_an_adapter_push_types_it_without_loading_the_models(
-    cli_env: CliEnv, tmp_path: Path
-) -> None:
-    lora = tmp_path / "lora"
-    lora.mkdir()
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
-    (lora / "adapter_config.json").write_text(json.dumps(config))
+def _lora(directory: Path, **extra: object) -> Path:
+    """A rank-4 PEFT LoRA of one module, made without torch."""
+    directory.mkdir()
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], **extra}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
     save_file(
         {
             f"{prefix}.lora_A.weight": np.ones((4, 16), np.float32),
             f"{prefix}.lora_B.weight": np.ones((16, 4), np.float32),
         },
-        str(lora / "adapter_model.safetensors"),
+        str(directory / "adapter_model.safetensors"),
     )
+    return directory
+
+
+def test_an_adapter_push_types_it_without_loading_the_models(
+    cli_env: CliEnv, tmp_path: Path
+) -> None:
+    lora = _lora(tmp_path / "lora")
 
     pushed = imported(cli_env, "push", str(lora), "acme/startup-lora:v1", "-q")
 
@@ -87,6 +92,21 @@ def test_an_adapter_push_types_it_without_loading_the_models(
     url = cli_env.env["PEFTREG_URL"]
     version = httpx.get(f"{url}/api/v1/repositories/acme/startup-lora/versions/v1").json()
     assert (version["adapter"]["kind"], version["adapter"]["rank"]) == ("lora", 4)
+
+
+def test_a_base_name_that_is_not_a_string_is_refused_before_any_upload(
+    cli_env: CliEnv, tmp_path: Path
+) -> None:
+    lora = _lora(tmp_path / "lora", base_model_name_or_path=7)
+
+    refused = cli_env.subprocess("push", str(lora), "acme/startup-bad:v1")
+
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("peftreg: ")
+    assert "base_model_name_or_path 7 is not a string" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    catalog = httpx.get(f"{cli_env.env['PEFTREG_URL']}/v2/_catalog").json()
+    assert "acme/startup-bad" not in catalog["repositories"]
 
 
 def test_version_loads_no_client(cli_env: CliEnv) -> None:
