@@ -7,18 +7,34 @@ a second thread while the writer goes on, and a bounded queue holds the
 writer back when the hash falls `depth` pieces behind, so memory stays at a
 few pieces whatever the size. The server hashes uploads this way
 (`peftreg.registry.storage.filesystem`) and the client its downloads
-(`peftreg.transfer.download`).
+(`peftreg.transfer.download`). A download that splices its body straight
+into the file (`peftreg.splice`) hands over file ranges instead, which the
+thread reads back from the page cache (`update_file`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 _DONE = None
-Piece = bytes | memoryview  # of bytes: nothing may change it once handed over
+FILE_READ = 1024 * 1024  # a file range is read back in pieces of this size
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes `start` to `end` of the open file `fd`, read back (pread) when hashed."""
+
+    fd: int
+    start: int
+    end: int
+
+
+Piece = bytes | memoryview | FileRange  # bytes: nothing may change them once handed over
 
 
 class FollowingHash:
@@ -28,13 +44,35 @@ class FollowingHash:
         self._state = state
         self._pieces: queue.Queue[Sequence[Piece] | None] = queue.Queue(depth)
         self._thread = threading.Thread(target=self._run, name="peftreg-hash", daemon=True)
-        self._thread.start()
         self._finished = False
+        self._error: OSError | None = None
+        self._thread.start()
 
     def _run(self) -> None:
+        buffer: bytearray | None = None
         while (pieces := self._pieces.get()) is not _DONE:
-            for piece in pieces:
-                self._state.update(piece)
+            try:
+                for piece in pieces:
+                    if self._error is not None:
+                        break
+                    if isinstance(piece, FileRange):
+                        buffer = buffer or bytearray(FILE_READ)
+                        self._hash_range(piece, memoryview(buffer))
+                    else:
+                        self._state.update(piece)
+            except OSError as exc:  # a range that cannot be read back: `finish` raises it
+                self._error = exc
+            finally:
+                self._pieces.task_done()
+
+    def _hash_range(self, piece: FileRange, buffer: memoryview) -> None:
+        offset = piece.start
+        while offset < piece.end:
+            got = os.preadv(piece.fd, [buffer[: min(FILE_READ, piece.end - offset)]], offset)
+            if got == 0:  # shorter than said: the digest check will fail, as it must
+                return
+            self._state.update(buffer[:got])
+            offset += got
 
     def update(self, *pieces: Piece) -> None:
         """Hash these next (the caller must not change them afterwards)."""
@@ -43,10 +81,24 @@ class FollowingHash:
     def update_many(self, pieces: Sequence[Piece]) -> None:
         self._pieces.put(pieces)
 
+    def update_file(self, fd: int, start: int, end: int) -> None:
+        """Hash bytes `start` to `end` of `fd` next; keep `fd` open until `drain`."""
+        self._pieces.put((FileRange(fd, start, end),))
+
+    def drain(self) -> None:
+        """Wait until everything given so far is hashed (file ranges read)."""
+        if not self._finished:
+            self._pieces.join()
+
     def finish(self) -> hashlib._Hash:
-        """The state once every piece given is hashed; the thread ends."""
+        """The state once every piece given is hashed; the thread ends.
+
+        Raises the `OSError` of a file range that could not be read back.
+        """
         if not self._finished:
             self._finished = True
             self._pieces.put(_DONE)
             self._thread.join()
+        if self._error is not None:
+            raise self._error
         return self._state

@@ -11,21 +11,26 @@ caller passed in) and no proxy configured in the environment. Redirects are
 followed here (a presigned store URL), dropping the `Authorization` header when
 the origin changes, as httpx does. Any status but 200 or 206, or a content
 encoding, hands the request back to httpx (`None`), which answers it as before:
-its error mapping, its retries.
+its error mapping, its retries. On a plain connection the body can go
+straight from the socket into the download's file (`DirectBody.splice_into`,
+`peftreg.splice`), never passing through Python.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
 import ssl
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from urllib.parse import urljoin, urlsplit
 
 from peftreg.sdk.errors import TransportError
+from peftreg.splice import can_splice, socket_to_file
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
+HEAD_READ = 64 * 1024  # the first read of a spliced body takes what http.client buffered
 
 
 def proxies_configured() -> bool:
@@ -51,6 +56,43 @@ class DirectBody:
                 yield piece
         except (OSError, http.client.HTTPException) as exc:
             raise TransportError(f"the body of a GET broke: {exc!r}") from exc
+
+    def splice_into(self, fd: int, limit: int, landed: Callable[[int], None]) -> bool:
+        """Move the body into `fd` at its position without copying it through Python
+        (`peftreg.splice`); `landed(n)` as each further `n` bytes are in the file.
+
+        False, with nothing read, where that cannot be done: TLS, a chunked body
+        or one of unknown length, or one longer than `limit`; `chunks` then reads
+        it. A body that ends early returns True with fewer bytes landed.
+        """
+        response = self._response
+        sock = self._connection.sock
+        if (
+            not can_splice(sock)
+            or response.chunked
+            or response.length is None
+            or response.length > limit
+        ):
+            return False
+        try:
+            # What http.client has buffered past the headers (or one read): after it
+            # its buffer is empty and the rest is still in the socket.
+            head = response.read1(min(response.length, HEAD_READ)) if response.length else b""
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransportError(f"the body of a GET broke: {exc!r}") from exc
+        view = memoryview(head)
+        while view:
+            view = view[os.write(fd, view) :]
+        if head:
+            landed(len(head))
+        if head and response.length:
+            try:
+                socket_to_file(
+                    sock.fileno(), fd, response.length, landed, timeout=sock.gettimeout()
+                )
+            except ConnectionError as exc:
+                raise TransportError(f"the body of a GET broke: {exc}") from exc
+        return True
 
     def close(self) -> None:
         self._connection.close()

@@ -13,7 +13,7 @@ import json
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
 from urllib.parse import urljoin
@@ -71,6 +71,10 @@ class Body(Protocol):
 
     def chunks(self, chunk: int) -> Iterator[bytes]: ...
 
+    def splice_into(self, fd: int, limit: int, landed: Callable[[int], None]) -> bool:
+        """Move the body into the file `fd` in the kernel, if this body can; else False."""
+        ...
+
 
 class _HttpxBody:
     def __init__(self, response: httpx.Response) -> None:
@@ -83,6 +87,9 @@ class _HttpxBody:
         if "content-encoding" in self._response.headers:
             return self._response.iter_bytes()
         return self._response.iter_raw()
+
+    def splice_into(self, fd: int, limit: int, landed: Callable[[int], None]) -> bool:
+        return False  # httpx reads the socket itself
 
 
 class HttpSession:

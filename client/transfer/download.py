@@ -2,7 +2,10 @@
 
 Bytes go to `blobs/sha256/<hex>.incomplete` as they arrive from one GET,
 and a hashing thread follows the writes, so the digest is known when the
-last byte lands: the file is never read back. Writeback to disk starts as
+last byte lands: the file is never read back from the disk. On a plain
+connection the body is spliced from the socket into the file
+(`peftreg.splice`: one copy, in the kernel) and the hash reads each landed
+range back from the page cache; otherwise it hashes the received pieces. Writeback to disk starts as
 the bytes arrive (`peftreg.writeback`) and the complete file is fsynced
 before the rename, so a crash never leaves a torn blob under a verified
 name, and that fsync waits only for the tail. An interrupted download
@@ -155,23 +158,17 @@ class _Fetcher:
                 large = self.size - start >= LARGE_BODY
                 with self.http.body(self.url, headers=headers, large=large) as response:
                     self._check_range(response, start)
-                    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | (0 if start else os.O_TRUNC))
+                    fd = os.open(partial, os.O_RDWR | os.O_CREAT | (0 if start else os.O_TRUNC))
+                    landing = _Landing(fd, start, hasher, self._count)
                     try:
                         os.lseek(fd, start, os.SEEK_SET)
-                        writeback = EarlyWriteback(fd, start)
-                        for chunk in response.chunks(READ_CHUNK):
-                            if state["offset"] + len(chunk) > self.size:
-                                raise DigestMismatch(f"{self.url} sent more than {self.size} bytes")
-                            view = memoryview(chunk)
-                            while view:
-                                view = view[os.write(fd, view) :]
-                            hasher.update(chunk)
-                            state["offset"] += len(chunk)
-                            writeback.written(state["offset"])
-                            self._count(len(chunk))
-                        if state["offset"] == self.size:
+                        self._receive(response, landing)
+                        if landing.offset == self.size:
                             os.fsync(fd)  # durable before `commit_blob` renames it
                     finally:
+                        # A break leaves the file and the hash at the same offset: resume there.
+                        state["offset"] = landing.offset
+                        hasher.drain()  # its file ranges read `fd`
                         os.close(fd)
                 if state["offset"] < self.size:
                     raise _Interrupted(f"stream ended at byte {state['offset']} of {self.size}")
@@ -180,3 +177,46 @@ class _Fetcher:
         finally:
             digest = Digest(algorithm, hasher.finish().hexdigest())
         return digest, state["offset"]
+
+    def _receive(self, response: Body, landing: _Landing) -> None:
+        """Land the body in the file: spliced where it can be, else piece by piece."""
+        if not response.splice_into(landing.fd, self.size - landing.offset, landing.landed):
+            for chunk in response.chunks(READ_CHUNK):
+                if landing.offset + len(chunk) > self.size:
+                    raise DigestMismatch(f"{self.url} sent more than {self.size} bytes")
+                landing.write(chunk)
+
+
+class _Landing:
+    """Bytes landing in a download's file: hashed, written back early, counted.
+
+    `offset` moves only once a piece is in the file and handed to the hash,
+    so after a break both hold exactly the bytes before it.
+    """
+
+    def __init__(
+        self, fd: int, offset: int, hasher: FollowingHash, count: Callable[[int], None]
+    ) -> None:
+        self.fd = fd
+        self.offset = offset
+        self._hasher = hasher
+        self._writeback = EarlyWriteback(fd, offset)
+        self._count = count
+
+    def write(self, chunk: bytes) -> None:
+        """Write a received piece and hash it as it is."""
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self.fd, view) :]
+        self._hasher.update(chunk)
+        self._advance(len(chunk))
+
+    def landed(self, nbytes: int) -> None:
+        """`nbytes` more were spliced into the file: hash them from it."""
+        self._hasher.update_file(self.fd, self.offset, self.offset + nbytes)
+        self._advance(nbytes)
+
+    def _advance(self, nbytes: int) -> None:
+        self.offset += nbytes
+        self._writeback.written(self.offset)
+        self._count(nbytes)

@@ -91,16 +91,19 @@ def test_interrupted_push_continues_from_the_server_offset(
     assert pulled is not None
 
 
+# 3 MiB is read through httpx; 12 MiB is spliced from the socket into the file and hashed
+# from there (peftreg.splice): either way, a wrong byte is caught.
+@pytest.mark.parametrize("size", [3 * MiB, 12 * MiB], ids=["read", "spliced"])
 def test_corrupted_server_blob_fails_and_leaves_nothing(
-    registry_server: RegistryProcess, cli_env: CliEnv, tmp_path: Path
+    registry_server: RegistryProcess, cli_env: CliEnv, tmp_path: Path, size: int
 ) -> None:
-    source = make_tree(tmp_path / "src", big=3 * MiB)
+    source = make_tree(tmp_path / "src", big=size)
     with Client(registry_server.url) as client:
-        result = client.push(source, "acme/bad:v1")
-    target = next(f for f in result.files if f.size == 3 * MiB)
+        result = client.push(source, f"acme/bad-{size}:v1")
+    target = next(f for f in result.files if f.size == size)
     _flip_byte(_blob_file(registry_server, target.digest))
 
-    pulled = cli_env.subprocess("pull", "acme/bad:v1", "-o", str(tmp_path / "out"))
+    pulled = cli_env.subprocess("pull", f"acme/bad-{size}:v1", "-o", str(tmp_path / "out"))
     assert pulled.returncode == 1
     assert "digest mismatch" in pulled.stderr
     assert pulled.stderr.count("\n") == 1
