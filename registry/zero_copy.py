@@ -23,17 +23,21 @@ Content-Length accounting), whose version the lock pins;
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import select
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from peftreg.registry.api.receive_into import RECEIVE_INTO
 from peftreg.registry.api.sendfile import SENDFILE
+from peftreg.splice import socket_to_file
 
 READ_CHUNK = 4 * 1024 * 1024  # the fallback's pieces
 STALL_SECONDS = 300  # a client that reads nothing for this long is dropped
@@ -146,8 +150,35 @@ class _SendfileCycle:
             )
 
 
+def _receive_all(
+    socket_fd: int,
+    file_fd: int,
+    head: bytes,
+    count: int,
+    landed: Callable[[int], None],
+    abort: threading.Event,
+) -> int:
+    """`head`, then `count` bytes spliced from the socket, into the file; the bytes spliced.
+
+    Owns both descriptors (duplicates, closed here), as `_send_all` does.
+    """
+    try:
+        view = memoryview(head)
+        while view:
+            view = view[os.write(file_fd, view) :]
+        if head:
+            landed(len(head))
+        return socket_to_file(socket_fd, file_fd, count, landed, timeout=STALL_SECONDS, stop=abort)
+    finally:
+        os.close(socket_fd)
+        os.close(file_fd)
+
+
 class SendfileHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools HTTP/1.1 protocol with the `peftreg.sendfile` extension."""
+    """uvicorn's httptools HTTP/1.1 protocol with the `peftreg.sendfile` and
+    `peftreg.receive_into` extensions."""
+
+    _body_seen = 0  # body bytes the parser has handed to the current cycle
 
     def on_headers_complete(self) -> None:
         before = self.cycle
@@ -156,5 +187,89 @@ class SendfileHttpToolsProtocol(HttpToolsProtocol):
         # A new cycle whose task has not run yet (it starts on the next loop turn).
         if cycle is None or cycle is before or self.transport.get_extra_info("sslcontext"):
             return
-        self.scope.setdefault("extensions", {})[SENDFILE] = {}
+        self._body_seen = 0
+        extensions = self.scope.setdefault("extensions", {})
+        extensions[SENDFILE] = {}
+        length = _content_length(self.scope["headers"])
+        if length is not None:
+            extensions[RECEIVE_INTO] = {
+                "receive_into": functools.partial(self._receive_into, cycle, length)
+            }
         cycle.send = _SendfileCycle(cycle).send  # type: ignore[method-assign]
+
+    def on_body(self, body: bytes) -> None:
+        self._body_seen += len(body)
+        super().on_body(body)
+
+    async def _receive_into(
+        self,
+        cycle: RequestResponseCycle,
+        length: int,
+        fd: int,
+        landed: Callable[[int], None],
+    ) -> bool:
+        """The extension (`peftreg.registry.api.receive_into`) for one request's cycle."""
+        if cycle.disconnected or cycle.response_complete:
+            return False
+        socket = self.transport.get_extra_info("socket")
+        if socket is None:
+            raise RuntimeError(f"{RECEIVE_INTO} needs the connection's socket")
+        if cycle.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
+        # No more `data_received` from here: the rest of the body stays in the socket.
+        self.flow.pause_reading()
+        head, cycle.body = bytes(cycle.body), bytearray()
+        remaining = length - self._body_seen if cycle.more_body else 0
+        abort = threading.Event()
+        duplicates = [os.dup(socket.fileno())]
+        try:
+            duplicates.append(os.dup(fd))
+            socket_copy, file_copy = duplicates
+            receiving = _executor().submit(
+                _receive_all, socket_copy, file_copy, head, remaining, landed, abort
+            )
+        except BaseException:
+            for descriptor in duplicates:  # the thread never took them
+                os.close(descriptor)
+            raise
+        try:
+            spliced = await asyncio.wrap_future(receiving)
+        except ConnectionError:
+            spliced = -1
+        except asyncio.CancelledError:
+            abort.set()  # the thread stops within a second; wait, it may still write
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(receiving)
+            self.transport.close()
+            raise
+        except BaseException:
+            # The file failed: the app answers, then the connection closes (the rest of
+            # the body is still unread, so no next request can follow on it).
+            cycle.keep_alive = False
+            raise
+        if spliced != remaining:  # broken, or ended early: the connection is done
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self.transport.close()
+            return False
+        if remaining:
+            # The parser never saw the spliced bytes: the next request starts a fresh one.
+            self.parser = httptools.HttpRequestParser(self)
+            with contextlib.suppress(AttributeError):  # as uvicorn sets up its own
+                self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+            self._body_seen = length
+        cycle.more_body = False
+        cycle.message_event.set()
+        self.flow.resume_reading()
+        return True
+
+
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """A request's body length where one Content-Length gives it (not chunked), else None."""
+    headers = list(headers)
+    lengths = [value for name, value in headers if name == b"content-length"]
+    chunked = any(name == b"transfer-encoding" for name, _value in headers)
+    if len(lengths) != 1 or chunked or not lengths[0].strip().isdigit():
+        return None
+    return int(lengths[0])

@@ -7,16 +7,19 @@ other becomes `OTHER`): the number of label values stays bounded whatever
 clients send. Blob bytes are counted as they cross the wire: request bodies
 of the upload routes (`in`), response bodies of blob GETs (`out`), for
 successful (2xx) responses only, so an error document or a refused upload
-adds nothing. A GET answered with a redirect to the store moves no bytes
-through the service.
+adds nothing. Bodies the server moves in the kernel (`peftreg.receive_into`,
+`peftreg.sendfile`) are counted as well, and also as zero-copy bytes. A GET
+answered with a redirect to the store moves no bytes through the service.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from peftreg.registry.api.receive_into import RECEIVE_INTO, receive_into_of
 from peftreg.registry.api.sendfile import SENDFILE
 from peftreg.registry.observability.metrics import Metrics
 
@@ -57,7 +60,23 @@ class HttpMetricsMiddleware:
             return
         started = time.perf_counter()
         status = 500  # what the server answers if the app raises before responding
-        received = sent = 0
+        received = sent = spliced = 0
+        receive_into = receive_into_of(scope)
+        if receive_into is not None:
+
+            async def counting_receive_into(fd: int, landed: Callable[[int], None]) -> bool:
+                def counting_landed(nbytes: int) -> None:  # on the server's worker thread,
+                    nonlocal spliced  # while this request's task waits for it
+                    landed(nbytes)
+                    spliced += nbytes
+
+                return await receive_into(fd, counting_landed)
+
+            extensions = {
+                **scope["extensions"],
+                RECEIVE_INTO: {"receive_into": counting_receive_into},
+            }
+            scope = {**scope, "extensions": extensions}
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -74,7 +93,7 @@ class HttpMetricsMiddleware:
                 sent += len(message.get("body", b""))
             elif message["type"] == SENDFILE:
                 sent += message["count"]
-                metrics.add_zero_copy_bytes(message["count"])
+                metrics.add_zero_copy_bytes("out", message["count"])
             await send(message)
 
         try:
@@ -85,6 +104,7 @@ class HttpMetricsMiddleware:
             metrics.observe_request(method, route, status, time.perf_counter() - started)
             if 200 <= status < 300:
                 if route in UPLOAD_ROUTES:
-                    metrics.add_blob_bytes("in", received)
+                    metrics.add_blob_bytes("in", received + spliced)
+                    metrics.add_zero_copy_bytes("in", spliced)
                 elif route == BLOB_ROUTE and method == "GET":
                     metrics.add_blob_bytes("out", sent)

@@ -9,8 +9,10 @@ in one process, and each exposes only its own numbers at `/metrics`.
 - `http_request_duration_seconds{method, route}`: histogram of serving time.
 - `blob_bytes_total{direction}`: blob bytes received by uploads (`in`) and
   sent by blob GETs (`out`).
-- `blob_bytes_zero_copy_total`: the part of `out` sent by the kernel from the
-  file (`peftreg.registry.zero_copy`).
+- `blob_bytes_zero_copy_total{direction}`: the part of `blob_bytes_total`
+  moved by the kernel (`peftreg.registry.zero_copy`): request bodies spliced
+  from the socket into the upload's file (`in`), blobs sent from the file
+  (`out`).
 - `blob_store_seconds{backend, operation}`: histogram of blob store calls.
 - `job_duration_seconds{kind, outcome}`: histogram of finished job attempts
   (`observe_job`).
@@ -129,8 +131,9 @@ class Metrics:
         )
         self.blob_bytes_zero_copy = Counter(
             "blob_bytes_zero_copy",
-            "Blob bytes of GETs handed to the kernel to send from the file (sendfile); "
-            "part of blob_bytes{direction=out}.",
+            "Blob bytes moved by the kernel: upload bodies spliced from the socket into the "
+            "file (in), blobs sent from the file (out); part of blob_bytes.",
+            ["direction"],
             registry=self.registry,
         )
         self.blob_store_seconds = Histogram(
@@ -160,8 +163,9 @@ class Metrics:
             "Tag long-polls waiting for the tag to change.",
             registry=self.registry,
         )
-        for direction in ("in", "out"):
-            self.blob_bytes.labels(direction)  # present at 0 before the first transfer
+        for direction in ("in", "out"):  # present at 0 before the first transfer
+            self.blob_bytes.labels(direction)
+            self.blob_bytes_zero_copy.labels(direction)
         self._sources = _SourceCollector()
         self.registry.register(self._sources)
         ProcessCollector(registry=self.registry)
@@ -186,9 +190,9 @@ class Metrics:
         if count > 0:
             self.blob_bytes.labels(direction).inc(count)
 
-    def add_zero_copy_bytes(self, count: int) -> None:
+    def add_zero_copy_bytes(self, direction: str, count: int) -> None:
         if count > 0:
-            self.blob_bytes_zero_copy.inc(count)
+            self.blob_bytes_zero_copy.labels(direction).inc(count)
 
     def observe_store(self, backend: str, operation: str, seconds: float) -> None:
         self.blob_store_seconds.labels(backend, operation).observe(seconds)

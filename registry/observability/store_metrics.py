@@ -61,6 +61,12 @@ class InstrumentedUploadWriter:
     def write_many(self, chunks: Sequence[bytes]) -> None:
         self._timer.call("write", lambda: self.inner.write_many(chunks))
 
+    def local_fd(self) -> int | None:
+        return self.inner.local_fd()
+
+    def appended(self, nbytes: int) -> None:
+        self._timer.call("write", lambda: self.inner.appended(nbytes))
+
     def close(self) -> int:
         return self._timer.call("close", self.inner.close)
 

@@ -32,6 +32,17 @@ class UploadWriter(Protocol):
         this returns, so the caller must not change them (bytes cannot change)."""
         ...
 
+    def local_fd(self) -> int | None:
+        """The open session file the next bytes go to, positioned at its end, for the
+        kernel to write a request body into (then `appended`); None for a store that
+        keeps no local files. The writer keeps it open until `close` or `cancel`."""
+        ...
+
+    def appended(self, nbytes: int) -> None:
+        """`nbytes` more were written into `local_fd` at its end (by the kernel, not
+        `write`): account and hash them. Only for a writer with a `local_fd`."""
+        ...
+
     def close(self) -> int:
         """Make the written bytes durable; returns the upload's new size."""
         ...

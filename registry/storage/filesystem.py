@@ -16,6 +16,7 @@ for the session's offset and resumes from what the disk kept.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -143,18 +144,29 @@ class FilesystemUploadWriter:
         self._size += sum(len(chunk) for chunk in chunks)
         self._writeback.written(self._size)
 
-    def close(self) -> int:
-        self._file.close()  # durable at the commit: one fsync per blob, not per request
+    def local_fd(self) -> int:
+        return self._file.fileno()
+
+    def appended(self, nbytes: int) -> None:
+        """Bytes the kernel put in the file: hashed by reading them back from the page cache."""
         if self._hash is not None:
-            state = self._hash.finish()
+            self._hash.update_file(self._file.fileno(), self._size, self._size + nbytes)
+        self._size += nbytes
+        self._writeback.written(self._size)
+
+    def close(self) -> int:
+        state = None if self._hash is None else self._hash.finish()  # it may read the file
+        self._file.close()  # durable at the commit: one fsync per blob, not per request
+        if state is not None:
             self._store.hashes.advance(self._upload_id, self._offset, self._size, state)
         return self._size
 
     def cancel(self) -> None:
+        if self._hash is not None:
+            with contextlib.suppress(OSError):  # what it hashed is dropped anyway
+                self._hash.finish()
         self._file.truncate(self._offset)
         self._file.close()
-        if self._hash is not None:
-            self._hash.finish()
         self._store.hashes.forget(self._upload_id)
 
 

@@ -49,6 +49,12 @@ class S3UploadWriter:
         for chunk in chunks:  # the part buffer joins them anyway
             self.write(chunk)
 
+    def local_fd(self) -> None:
+        return None  # the session lives in the object store
+
+    def appended(self, nbytes: int) -> None:
+        raise RuntimeError("an S3 upload session has no local file to append to")
+
     def write(self, data: bytes) -> None:
         if not data:
             return

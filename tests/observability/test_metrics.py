@@ -88,7 +88,11 @@ def test_metrics_after_a_push_and_a_pull(
     assert delta("blob_store_seconds_count", **store, operation="commit_upload") == 3
     # The blob GETs open the files, which the kernel sends (peftreg.registry.zero_copy).
     assert delta("blob_store_seconds_count", **store, operation="local_file") >= len(FILES)
-    assert delta("blob_bytes_zero_copy_total") == sum(len(d) for d in FILES.values())
+    assert delta("blob_bytes_zero_copy_total", direction="out") == sum(
+        len(d) for d in FILES.values()
+    )
+    # The upload bodies went from the socket into the sessions' files.
+    assert delta("blob_bytes_zero_copy_total", direction="in") == uploaded
     assert (
         value(after, "blob_store_seconds_bucket", **store, operation="local_file", le="+Inf") >= 2
     )

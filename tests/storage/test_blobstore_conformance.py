@@ -8,6 +8,7 @@ the checks that only make sense for one backend.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import socket
@@ -157,6 +158,50 @@ def test_write_many_appends_the_chunks_in_order(blob_store: BlobStore) -> None:
 
     assert blob_store.commit_upload(upload_id, Digest.of_bytes(data)) == len(data)
     assert read_all(blob_store, Digest.of_bytes(data)) == data
+
+
+def test_bytes_the_kernel_appends_to_the_local_file_are_hashed_and_kept(
+    blob_store: BlobStore,
+) -> None:
+    """What `peftreg.receive_into` does: writes to `local_fd` at its end, then `appended`."""
+    first, spliced, last = payload(5000, seed=3), payload(5 * MiB + 3, seed=4), b"tail"
+    data = first + spliced + last
+    upload_id = blob_store.create_upload()
+    writer = blob_store.open_writer(upload_id, 0)
+    fd = writer.local_fd()
+    if fd is None:  # a store without local files: the server reads the body itself
+        writer.cancel()
+        return
+    writer.write(first)
+    for start in range(0, len(spliced), MiB):  # as the kernel lands it, piece by piece
+        piece = spliced[start : start + MiB]
+        assert os.write(fd, piece) == len(piece)
+        writer.appended(len(piece))
+    writer.write(last)
+    assert writer.close() == len(data) == blob_store.upload_size(upload_id)
+
+    assert blob_store.commit_upload(upload_id, Digest.of_bytes(data)) == len(data)
+    assert read_all(blob_store, Digest.of_bytes(data)) == data
+
+
+def test_a_cancelled_writer_drops_what_the_kernel_appended(blob_store: BlobStore) -> None:
+    upload_id = blob_store.create_upload()
+    writer = blob_store.open_writer(upload_id, 0)
+    writer.write(b"kept")
+    assert writer.close() == 4
+    writer = blob_store.open_writer(upload_id, 4)
+    fd = writer.local_fd()
+    if fd is None:
+        writer.cancel()
+        return
+    os.write(fd, b"dropped")
+    writer.appended(7)
+    writer.cancel()
+    assert blob_store.upload_size(upload_id) == 4
+    writer = blob_store.open_writer(upload_id, 4)
+    writer.write(b" and more")
+    assert writer.close() == 13
+    assert blob_store.commit_upload(upload_id, Digest.of_bytes(b"kept and more")) == 13
 
 
 def test_writers_of_other_replicas_and_rehash(store_settings: Settings) -> None:

@@ -12,6 +12,7 @@ from starlette.requests import ClientDisconnect
 
 from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
 from peftreg.registry.api.openapi import CREATED_BLOB, UPLOAD_PROGRESS, failures, no_body
+from peftreg.registry.api.receive_into import ReceiveInto, receive_into_of
 from peftreg.registry.catalog import blobs
 from peftreg.registry.catalog.repositories import valid_name
 from peftreg.registry.errors import (
@@ -24,6 +25,7 @@ from peftreg.registry.errors import (
     UploadInUse,
 )
 from peftreg.registry.state import Services
+from peftreg.registry.storage.base import UploadWriter
 from peftreg.registry.storage.errors import UploadBusy, UploadNotFound, UploadOffsetMismatch
 
 router = APIRouter()
@@ -60,8 +62,10 @@ async def receive_body(
 ) -> int:
     """Append the request body to an upload session; returns the new size.
 
-    Bytes are buffered and written on a worker thread, so the event loop only
-    moves memory. If the client disconnects, what arrived stays in the
+    Where the server offers it and the store keeps a local file, the body
+    goes from the socket into the file in the kernel. Otherwise bytes are
+    buffered and written on a worker thread, so the event loop only moves
+    memory. If the client disconnects, what arrived stays in the
     session (a client can ask for the offset and resume) but nothing becomes
     visible as a blob.
     """
@@ -77,6 +81,10 @@ async def receive_body(
         ) from None
     except UploadBusy as exc:
         raise UploadInUse(str(exc), detail={"upload": upload_id}) from None
+    receive_into = receive_into_of(request.scope)
+    fd = None if receive_into is None else writer.local_fd()
+    if receive_into is not None and fd is not None:
+        return await _receive_into_file(receive_into, fd, writer)
     buffer: list[bytes] = []
     buffered = 0
     in_flight: asyncio.Future[None] | None = None
@@ -111,6 +119,20 @@ async def receive_body(
         await run_in_threadpool(writer.cancel)
         raise
     return await run_in_threadpool(writer.close)
+
+
+async def _receive_into_file(receive_into: ReceiveInto, fd: int, writer: UploadWriter) -> int:
+    """The body written into the session's file by the server, from the socket in the
+    kernel (`peftreg.registry.api.receive_into`); what landed stays if the client goes."""
+    try:
+        complete = await receive_into(fd, writer.appended)
+    except BaseException:
+        await run_in_threadpool(writer.cancel)
+        raise
+    size = await run_in_threadpool(writer.close)
+    if not complete:
+        raise ClientDisconnect()
+    return size
 
 
 async def _settle(write: asyncio.Future[None] | None) -> bool:
