@@ -31,13 +31,12 @@ POLL_SLICE = 1.0  # seconds between looks at `stop` while the socket is silent
 _F_SETPIPE_SZ = 1031
 
 
+AVAILABLE = hasattr(os, "splice")  # Linux
+
+
 def can_splice(sock: object) -> TypeGuard[socket.socket]:
     """Whether `socket_to_file` can read from `sock` (a plain stream socket, on Linux)."""
-    return (
-        hasattr(os, "splice")
-        and isinstance(sock, socket.socket)
-        and not isinstance(sock, ssl.SSLSocket)
-    )
+    return AVAILABLE and isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket)
 
 
 def socket_to_file(

@@ -1,4 +1,4 @@
-"""Blob bodies sent from the file to the socket by the kernel (`sendfile`).
+"""Blob bodies moved between file and socket by the kernel (`sendfile`, `splice`).
 
 uvicorn implements neither ASGI's `zerocopysend` nor its `pathsend`
 extension, so a body the app sends goes through Python: read from the file
@@ -10,13 +10,23 @@ are on the wire, and a worker thread calls `os.sendfile` on duplicates of
 the connection's and the file's descriptors until `count` bytes are sent,
 waiting with `poll` while the socket is full. The thread owns and closes the
 duplicates, so if the connection or the file is closed meanwhile, no number
-it uses can come to name another connection or file. Where the headers still sit in the
-transport's buffer, the body is sent the ordinary way (read by a thread); a
+it uses can come to name another connection or file. Where the headers still
+sit in the transport's buffer, the body is sent the ordinary way (read by a thread); a
 connection that breaks is closed. The blob GET of the filesystem store uses
 it (`peftreg.registry.api.routes.oci_blobs`).
 
+The other way, `peftreg.receive_into` (`peftreg.registry.api.receive_into`)
+is offered for a request body of one Content-Length: the protocol stops
+reading the transport, and a worker thread writes what the parser already
+buffered, then splices the rest from the socket into the app's file
+(`peftreg.splice`). The parser never sees those bytes, so once they are in,
+the connection gets a fresh parser for its next request, as a new
+connection would. A body that ends early closes the connection. Uploads on
+the filesystem store use it (`peftreg.registry.api.routes.oci_uploads`).
+
 This reaches into uvicorn's `RequestResponseCycle` (its `send`, its
-Content-Length accounting), whose version the lock pins;
+Content-Length accounting, its body buffer and events) and the protocol's
+parser and flow control, whose version the lock pins;
 `tests/integration/test_zero_copy.py` runs it in a real server.
 """
 
@@ -35,9 +45,9 @@ from typing import Any, BinaryIO
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from peftreg import splice
 from peftreg.registry.api.receive_into import RECEIVE_INTO
 from peftreg.registry.api.sendfile import SENDFILE
-from peftreg.splice import socket_to_file
 
 READ_CHUNK = 4 * 1024 * 1024  # the fallback's pieces
 STALL_SECONDS = 300  # a client that reads nothing for this long is dropped
@@ -168,7 +178,9 @@ def _receive_all(
             view = view[os.write(file_fd, view) :]
         if head:
             landed(len(head))
-        return socket_to_file(socket_fd, file_fd, count, landed, timeout=STALL_SECONDS, stop=abort)
+        return splice.socket_to_file(
+            socket_fd, file_fd, count, landed, timeout=STALL_SECONDS, stop=abort
+        )
     finally:
         os.close(socket_fd)
         os.close(file_fd)
@@ -191,7 +203,7 @@ class SendfileHttpToolsProtocol(HttpToolsProtocol):
         extensions = self.scope.setdefault("extensions", {})
         extensions[SENDFILE] = {}
         length = _content_length(self.scope["headers"])
-        if length is not None:
+        if length is not None and splice.AVAILABLE:
             extensions[RECEIVE_INTO] = {
                 "receive_into": functools.partial(self._receive_into, cycle, length)
             }
