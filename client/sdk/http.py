@@ -15,12 +15,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import urljoin
 
 import httpx
 
 from peftreg.sdk.direct_get import open_body, proxies_configured
+from peftreg.sdk.direct_send import can_send_file, send_file
 from peftreg.sdk.errors import PeftregError, TransportError, error_class
 from peftreg.sdk.transport import LazyTlsTransport
 
@@ -249,6 +250,51 @@ class HttpSession:
                 return
         with self.stream("GET", path, headers=headers) as response:
             yield _HttpxBody(response)
+
+    def can_send_file(self, path: str) -> bool:
+        """Whether `send_file` sends to `path` (else it answers None)."""
+        return self._direct and can_send_file(self.url(path))
+
+    def send_file(
+        self,
+        method: str,
+        path: str,
+        file: BinaryIO,
+        offset: int,
+        count: int,
+        *,
+        headers: Mapping[str, str],
+        sent: Callable[[int], None],
+    ) -> httpx.Response:
+        """Send `count` bytes of `file` from `offset` as the body, from the kernel
+        (`peftreg.sdk.direct_send`). Only where `can_send_file`: elsewhere (a proxy, a
+        transport of its own, https) bodies stream through httpx.
+
+        Sent once, never retried: error statuses raise their typed error, and a
+        broken connection `TransportError`, for the caller to resume.
+        """
+        url = self.url(path)
+        if not self.can_send_file(path):
+            raise ValueError(f"this session sends bodies through httpx, not to {url}")
+        answer = send_file(
+            method,
+            url,
+            {**self._headers, **headers},
+            file,
+            offset,
+            count,
+            timeout=self._client.timeout.read,
+            sent=sent,
+        )
+        response = httpx.Response(
+            answer.status,
+            headers=answer.headers,
+            content=answer.content,
+            request=httpx.Request(method, url),
+        )
+        if not response.is_success:
+            raise error_from_response(response)
+        return response
 
     def _tls(self) -> ssl.SSLContext:
         """The verifying context httpx's own https transport makes, made on first use."""

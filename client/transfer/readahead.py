@@ -44,6 +44,22 @@ class HashingReader:
             raise RuntimeError(f"{self.path}: hashed {self.hashed} of {self.size} bytes")
         return Digest(self.algorithm, self._hasher.hexdigest())
 
+    def hash_rest(self, stop: threading.Event | None = None) -> None:
+        """Read and hash the file from where the hash stands to `size` (for a body the
+        kernel sends: nothing here is handed on), into one reused block; until `stop`."""
+        block = bytearray(BLOCK)
+        with memoryview(block) as view:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                while self.hashed < self.size and not (stop and stop.is_set()):
+                    got = os.preadv(fd, [view[: min(BLOCK, self.size - self.hashed)]], self.hashed)
+                    if not got:
+                        raise OSError(f"{self.path} shrank while it was being pushed")
+                    self._hasher.update(view[:got])
+                    self.hashed += got
+            finally:
+                os.close(fd)
+
     def blocks(self, offset: int = 0) -> Generator[bytes, None, None]:
         """The file's bytes from `offset` to `size`, read ahead on a thread.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,7 +220,15 @@ def _abandon(http: HttpSession, location: str) -> None:
 def _stream_session(
     http: HttpSession, location: str, reader: HashingReader, progress: Progress
 ) -> str:
-    """Send the whole file in one `PATCH`; after a break, continue at the server's offset."""
+    """Send the whole file in one `PATCH`; after a break, continue at the server's offset.
+
+    Where the session can (`HttpSession.send_file`), the kernel sends the body
+    from the file while a thread hashes it; otherwise it streams through
+    httpx, read ahead and hashed on the way.
+    """
+    sent = _send_file_session(http, location, reader, progress)
+    if sent is not None:
+        return sent
     size = reader.size
     offset = 0
     reported = 0
@@ -267,6 +276,73 @@ def _stream_session(
         # The server had everything after a break: read the rest for the hash.
         for _block in reader.blocks(reader.hashed):
             pass
+    return location
+
+
+def _send_file_session(
+    http: HttpSession, location: str, reader: HashingReader, progress: Progress
+) -> str | None:
+    """`_stream_session` with the body sent by the kernel while a thread hashes the
+    file; None (nothing done) where the session cannot send files."""
+    if not http.can_send_file(location):
+        return None
+    size = reader.size
+    failed: list[BaseException] = []
+    stop = threading.Event()
+
+    def hash_all() -> None:
+        try:
+            reader.hash_rest(stop)
+        except BaseException as exc:  # raised on the sending thread
+            failed.append(exc)
+
+    hashing = threading.Thread(target=hash_all, name="peftreg-hash", daemon=True)
+    hashing.start()
+    offset = reported = failures = 0
+
+    def sent(nbytes: int) -> None:
+        nonlocal reported
+        reported += nbytes
+        progress.advance(nbytes)
+
+    try:
+        with reader.path.open("rb") as file:
+            while offset < size:
+                try:
+                    response = http.send_file(
+                        "PATCH",
+                        location,
+                        file,
+                        offset,
+                        size - offset,
+                        headers={
+                            "Content-Type": OCTET_STREAM,
+                            "Content-Range": f"{offset}-{size - 1}",
+                        },
+                        sent=sent,
+                    )
+                except (TransportError, RangeNotSatisfiable, Conflict) as exc:
+                    if failures >= http.retries:
+                        raise
+                    failures += 1
+                    if isinstance(exc, RangeNotSatisfiable) and exc.offset is not None:
+                        offset = exc.offset
+                    else:
+                        # A break, or the server still closing the broken request's write.
+                        time.sleep(http.delay(failures - 1))
+                        offset = session_offset(http, location)
+                    progress.advance(offset - reported)
+                    reported = offset
+                    continue
+                location = response.headers.get("location", location)
+                offset = size
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        hashing.join()
+    if failed:
+        raise failed[0]
     return location
 
 

@@ -5,11 +5,14 @@ self-signed certificate (made here with `openssl`) is trusted only when
 `SSL_CERT_FILE` names it. Large bodies (`HttpSession.body(..., large=True)`)
 are read with http.client (`peftreg.sdk.direct_get`), which must keep every
 rule of the httpx path: verification, redirects, the token, errors, proxies.
+File bodies (`HttpSession.send_file`, a push's upload) are sent by the kernel
+on plain HTTP, to a real registry, and go through httpx elsewhere.
 """
 
 from __future__ import annotations
 
 import http.server
+import os
 import ssl
 import subprocess
 import threading
@@ -19,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
+from peftreg.digest import Digest
 from peftreg.sdk.errors import NotFound, TransportError
 from peftreg.sdk.http import HttpSession
+from tests.fixtures.server import RegistryProcess
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -196,3 +201,50 @@ def test_a_proxy_in_the_environment_is_used_for_every_request(
             assert _large(http, "/blob") == b"over plain"
     # Both went to the proxy (absolute-form targets), through httpx.
     assert [r["path"] for r in seen] == ["http://registry.invalid/blob"] * 2
+
+
+def test_a_file_body_is_sent_by_the_kernel_and_errors_keep_their_type(
+    server: RegistryProcess, tmp_path: Path
+) -> None:
+    """`HttpSession.send_file` (peftreg.sdk.direct_send): the upload a push makes."""
+    data = os.urandom(20 * 1024 * 1024 + 11)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"skipped" + data)
+    digest = Digest.of_bytes(data)
+    repository = "acme/sent-by-kernel"
+    progress: list[int] = []
+    with HttpSession(server.url) as http, path.open("rb") as file:
+        assert http.can_send_file("/v2/")
+        location = http.request("POST", f"/v2/{repository}/blobs/uploads/").headers["location"]
+        headers = {"Content-Type": "application/octet-stream"}
+        sent = http.send_file(
+            "PATCH", location, file, 7, len(data), headers=headers, sent=progress.append
+        )
+        assert sent.status_code == 202
+        assert sent.headers["range"] == f"0-{len(data) - 1}"
+        assert sum(progress) == len(data)
+        http.request("PUT", sent.headers["location"], params={"digest": str(digest)})
+        assert http.request("GET", f"/v2/{repository}/blobs/{digest}").content == data
+        # An error answer raises its typed error, as through httpx.
+        with pytest.raises(NotFound, match="is not open"):
+            http.send_file(
+                "PATCH",
+                f"/v2/{repository}/blobs/uploads/no-such-session",
+                file,
+                0,
+                100,
+                headers=headers,
+                sent=lambda _n: None,
+            )
+
+
+def test_file_bodies_go_through_httpx_over_tls_or_a_proxy(
+    tls_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with HttpSession(tls_url) as http:
+        assert not http.can_send_file("/v2/")
+    with HttpSession("http://registry.invalid") as http:
+        assert http.can_send_file("/v2/")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    with HttpSession("http://registry.invalid") as http:
+        assert not http.can_send_file("/v2/")
