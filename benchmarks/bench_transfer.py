@@ -32,11 +32,12 @@ reported as skipped, not failed: the lead's machine has them.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import json
 import os
-import queue
 import shutil
 import socket
 import statistics
@@ -244,29 +245,6 @@ def durable_copy(source: Path, target: Path) -> None:
 # raw protocol ---------------------------------------------------------------
 
 
-class ThreadHasher:
-    """sha256 of the blocks handed to it, computed on its own thread (hashlib releases the GIL),
-    so a raw client's hashing overlaps its network and disk work as any real client's would."""
-
-    def __init__(self) -> None:
-        self._hasher = hashlib.sha256()
-        self._blocks: queue.Queue[bytes | None] = queue.Queue(8)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (block := self._blocks.get()) is not None:
-            self._hasher.update(block)
-
-    def update(self, block: bytes) -> None:
-        self._blocks.put(block)
-
-    def digest(self) -> str:
-        self._blocks.put(None)
-        self._thread.join()
-        return f"sha256:{self._hasher.hexdigest()}"
-
-
 def _connect(url: str) -> http.client.HTTPConnection:
     parts = urlsplit(url)
     return http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=600)
@@ -286,34 +264,48 @@ def _request(
     return response
 
 
+def hash_file_on_thread(path: Path) -> Callable[[], str]:
+    """Start hashing a file on a thread (hashlib releases the GIL); the call returns the digest."""
+    result: list[str] = []
+
+    def run() -> None:
+        result.append(f"sha256:{hash_file(path)}")
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def digest() -> str:
+        thread.join()
+        return result[0]
+
+    return digest
+
+
 def raw_push(url: str, path: Path) -> str:
-    """POST, one PATCH streaming the file (hashed on a thread on the way), PUT ?digest=.
+    """POST, one PATCH whose body the kernel sends from the file (`socket.sendfile`) while a
+    thread hashes the file, PUT ?digest=.
 
-    The standard library's http.client, which sends each block as it is: the raw
-    protocol measures the server, not a client library's copies.
+    The standard library's http.client and the kernel: the raw protocol measures the
+    server, not a client library's copies.
     """
-    hasher = ThreadHasher()
-
-    def body() -> Iterator[bytes]:
-        with path.open("rb", buffering=0) as handle:
-            while block := handle.read(4 * BLOCK):
-                hasher.update(block)
-                yield block
-
+    digest_of = hash_file_on_thread(path)
     connection = _connect(url)
     try:
         started = _request(connection, "POST", f"/v2/{REPO}/blobs/uploads/")
         started.read()
         size = path.stat().st_size
-        patched = _request(
-            connection,
-            "PATCH",
-            started.headers["Location"],
-            body(),
-            {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-        )
+        connection.putrequest("PATCH", started.headers["Location"], skip_accept_encoding=True)
+        connection.putheader("Content-Type", "application/octet-stream")
+        connection.putheader("Content-Length", str(size))
+        connection.endheaders()
+        assert connection.sock is not None
+        with path.open("rb") as handle:
+            connection.sock.sendfile(handle)
+        patched = connection.getresponse()
         patched.read()
-        digest = hasher.digest()
+        if patched.status != 202:
+            raise RuntimeError(f"raw PATCH failed: {patched.status}")
+        digest = digest_of()
         finished = _request(connection, "PUT", f"{patched.headers['Location']}?digest={digest}")
         finished.read()
         if finished.status != 201:
@@ -323,10 +315,79 @@ def raw_push(url: str, path: Path) -> str:
     return digest
 
 
+class FileFollower:
+    """sha256 of a file as it grows: a thread reads back (from the page cache) each range
+    reported with `landed`, so the hash runs beside the writes."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._landed = 0
+        self._done = False
+        self._changed = threading.Condition()
+        self._hasher = hashlib.sha256()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def landed(self, end: int) -> None:
+        with self._changed:
+            self._landed = end
+            self._changed.notify()
+
+    def _run(self) -> None:
+        buffer = memoryview(bytearray(MiB))
+        hashed = 0
+        with self._path.open("rb", buffering=0) as handle:
+            while True:
+                with self._changed:
+                    while hashed == self._landed and not self._done:
+                        self._changed.wait()
+                    end, done = self._landed, self._done
+                while hashed < end:
+                    got = os.preadv(handle.fileno(), [buffer[: min(MiB, end - hashed)]], hashed)
+                    self._hasher.update(buffer[:got])
+                    hashed += got
+                if done and hashed == end:
+                    return
+
+    def digest(self) -> str:
+        with self._changed:
+            self._done = True
+            self._changed.notify()
+        self._thread.join()
+        return f"sha256:{self._hasher.hexdigest()}"
+
+
+def _splice_body(
+    connection: http.client.HTTPConnection, length: int, fd: int, follower: FileFollower
+) -> None:
+    """The rest of a response body from the socket into `fd` in the kernel (`splice`)."""
+    assert connection.sock is not None
+    connection.sock.setblocking(True)
+    source = connection.sock.fileno()
+    position = os.lseek(fd, 0, os.SEEK_CUR)
+    read_end, write_end = os.pipe()
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, 1031, MiB)  # F_SETPIPE_SZ
+        while length:
+            moved = os.splice(source, write_end, min(MiB, length))
+            if not moved:
+                raise RuntimeError(f"raw pull: the body ended {length} bytes early")
+            length -= moved
+            while moved:
+                written = os.splice(read_end, fd, moved)
+                moved -= written
+                position += written
+            follower.landed(position)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 def raw_pull(url: str, digest: str, target: Path) -> None:
-    """One GET (following a redirect), written as it arrives, hashed on a thread, fsynced
-    and verified at the end: what `cp` + fsync and a verified pull must both do."""
-    hasher = ThreadHasher()
+    """One GET (following a redirect), spliced from the socket into the file by the kernel
+    while a thread hashes what landed, fsynced and verified: what `cp` + fsync and a
+    verified pull must both do, with the standard library and the kernel."""
     location = f"{url}/v2/{REPO}/blobs/{digest}"
     for _ in range(3):
         parts = urlsplit(location)
@@ -337,18 +398,18 @@ def raw_pull(url: str, digest: str, target: Path) -> None:
         connection.close()
         location = urljoin(location, response.headers["Location"])
     try:
+        length = int(response.headers["Content-Length"])
         with target.open("wb", buffering=0) as handle:
-            while chunk := response.read(4 * BLOCK):
-                handle.write(chunk)
-                hasher.update(chunk)
+            follower = FileFollower(target)
+            head = response.read1(min(length, 65536)) if length else b""
+            handle.write(head)
+            follower.landed(len(head))
+            _splice_body(connection, length - len(head), handle.fileno(), follower)
             os.fsync(handle.fileno())
     finally:
         connection.close()
-    if hasher.digest() != digest:
+    if follower.digest() != digest:
         raise RuntimeError("raw pull: digest mismatch")
-
-
-# distribution by curl -------------------------------------------------------
 
 
 def curl_push(url: str, path: Path) -> None:
