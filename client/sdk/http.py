@@ -252,7 +252,8 @@ class HttpSession:
             yield _HttpxBody(response)
 
     def can_send_file(self, path: str) -> bool:
-        """Whether `send_file` sends to `path` (else it answers None)."""
+        """Whether `send_file` can send to `path`: plain HTTP, no proxy, no transport of the
+        caller's own (as for reading large bodies past httpx)."""
         return self._direct and can_send_file(self.url(path))
 
     def send_file(

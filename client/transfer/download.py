@@ -5,10 +5,10 @@ and a hashing thread follows the writes, so the digest is known when the
 last byte lands: the file is never read back from the disk. On a plain
 connection the body is spliced from the socket into the file
 (`peftreg.splice`: one copy, in the kernel) and the hash reads each landed
-range back from the page cache; otherwise it hashes the received pieces. Writeback to disk starts as
-the bytes arrive (`peftreg.writeback`) and the complete file is fsynced
-before the rename, so a crash never leaves a torn blob under a verified
-name, and that fsync waits only for the tail. An interrupted download
+range back from the page cache; otherwise it hashes the received pieces.
+Writeback to disk starts as the bytes arrive (`peftreg.writeback`) and the
+complete file is fsynced before the rename, so a crash never leaves a torn
+blob under a verified name, and that fsync waits only for the tail. An interrupted download
 resumes from what the `.incomplete` file holds (a `Range` request; only
 then is that prefix read, to hash it). A mismatch deletes the partial file;
 a match renames it to its final name. A per-digest file lock makes

@@ -259,12 +259,7 @@ def _stream_session(
             if failures >= http.retries:
                 raise
             failures += 1
-            if isinstance(exc, RangeNotSatisfiable) and exc.offset is not None:
-                offset = exc.offset
-            else:
-                # A break, or the server still closing the broken request's write.
-                time.sleep(http.delay(failures - 1))
-                offset = session_offset(http, location)
+            offset = _resume_at(http, location, exc, failures)
             progress.advance(offset - reported)
             reported = offset
             continue
@@ -277,6 +272,15 @@ def _stream_session(
         for _block in reader.blocks(reader.hashed):
             pass
     return location
+
+
+def _resume_at(http: HttpSession, location: str, exc: PeftregError, failures: int) -> int:
+    """Where a session's next `PATCH` starts after failure number `failures` (from 1)."""
+    if isinstance(exc, RangeNotSatisfiable) and exc.offset is not None:
+        return exc.offset
+    # A break, or the server still closing the broken request's write: ask it.
+    time.sleep(http.delay(failures - 1))
+    return session_offset(http, location)
 
 
 def _send_file_session(
@@ -325,12 +329,7 @@ def _send_file_session(
                     if failures >= http.retries:
                         raise
                     failures += 1
-                    if isinstance(exc, RangeNotSatisfiable) and exc.offset is not None:
-                        offset = exc.offset
-                    else:
-                        # A break, or the server still closing the broken request's write.
-                        time.sleep(http.delay(failures - 1))
-                        offset = session_offset(http, location)
+                    offset = _resume_at(http, location, exc, failures)
                     progress.advance(offset - reported)
                     reported = offset
                     continue

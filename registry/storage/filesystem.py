@@ -155,8 +155,13 @@ class FilesystemUploadWriter:
         self._writeback.written(self._size)
 
     def close(self) -> int:
-        state = None if self._hash is None else self._hash.finish()  # it may read the file
-        self._file.close()  # durable at the commit: one fsync per blob, not per request
+        try:
+            state = None if self._hash is None else self._hash.finish()  # it may read the file
+        except OSError:
+            self._store.hashes.forget(self._upload_id)  # the commit hashes what the disk holds
+            state = None
+        finally:
+            self._file.close()  # durable at the commit: one fsync per blob, not per request
         if state is not None:
             self._store.hashes.advance(self._upload_id, self._offset, self._size, state)
         return self._size
