@@ -15,9 +15,11 @@ import contextlib
 import io
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Literal
+
+import httpx
 
 from peftreg.digest import Digest
 from peftreg.sdk.errors import (
@@ -226,25 +228,20 @@ def _stream_session(
     from the file while a thread hashes it; otherwise it streams through
     httpx, read ahead and hashed on the way.
     """
-    sent = _send_file_session(http, location, reader, progress)
-    if sent is not None:
-        return sent
+    if http.can_send_file(location):
+        return _send_file_session(http, location, reader, progress)
     size = reader.size
-    offset = 0
-    reported = 0
-    failures = 0
-    while offset < size:
+
+    def send(offset: int, sent: _Sent) -> httpx.Response:
         blocks = reader.blocks(offset)
 
-        def body(source: Iterator[bytes] = blocks) -> Iterator[bytes]:
-            nonlocal reported
-            for block in source:
+        def body() -> Iterator[bytes]:
+            for block in blocks:
                 yield block
-                reported += len(block)
-                progress.advance(len(block))
+                sent.advance(len(block))
 
         try:
-            response = http.request(
+            return http.request(
                 "PATCH",
                 location,
                 content=body(),
@@ -255,18 +252,10 @@ def _stream_session(
                 },
                 idempotent=False,
             )
-        except (TransportError, RangeNotSatisfiable, Conflict) as exc:
-            if failures >= http.retries:
-                raise
-            failures += 1
-            offset = _resume_at(http, location, exc, failures)
-            progress.advance(offset - reported)
-            reported = offset
-            continue
         finally:
             blocks.close()
-        location = response.headers.get("location", location)
-        offset = size
+
+    location = _patch_session(http, location, size, progress, send)
     if reader.hashed < size:
         # The server had everything after a break: read the rest for the hash.
         for _block in reader.blocks(reader.hashed):
@@ -274,22 +263,10 @@ def _stream_session(
     return location
 
 
-def _resume_at(http: HttpSession, location: str, exc: PeftregError, failures: int) -> int:
-    """Where a session's next `PATCH` starts after failure number `failures` (from 1)."""
-    if isinstance(exc, RangeNotSatisfiable) and exc.offset is not None:
-        return exc.offset
-    # A break, or the server still closing the broken request's write: ask it.
-    time.sleep(http.delay(failures - 1))
-    return session_offset(http, location)
-
-
 def _send_file_session(
     http: HttpSession, location: str, reader: HashingReader, progress: Progress
-) -> str | None:
-    """`_stream_session` with the body sent by the kernel while a thread hashes the
-    file; None (nothing done) where the session cannot send files."""
-    if not http.can_send_file(location):
-        return None
+) -> str:
+    """`_stream_session` with the body sent by the kernel while a thread hashes the file."""
     size = reader.size
     failed: list[BaseException] = []
     stop = threading.Event()
@@ -302,39 +279,21 @@ def _send_file_session(
 
     hashing = threading.Thread(target=hash_all, name="peftreg-hash", daemon=True)
     hashing.start()
-    offset = reported = failures = 0
-
-    def sent(nbytes: int) -> None:
-        nonlocal reported
-        reported += nbytes
-        progress.advance(nbytes)
-
     try:
         with reader.path.open("rb") as file:
-            while offset < size:
-                try:
-                    response = http.send_file(
-                        "PATCH",
-                        location,
-                        file,
-                        offset,
-                        size - offset,
-                        headers={
-                            "Content-Type": OCTET_STREAM,
-                            "Content-Range": f"{offset}-{size - 1}",
-                        },
-                        sent=sent,
-                    )
-                except (TransportError, RangeNotSatisfiable, Conflict) as exc:
-                    if failures >= http.retries:
-                        raise
-                    failures += 1
-                    offset = _resume_at(http, location, exc, failures)
-                    progress.advance(offset - reported)
-                    reported = offset
-                    continue
-                location = response.headers.get("location", location)
-                offset = size
+
+            def send(offset: int, sent: _Sent) -> httpx.Response:
+                return http.send_file(
+                    "PATCH",
+                    location,
+                    file,
+                    offset,
+                    size - offset,
+                    headers={"Content-Type": OCTET_STREAM, "Content-Range": f"{offset}-{size - 1}"},
+                    sent=sent.advance,
+                )
+
+            location = _patch_session(http, location, size, progress, send)
     except BaseException:
         stop.set()
         raise
@@ -343,6 +302,60 @@ def _send_file_session(
     if failed:
         raise failed[0]
     return location
+
+
+class _Sent:
+    """Bytes of a session's body told to the progress bar so far."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.reported = 0
+        self._progress = progress
+
+    def advance(self, nbytes: int) -> None:
+        self.reported += nbytes
+        self._progress.advance(nbytes)
+
+    def resume_at(self, offset: int) -> None:
+        self._progress.advance(offset - self.reported)
+        self.reported = offset
+
+
+def _patch_session(
+    http: HttpSession,
+    location: str,
+    size: int,
+    progress: Progress,
+    send: Callable[[int, _Sent], httpx.Response],
+) -> str:
+    """`PATCH` until the session holds `size` bytes; the session's last location.
+
+    `send(offset, sent)` sends the body from `offset` and answers the
+    response. After a break, the next one starts at the server's offset.
+    """
+    sent = _Sent(progress)
+    offset = failures = 0
+    while offset < size:
+        try:
+            response = send(offset, sent)
+        except (TransportError, RangeNotSatisfiable, Conflict) as exc:
+            if failures >= http.retries:
+                raise
+            failures += 1
+            offset = _resume_at(http, location, exc, failures)
+            sent.resume_at(offset)
+            continue
+        location = response.headers.get("location", location)
+        offset = size
+    return location
+
+
+def _resume_at(http: HttpSession, location: str, exc: PeftregError, failures: int) -> int:
+    """Where a session's next `PATCH` starts after failure number `failures` (from 1)."""
+    if isinstance(exc, RangeNotSatisfiable) and exc.offset is not None:
+        return exc.offset
+    # A break, or the server still closing the broken request's write: ask it.
+    time.sleep(http.delay(failures - 1))
+    return session_offset(http, location)
 
 
 def _open(source: Path | bytes) -> BinaryIO:

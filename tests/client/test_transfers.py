@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from peftreg import Client
@@ -69,15 +70,19 @@ def test_interrupted_pull_resumes_with_only_the_remainder(
         assert not list((env.cache / "blobs" / "sha256").glob("*.incomplete*"))
 
 
+# By default the body is sent by the kernel (sendfile); a session with a transport of its
+# own (or a proxy, or https) streams it through httpx. Both resume the same way.
+@pytest.mark.parametrize("via", ["sendfile", "httpx"])
 def test_interrupted_push_continues_from_the_server_offset(
-    registry_server: RegistryProcess, tmp_path: Path
+    registry_server: RegistryProcess, tmp_path: Path, via: str
 ) -> None:
     size, cut = 48 * MiB, 20 * MiB
     data = os.urandom(size)
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "weights.bin").write_bytes(data)
+    transport = httpx.HTTPTransport() if via == "httpx" else None
     with cutting_proxy(registry_server.port, cut_upstream_after=cut) as proxy:
-        with Client(proxy.url) as client:
+        with Client(proxy.url, transport=transport) as client:
             client.push(tmp_path / "src", "acme/resumed:v1")
         status_checks = [
             r for r in proxy.requests if r.startswith("GET /v2/acme/resumed/blobs/uploads/")
