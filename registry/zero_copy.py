@@ -50,16 +50,17 @@ from peftreg.registry.api.receive_into import RECEIVE_INTO
 from peftreg.registry.api.sendfile import SENDFILE
 
 READ_CHUNK = 4 * 1024 * 1024  # the fallback's pieces
-STALL_SECONDS = 300  # a client that reads nothing for this long is dropped
-# Threads for sends in flight (each mostly waits in `poll` on a slow client), per process:
+STALL_SECONDS = 300  # a client that reads (or sends) nothing for this long is dropped
+# Threads for bodies in flight, sent or received (each mostly waits in `poll` on a slow
+# client), per process; more wait their turn:
 # not asyncio's default executor, whose few threads other work shares.
-SENDERS = 64
+TRANSFERS = 64
 Send = Callable[[Any], Awaitable[None]]
 
 
 @functools.cache
 def _executor() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(SENDERS, thread_name_prefix="peftreg-sendfile")
+    return ThreadPoolExecutor(TRANSFERS, thread_name_prefix="peftreg-zero-copy")
 
 
 def _send_all(
