@@ -50,7 +50,8 @@ def send_file(
 
     `sent(n)` is called as each further `n` bytes are on their way. A connection
     that breaks raises `TransportError`, unless the server answered before it
-    closed (an error it found before reading the body): then that answer.
+    closed (an error it found before reading the body): then that answer. A
+    file shorter than `offset + count` raises `OSError` (not retried).
     """
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -69,7 +70,7 @@ def send_file(
             while position < end:
                 moved = sock.sendfile(file, position, min(PIECE, end - position))
                 if moved == 0:
-                    raise TransportError(f"{file.name} ended {end - position} bytes early")
+                    break
                 position += moved
                 sent(moved)
         except OSError as exc:
@@ -77,6 +78,10 @@ def send_file(
             if answer is None:
                 raise TransportError(f"sending to {parts.netloc} broke: {exc}") from exc
             return answer
+        if position < end:  # the file, not the connection: sending again cannot help
+            raise OSError(
+                f"{file.name} shrank while it was being pushed: {end - position} bytes missing"
+            )
         answer = _answer_if_any(connection)
         if answer is None:
             raise TransportError(f"{parts.netloc} closed the connection without an answer")

@@ -14,6 +14,7 @@ from peftreg.digest import Digest
 from peftreg.sdk.errors import DigestMismatch, TransportError
 from peftreg.sdk.http import HttpSession
 from peftreg.transfer.digest_memo import DigestMemo
+from peftreg.transfer.progress import NullProgress
 from peftreg.transfer.upload import upload_blob, upload_file
 from tests.client.proxy import cutting_proxy
 from tests.fixtures.server import RegistryProcess
@@ -145,3 +146,36 @@ def test_a_pull_verifies_while_writing_and_keeps_nothing_on_mismatch(
         client.pull("acme/verify:v1", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not list((tmp_path / "fresh" / "blobs" / "sha256").iterdir())
+
+
+class _Shrinking(NullProgress):
+    """Cuts the file to `keep` bytes once the first piece is on its way: a file a user
+    overwrites while it is pushed."""
+
+    def __init__(self, path: Path, keep: int) -> None:
+        self.path = path
+        self.keep = keep
+
+    def advance(self, nbytes: int) -> None:
+        if self.path.stat().st_size > self.keep:
+            os.truncate(self.path, self.keep)
+
+
+@pytest.mark.parametrize("via", ["sendfile", "httpx"])
+def test_a_file_that_shrinks_while_pushed_fails_once_and_leaves_nothing_visible(
+    server: RegistryProcess, tmp_path: Path, via: str
+) -> None:
+    path = tmp_path / "weights.bin"
+    digest = _big_file(path, 40 * MiB)
+    before = _stored_blobs(server)
+    transport = httpx.HTTPTransport() if via == "httpx" else None
+    with (
+        cutting_proxy(server.port) as proxy,  # only counts the requests
+        HttpSession(proxy.url, transport=transport, backoff=0.01) as http,
+        pytest.raises(OSError, match=r"weights\.bin shrank while it was being pushed"),
+    ):
+        upload_file(http, "acme/shrunk", path, progress=_Shrinking(path, 20 * MiB))
+    # Not taken for a broken connection: one PATCH, no retry, and no blob.
+    assert len([r for r in proxy.requests if r.startswith("PATCH ")]) == 1
+    assert not _visible(server, "acme/shrunk", digest)
+    assert _stored_blobs(server) == before
