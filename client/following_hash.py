@@ -34,6 +34,26 @@ class FileRange:
     end: int
 
 
+def hash_file_range(
+    state: hashlib._Hash,
+    fd: int,
+    start: int,
+    end: int,
+    buffer: memoryview,
+    stop: threading.Event | None = None,
+) -> int:
+    """Read bytes `start` to `end` of `fd` into `buffer`, piece by piece, and hash them;
+    the offset reached: `end`, or less where the file ends first or `stop` is set."""
+    offset = start
+    while offset < end and not (stop is not None and stop.is_set()):
+        got = os.preadv(fd, [buffer[: min(len(buffer), end - offset)]], offset)
+        if got == 0:
+            break
+        state.update(buffer[:got])
+        offset += got
+    return offset
+
+
 Piece = bytes | memoryview | FileRange  # bytes: nothing may change them once handed over
 
 
@@ -66,13 +86,8 @@ class FollowingHash:
                 self._pieces.task_done()
 
     def _hash_range(self, piece: FileRange, buffer: memoryview) -> None:
-        offset = piece.start
-        while offset < piece.end:
-            got = os.preadv(piece.fd, [buffer[: min(FILE_READ, piece.end - offset)]], offset)
-            if got == 0:  # shorter than said: the digest check will fail, as it must
-                return
-            self._state.update(buffer[:got])
-            offset += got
+        # Shorter than said: the digest check fails, as it must.
+        hash_file_range(self._state, piece.fd, piece.start, piece.end, buffer)
 
     def update(self, *pieces: Piece) -> None:
         """Hash these next (the caller must not change them afterwards)."""

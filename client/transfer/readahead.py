@@ -18,6 +18,7 @@ from collections.abc import Generator
 from pathlib import Path
 
 from peftreg.digest import Digest
+from peftreg.following_hash import hash_file_range
 
 BLOCK = 1024 * 1024
 DEPTH = 4  # blocks read ahead: peak memory is about (DEPTH + 2) * BLOCK
@@ -47,18 +48,14 @@ class HashingReader:
     def hash_rest(self, stop: threading.Event | None = None) -> None:
         """Read and hash the file from where the hash stands to `size` (for a body the
         kernel sends: nothing here is handed on), into one reused block; until `stop`."""
-        block = bytearray(BLOCK)
-        with memoryview(block) as view:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                while self.hashed < self.size and not (stop and stop.is_set()):
-                    got = os.preadv(fd, [view[: min(BLOCK, self.size - self.hashed)]], self.hashed)
-                    if not got:
-                        raise OSError(f"{self.path} shrank while it was being pushed")
-                    self._hasher.update(view[:got])
-                    self.hashed += got
-            finally:
-                os.close(fd)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            with memoryview(bytearray(BLOCK)) as view:
+                self.hashed = hash_file_range(self._hasher, fd, self.hashed, self.size, view, stop)
+        finally:
+            os.close(fd)
+        if self.hashed < self.size and not (stop is not None and stop.is_set()):
+            raise OSError(f"{self.path} shrank while it was being pushed")
 
     def blocks(self, offset: int = 0) -> Generator[bytes, None, None]:
         """The file's bytes from `offset` to `size`, read ahead on a thread.
