@@ -98,7 +98,7 @@ def _node(session: Session, manifest: Manifest, repository: str, kind: str) -> L
 
 
 def _with_exports(
-    session: Session, store: BlobReader, adapters: list[tuple[Manifest, LineageNode]]
+    session: Session, store: BlobReader, adapters: list[tuple[search.ListedVersion, LineageNode]]
 ) -> list[AdapterLineage]:
     """Each adapter with its exports: one query for the exports, one for their tags."""
     if not adapters:
@@ -159,7 +159,10 @@ def lineage_of(
             else []
         )
         base = _node(session, found[0][0], found[0][1], "base") if found else None
-    anchor = (manifest, _node(session, manifest, repository, index.kind if index else "artifact"))
+    anchor = (
+        search.ListedVersion.of(manifest),
+        _node(session, manifest, repository, index.kind if index else "artifact"),
+    )
     if fingerprint is None:
         return Lineage(base, None, _with_exports(session, store, [anchor]), False)
     page = search.list_versions(

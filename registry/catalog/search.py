@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Select, func, null, select
-from sqlalchemy.orm import Session, defer
+from sqlalchemy import BindParameter, Select, bindparam, func, null, select
+from sqlalchemy.orm import Session
 
 from peftreg.formats.bounded_json import loads_bounded
 from peftreg.registry.auth.scopes import Principal
@@ -114,8 +116,45 @@ class ArtifactFilters:
     base_quantization: str | None = None
     verified: bool | None = None
 
-    def active(self) -> bool:
-        return any(value is not None for value in vars(self).values())
+
+@dataclass(frozen=True, slots=True)
+class ListedVersion:
+    """A version's manifest columns as a listing reads them: never its document."""
+
+    id: int
+    repository_id: int
+    digest: str
+    media_type: str
+    artifact_type: str | None
+    subject_digest: str | None
+    annotations: dict[str, str]
+    size: int
+    pushed_by: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> ListedVersion:
+        return cls(*(getattr(manifest, name) for name in _FIELDS_OF[cls]))
+
+
+@dataclass(frozen=True, slots=True)
+class IndexSummary:
+    """What validation indexed of an adapter or base, as a listing reads it."""
+
+    kind: str
+    max_rank: int | None
+    base_fingerprint: str | None
+    base_quantization: str | None
+    verified: bool
+    fingerprint: str | None
+
+
+_FIELDS_OF = {kind: tuple(f.name for f in fields(kind)) for kind in (ListedVersion, IndexSummary)}
+_VERSION_WIDTH = len(_FIELDS_OF[ListedVersion])
+_INDEX_WIDTH = len(_FIELDS_OF[IndexSummary])
+
+VersionItem = tuple[ListedVersion, str, list[str], IndexSummary | None]
+"""A version, its repository's name, its tags (in name order), its index row if any."""
 
 
 def list_versions(
@@ -128,7 +167,7 @@ def list_versions(
     cursor: str | None,
     limit: int,
     filters: ArtifactFilters | None = None,
-) -> Page[tuple[Manifest, str, list[str], ArtifactIndex | None]]:
+) -> Page[VersionItem]:
     """Versions (manifests), newest first; each with its repository name, tags and index.
 
     A keyset page: `id < cursor ORDER BY id DESC LIMIT n`, on the index
@@ -138,75 +177,109 @@ def list_versions(
     correlated aggregate looked up on `(repository_id, manifest_digest)` for
     each row of the page (never a scan of the repository's tags, which a
     planner may prefer for a list of 100 digests), the index row by an outer
-    join on its primary key.
+    join on its primary key. Rows are read as columns, not ORM objects, and
+    the statement for each shape of query is built once (`_page_statement`).
     """
     filters = filters or ArtifactFilters()
     after = decode_cursor(cursor, int)
-    repository_id, readable = None, False
+    set_filters = {name: value for name, value in vars(filters).items() if value is not None}
+    keys = tuple(annotations)
+    values: dict[str, Any] = {
+        **set_filters,
+        **{f"annotation_{n}": annotations[key] for n, key in enumerate(keys)},
+        "artifact_type": artifact_type,
+    }
     if repository is not None:
-        repository_id = repository_id_of(session, name=repository)
-        readable = principal.can("read", repository)  # one answer for every row
-    results: list[tuple[Manifest, str, list[str], ArtifactIndex | None]] = []
+        values["repository_id"] = repository_id_of(session, name=repository)
+        if not principal.can("read", repository):  # one answer for every row
+            return Page([], None)
+    shape = _Shape(repository is not None, tuple(set_filters), artifact_type is not None, keys)
+    results: list[VersionItem] = []
     last_id = after
     batch_size = limit + 1
     while len(results) <= limit:
-        statement = _page_statement(repository_id, filters).limit(batch_size)
-        if last_id is not None:
-            statement = statement.where(Manifest.id < int(last_id))
-        if artifact_type is not None:
-            statement = statement.where(Manifest.artifact_type == artifact_type)
-        for key, value in annotations.items():
-            statement = statement.where(Manifest.annotations[key].as_string() == value)
-        batch = list(session.execute(statement))
-        for manifest, tag_list, index, name in batch:
-            if repository is not None:  # a repository listing selects no name
-                if readable:
-                    results.append((manifest, repository, tags.split_names(tag_list), index))
-            elif principal.can("read", name):
-                results.append((manifest, name, tags.split_names(tag_list), index))
+        statement = _page_statement(shape, after=last_id is not None)
+        batch = session.execute(statement, {**values, "after": last_id, "limit": batch_size}).all()
+        for row in batch:
+            if repository is not None:
+                results.append(_version_item(row, repository))
+            elif principal.can("read", row[-1]):  # across repositories: the last column
+                results.append(_version_item(row, row[-1]))
         if len(batch) < batch_size:
             break
-        last_id = batch[-1][0].id
+        last_id = batch[-1][0]  # the version's id, its first column
         batch_size = max(batch_size, 200)  # the caller may read few of these: larger steps
     page, more = results[:limit], len(results) > limit
     return Page(page, encode_cursor(page[-1][0].id) if more and page else None)
 
 
+def _version_item(row: Any, name: str) -> VersionItem:
+    """A row of `_page_statement`: the version's columns, its tags, the index's, the name."""
+    version = ListedVersion(*row[:_VERSION_WIDTH])
+    index_columns = row[_VERSION_WIDTH + 1 : _VERSION_WIDTH + 1 + _INDEX_WIDTH]
+    index = IndexSummary(*index_columns) if index_columns[0] is not None else None
+    return version, name, tags.split_names(row[_VERSION_WIDTH]), index
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What a page's statement is made of; the values it compares with are bound."""
+
+    one_repository: bool
+    filters: tuple[str, ...]
+    """The `ArtifactFilters` fields set."""
+    artifact_type: bool
+    annotation_keys: tuple[str, ...]
+
+
 PageSelect = Select[*tuple[Any, ...]]
-"""A version, its tags (joined), its index row, its repository's name (across repositories)."""
+"""The columns of a version, its tags (joined), its index row's, its repository's name."""
 
 
-def _page_statement(repository_id: int | None, filters: ArtifactFilters) -> PageSelect:
-    """Versions newest first with their tags, index row and (across repositories) name."""
-    tag_list = tags.names_column()
+@functools.lru_cache(maxsize=256)
+def _page_statement(shape: _Shape, *, after: bool) -> PageSelect:
+    """Versions newest first with their tags, index row and (across repositories) name.
+
+    Bound parameters: `limit`, `after` (with `after=True`), `repository_id`
+    (one repository), `artifact_type`, each set filter by its field name, and
+    `annotation_<n>` for the n-th annotation key. Built once per shape: the
+    building, not the query, was a fifth of a listing's server time.
+    """
+    columns = (
+        *(getattr(Manifest, name) for name in _FIELDS_OF[ListedVersion]),
+        tags.names_column(),
+        *(getattr(ArtifactIndex, name) for name in _FIELDS_OF[IndexSummary]),
+    )
     statement: PageSelect
-    if repository_id is not None:
+    if shape.one_repository:
         # One repository: its name is known, and no join may lead the planner off the index.
-        statement = select(Manifest, tag_list, ArtifactIndex, null()).where(
-            Manifest.repository_id == repository_id
+        statement = select(*columns, null()).where(
+            Manifest.repository_id == bindparam("repository_id")
         )
     else:
-        statement = select(Manifest, tag_list, ArtifactIndex, Repository.name).join(
+        statement = select(*columns, Repository.name).join(
             Repository, Repository.id == Manifest.repository_id
         )
-    statement = statement.options(defer(Manifest.content))  # listings never need the document
-    if filters.active():
-        statement = _filter_index(statement, filters)
+    if shape.filters:
+        statement = _filter_index(statement, shape.filters)
     else:
         statement = statement.outerjoin(ArtifactIndex, ArtifactIndex.manifest_id == Manifest.id)
-    return statement.order_by(Manifest.id.desc())
+    if after:
+        statement = statement.where(Manifest.id < bindparam("after"))
+    if shape.artifact_type:
+        statement = statement.where(Manifest.artifact_type == bindparam("artifact_type"))
+    for n, key in enumerate(shape.annotation_keys):
+        statement = statement.where(
+            Manifest.annotations[key].as_string() == bindparam(f"annotation_{n}")
+        )
+    return statement.order_by(Manifest.id.desc()).limit(bindparam("limit"))
 
 
-def _filter_index(statement: PageSelect, filters: ArtifactFilters) -> PageSelect:
+def _filter_index(statement: PageSelect, filters: tuple[str, ...]) -> PageSelect:
+    """Only indexed versions, with each of these `ArtifactFilters` fields bound by its name."""
     statement = statement.join(ArtifactIndex, ArtifactIndex.manifest_id == Manifest.id)
-    if filters.kind is not None:
-        statement = statement.where(ArtifactIndex.kind == filters.kind)
-    if filters.base_fingerprint is not None:
-        statement = statement.where(ArtifactIndex.base_fingerprint == filters.base_fingerprint)
-    if filters.max_rank is not None:
-        statement = statement.where(ArtifactIndex.max_rank <= filters.max_rank)
-    if filters.base_quantization is not None:
-        statement = statement.where(ArtifactIndex.base_quantization == filters.base_quantization)
-    if filters.verified is not None:
-        statement = statement.where(ArtifactIndex.verified == filters.verified)
+    for name in filters:
+        column = getattr(ArtifactIndex, name)
+        value: BindParameter[Any] = bindparam(name)
+        statement = statement.where(column <= value if name == "max_rank" else column == value)
     return statement

@@ -134,6 +134,23 @@ def test_a_page_costs_the_same_queries_whatever_its_size(catalog: Catalog) -> No
     assert counts[5] == counts[50] <= 3, counts
 
 
+def test_a_statement_built_once_serves_each_listing_its_own_values(catalog: Catalog) -> None:
+    """The page statement is built once per shape: repository, cursor and limit are bound."""
+    with Session(catalog.engine) as session:
+        ours = _page(session, None, 4)
+        other = _page(session, None, 10, repository="acme/other")
+        ours_next = _page(session, ours.next_cursor, 2)
+        other_again = _page(session, None, 2, repository="acme/other")
+    assert {item[0].repository_id for item in ours.items} == {catalog.repository_id}
+    assert [item[1] for item in other.items] == ["acme/other"] * 5
+    assert {item[0].repository_id for item in other.items} == {catalog.small_repository_id}
+    assert other.next_cursor is None
+    assert len(ours_next.items) == 2
+    assert max(item[0].id for item in ours_next.items) < min(item[0].id for item in ours.items)
+    assert {item[0].repository_id for item in ours_next.items} == {catalog.repository_id}
+    assert [item[0].id for item in other_again.items] == [item[0].id for item in other.items[:2]]
+
+
 def test_cursors_are_stable_across_inserts(catalog: Catalog) -> None:
     with Session(catalog.engine) as session:
         first = _page(session, None, 10)

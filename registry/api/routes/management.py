@@ -62,7 +62,7 @@ MAX_DECODED_CONFIG = 1024 * 1024
 Limit = Annotated[int, Query(ge=1, le=1000)]
 
 
-def _summary(index: ArtifactIndex | None) -> dict[str, Any] | None:
+def _summary(index: ArtifactIndex | search.IndexSummary | None) -> dict[str, Any] | None:
     if index is None:
         return None
     return {
@@ -76,10 +76,10 @@ def _summary(index: ArtifactIndex | None) -> dict[str, Any] | None:
 
 
 def _version_fields(
-    manifest: Manifest,
+    manifest: Manifest | search.ListedVersion,
     repository: str,
     tag_names: list[str],
-    index: ArtifactIndex | None = None,
+    index: ArtifactIndex | search.IndexSummary | None = None,
 ) -> dict[str, Any]:
     """A version's `VersionOut` fields as plain data.
 
