@@ -12,7 +12,7 @@ from anyio import CapacityLimiter
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from peftreg.registry.db.engine import read_only_engine
+from peftreg.registry.db.engine import read_only_engine, statement_engine
 from peftreg.registry.observability.metrics import Metrics
 from peftreg.registry.settings import Settings
 from peftreg.registry.storage.base import BlobStore
@@ -45,6 +45,17 @@ class Services:
         with self._read_sessions.begin() as session:
             yield session
 
+    @contextmanager
+    def read_statements(self) -> Iterator[Session]:
+        """Read-only work whose statements each stand alone: no snapshot across them.
+
+        For a request's lookups and keyset pages, which read the same whether
+        or not a write lands between two statements. On PostgreSQL outside a
+        transaction (see `statement_engine`). Never write in it.
+        """
+        with self._statement_sessions.begin() as session:
+            yield session
+
     @cached_property
     def read_threads(self) -> CapacityLimiter:
         """How many requests' read transactions run at once in this process."""
@@ -61,3 +72,7 @@ class Services:
     @cached_property
     def _read_sessions(self) -> sessionmaker[Session]:
         return sessionmaker(read_only_engine(self.engine), expire_on_commit=False)
+
+    @cached_property
+    def _statement_sessions(self) -> sessionmaker[Session]:
+        return sessionmaker(statement_engine(self.engine), expire_on_commit=False)

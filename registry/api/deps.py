@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from functools import partial
 from typing import Annotated, TypeVar
 
 from anyio import to_thread
 from fastapi import Depends, Request
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -131,12 +133,38 @@ async def in_read_transaction(services: Services, work: Callable[[Session], T]) 
     At most `Settings.db_read_threads` of them run at once in a process; the
     others wait their turn on the event loop instead of contending for the GIL.
     """
-
-    def run() -> T:
-        with services.read_transaction() as session:
-            return work(session)
-
+    run = partial(_read, services.read_transaction, work)
     return await to_thread.run_sync(run, limiter=services.read_threads)
+
+
+async def in_read_statements(services: Services, work: Callable[[Session], T]) -> T:
+    """Run read-only `work(session)` whose statements each stand alone, on a worker thread.
+
+    For a request's lookups and keyset pages (see `Services.read_statements`):
+    on PostgreSQL without BEGIN and COMMIT round trips. Limited as
+    `in_read_transaction`.
+    """
+    run = partial(_read, services.read_statements, work)
+    return await to_thread.run_sync(run, limiter=services.read_threads)
+
+
+def _read(
+    session: Callable[[], AbstractContextManager[Session]], work: Callable[[Session], T]
+) -> T:
+    """`work` in a session; once more on a fresh connection if the pooled one was dead.
+
+    A pooled connection is checked only after it sat idle (`ping_after_idle`):
+    one the database dropped since its last request fails the first statement,
+    and SQLAlchemy replaces the pool's connections. A read is safe to repeat.
+    """
+    try:
+        with session() as opened:
+            return work(opened)
+    except DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+    with session() as opened:
+        return work(opened)
 
 
 async def in_transaction(services: Services, work: Callable[[Session], T]) -> T:

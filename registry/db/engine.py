@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_MMAP_BYTES = 1 << 30  # address space, not memory: pages are the OS page cache's
 READ_ONLY_OPTION = "peftreg_read_only"
 """Execution option marking an engine's connections for read-only transactions."""
+PING_AFTER_IDLE_SECONDS = 1.0
+"""A pooled server connection idle this long is checked before use (`ping_after_idle`)."""
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -48,7 +51,37 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, echo=echo, pool_size=10, max_overflow=20)
+    ping_after_idle(engine, PING_AFTER_IDLE_SECONDS)
+    return engine
+
+
+def ping_after_idle(engine: Engine, idle_seconds: float) -> None:
+    """Check a pooled connection before use when it sat in the pool `idle_seconds` or more.
+
+    `pool_pre_ping` checks every checkout: a round trip on each request, a
+    fifth of a version listing's on PostgreSQL. A connection back in the pool
+    for less than `idle_seconds` served a request that recently, so it is used
+    as it is; one idle longer (when a firewall, a connection pooler or a server
+    restart may have dropped it) is pinged, and replaced if dead. A connection
+    that dies in between fails its first statement: SQLAlchemy then replaces
+    every connection of the pool, and `in_read_statements` retries the read.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _returned(_dbapi_connection: Any, record: Any) -> None:
+        record.info["returned_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _check(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned = record.info.get("returned_at")  # none: connected for this checkout
+        if returned is None or time.monotonic() - returned < idle_seconds:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as error:
+            # The pool discards this connection and checks out another (up to 3 tries).
+            raise exc.DisconnectionError(f"pooled connection is gone: {error}") from error
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -68,3 +101,15 @@ def read_only_engine(engine: Engine) -> Engine:
     if engine.dialect.name == "postgresql":
         return engine.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
     return engine
+
+
+def statement_engine(engine: Engine) -> Engine:
+    """`engine` for reads whose statements each stand alone (a lookup, a keyset page).
+
+    PostgreSQL: autocommit, so each statement reads its own snapshot, without
+    the BEGIN and COMMIT round trips of a transaction (two of a listing's five).
+    SQLite: `read_only_engine`'s transaction, which costs no round trip.
+    """
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    return read_only_engine(engine)

@@ -20,6 +20,7 @@ from peftreg.registry.api.deps import (
     authorize,
     authorize_any,
     authorize_global_admin,
+    in_read_statements,
     in_read_transaction,
     in_transaction,
 )
@@ -131,7 +132,7 @@ async def _versions(
     artifact_filters: search.ArtifactFilters,
 ) -> Response:
     filters = search.parse_annotation_filters(annotation)
-    page = await in_read_transaction(
+    page = await in_read_statements(
         services,
         partial(
             search.list_versions,
@@ -229,7 +230,7 @@ async def get_version(
         config = _decoded_config(services, row.config_digest, document)
         return row, tag_names, index, document, config
 
-    row, tag_names, index, document, config = await in_read_transaction(services, work)
+    row, tag_names, index, document, config = await in_read_statements(services, work)
     fields = _version_fields(row, name, tag_names, index)
     return _json(VersionDetail.model_validate({**fields, "manifest": document, "config": config}))
 

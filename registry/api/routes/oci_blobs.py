@@ -25,7 +25,7 @@ from peftreg.registry.api.deps import (
     PrincipalDep,
     ServicesDep,
     authorize,
-    in_read_transaction,
+    in_read_statements,
     in_transaction,
 )
 from peftreg.registry.api.openapi import BLOB_BYTES, OCTET_STREAM, body, failures, no_body
@@ -113,7 +113,7 @@ async def get_blob(
         size = await in_transaction(services, lookup)
     else:
         lookup = partial(blobs.linked_size, repository=name, digest=parsed)
-        size = await in_read_transaction(services, lookup)
+        size = await in_read_statements(services, lookup)
     headers = {
         "Docker-Content-Digest": str(parsed),
         "Accept-Ranges": "bytes",

@@ -18,6 +18,7 @@ from peftreg.registry.api.deps import (
     PrincipalDep,
     ServicesDep,
     authorize,
+    in_read_statements,
     in_read_transaction,
     in_transaction,
 )
@@ -135,7 +136,7 @@ async def get_manifest(
 ) -> Response:
     valid_name(name)
     authorize(principal, "read", name)
-    row = await in_read_transaction(
+    row = await in_read_statements(
         services, partial(manifests.get_manifest, repository=name, reference=reference)
     )
     headers = {
@@ -206,7 +207,7 @@ async def list_tags(
         limit = None if n is None else n + 1
         return tags.list_tags(session, repository=repo, limit=limit, last=last)
 
-    names = await in_read_transaction(services, work)
+    names = await in_read_statements(services, work)
     headers = {}
     if n is not None and len(names) > n:
         names = names[:n]

@@ -1,0 +1,144 @@
+"""Pooled PostgreSQL connections: few round trips per request, and none of them stale.
+
+A request's reads take no BEGIN and COMMIT (`Services.read_statements`), a
+connection that served a request a moment ago is used without a ping, and a
+connection the server dropped is replaced: by a ping after it sat idle, or
+by the one retry of a read (`in_read_statements`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import anyio
+import pytest
+from sqlalchemy import create_engine, func, insert, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from peftreg.registry.api.deps import in_read_statements
+from peftreg.registry.app import build_services
+from peftreg.registry.db.engine import make_session_factory, ping_after_idle
+from peftreg.registry.db.models import Blob
+from peftreg.registry.settings import Settings
+from peftreg.registry.state import Services
+from tests.fixtures.postgres import fresh_database, postgres_admin_url
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Services]:
+    with fresh_database(postgres_admin_url()) as url:
+        built = build_services(
+            Settings(home=tmp_path / "home", database_url=url, auto_migrate=True)
+        )
+        try:
+            yield built
+        finally:
+            built.engine.dispose()
+
+
+def _backend_pid(session: Session) -> int:
+    return int(session.scalar(text("SELECT pg_backend_pid()")) or 0)
+
+
+def _drop(pid: int) -> None:
+    """What a server restart or an idle timeout does to a pooled connection."""
+    admin = create_engine(postgres_admin_url(), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            # Waits (up to 10 s) until the backend has exited.
+            assert connection.scalar(text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid})
+    finally:
+        admin.dispose()
+
+
+def test_read_statements_take_no_transaction_and_leave_the_pool_transactional(
+    services: Services,
+) -> None:
+    with services.read_statements() as session:
+        assert session.scalar(select(func.count()).select_from(Blob)) == 0
+        with services.transaction() as other:
+            other.execute(insert(Blob).values(digest="sha256:1", size=1))
+        # No snapshot across statements: each sees what committed before it.
+        assert session.scalar(select(func.count()).select_from(Blob)) == 1
+        assert session.scalar(text("SELECT now() = statement_timestamp()"))
+
+    # The connection goes back to the pool as an ordinary transactional one.
+    def failed_push() -> None:
+        with services.transaction() as session:
+            session.execute(insert(Blob).values(digest="sha256:2", size=1))
+            raise RuntimeError("the push failed")
+
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            failed_push()
+    with services.transaction() as session:
+        assert session.scalar(select(func.count()).select_from(Blob)) == 1
+
+
+@pytest.mark.parametrize(("idle_seconds", "pinged"), [(3600.0, False), (0.0, True)])
+def test_a_connection_is_pinged_only_after_sitting_idle(
+    services: Services, idle_seconds: float, pinged: bool
+) -> None:
+    engine = create_engine(services.engine.url)
+    ping_after_idle(engine, idle_seconds)
+    admin = create_engine(postgres_admin_url(), isolation_level="AUTOCOMMIT")
+    last_query = text("SELECT query FROM pg_stat_activity WHERE pid = :pid")
+    try:
+        with engine.connect() as connection:
+            pid = int(connection.scalar(text("SELECT pg_backend_pid()")) or 0)
+        with engine.connect() as connection, admin.connect() as watcher:
+            # The backend's last statement: the ping's, or the ROLLBACK that
+            # ended the first checkout.
+            ran = watcher.scalar(last_query, {"pid": pid})
+            assert int(connection.scalar(text("SELECT pg_backend_pid()")) or 0) == pid
+        assert (ran != "ROLLBACK") == pinged, ran
+    finally:
+        engine.dispose()
+        admin.dispose()
+
+
+def test_a_dropped_connection_idle_past_the_threshold_is_replaced_by_its_ping(
+    services: Services,
+) -> None:
+    engine = create_engine(services.engine.url)
+    ping_after_idle(engine, 0.0)  # every reuse counts as idle: always pinged
+    try:
+        with engine.connect() as connection:
+            dropped = int(connection.scalar(text("SELECT pg_backend_pid()")) or 0)
+        _drop(dropped)
+        with engine.connect() as connection:  # no error: the ping found it dead
+            assert connection.scalar(text("SELECT pg_backend_pid()")) != dropped
+    finally:
+        engine.dispose()
+
+
+def test_a_read_on_a_connection_dropped_since_its_last_request_is_retried_once(
+    services: Services,
+) -> None:
+    engine = create_engine(services.engine.url)
+    ping_after_idle(engine, 3600.0)  # never idle long enough: never pinged
+    quiet = replace(services, engine=engine, sessions=make_session_factory(engine))
+    try:
+        with quiet.read_statements() as session:
+            dropped = _backend_pid(session)
+        _drop(dropped)
+
+        pids = anyio.run(in_read_statements, quiet, _backend_pid)
+        assert pids != dropped
+        # A write is not repeated behind the caller's back: it fails, and the pool
+        # has replaced its connections for the next one.
+        with quiet.read_statements() as session:
+            dropped = _backend_pid(session)
+        _drop(dropped)
+        with pytest.raises(DBAPIError) as failed, quiet.transaction() as session:
+            session.execute(insert(Blob).values(digest="sha256:3", size=1))
+        assert failed.value.connection_invalidated
+        with quiet.transaction() as session:
+            session.execute(insert(Blob).values(digest="sha256:3", size=1))
+    finally:
+        engine.dispose()
