@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -122,6 +123,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_storage_unavailable(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(error_body("UNAVAILABLE", f"blob store unavailable: {exc}"), 503)
 
+    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DBAPIError)
+        if not exc.connection_invalidated:
+            return await on_unexpected(request, exc)
+        # The database dropped the connection (a restart, a failover): the pool has
+        # replaced its connections, and the request can be sent again as it is.
+        body = error_body("UNAVAILABLE", "database connection lost; retry the request")
+        return JSONResponse(body, 503, headers={"Retry-After": "1"})
+
     async def on_validation(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
@@ -150,5 +160,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(errors.RegistryError, on_registry_error)
     app.add_exception_handler(StorageUnavailable, on_storage_unavailable)
+    app.add_exception_handler(DBAPIError, on_database_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

@@ -13,13 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 from sqlalchemy import create_engine, func, insert, select, text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from peftreg.registry.api.deps import in_read_statements
-from peftreg.registry.app import build_services
+from peftreg.registry.app import build_services, create_app
 from peftreg.registry.db.engine import make_session_factory, ping_after_idle
 from peftreg.registry.db.models import Blob
 from peftreg.registry.settings import Settings
@@ -130,15 +130,22 @@ def test_a_read_on_a_connection_dropped_since_its_last_request_is_retried_once(
 
         pids = anyio.run(in_read_statements, quiet, _backend_pid)
         assert pids != dropped
-        # A write is not repeated behind the caller's back: it fails, and the pool
-        # has replaced its connections for the next one.
+        # A write is not repeated behind the caller's back: the request gets a 503
+        # that clients retry, and the pool has replaced its connections for it.
         with quiet.read_statements() as session:
             dropped = _backend_pid(session)
         _drop(dropped)
-        with pytest.raises(DBAPIError) as failed, quiet.transaction() as session:
-            session.execute(insert(Blob).values(digest="sha256:3", size=1))
-        assert failed.value.connection_invalidated
-        with quiet.transaction() as session:
-            session.execute(insert(Blob).values(digest="sha256:3", size=1))
+        app = create_app(quiet.settings, quiet)
+
+        async def start_uploads() -> list[httpx.Response]:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://registry") as http:
+                return [await http.post("/v2/acme/bot/blobs/uploads/") for _ in range(2)]
+
+        failed, sent_again = anyio.run(start_uploads)
+        assert failed.status_code == 503, failed.text
+        assert failed.json()["errors"][0]["code"] == "UNAVAILABLE"
+        assert failed.headers["Retry-After"] == "1"
+        assert sent_again.status_code == 202, sent_again.text
     finally:
         engine.dispose()
