@@ -123,15 +123,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_storage_unavailable(_request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(error_body("UNAVAILABLE", f"blob store unavailable: {exc}"), 503)
 
-    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, DBAPIError)
-        if not exc.connection_invalidated:
-            return await on_unexpected(request, exc)
-        # The database dropped the connection (a restart, a failover): the pool has
-        # replaced its connections, and the request can be sent again as it is.
-        body = error_body("UNAVAILABLE", "database connection lost; retry the request")
-        return JSONResponse(body, 503, headers={"Retry-After": "1"})
-
     async def on_validation(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
@@ -156,6 +147,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_unexpected(_request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error", exc_info=exc)
         return JSONResponse(error_body("UNKNOWN", "internal server error"), 500)
+
+    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DBAPIError)
+        if not exc.connection_invalidated:
+            return await on_unexpected(request, exc)
+        # The database dropped the connection (a restart, a failover): the pool has
+        # replaced its connections, and the request can be sent again as it is.
+        body = error_body("UNAVAILABLE", "database connection lost; retry the request")
+        return JSONResponse(body, 503, headers={"Retry-After": "1"})
 
     app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(errors.RegistryError, on_registry_error)

@@ -108,7 +108,11 @@ def _counts(session: Session, column: Any, ids: list[int]) -> dict[int, int]:
 
 @dataclass(frozen=True)
 class ArtifactFilters:
-    """Filters on the artifact index; any set one keeps only indexed artifacts."""
+    """Filters on the artifact index; any set one keeps only indexed artifacts.
+
+    Each field is named after the `ArtifactIndex` column it compares with
+    (`_filter_index` binds them by name); `max_rank` is an upper bound.
+    """
 
     kind: str | None = None
     base_fingerprint: str | None = None

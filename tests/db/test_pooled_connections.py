@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from peftreg.registry.api.deps import in_read_statements
 from peftreg.registry.app import build_services, create_app
 from peftreg.registry.db.engine import make_session_factory, ping_after_idle
-from peftreg.registry.db.models import Blob
+from peftreg.registry.db.models import Blob, UploadSession
 from peftreg.registry.settings import Settings
 from peftreg.registry.state import Services
 from tests.fixtures.postgres import fresh_database, postgres_admin_url
@@ -147,5 +147,8 @@ def test_a_read_on_a_connection_dropped_since_its_last_request_is_retried_once(
         assert failed.json()["errors"][0]["code"] == "UNAVAILABLE"
         assert failed.headers["Retry-After"] == "1"
         assert sent_again.status_code == 202, sent_again.text
+        # Nothing of the failed request was committed: one upload session, the second's.
+        with quiet.transaction() as session:
+            assert session.scalar(select(func.count()).select_from(UploadSession)) == 1
     finally:
         engine.dispose()
