@@ -14,11 +14,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from peftreg.registry import errors
 from peftreg.registry.context import current_request_id
+from peftreg.registry.db.engine import DatabaseUnreachable
 from peftreg.registry.storage.errors import StorageUnavailable
 
 ERROR_TABLE: dict[type[errors.RegistryError], tuple[int, str]] = {
@@ -115,6 +117,11 @@ def allowed_methods(request: Request) -> list[str]:
     ]
 
 
+def _retry_later(message: str) -> JSONResponse:
+    """503: nothing was done, and the same request may succeed in a moment."""
+    return JSONResponse(error_body("UNAVAILABLE", message), 503, headers={"Retry-After": "1"})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_registry_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, errors.RegistryError)
@@ -150,16 +157,25 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DBAPIError)
+        if isinstance(exc, DatabaseUnreachable):
+            # Down, restarting or out of connections. The cause (it names hosts)
+            # goes to the log, not to the client.
+            logger.warning("database unreachable: %s", exc.orig)
+            return _retry_later("database unavailable; retry the request")
         if not exc.connection_invalidated:
             return await on_unexpected(request, exc)
         # The database dropped the connection (a restart, a failover): the pool has
         # replaced its connections, and the request can be sent again as it is.
-        body = error_body("UNAVAILABLE", "database connection lost; retry the request")
-        return JSONResponse(body, 503, headers={"Retry-After": "1"})
+        return _retry_later("database connection lost; retry the request")
+
+    async def on_pool_timeout(_request: Request, exc: Exception) -> JSONResponse:
+        logger.warning("no database connection free: %s", exc)
+        return _retry_later("server busy: no database connection free; retry the request")
 
     app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(errors.RegistryError, on_registry_error)
     app.add_exception_handler(StorageUnavailable, on_storage_unavailable)
     app.add_exception_handler(DBAPIError, on_database_error)
+    app.add_exception_handler(PoolTimeout, on_pool_timeout)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_MMAP_BYTES = 1 << 30  # address space, not memory: pages are the OS page cache's
@@ -50,10 +51,36 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             read_only = connection.get_execution_options().get(READ_ONLY_OPTION, False)
             connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
+        report_unreachable(engine)
         return engine
     engine = create_engine(url, echo=echo, pool_size=10, max_overflow=20)
     ping_after_idle(engine, PING_AFTER_IDLE_SECONDS)
+    report_unreachable(engine)
     return engine
+
+
+class DatabaseUnreachable(exc.OperationalError):
+    """No connection to the database could be opened: it is down, restarting or full.
+
+    Raised in place of the driver's `OperationalError` when connecting fails
+    (not for a statement that fails on an open connection), so the API can
+    answer "try again" rather than "internal error". Still an
+    `OperationalError`: code that handles database errors broadly is unchanged.
+    """
+
+
+def report_unreachable(engine: Engine) -> None:
+    """Raise `DatabaseUnreachable` for a failure to open a connection."""
+
+    @event.listens_for(engine, "handle_error")
+    def _unreachable(context: ExceptionContext) -> BaseException | None:
+        error = context.sqlalchemy_exception
+        # No `Connection` yet: the failure happened while connecting.
+        if context.connection is not None or not isinstance(error, exc.OperationalError):
+            return None
+        if isinstance(error, DatabaseUnreachable):
+            return None
+        return DatabaseUnreachable(error.statement, error.params, error.orig)
 
 
 def ping_after_idle(engine: Engine, idle_seconds: float) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from sqlalchemy import create_engine, func, insert, select, text
+from sqlalchemy import create_engine, func, insert, make_url, select, text
 from sqlalchemy.orm import Session
 
 from peftreg.registry.api.deps import in_read_statements
@@ -25,6 +25,7 @@ from peftreg.registry.db.models import Blob, UploadSession
 from peftreg.registry.settings import Settings
 from peftreg.registry.state import Services
 from tests.fixtures.postgres import fresh_database, postgres_admin_url
+from tests.fixtures.server import start_registry
 
 pytestmark = pytest.mark.postgres
 
@@ -150,5 +151,85 @@ def test_a_read_on_a_connection_dropped_since_its_last_request_is_retried_once(
         # Nothing of the failed request was committed: one upload session, the second's.
         with quiet.transaction() as session:
             assert session.scalar(select(func.count()).select_from(UploadSession)) == 1
+    finally:
+        engine.dispose()
+
+
+def _allow_connections(database: str, allowed: bool) -> None:
+    admin = create_engine(postgres_admin_url(), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(
+                text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+            )
+            if not allowed:  # and close the ones open, as a restart would
+                connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
+                        "WHERE datname = :name"
+                    ),
+                    {"name": database},
+                )
+    finally:
+        admin.dispose()
+
+
+def test_a_database_that_refuses_connections_answers_503_until_it_is_back(
+    tmp_path: Path,
+) -> None:
+    with fresh_database(postgres_admin_url()) as url:
+        database = make_url(url).database
+        assert database is not None
+        server = start_registry(
+            tmp_path / "home", {"PEFTREG_DATABASE_URL": url, "PEFTREG_AUTO_MIGRATE": "true"}
+        )
+        try:
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                assert http.post("/v2/acme/bot/blobs/uploads/").status_code == 202
+                _allow_connections(database, False)
+                try:
+                    # The pooled connection was dropped too: the first request may find that
+                    # out (503 "connection lost"), and from then on each one fails to connect.
+                    first = http.post("/v2/acme/bot/blobs/uploads/")
+                    assert first.status_code == 503, first.text
+                    for method, path in (
+                        ("POST", "/v2/acme/bot/blobs/uploads/"),  # a write
+                        ("GET", "/v2/acme/bot/tags/list"),  # a read, retried once inside
+                        ("GET", "/api/v1/repositories"),
+                    ):
+                        refused = http.request(method, path)
+                        assert refused.status_code == 503, (method, path, refused.text)
+                        error = refused.json()["errors"][0]
+                        assert error["code"] == "UNAVAILABLE"
+                        assert error["message"] == "database unavailable; retry the request"
+                        assert "127.0.0.1" not in refused.text  # the cause is logged, not sent
+                        assert refused.headers["Retry-After"] == "1"
+                    assert http.get("/readyz").status_code == 503
+                finally:
+                    _allow_connections(database, True)
+                assert http.post("/v2/acme/bot/blobs/uploads/").status_code == 202
+                assert http.get("/v2/acme/bot/tags/list").status_code == 200
+        finally:
+            server.stop()
+        assert "database unreachable" in server.log_path.read_text()
+
+
+def test_a_request_that_finds_no_free_connection_answers_503(services: Services) -> None:
+    engine = create_engine(services.engine.url, pool_size=1, max_overflow=0, pool_timeout=0.1)
+    full = replace(services, engine=engine, sessions=make_session_factory(engine))
+    app = create_app(full.settings, full)
+
+    async def list_tags() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://registry") as http:
+            return await http.get("/v2/acme/bot/tags/list")
+
+    try:
+        with engine.connect():  # the pool's only connection, held
+            busy = anyio.run(list_tags)
+        assert busy.status_code == 503, busy.text
+        assert busy.json()["errors"][0]["message"].startswith("server busy")
+        assert busy.headers["Retry-After"] == "1"
+        assert anyio.run(list_tags).status_code == 404  # a free connection: answered
     finally:
         engine.dispose()
