@@ -9,6 +9,7 @@ clients push (the argument is in `peftreg.registry.maintenance.gc`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import exists, select, text, update
@@ -29,7 +30,7 @@ from peftreg.registry.errors import (
     NameUnknown,
     UploadInUse,
 )
-from peftreg.registry.storage.base import BlobStore
+from peftreg.registry.storage.base import BlobStore, BlobWriter
 from peftreg.registry.storage.errors import DigestMismatch, UploadBusy, UploadNotFound
 
 
@@ -223,24 +224,78 @@ def finish_upload(
     between the store finding them already present and the row's commit.
     """
     row = check_upload(session, repository=repository, upload_id=upload_id)
+    try:
+        size = _publish(
+            session,
+            lambda: store.commit_upload(upload_id, digest),
+            principal=principal,
+            repository=repository,
+            repository_id=row.repository_id,
+            digest=digest,
+        )
+    except UploadBusy as exc:
+        raise UploadInUse(str(exc), detail={"upload": upload_id}) from None
+    session.delete(row)
+    return size
+
+
+def publish_blob(
+    session: Session,
+    *,
+    writer: BlobWriter,
+    principal: Principal,
+    repository: str,
+    digest: Digest,
+    upload_id: str | None = None,
+) -> int:
+    """Publish a monolithic upload's blob (`BlobStore.open_blob`); returns its size.
+
+    As `finish_upload`, under the digest's lock. The bytes came whole, with
+    their digest, in one request: a POST, which opened no session, or the PUT
+    closing the empty session `upload_id`, whose row goes with the publication.
+    """
+    if upload_id is None:
+        repository_id = ensure_repository(session, name=repository).id
+        row = None
+    else:
+        row = check_upload(session, repository=repository, upload_id=upload_id)
+        repository_id = row.repository_id
+    size = _publish(
+        session,
+        writer.publish,
+        principal=principal,
+        repository=repository,
+        repository_id=repository_id,
+        digest=digest,
+    )
+    if row is not None:
+        session.delete(row)
+    return size
+
+
+def _publish(
+    session: Session,
+    publish: Callable[[], int],
+    *,
+    principal: Principal,
+    repository: str,
+    repository_id: int,
+    digest: Digest,
+) -> int:
+    """Have the store publish the bytes under the digest's lock, then link and record them."""
     lock_digest(session, digest)
     try:
-        size = store.commit_upload(upload_id, digest)
+        size = publish()
     except DigestMismatch as exc:
-        session.delete(row)
         raise DigestInvalid(
             f"uploaded content does not match digest {digest}: it hashes to {exc.actual}",
             detail={"expected": str(digest), "actual": str(exc.actual), "size": exc.size},
         ) from None
-    except UploadNotFound:
-        session.delete(row)
+    except UploadNotFound as exc:
         raise BlobUploadUnknown(
-            f"upload {upload_id} has no data", detail={"upload": upload_id}
+            f"upload {exc.upload_id} has no data", detail={"upload": exc.upload_id}
         ) from None
-    except UploadBusy as exc:
-        raise UploadInUse(str(exc), detail={"upload": upload_id}) from None
-    link_blob(session, repository_id=row.repository_id, digest=digest, size=size)
-    session.delete(row)
+    link_blob(session, repository_id=repository_id, digest=digest, size=size)
     audit.record(
         session,
         actor=principal.name,

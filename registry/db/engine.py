@@ -78,7 +78,7 @@ def report_unreachable(engine: Engine) -> None:
         # No `Connection` yet: the failure happened while connecting.
         if context.connection is not None or not isinstance(error, exc.OperationalError):
             return None
-        if isinstance(error, DatabaseUnreachable):
+        if isinstance(error, DatabaseUnreachable) or error.orig is None:
             return None
         return DatabaseUnreachable(error.statement, error.params, error.orig)
 

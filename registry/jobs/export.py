@@ -563,10 +563,8 @@ def _upload_blobs(
         with services.transaction() as session:
             if _already_linked(session, repository, digest):
                 continue
-            upload_id = blobs.start_upload(
-                session, store=services.store, principal=principal, repository=repository
-            )
-        writer = services.store.open_writer(upload_id, 0)
+        # The digest is known: the store may write the bytes where the blob will live.
+        writer = services.store.open_blob(digest)
         try:
             if isinstance(source, bytes):
                 writer.write(source)
@@ -574,17 +572,15 @@ def _upload_blobs(
                 with source.open("rb") as stream:
                     while chunk := stream.read(8 * 1024 * 1024):
                         writer.write(chunk)
-        except BaseException:
-            writer.cancel()
-            raise
-        writer.close()
-        with services.transaction() as session:
-            blobs.finish_upload(
-                session,
-                store=services.store,
-                principal=principal,
-                repository=repository,
-                upload_id=upload_id,
-                digest=digest,
-            )
+            writer.close()
+            with services.transaction() as session:
+                blobs.publish_blob(
+                    session,
+                    writer=writer,
+                    principal=principal,
+                    repository=repository,
+                    digest=digest,
+                )
+        finally:
+            writer.cancel()  # nothing left to drop once published
         context.log(f"uploaded {digest} ({size} bytes)")

@@ -16,7 +16,7 @@ from typing import BinaryIO, TypeVar
 
 from peftreg.digest import Digest
 from peftreg.registry.observability.metrics import Metrics
-from peftreg.registry.storage.base import BlobStore, UploadWriter
+from peftreg.registry.storage.base import BlobStore, BlobWriter, UploadWriter
 
 T = TypeVar("T")
 
@@ -74,6 +74,15 @@ class InstrumentedUploadWriter:
         self._timer.call("cancel", self.inner.cancel)
 
 
+class InstrumentedBlobWriter(InstrumentedUploadWriter):
+    def __init__(self, inner: BlobWriter, timer: _Timer) -> None:
+        super().__init__(inner, timer)
+        self.blob = inner
+
+    def publish(self) -> int:
+        return self._timer.call("publish", self.blob.publish)
+
+
 class InstrumentedBlobStore:
     """Times every call of `inner` as `blob_store_seconds{backend, operation}`."""
 
@@ -109,6 +118,10 @@ class InstrumentedBlobStore:
         return self._timer.call(
             "commit_upload", lambda: self.inner.commit_upload(upload_id, digest)
         )
+
+    def open_blob(self, digest: Digest) -> BlobWriter:
+        writer = self._timer.call("open_blob", lambda: self.inner.open_blob(digest))
+        return InstrumentedBlobWriter(writer, self._timer)
 
     def abort_upload(self, upload_id: str) -> None:
         self._timer.call("abort_upload", lambda: self.inner.abort_upload(upload_id))

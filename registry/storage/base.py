@@ -52,6 +52,22 @@ class UploadWriter(Protocol):
         ...
 
 
+class BlobWriter(UploadWriter, Protocol):
+    """Bytes of one blob whose digest is known before them (`BlobIngester.open_blob`).
+
+    `close` says every byte was handed over (and returns the size); nothing is
+    visible until `publish`. `cancel`, before or after `close`, drops it all.
+    """
+
+    def publish(self) -> int:
+        """Verify the bytes hash to the digest and make the blob visible; returns its size.
+
+        On `DigestMismatch` nothing becomes visible and the bytes are dropped.
+        Publishing content that is already stored only drops the bytes.
+        """
+        ...
+
+
 class BlobReader(Protocol):
     def stat(self, digest: Digest) -> int:
         """Size of a visible blob; raises `BlobNotFound`."""
@@ -97,6 +113,14 @@ class BlobIngester(Protocol):
         Returns the blob size. On `DigestMismatch` the upload is discarded and
         nothing becomes visible. Committing content that is already stored is
         a no-op apart from discarding the upload.
+        """
+        ...
+
+    def open_blob(self, digest: Digest) -> BlobWriter:
+        """A writer for the blob `digest`, whose bytes follow (a monolithic upload).
+
+        Needs no session: a backend may write the bytes straight to where the
+        blob will be, and spare the copy a session's commit can cost.
         """
         ...
 

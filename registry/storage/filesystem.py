@@ -37,6 +37,7 @@ from peftreg.registry.storage.errors import (
     UploadOffsetMismatch,
 )
 from peftreg.registry.storage.hashing import RunningHashes
+from peftreg.registry.storage.session_blob import SessionBlobWriter
 from peftreg.registry.storage.upload_ids import check_upload_id, new_upload_id
 from peftreg.writeback import EarlyWriteback
 
@@ -232,6 +233,10 @@ class FilesystemBlobStore:
 
     def open_writer(self, upload_id: str, offset: int) -> FilesystemUploadWriter:
         return FilesystemUploadWriter(self, check_upload_id(upload_id), offset)
+
+    def open_blob(self, digest: Digest) -> SessionBlobWriter:
+        """Through a session: its commit is an fsync and a rename, as a direct write's."""
+        return SessionBlobWriter(self, digest)
 
     def commit_upload(self, upload_id: str, digest: Digest) -> int:
         checked = check_upload_id(upload_id)

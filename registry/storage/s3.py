@@ -9,7 +9,8 @@ restart or when another replica wrote some) and then has the store copy the
 segments to the content-addressed key: one `CopyObject`, or a multipart
 upload of `UploadPartCopy` ranges that is completed only after the check.
 So, as with the filesystem backend, nothing is ever visible under `blobs/`
-that was not verified against its digest.
+that was not verified against its digest. A blob whose digest comes first
+(`open_blob`) skips the session and the copy: see `s3_blob`.
 
 Works against AWS S3 and S3-compatible servers (SeaweedFS, MinIO): requests
 use path-style addressing, SigV4 and `Content-MD5` for integrity of every
@@ -39,6 +40,7 @@ from peftreg.registry.storage.errors import (
     UploadOffsetMismatch,
 )
 from peftreg.registry.storage.hashing import RunningHashes
+from peftreg.registry.storage.s3_blob import S3BlobWriter
 from peftreg.registry.storage.s3_calls import (
     CONNECTION_ERRORS,
     content_md5,
@@ -55,7 +57,7 @@ if TYPE_CHECKING:
     from botocore.response import StreamingBody
     from mypy_boto3_s3 import S3Client
 
-__all__ = ["KeyLayout", "S3BlobStore", "S3UploadWriter"]
+__all__ = ["KeyLayout", "S3BlobStore", "S3BlobWriter", "S3UploadWriter"]
 
 logger = logging.getLogger(__name__)
 READ_CHUNK = 1024 * 1024
@@ -197,6 +199,9 @@ class S3BlobStore:
         self.delete_keys([segment.key for segment in stale])
         return S3UploadWriter(self, checked, offset, segments)
 
+    def open_blob(self, digest: Digest) -> S3BlobWriter:
+        return S3BlobWriter(self, digest)
+
     def commit_upload(self, upload_id: str, digest: Digest) -> int:
         checked = check_upload_id(upload_id)
         segments, _ = self._session(checked)
@@ -212,7 +217,7 @@ class S3BlobStore:
             raise DigestMismatch(digest, actual, size)
         target = self.layout.blob(digest)
         try:
-            if not self._exists(target):
+            if not self.exists(target):
                 self._publish(checked, target, digest, segments)
         except DigestMismatch:
             self.abort_upload(checked)
@@ -287,7 +292,7 @@ class S3BlobStore:
                 raise StorageError(f"S3 could not delete {len(errors)} objects: {errors[:3]}")
 
     # helpers
-    def _exists(self, key: str) -> bool:
+    def exists(self, key: str) -> bool:
         with s3_errors():
             try:
                 self.client.head_object(Bucket=self.bucket, Key=key)

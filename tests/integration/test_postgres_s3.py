@@ -21,6 +21,7 @@ from tests.integration.oci_helpers import (
     push_blob,
     push_manifest,
 )
+from tests.observability.test_metrics import parse, value
 
 pytestmark = [pytest.mark.postgres, pytest.mark.s3]
 
@@ -141,6 +142,50 @@ def test_push_pull_and_digest_mismatch_on_postgres_and_s3(
             for wrong in (claimed, digest_of(b"x" * MiB), digest_of(b"y" * (3 * MiB))):
                 assert client.head(f"/v2/{REPO}/blobs/{wrong}").status_code == 404
             assert backends.blob_keys() == keys_before
+    finally:
+        server.stop()
+
+
+def test_a_blob_sent_whole_with_its_digest_is_written_once_to_its_key(
+    backends: Backends, tmp_path: Path
+) -> None:
+    """A monolithic POST, or a PUT that closes an empty session with the whole blob (as
+    oras pushes), goes to the blob's key in parts: no session segment, no copy."""
+    layer, other = os.urandom(9 * MiB + 5), os.urandom(2 * MiB)
+    client_s3 = backends.seaweed.client()
+    server = start(backends, tmp_path / "home", redirect=False)
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            started = client.post(f"/v2/{REPO}/blobs/uploads/")
+            location = started.headers["Location"]
+            finished = client.put(location, params={"digest": digest_of(layer)}, content=layer)
+            assert finished.status_code == 201, finished.text
+            assert finished.headers["Docker-Content-Digest"] == digest_of(layer)
+            assert client.get(location).status_code == 404  # the session is closed
+            assert push_blob(client, REPO, other).status_code == 201
+            for blob in (layer, other):
+                fetched = client.get(f"/v2/{REPO}/blobs/{digest_of(blob)}")
+                assert hashlib.sha256(fetched.content).digest() == hashlib.sha256(blob).digest()
+
+            listed = client_s3.list_objects_v2(Bucket=backends.bucket)
+            keys = sorted(item["Key"] for item in listed["Contents"])
+            assert keys == backends.blob_keys()  # nothing under uploads/
+            assert len(keys) == 2
+            # Published by the blob writer; no session was committed (a copy on S3).
+            samples = parse(client.get("/metrics").text)
+            calls = "blob_store_seconds_count"
+            assert value(samples, calls, backend="s3", operation="publish") == 2
+            assert value(samples, calls, backend="s3", operation="commit_upload") == 0
+
+            # Whole bytes that do not match: refused, and no unfinished upload is left.
+            retry = client.post(f"/v2/{REPO}/blobs/uploads/").headers["Location"]
+            wrong = client.put(retry, params={"digest": digest_of(b"else")}, content=layer)
+            assert wrong.status_code == 400
+            assert error_codes(wrong) == ["DIGEST_INVALID"]
+            assert client.head(f"/v2/{REPO}/blobs/{digest_of(b'else')}").status_code == 404
+            uploads = client_s3.list_multipart_uploads(Bucket=backends.bucket)
+            assert uploads.get("Uploads", []) == []
+            assert backends.blob_keys() == keys
     finally:
         server.stop()
 

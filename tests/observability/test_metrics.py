@@ -85,7 +85,9 @@ def test_metrics_after_a_push_and_a_pull(
     assert delta("blob_bytes_total", direction="out") == sum(len(d) for d in FILES.values())
 
     store = {"backend": "filesystem"}
-    assert delta("blob_store_seconds_count", **store, operation="commit_upload") == 3
+    # Small blobs go in one POST with their digest: published, no session committed.
+    assert delta("blob_store_seconds_count", **store, operation="publish") == 3
+    assert delta("blob_store_seconds_count", **store, operation="commit_upload") == 0
     # The blob GETs open the files, which the kernel sends (peftreg.registry.zero_copy).
     assert delta("blob_store_seconds_count", **store, operation="local_file") >= len(FILES)
     assert delta("blob_bytes_zero_copy_total", direction="out") == sum(

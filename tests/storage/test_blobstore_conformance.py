@@ -294,6 +294,75 @@ def test_wrong_bytes_for_a_stored_digest_are_rejected(store_settings: Settings) 
     assert read_all(store, digest) == data
 
 
+@pytest.mark.parametrize("size", [0, 1000, 9 * MiB + 3], ids=["empty", "small", "parts"])
+def test_a_blob_written_with_its_digest_appears_only_when_published(
+    blob_store: BlobStore, size: int
+) -> None:
+    data = payload(size, seed=11)
+    digest = Digest.of_bytes(data)
+    writer = blob_store.open_blob(digest)
+    writer.write_many([data[: size // 2], b"", data[size // 2 :]])
+    assert writer.close() == size
+
+    with pytest.raises(BlobNotFound):
+        blob_store.stat(digest)
+    assert list(blob_store.list_digests()) == []
+    assert writer.publish() == size
+
+    assert read_all(blob_store, digest) == data
+    assert list(blob_store.list_digests()) == [digest]
+    writer.cancel()  # after publishing: nothing left to drop, the blob stays
+    assert read_all(blob_store, digest) == data
+    assert [u for u, _ in blob_store.list_uploads()] == []
+
+
+@pytest.mark.parametrize("size", [1000, 9 * MiB + 3], ids=["small", "parts"])
+def test_a_blob_writer_whose_bytes_do_not_match_publishes_nothing(
+    blob_store: BlobStore, size: int
+) -> None:
+    data = payload(size, seed=12)
+    claimed = Digest.of_bytes(b"something else")
+    writer = blob_store.open_blob(claimed)
+    writer.write(data)
+
+    with pytest.raises(DigestMismatch) as caught:
+        writer.publish()  # closes first
+
+    assert (caught.value.expected, caught.value.actual) == (claimed, Digest.of_bytes(data))
+    assert caught.value.size == size
+    writer.cancel()
+    assert list(blob_store.list_digests()) == []
+    assert [u for u, _ in blob_store.list_uploads()] == []
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["open", "closed"])
+def test_a_cancelled_blob_writer_leaves_nothing(blob_store: BlobStore, closed: bool) -> None:
+    data = payload(9 * MiB, seed=13)
+    writer = blob_store.open_blob(Digest.of_bytes(data))
+    writer.write(data)
+    if closed:
+        writer.close()
+    writer.cancel()
+    writer.cancel()  # idempotent
+    assert list(blob_store.list_digests()) == []
+    assert [u for u, _ in blob_store.list_uploads()] == []
+
+
+def test_a_blob_writer_of_stored_content_keeps_the_blob(blob_store: BlobStore) -> None:
+    data = payload(9 * MiB, seed=14)
+    digest = store_blob(blob_store, data)
+    writer = blob_store.open_blob(digest)
+    writer.write(data)
+    assert writer.publish() == len(data)
+    assert read_all(blob_store, digest) == data
+    assert list(blob_store.list_digests()) == [digest]
+    impostor = blob_store.open_blob(digest)
+    impostor.write(b"impostor")
+    with pytest.raises(DigestMismatch):
+        impostor.publish()
+    assert read_all(blob_store, digest) == data
+
+
 def test_range_reads(blob_store: BlobStore) -> None:
     data = payload(3 * MiB + 17, seed=3)
     digest = store_blob(blob_store, data)
@@ -549,6 +618,59 @@ def test_s3_uncommitted_upload_writes_nothing_under_blobs(
     upload(store, payload(9 * MiB, seed=8), b"more")
     listed = seaweed.client().list_objects_v2(Bucket=s3_bucket, Prefix=f"{S3_PREFIX}/blobs/")
     assert listed.get("KeyCount") == 0
+
+
+@pytest.mark.s3
+def test_s3_a_blob_with_its_digest_goes_to_its_key_without_a_copy(
+    s3_settings: SettingsFactory, seaweed: SeaweedS3, s3_bucket: str
+) -> None:
+    """Parts of a multipart upload at the blob's own key, invisible until published;
+    a mismatch or a cancel leaves no unfinished upload behind."""
+    store = open_blob_store(s3_settings())
+    client = seaweed.client()
+    data = payload(17 * MiB, seed=15)
+    digest = Digest.of_bytes(data)
+    key = f"{S3_PREFIX}/blobs/sha256/{digest.hex[:2]}/{digest.hex}"
+    writer = store.open_blob(digest)
+    writer.write(data)
+    writer.close()
+    pending = client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])
+    assert [upload["Key"] for upload in pending] == [key]
+    assert client.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
+
+    writer.publish()
+
+    assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    listed = client.list_objects_v2(Bucket=s3_bucket)
+    assert [item["Key"] for item in listed["Contents"]] == [key]  # no session, no segment
+    for claimed in (Digest.of_bytes(b"other"), digest):
+        failed = store.open_blob(claimed)
+        failed.write(data[: 9 * MiB])
+        failed.close()
+        if claimed == digest:
+            failed.cancel()
+        else:
+            with pytest.raises(DigestMismatch):
+                failed.publish()
+        assert client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    assert read_all(store, digest) == data
+
+
+@pytest.mark.s3
+def test_s3_blob_parts_grow_so_a_blob_of_unknown_size_fits_the_part_limit(
+    seaweed: SeaweedS3, s3_bucket: str
+) -> None:
+    # 4 parts of 5 MiB hold 20 MiB; growing parts hold more in fewer.
+    store = S3BlobStore(seaweed.client(), s3_bucket, part_size=5 * MiB, max_parts=4)
+    data = payload(26 * MiB, seed=16)
+    digest = Digest.of_bytes(data)
+    writer = store.open_blob(digest)
+    for start in range(0, len(data), MiB):
+        writer.write(data[start : start + MiB])
+    assert writer.publish() == len(data)
+    assert read_all(store, digest) == data
+    head = seaweed.client().head_object(Bucket=s3_bucket, Key=store.layout.blob(digest))
+    assert head["ETag"].endswith('-3"')  # parts of 5, 20 and 1 MiB: a multipart ETag
 
 
 def test_s3_from_settings_requires_a_bucket(tmp_path: Path) -> None:

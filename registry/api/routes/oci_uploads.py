@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from functools import partial
 
@@ -10,9 +11,11 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from peftreg.digest import Digest
 from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_transaction
 from peftreg.registry.api.openapi import CREATED_BLOB, UPLOAD_PROGRESS, failures, no_body
 from peftreg.registry.api.receive_into import ReceiveInto, receive_into_of
+from peftreg.registry.auth.scopes import Principal
 from peftreg.registry.catalog import blobs
 from peftreg.registry.catalog.repositories import valid_name
 from peftreg.registry.errors import (
@@ -25,9 +28,15 @@ from peftreg.registry.errors import (
     UploadInUse,
 )
 from peftreg.registry.state import Services
-from peftreg.registry.storage.base import UploadWriter
-from peftreg.registry.storage.errors import UploadBusy, UploadNotFound, UploadOffsetMismatch
+from peftreg.registry.storage.base import BlobWriter, UploadWriter
+from peftreg.registry.storage.errors import (
+    StorageError,
+    UploadBusy,
+    UploadNotFound,
+    UploadOffsetMismatch,
+)
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 WRITE_BUFFER = 4 * 1024 * 1024
 _CONTENT_RANGE_RE = re.compile(r"(?:bytes[ =])?([0-9]+)-([0-9]+)(?:/\S+)?")  # matched whole
@@ -62,12 +71,8 @@ async def receive_body(
 ) -> int:
     """Append the request body to an upload session; returns the new size.
 
-    Where the server offers it and the store keeps a local file, the body
-    goes from the socket into the file in the kernel. Otherwise bytes are
-    buffered and written on a worker thread, so the event loop only moves
-    memory. If the client disconnects, what arrived stays in the
-    session (a client can ask for the offset and resume) but nothing becomes
-    visible as a blob.
+    If the client disconnects, what arrived stays in the session (a client
+    can ask for the offset and resume) but nothing becomes visible as a blob.
     """
     store = services.store
     current = await run_in_threadpool(_size_or_unknown, services, upload_id)
@@ -81,6 +86,81 @@ async def receive_body(
         ) from None
     except UploadBusy as exc:
         raise UploadInUse(str(exc), detail={"upload": upload_id}) from None
+    return await _stream_into(request, writer)
+
+
+async def receive_blob(services: Services, request: Request, digest: Digest) -> BlobWriter:
+    """The request body as the blob `digest`, ready to publish (`BlobStore.open_blob`).
+
+    For a body that comes with its digest: a monolithic POST, or a PUT that
+    sends the whole blob into an empty session. The store may write it where
+    the blob will live, sparing the copy a session's commit can cost. A body
+    cut short leaves nothing: a monolithic upload is sent again whole.
+    """
+    writer = await run_in_threadpool(services.store.open_blob, digest)
+    try:
+        await _stream_into(request, writer)
+    except BaseException:
+        await run_in_threadpool(writer.cancel)
+        raise
+    return writer
+
+
+async def _publish(
+    services: Services,
+    writer: BlobWriter,
+    principal: Principal,
+    name: str,
+    digest: Digest,
+    upload_id: str | None = None,
+) -> None:
+    """Publish a received blob and link it (closing the empty session `upload_id`)."""
+    try:
+        await in_transaction(
+            services,
+            partial(
+                blobs.publish_blob,
+                writer=writer,
+                principal=principal,
+                repository=name,
+                digest=digest,
+                upload_id=upload_id,
+            ),
+        )
+    finally:
+        await run_in_threadpool(writer.cancel)  # nothing left to drop once published
+    if upload_id is not None:
+        await run_in_threadpool(_drop_session, services, upload_id)
+
+
+def _drop_session(services: Services, upload_id: str) -> None:
+    """Remove the (empty) store session a published PUT came through; GC would, later."""
+    try:
+        services.store.abort_upload(upload_id)
+    except (StorageError, OSError):
+        logger.warning("could not remove upload session %s", upload_id, exc_info=True)
+
+
+def _whole_body(request: Request) -> bool:
+    """Whether a PUT carries bytes and no `Content-Range` (then they are the whole blob)."""
+    headers = request.headers
+    if "content-range" in headers:
+        return False
+    length = headers.get("content-length")
+    return (length is not None and length.strip() != "0") or "chunked" in headers.get(
+        "transfer-encoding", ""
+    ).lower()
+
+
+async def _stream_into(request: Request, writer: UploadWriter) -> int:
+    """Hand the request body to `writer` and close it; returns the size it reports.
+
+    Where the server offers it and the store keeps a local file, the body
+    goes from the socket into the file in the kernel. Otherwise bytes are
+    buffered and written on a worker thread, so the event loop only moves
+    memory. A client that disconnects raises `ClientDisconnect` after the
+    writer kept (closed) what arrived.
+    """
     receive_into = receive_into_of(request.scope)
     fd = None if receive_into is None else writer.local_fd()
     if receive_into is not None and fd is not None:
@@ -204,35 +284,16 @@ async def start_upload(
         )
         if mounted is not None:
             return _created(name, str(digest))
-    upload_id = await in_transaction(
-        services,
-        partial(blobs.start_upload, store=services.store, principal=principal, repository=name),
-    )
     digest_param = request.query_params.get("digest")
     if digest_param is None:
+        upload_id = await in_transaction(
+            services,
+            partial(blobs.start_upload, store=services.store, principal=principal, repository=name),
+        )
         return Response(status_code=202, headers=_progress_headers(name, upload_id, 0))
     digest = blobs.parse_digest(digest_param)
-    try:
-        await receive_body(services, request, upload_id, 0)
-    except BaseException:
-        await in_transaction(
-            services,
-            partial(
-                blobs.cancel_upload, store=services.store, repository=name, upload_id=upload_id
-            ),
-        )
-        raise
-    await in_transaction(
-        services,
-        partial(
-            blobs.finish_upload,
-            store=services.store,
-            principal=principal,
-            repository=name,
-            upload_id=upload_id,
-            digest=digest,
-        ),
-    )
+    writer = await receive_blob(services, request, digest)
+    await _publish(services, writer, principal, name, digest)
     return _created(name, str(digest))
 
 
@@ -296,6 +357,11 @@ async def finish_upload(
     await in_transaction(
         services, partial(blobs.check_upload, repository=name, upload_id=upload_id)
     )
+    if _whole_body(request) and await run_in_threadpool(_size_or_unknown, services, upload_id) == 0:
+        # The whole blob in the closing PUT (as oras sends it): a monolithic upload.
+        writer = await receive_blob(services, request, digest)
+        await _publish(services, writer, principal, name, digest, upload_id)
+        return _created(name, str(digest))
     await receive_body(
         services, request, upload_id, await _chunk_offset(services, request, upload_id)
     )
