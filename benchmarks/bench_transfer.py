@@ -21,7 +21,12 @@ measured in the same run:
 - CNCF distribution (Debian `docker-registry`, started here on a loopback
   port with a temporary config), pushed with `sha256sum` + curl POST + PUT
   and pulled with curl + `sha256sum`;
-- peftreg on the S3 backend (SeaweedFS, with redirects on) through the CLI;
+- peftreg on the S3 backend (SeaweedFS, with redirects on) through the CLI,
+  and through the raw protocol two ways, each storing the bytes afresh: a
+  session (POST + PATCH + PUT, which the bucket copies to the blob's key at
+  the commit) and the whole body in the closing PUT with its digest, as oras
+  pushes (written to the blob's key, no copy; the digest is computed before,
+  untimed, as oras has it);
 - 5 MB pushes (a file, a PEFT adapter) and pulls end to end through the CLI,
   each the median of `BENCH_SMALL_RUNS` (9) runs; run `python -m compileall`
   first where PYTHONDONTWRITEBYTECODE is set, as an installed package has it.
@@ -687,7 +692,55 @@ def s3_rows(stack: ExitStack, root: Path, source: Path) -> list[Row]:
     rows = [Row("peftreg push, S3 backend (CLI)", seconds, rss)]
     seconds, rss = cli_pull(url, f"{REPO}:s3", root / "out-s3", root / "cache-s3")
     rows.append(Row("peftreg pull, S3 + redirect (CLI)", seconds, rss))
+    digest = f"sha256:{hash_file(source)}"
+    for label, push in (
+        ("S3 push, raw session (copy at commit)", lambda: raw_push(url, source)),
+        ("S3 push, raw whole-body PUT (no copy)", lambda: raw_put_whole(url, source, digest)),
+    ):
+        drop_blobs(s3)  # the bytes are stored afresh, not found present
+        settle()
+        rows.append(Row(label, timed(push)))
     return rows
+
+
+def drop_blobs(s3: dict[str, str]) -> None:
+    """Delete every object of the bucket, so the next push of known bytes stores them."""
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3["PEFTREG_S3_ENDPOINT_URL"],
+        region_name=s3["PEFTREG_S3_REGION"],
+        aws_access_key_id=s3["PEFTREG_S3_ACCESS_KEY_ID"],
+        aws_secret_access_key=s3["PEFTREG_S3_SECRET_ACCESS_KEY"],
+    )
+    bucket = s3["PEFTREG_S3_BUCKET"]
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            client.delete_object(Bucket=bucket, Key=item["Key"])
+
+
+def raw_put_whole(url: str, path: Path, digest: str) -> None:
+    """POST, then one PUT ?digest= whose body the kernel sends from the file (as oras
+    pushes a blob whose digest it knows)."""
+    connection = _connect(url)
+    try:
+        started = _request(connection, "POST", f"/v2/{REPO}/blobs/uploads/")
+        started.read()
+        location = f"{started.headers['Location']}?digest={digest}"
+        connection.putrequest("PUT", location, skip_accept_encoding=True)
+        connection.putheader("Content-Type", "application/octet-stream")
+        connection.putheader("Content-Length", str(path.stat().st_size))
+        connection.endheaders()
+        assert connection.sock is not None
+        with path.open("rb") as handle:
+            connection.sock.sendfile(handle)
+        finished = connection.getresponse()
+        finished.read()
+        if finished.status != 201:
+            raise RuntimeError(f"raw whole-body PUT failed: {finished.status}")
+    finally:
+        connection.close()
 
 
 def report(size_mb: int, rows: list[Row], skipped: list[str]) -> None:
@@ -717,6 +770,12 @@ def report(size_mb: int, rows: list[Row], skipped: list[str]) -> None:
     ):
         if theirs in by_label:
             print(f"{ours} / {theirs} = {by_label[ours] / by_label[theirs]:.2f} (target < 1)")
+    whole, session = (
+        "S3 push, raw whole-body PUT (no copy)",
+        "S3 push, raw session (copy at commit)",
+    )
+    if whole in by_label and session in by_label:
+        print(f"{whole} / {session} = {by_label[whole] / by_label[session]:.2f}")
     for line in skipped:
         print(f"skipped: {line}")
 

@@ -63,7 +63,7 @@ def lock_digest(session: Session, digest: Digest) -> None:
     """Hold the digest's lock to the end of the transaction.
 
     Taken around anything that makes a blob's bytes visible in the store or
-    removes them: an upload's commit (`finish_upload`) and garbage
+    removes them: an upload's commit (`finish_upload`, `publish_blob`) and garbage
     collection's delete. On SQLite every transaction already holds the
     database's single write lock (`BEGIN IMMEDIATE`), which serialises both.
     """

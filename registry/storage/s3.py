@@ -276,6 +276,16 @@ class S3BlobStore:
         with s3_errors(missing):
             return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
+    def exists(self, key: str) -> bool:
+        with s3_errors():
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if is_missing(exc):
+                    return False
+                raise
+        return True
+
     def start_multipart(self, key: str, in_flight: int = PARTS_IN_FLIGHT) -> MultipartUpload:
         return MultipartUpload(self.client, self.bucket, key, self._pool, in_flight)
 
@@ -292,16 +302,6 @@ class S3BlobStore:
                 raise StorageError(f"S3 could not delete {len(errors)} objects: {errors[:3]}")
 
     # helpers
-    def exists(self, key: str) -> bool:
-        with s3_errors():
-            try:
-                self.client.head_object(Bucket=self.bucket, Key=key)
-            except ClientError as exc:
-                if is_missing(exc):
-                    return False
-                raise
-        return True
-
     def _list(self, prefix: str) -> Iterator[tuple[str, int, datetime]]:
         """(key, size, last modified) of every object under `prefix`, in key order."""
         paginator = self.client.get_paginator("list_objects_v2")
