@@ -59,6 +59,8 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from peftreg.writeback import EarlyWriteback
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 MiB = 1024 * 1024
@@ -370,6 +372,7 @@ def _splice_body(
     connection.sock.setblocking(True)
     source = connection.sock.fileno()
     position = os.lseek(fd, 0, os.SEEK_CUR)
+    writeback = EarlyWriteback(fd, position)  # as the SDK does: fsync waits for the tail
     read_end, write_end = os.pipe()
     try:
         with contextlib.suppress(OSError):
@@ -384,6 +387,7 @@ def _splice_body(
                 moved -= written
                 position += written
             follower.landed(position)
+            writeback.written(position)
     finally:
         os.close(read_end)
         os.close(write_end)
@@ -391,8 +395,9 @@ def _splice_body(
 
 def raw_pull(url: str, digest: str, target: Path) -> None:
     """One GET (following a redirect), spliced from the socket into the file by the kernel
-    while a thread hashes what landed, fsynced and verified: what `cp` + fsync and a
-    verified pull must both do, with the standard library and the kernel."""
+    while a thread hashes what landed, written back as it lands, fsynced and verified:
+    what `cp` + fsync and a verified pull must both do, with the standard library, the
+    kernel and peftreg's early writeback (`peftreg.writeback`, as the SDK's pull)."""
     location = f"{url}/v2/{REPO}/blobs/{digest}"
     for _ in range(3):
         parts = urlsplit(location)
