@@ -288,6 +288,22 @@ def hash_file_on_thread(path: Path) -> Callable[[], str]:
     return digest
 
 
+def _send_file(
+    connection: http.client.HTTPConnection, method: str, url: str, path: Path
+) -> http.client.HTTPResponse:
+    """A request whose body is the file, sent by the kernel (`socket.sendfile`); read."""
+    connection.putrequest(method, url, skip_accept_encoding=True)
+    connection.putheader("Content-Type", "application/octet-stream")
+    connection.putheader("Content-Length", str(path.stat().st_size))
+    connection.endheaders()
+    assert connection.sock is not None
+    with path.open("rb") as handle:
+        connection.sock.sendfile(handle)
+    response = connection.getresponse()
+    response.read()
+    return response
+
+
 def raw_push(url: str, path: Path) -> str:
     """POST, one PATCH whose body the kernel sends from the file (`socket.sendfile`) while a
     thread hashes the file, PUT ?digest=.
@@ -300,16 +316,7 @@ def raw_push(url: str, path: Path) -> str:
     try:
         started = _request(connection, "POST", f"/v2/{REPO}/blobs/uploads/")
         started.read()
-        size = path.stat().st_size
-        connection.putrequest("PATCH", started.headers["Location"], skip_accept_encoding=True)
-        connection.putheader("Content-Type", "application/octet-stream")
-        connection.putheader("Content-Length", str(size))
-        connection.endheaders()
-        assert connection.sock is not None
-        with path.open("rb") as handle:
-            connection.sock.sendfile(handle)
-        patched = connection.getresponse()
-        patched.read()
+        patched = _send_file(connection, "PATCH", started.headers["Location"], path)
         if patched.status != 202:
             raise RuntimeError(f"raw PATCH failed: {patched.status}")
         digest = digest_of()
@@ -733,15 +740,7 @@ def raw_put_whole(url: str, path: Path, digest: str) -> None:
         started = _request(connection, "POST", f"/v2/{REPO}/blobs/uploads/")
         started.read()
         location = f"{started.headers['Location']}?digest={digest}"
-        connection.putrequest("PUT", location, skip_accept_encoding=True)
-        connection.putheader("Content-Type", "application/octet-stream")
-        connection.putheader("Content-Length", str(path.stat().st_size))
-        connection.endheaders()
-        assert connection.sock is not None
-        with path.open("rb") as handle:
-            connection.sock.sendfile(handle)
-        finished = connection.getresponse()
-        finished.read()
+        finished = _send_file(connection, "PUT", location, path)
         if finished.status != 201:
             raise RuntimeError(f"raw whole-body PUT failed: {finished.status}")
     finally:
