@@ -8,7 +8,9 @@
 2. store objects that have no blob row (left by a crash between a store
    commit and its transaction, or between the two steps below);
 3. upload sessions idle for longer than the upload expiry (and the grace),
-   rows and bytes, and store sessions without a row that are as old.
+   rows and bytes, store sessions without a row that are as old, and
+   whole-blob writes begun as long ago and never finished (on S3, unfinished
+   multipart uploads under `blobs/` that a dead replica left).
 
 It may run at any time, from any number of processes (`peftreg gc`, the
 server's periodic thread, several replicas), while clients push and pull.
@@ -400,6 +402,11 @@ def _collect_uploads(
             continue
         if report.dry_run or _abort_store_session(services, upload_id):
             report.uploads_removed += 1
+    if _stopping(report, stop):
+        return
+    # Writes of whole blobs (`BlobStore.open_blob`) have no session row: one begun
+    # before `cutoff` and still unfinished was abandoned by a process that died.
+    report.uploads_removed += services.store.abort_blob_writes(cutoff, dry_run=report.dry_run)
 
 
 def _delete_session_row(services: Services, upload_id: str, cutoff: datetime) -> bool:

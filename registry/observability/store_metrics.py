@@ -133,6 +133,12 @@ class InstrumentedBlobStore:
     def delete(self, digest: Digest) -> None:
         self._timer.call("delete", lambda: self.inner.delete(digest))
 
+    def abort_blob_writes(self, started_before: datetime, *, dry_run: bool = False) -> int:
+        return self._timer.call(
+            "abort_blob_writes",
+            lambda: self.inner.abort_blob_writes(started_before, dry_run=dry_run),
+        )
+
     def list_digests(self) -> Iterator[Digest]:
         return self._timer.iterate("list_digests", self.inner.list_digests())
 

@@ -140,6 +140,15 @@ class BlobAdmin(Protocol):
 
     def list_digests(self) -> Iterator[Digest]: ...
 
+    def abort_blob_writes(self, started_before: datetime, *, dry_run: bool = False) -> int:
+        """Drop the bytes of `open_blob` writers begun before then and never finished
+        (their process died); returns how many (with `dry_run`, how many there are).
+
+        For a backend whose blob writers are upload sessions, which
+        `list_uploads` reports, there are none to drop here: 0.
+        """
+        ...
+
     def ping(self) -> None:
         """Raise `StorageUnavailable` when the backend cannot serve requests."""
         ...

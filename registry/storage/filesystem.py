@@ -295,6 +295,9 @@ class FilesystemBlobStore:
         except FileNotFoundError:
             raise BlobNotFound(digest) from None
 
+    def abort_blob_writes(self, started_before: datetime, *, dry_run: bool = False) -> int:
+        return 0  # blob writers are sessions: `list_uploads` reports theirs
+
     def list_digests(self) -> Iterator[Digest]:
         """Every blob file; anything else under `blobs/` is skipped with a warning.
 

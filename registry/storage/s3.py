@@ -56,6 +56,7 @@ from peftreg.registry.storage.upload_ids import check_upload_id, new_upload_id
 if TYPE_CHECKING:
     from botocore.response import StreamingBody
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import MultipartUploadTypeDef
 
 __all__ = ["KeyLayout", "S3BlobStore", "S3BlobWriter", "S3UploadWriter"]
 
@@ -253,6 +254,23 @@ class S3BlobStore:
         with s3_errors():
             self.client.delete_object(Bucket=self.bucket, Key=self.layout.blob(digest))
 
+    def abort_blob_writes(self, started_before: datetime, *, dry_run: bool = False) -> int:
+        """Abort unfinished multipart uploads under `blobs/` begun before then: writers
+        (`open_blob`) whose replica died before publishing or cancelling. A lifecycle
+        rule (`AbortIncompleteMultipartUpload`) would reap them too, later."""
+        stale = [
+            upload
+            for upload in self._multipart_uploads(self.layout.blobs)
+            if upload["Initiated"] < started_before
+        ]
+        if not dry_run:
+            for upload in stale:
+                with s3_errors():
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
+        return len(stale)
+
     def list_digests(self) -> Iterator[Digest]:
         for key, _, _ in self._list(self.layout.blobs):
             digest = self.layout.parse_blob(key)
@@ -317,16 +335,21 @@ class S3BlobStore:
         lifecycle rule reaps them too), so a failure, such as credentials
         without `s3:ListBucketMultipartUploads`, is logged, not raised.
         """
-        paginator = self.client.get_paginator("list_multipart_uploads")
         try:
-            with s3_errors():
-                for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                    for upload in page.get("Uploads", []):
-                        self.client.abort_multipart_upload(
-                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                        )
+            for upload in self._multipart_uploads(prefix):
+                with s3_errors():
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                    )
         except StorageError as exc:
             logger.warning("could not abort unfinished multipart uploads under %s: %s", prefix, exc)
+
+    def _multipart_uploads(self, prefix: str) -> Iterator[MultipartUploadTypeDef]:
+        """The unfinished multipart uploads of keys under `prefix`."""
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        with s3_errors():
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                yield from page.get("Uploads", [])
 
     def _session(self, upload_id: str) -> tuple[list[Segment], list[Segment]]:
         """The segments of a session from offset 0, and stale ones (see `contiguous`).

@@ -39,6 +39,7 @@ from tests.integration.oci_helpers import (
     push_blob,
     push_manifest,
 )
+from tests.maintenance.conftest import Backend
 
 REPO = "acme/gc"
 GRACE = timedelta(minutes=10)
@@ -366,3 +367,29 @@ def test_an_expired_upload_goes_row_first_and_its_bytes_once_idle(
     os.utime(data, (two_days_ago.timestamp(), two_days_ago.timestamp()))
     assert collect_garbage(services, dry_run=False, grace=GRACE).uploads_removed == 1
     assert not data.parent.exists()
+
+
+def test_gc_drops_a_whole_blob_write_a_dead_process_left_once_it_is_expired(
+    backend: Backend,
+) -> None:
+    """`open_blob` writes have no session row (on S3 they are multipart uploads at the
+    blob's key): one older than the upload expiry goes; a recent one is spared."""
+    data = os.urandom(9 * 1024 * 1024)
+    digest = Digest.of_bytes(data)
+    default = build_services(backend.settings())
+    expired = build_services(backend.settings().model_copy(update={"upload_expiry_seconds": 0}))
+    try:
+        writer = default.store.open_blob(digest)
+        writer.write(data)
+        writer.close()  # the process dies here
+        assert collect_garbage(default, dry_run=False, grace=timedelta(0)).uploads_removed == 0
+        assert collect_garbage(expired, dry_run=True, grace=timedelta(0)).uploads_removed == 1
+
+        assert collect_garbage(expired, dry_run=False, grace=timedelta(0)).uploads_removed == 1
+
+        assert list(default.store.list_uploads()) == []
+        assert default.store.abort_blob_writes(datetime.now(UTC) + timedelta(minutes=5)) == 0
+        assert list(default.store.list_digests()) == []
+    finally:
+        default.engine.dispose()
+        expired.engine.dispose()

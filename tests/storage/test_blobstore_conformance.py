@@ -13,7 +13,7 @@ import random
 import re
 import socket
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -361,6 +361,31 @@ def test_a_blob_writer_of_stored_content_keeps_the_blob(blob_store: BlobStore) -
     with pytest.raises(DigestMismatch):
         impostor.publish()
     assert read_all(blob_store, digest) == data
+
+
+def test_an_abandoned_blob_write_is_reported_once_and_spared_while_recent(
+    blob_store: BlobStore,
+) -> None:
+    """A writer whose process died before publishing: garbage collection finds it
+    either as a session (`list_uploads`) or as a blob write, never both."""
+    data = payload(9 * MiB, seed=17)
+    writer = blob_store.open_blob(Digest.of_bytes(data))
+    writer.write(data)
+    writer.close()  # and nothing more: neither published nor cancelled
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    soon = datetime.now(UTC) + timedelta(minutes=5)
+
+    assert blob_store.abort_blob_writes(an_hour_ago) == 0  # begun since: spared
+    sessions = [upload_id for upload_id, _ in blob_store.list_uploads()]
+    found = blob_store.abort_blob_writes(soon, dry_run=True)
+    assert len(sessions) + found == 1
+    assert blob_store.abort_blob_writes(soon) == found
+    for upload_id in sessions:
+        blob_store.abort_upload(upload_id)
+
+    assert blob_store.abort_blob_writes(soon) == 0
+    assert list(blob_store.list_uploads()) == []
+    assert list(blob_store.list_digests()) == []
 
 
 def test_range_reads(blob_store: BlobStore) -> None:
