@@ -274,6 +274,28 @@ def test_digest_mismatch_stores_nothing(
     assert stored_files(registry_server, "blobs") == []
 
 
+def test_a_whole_blob_put_that_does_not_match_leaves_the_session_empty_and_usable(
+    client: httpx.Client, registry_server: RegistryProcess
+) -> None:
+    """The whole blob in the closing PUT (as oras sends it): a mismatch stores nothing,
+    and the same session then takes the right bytes."""
+    data = b"the whole blob in one PUT" * 1000
+    location = client.post("/v2/acme/whole-put/blobs/uploads/").headers["Location"]
+
+    wrong = client.put(location, params={"digest": sha256(b"else")}, content=data)
+
+    error = assert_oci_error(wrong, 400, "DIGEST_INVALID")
+    assert error["detail"]["actual"] == sha256(data)
+    assert stored_files(registry_server, "blobs") == []
+    status = client.get(location)
+    assert status.status_code == 204
+    assert status.headers["Range"] == "0-0"  # still open, still empty
+    finished = client.put(location, params={"digest": sha256(data)}, content=data)
+    assert finished.status_code == 201, finished.text
+    assert client.get(f"/v2/acme/whole-put/blobs/{sha256(data)}").content == data
+    assert stored_files(registry_server, "uploads") == []
+
+
 def test_malformed_digest_is_digest_invalid(client: httpx.Client) -> None:
     response = client.post(
         "/v2/acme/baddigest/blobs/uploads/", params={"digest": "sha256:nothex"}, content=b"x"
