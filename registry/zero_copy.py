@@ -24,6 +24,11 @@ the connection gets a fresh parser for its next request, as a new
 connection would. A body that ends early closes the connection. Uploads on
 the filesystem store use it (`peftreg.registry.api.routes.oci_uploads`).
 
+On every connection, TLS or not, `peftreg.draining`
+(`peftreg.registry.api.draining`) tells a request in flight that the
+server's graceful shutdown has begun (uvicorn calls the protocol's
+`shutdown`), so a long poll answers rather than hold the shutdown.
+
 This reaches into uvicorn's `RequestResponseCycle` (its `send`, its
 Content-Length accounting, its body buffer and events) and the protocol's
 parser and flow control, whose version the lock pins;
@@ -46,6 +51,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from peftreg import splice
+from peftreg.registry.api.draining import DRAINING
 from peftreg.registry.api.receive_into import RECEIVE_INTO
 from peftreg.registry.api.sendfile import SENDFILE
 
@@ -188,20 +194,33 @@ def _receive_all(
 
 
 class SendfileHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools HTTP/1.1 protocol with the `peftreg.sendfile` and
-    `peftreg.receive_into` extensions."""
+    """uvicorn's httptools HTTP/1.1 protocol with the `peftreg.sendfile`,
+    `peftreg.receive_into` and `peftreg.draining` extensions."""
 
     _body_seen = 0  # body bytes the parser has handed to the current cycle
+    _draining: asyncio.Event | None = None  # the connection's `peftreg.draining` event
+
+    def shutdown(self) -> None:
+        """The server's graceful shutdown has begun: a request in flight that waits on
+        `peftreg.draining` answers now (a long poll would hold the shutdown)."""
+        if self._draining is not None:
+            self._draining.set()
+        super().shutdown()
 
     def on_headers_complete(self) -> None:
         before = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
         # A new cycle whose task has not run yet (it starts on the next loop turn).
-        if cycle is None or cycle is before or self.transport.get_extra_info("sslcontext"):
+        if cycle is None or cycle is before:
+            return
+        extensions = self.scope.setdefault("extensions", {})
+        if self._draining is None:
+            self._draining = asyncio.Event()
+        extensions[DRAINING] = {"event": self._draining}
+        if self.transport.get_extra_info("sslcontext"):
             return
         self._body_seen = 0
-        extensions = self.scope.setdefault("extensions", {})
         extensions[SENDFILE] = {}
         length = _content_length(self.scope["headers"])
         if length is not None and splice.AVAILABLE:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from peftreg.registry.api.deps import (
     in_read_transaction,
     in_transaction,
 )
+from peftreg.registry.api.draining import draining_of
 from peftreg.registry.auth.scopes import Principal, Scope
 from peftreg.registry.db.models import Job
 from peftreg.registry.errors import InvalidRequest
@@ -107,7 +109,10 @@ def _snapshot(session: Session, *, job_id: str, after: int) -> dict[str, Any]:
     }
 
 
-async def _events(services: Services, job_id: str, after: int) -> AsyncIterator[str]:
+async def _events(
+    services: Services, job_id: str, after: int, draining: asyncio.Event
+) -> AsyncIterator[str]:
+    """Until the job ends, the stream's time is up, or the server begins to shut down."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + STREAM_SECONDS
     last: dict[str, Any] | None = None
@@ -124,9 +129,10 @@ async def _events(services: Services, job_id: str, after: int) -> AsyncIterator[
         if snapshot["status"] in queue.TERMINAL:
             yield "event: end\ndata: {}\n\n"
             return
-        if loop.time() > deadline:
+        if loop.time() > deadline or draining.is_set():
             return  # the browser's EventSource reconnects
-        await asyncio.sleep(EVENT_INTERVAL)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(draining.wait(), EVENT_INTERVAL)
 
 
 @router.get("/jobs/{job_id}/events")
@@ -143,7 +149,9 @@ async def job_events(job_id: str, request: Request, viewer: ViewerDep, after: in
         after = int(resumed)
     headers = {**SECURITY_HEADERS, "X-Accel-Buffering": "no"}
     return StreamingResponse(
-        _events(services, job_id, max(0, after)), media_type="text/event-stream", headers=headers
+        _events(services, job_id, max(0, after), draining_of(request.scope)),
+        media_type="text/event-stream",
+        headers=headers,
     )
 
 

@@ -11,7 +11,9 @@ also reads the tag). A request that has to wait subscribes to the app's one
 `TagPoller` for that (repository, tag): a coroutine that re-reads the tag
 every POLL_SECONDS in a short transaction on a worker thread while anyone
 waits on it, however many callers wait, and ends when the last one leaves.
-Waiting holds no thread. A caller that disconnects stops waiting; one
+Waiting holds no thread. A caller that disconnects stops waiting, and a
+server that begins to shut down answers every wait at once, unchanged (the
+`peftreg.draining` extension), rather than hold its shutdown; one
 principal may hold at most MAX_WATCHES_PER_PRINCIPAL waits at once. The
 waits in progress are the `tag_watches_in_flight` gauge.
 """
@@ -30,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from peftreg.digest import Digest, InvalidDigest
 from peftreg.registry.api.deps import PrincipalDep, ServicesDep, authorize, in_read_transaction
+from peftreg.registry.api.draining import draining_of
 from peftreg.registry.api.openapi import failures
 from peftreg.registry.catalog.repositories import find_repository, valid_name
 from peftreg.registry.catalog.tags import valid_tag
@@ -138,22 +141,29 @@ def _known(digest: str | None) -> str | None:
         raise DigestInvalid(str(exc), detail={"digest": digest}) from None
 
 
+async def _either(first: asyncio.Event, second: asyncio.Event, timeout: float) -> None:
+    """Return once either event is set, or after `timeout` seconds."""
+    waits = {asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())}
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
 async def _wait(
     request: Request, poller: TagPoller, known: str | None, deadline: float
 ) -> str | None:
     """The tag's digest once a read made after this call began differs from `known` (a
     shared poller's earlier read may be older than the caller's), or at the deadline."""
     loop = asyncio.get_running_loop()
+    draining = draining_of(request.scope)
     start = poller.reads
     while poller.error is None and (poller.reads == start or poller.digest == known):
         remaining = deadline - loop.time()
-        if remaining <= 0 or await request.is_disconnected():
+        if remaining <= 0 or draining.is_set() or await request.is_disconnected():
             return known
-        updated = poller.updated
-        try:
-            await asyncio.wait_for(updated.wait(), min(remaining, DISCONNECT_CHECK_SECONDS))
-        except TimeoutError:
-            continue
+        await _either(poller.updated, draining, min(remaining, DISCONNECT_CHECK_SECONDS))
     if poller.error is not None:
         raise poller.error
     return poller.digest
