@@ -7,18 +7,57 @@ starts, and runs the embedded job worker and periodic garbage collection
 itself: they stay single however many workers serve HTTP. The workers are
 told so through the environment (`PEFTREG_EMBEDDED_WORKER=false`,
 `PEFTREG_GC_INTERVAL_SECONDS=0`, `PEFTREG_AUTO_MIGRATE=false`).
+
+All of them, the supervisor included, keep their metrics in one directory
+(`shared_metrics`), so `/metrics` answers the same sums whichever worker a
+scrape reaches (`peftreg.registry.observability.metrics`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from peftreg.registry.settings import Settings
 
 LOG_LEVEL_ENV = "PEFTREG_SERVE_LOG_LEVEL"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess mode
+
+
+@contextmanager
+def shared_metrics() -> Iterator[Path]:
+    """A directory for the metrics of every process of this server, named in the
+    environment (which the workers inherit) for the duration.
+
+    prometheus_client picks its mode when it is imported, so this must come
+    first. A directory the environment already names (a writable volume where
+    the root filesystem is read-only) is used and emptied of an earlier run's
+    values; otherwise a new temporary one, removed at the end.
+    """
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("shared_metrics() must run before prometheus_client is imported")
+    given = os.environ.get(METRICS_DIR_ENV)
+    if given:
+        directory = Path(given)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink()
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="peftreg-metrics-"))
+        os.environ[METRICS_DIR_ENV] = str(directory)
+    try:
+        yield directory
+    finally:
+        if not given:
+            shutil.rmtree(directory, ignore_errors=True)
+            os.environ.pop(METRICS_DIR_ENV, None)
 
 
 def worker_environment(settings: Settings, log_level: str) -> dict[str, str]:

@@ -32,6 +32,16 @@ def serve(host: str | None, port: int | None, log_level: str, workers: int, as_j
 
     Nothing goes to stdout: logs and the start-up line go to stderr.
     """
+    if workers == 1:
+        _serve(host, port, log_level, workers, as_json)
+        return
+    from peftreg.registry.serving import shared_metrics
+
+    with shared_metrics():  # before anything imports prometheus_client
+        _serve(host, port, log_level, workers, as_json)
+
+
+def _serve(host: str | None, port: int | None, log_level: str, workers: int, as_json: bool) -> None:
     import uvicorn
 
     from peftreg.registry.app import background_threads, build_services, create_app

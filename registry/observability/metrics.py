@@ -26,11 +26,23 @@ in one process, and each exposes only its own numbers at `/metrics`.
   (`add_tag_watches`).
 
 Plus the `process_*` metrics of the serving process.
+
+Under `peftreg serve --workers N` several processes serve one registry: the
+workers answer requests, the supervisor runs the job worker and gc. Each
+scrape reaches one worker, so each process's own numbers would make
+counters jump between scrapes and hide the supervisor's. There,
+prometheus_client runs in its multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`,
+set up by `peftreg.registry.serving.shared_metrics` before the library is
+imported): every process writes its values to files in that directory, and
+`/metrics` sums them across processes (`tag_watches_in_flight` across the
+live ones). The `process_*` metrics are left out there: they would describe
+whichever worker answered.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
@@ -42,6 +54,8 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     generate_latest,
+    multiprocess,
+    values,
 )
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
@@ -108,8 +122,38 @@ def _read(what: str, source: Callable[[], Mapping[K, V]]) -> Mapping[K, V]:
         return {}
 
 
+def shared_directory() -> str | None:
+    """The directory the processes of one server share their values in, when
+    prometheus_client runs in multiprocess mode; None in a process of its own."""
+    if values.ValueClass is values.MutexValue:
+        return None
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+
+def _forget_dead_processes(directory: str) -> None:
+    """Drop the live-gauge files of processes that are gone (a worker that crashed
+    while it counted watches in flight must not count them forever)."""
+    for name in os.listdir(directory):
+        if not name.startswith("gauge_live") or not name.endswith(".db"):
+            continue
+        pid = name.rpartition("_")[2].removesuffix(".db")
+        if pid.isdigit() and not _alive(int(pid)):
+            multiprocess.mark_process_dead(int(pid), directory)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Metrics:
     def __init__(self) -> None:
+        self.shared_directory = shared_directory()
         self.registry = CollectorRegistry()
         self.http_requests = Counter(
             "http_requests",
@@ -161,6 +205,7 @@ class Metrics:
         self.tag_watches = Gauge(
             "tag_watches_in_flight",
             "Tag long-polls waiting for the tag to change.",
+            multiprocess_mode="livesum",
             registry=self.registry,
         )
         for direction in ("in", "out"):  # present at 0 before the first transfer
@@ -168,7 +213,8 @@ class Metrics:
             self.blob_bytes_zero_copy.labels(direction)
         self._sources = _SourceCollector()
         self.registry.register(self._sources)
-        ProcessCollector(registry=self.registry)
+        if self.shared_directory is None:
+            ProcessCollector(registry=self.registry)
 
     # sources read at scrape time ------------------------------------------------
 
@@ -212,5 +258,12 @@ class Metrics:
     # exposition -----------------------------------------------------------------
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric (reads the sources)."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of every metric (reads the sources); under
+        several processes, their values summed."""
+        if self.shared_directory is None:
+            return generate_latest(self.registry)
+        _forget_dead_processes(self.shared_directory)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self.shared_directory)  # type: ignore[no-untyped-call]
+        merged.register(self._sources)
+        return generate_latest(merged)

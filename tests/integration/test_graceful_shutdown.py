@@ -50,13 +50,6 @@ def _queued_job(home: Path) -> str:
         services.engine.dispose()
 
 
-def _watching(url: str) -> bool:
-    """Whether the server process that answers says a tag watch waits: each worker counts
-    its own, and a new connection may reach either."""
-    with httpx.Client(base_url=url, timeout=10) as http:
-        return watches_in_flight(http) >= 1
-
-
 def test_sigterm_answers_a_tag_watch_and_ends_an_event_stream(
     stopping_server: RegistryProcess,
 ) -> None:
@@ -99,8 +92,9 @@ def test_sigterm_answers_a_tag_watch_and_ends_an_event_stream(
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 60
-    while not _watching(server.url):  # the watch waits on the server now
-        assert time.monotonic() < deadline, "the watch never started waiting"
+    with httpx.Client(base_url=server.url, timeout=10) as http:
+        while watches_in_flight(http) < 1:  # the watch waits on the server now
+            assert time.monotonic() < deadline, "the watch never started waiting"
     assert first_event.wait(60)  # the stream is open and has sent the queued job
 
     server.stop()

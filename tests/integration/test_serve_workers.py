@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import get_args
 
 import httpx
@@ -79,3 +80,48 @@ def test_manifests_by_digest_are_immutable_and_by_tag_revalidated(
 
 def test_the_cli_quantization_choices_are_the_schema_ones() -> None:
     assert get_args(BaseQuantization) == BASE_QUANTIZATIONS
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """One scrape on a new connection (either worker may answer): sample -> value."""
+    body = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+        for line in body.splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_every_scrape_sums_the_metrics_of_every_process(tmp_path: Path) -> None:
+    """Requests served by either worker and the gc runs of the supervisor (which serves no
+    HTTP) are counted in every scrape, whichever worker answers it. A directory named by
+    PROMETHEUS_MULTIPROC_DIR is used, emptied of an earlier run's files first."""
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    (shared / "counter_999999.db").write_bytes(b"not a metrics file of this run")
+    process = RegistryProcess(
+        home=tmp_path / "home",
+        env={
+            **clean_environment(),
+            "PEFTREG_GC_INTERVAL_SECONDS": "1",
+            "PROMETHEUS_MULTIPROC_DIR": str(shared),
+        },
+        serve_args=["--workers", "2", "--log-level", "warning"],
+    ).start()
+    try:
+        for _ in range(12):  # each on a new connection, served by either worker
+            assert httpx.get(f"{process.url}/v2/", timeout=10).status_code == 200
+        deadline = time.monotonic() + 60
+        while True:
+            scrapes = [_scrape(process.url) for _ in range(6)]
+            if all(scrape.get('gc_runs_total{outcome="ok"}', 0) >= 1 for scrape in scrapes):
+                break
+            assert time.monotonic() < deadline, "the supervisor's gc runs never showed"
+            time.sleep(0.2)  # polling with a deadline: the gc runs every second
+    finally:
+        process.stop()
+    served = 'http_requests_total{method="GET",route="/v2/",status="200"}'
+    assert {scrape[served] for scrape in scrapes} == {12.0}
+    assert all(scrape["tag_watches_in_flight"] == 0 for scrape in scrapes)
+    assert not any(name.startswith("process_") for scrape in scrapes for name in scrape)
+    assert not (shared / "counter_999999.db").exists()
