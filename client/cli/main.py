@@ -6,6 +6,7 @@ Subcommands are imported when they are invoked (or listed by --help), so
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sys
@@ -99,7 +100,13 @@ def cli() -> None:
 
 
 def main() -> None:
-    cli()
+    try:
+        cli()
+    finally:
+        # The command is done. Python's exit would now run the garbage collector over
+        # every object the imports made: about 20 ms, a sixth of a small push. Frozen,
+        # they are skipped; modules are still torn down and files closed.
+        gc.freeze()
 
 
 if __name__ == "__main__":
