@@ -32,11 +32,11 @@ def serve(host: str | None, port: int | None, log_level: str, workers: int, as_j
 
     Nothing goes to stdout: logs and the start-up line go to stderr.
     """
-    if workers == 1:
+    from peftreg.registry.serving import METRICS_DIR_ENV, shared_metrics
+
+    if workers == 1 and METRICS_DIR_ENV not in os.environ:
         _serve(host, port, log_level, workers, as_json)
         return
-    from peftreg.registry.serving import shared_metrics
-
     with shared_metrics():  # before anything imports prometheus_client
         _serve(host, port, log_level, workers, as_json)
 

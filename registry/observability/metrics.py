@@ -154,6 +154,8 @@ def _alive(pid: int) -> bool:
 class Metrics:
     def __init__(self) -> None:
         self.shared_directory = shared_directory()
+        if self.shared_directory is not None:  # the values' files are made from here on
+            os.makedirs(self.shared_directory, exist_ok=True)
         self.registry = CollectorRegistry()
         self.http_requests = Counter(
             "http_requests",

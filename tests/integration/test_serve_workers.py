@@ -92,10 +92,12 @@ def _scrape(url: str) -> dict[str, float]:
     }
 
 
-def test_every_scrape_sums_the_metrics_of_every_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [2, 1])
+def test_every_scrape_sums_the_metrics_of_every_process(tmp_path: Path, workers: int) -> None:
     """Requests served by either worker and the gc runs of the supervisor (which serves no
     HTTP) are counted in every scrape, whichever worker answers it. A directory named by
-    PROMETHEUS_MULTIPROC_DIR is used, emptied of an earlier run's files first."""
+    PROMETHEUS_MULTIPROC_DIR is used, emptied of an earlier run's files first, with one
+    process too."""
     shared = tmp_path / "metrics"
     shared.mkdir()
     (shared / "counter_999999.db").write_bytes(b"not a metrics file of this run")
@@ -106,7 +108,7 @@ def test_every_scrape_sums_the_metrics_of_every_process(tmp_path: Path) -> None:
             "PEFTREG_GC_INTERVAL_SECONDS": "1",
             "PROMETHEUS_MULTIPROC_DIR": str(shared),
         },
-        serve_args=["--workers", "2", "--log-level", "warning"],
+        serve_args=["--workers", str(workers), "--log-level", "warning"],
     ).start()
     try:
         for _ in range(12):  # each on a new connection, served by either worker
