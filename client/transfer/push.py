@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -51,6 +52,31 @@ class PushResult:
     files: list[LocalFile]
     uploaded_blobs: int
     skipped_blobs: int
+
+
+class _Background:
+    """One call run on its own thread; `result()` waits for it and raises what it raised."""
+
+    def __init__(self, call: Callable[..., object], *args: object) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(call, *args), name="peftreg-push", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, call: Callable[..., object], *args: object) -> None:
+        try:
+            call(*args)
+        except BaseException as exc:  # raised by `result`, on the caller's thread
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def collect_files(path: Path) -> list[tuple[str, Path]]:
@@ -220,29 +246,17 @@ def _push_path(
         check_titles([title for title, _path in found])
         entries = [(title, item, LAYER_MEDIA_TYPE) for title, item in found]
     repository = reference.repository
-    upload_blob(http, repository, Digest.of_bytes(config[1]), len(config[1]), config[1])
+    # The config blob's round trips (HEAD, then POST) overlap the files' uploads.
+    config_upload = _Background(
+        upload_blob, http, repository, Digest.of_bytes(config[1]), len(config[1]), config[1]
+    )
+    stack.callback(config_upload.join)
     progress.start(sum(item.stat().st_size for _t, item, _m in entries), f"push {reference}")
-    files: list[LocalFile] = []
-    uploaded = skipped = 0
     try:
-        for title, item, media in entries:
-            digest, size, outcome = upload_file(
-                http,
-                repository,
-                item,
-                known=memo.get(item) if memo is not None else None,
-                mount_from=mount_from,
-                progress=progress,
-            )
-            if memo is not None:
-                memo.put(item, digest)
-            files.append(LocalFile(title, item, digest, size, media_type=media))
-            if outcome == "uploaded":
-                uploaded += 1
-            else:
-                skipped += 1
+        files, uploaded = _upload_files(http, repository, entries, mount_from, progress, memo)
     finally:
         progress.finish()
+    config_upload.result()
     kind = artifact_type or GENERIC_ARTIFACT
     content = build_manifest(files, kind, annotations, config)
     digest = Digest.of_bytes(content)
@@ -257,4 +271,31 @@ def _push_path(
     returned = response.headers.get("docker-content-digest")
     if returned and returned != str(digest):
         raise DigestMismatch(f"the registry stored the manifest as {returned}, not {digest}")
-    return PushResult(reference, digest, files, uploaded, skipped)
+    return PushResult(reference, digest, files, uploaded, len(files) - uploaded)
+
+
+def _upload_files(
+    http: HttpSession,
+    repository: str,
+    entries: Sequence[tuple[str, Path, str]],
+    mount_from: str | None,
+    progress: Progress,
+    memo: DigestMemo | None,
+) -> tuple[list[LocalFile], int]:
+    """Each (title, path, media type) uploaded in turn; (the files, how many were sent)."""
+    files: list[LocalFile] = []
+    uploaded = 0
+    for title, item, media in entries:
+        digest, size, outcome = upload_file(
+            http,
+            repository,
+            item,
+            known=memo.get(item) if memo is not None else None,
+            mount_from=mount_from,
+            progress=progress,
+        )
+        if memo is not None:
+            memo.put(item, digest)
+        files.append(LocalFile(title, item, digest, size, media_type=media))
+        uploaded += outcome == "uploaded"
+    return files, uploaded

@@ -15,12 +15,14 @@ import pytest
 from peftreg import Client
 from peftreg.cache import Cache
 from peftreg.digest import Digest
+from peftreg.sdk.errors import Forbidden
 from tests.client.conftest import make_tree, tree_bytes
 from tests.client.proxy import cutting_proxy
 from tests.fixtures.cli import CliEnv
 from tests.fixtures.server import RegistryProcess
 
 MiB = 1024 * 1024
+EMPTY_CONFIG_DIGEST = Digest.of_bytes(b"{}")
 
 
 def _blob_file(server: RegistryProcess, digest: Digest) -> Path:
@@ -234,3 +236,41 @@ def test_the_sdk_takes_its_cache_and_paths_as_strings(
         pulled = client.pull("acme/strings:v1", output=str(tmp_path / "out"))
     assert (pulled.path / "weights.bin").read_bytes() == source.read_bytes()
     assert Cache(tmp_path / "cache").has_blob(Digest.of_bytes(source.read_bytes()), 1000)
+
+
+class RefusingConfigTransport(httpx.BaseTransport):
+    """The real transport, except that the upload of the empty config blob is refused."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.sent: list[tuple[str, str]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append((request.method, request.url.path))
+        if request.method == "POST" and request.url.params.get("digest") == str(
+            EMPTY_CONFIG_DIGEST
+        ):
+            body = {"errors": [{"code": "DENIED", "message": "no config blobs today"}]}
+            return httpx.Response(403, json=body)
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_a_refused_config_blob_fails_the_push_before_its_manifest(
+    registry_server: RegistryProcess, tmp_path: Path
+) -> None:
+    """The config blob goes up beside the files; its failure still fails the push, and no
+    manifest is put."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "weights.bin").write_bytes(os.urandom(3 * MiB))
+    transport = RefusingConfigTransport()
+    with (
+        Client(registry_server.url, transport=transport) as client,
+        pytest.raises(Forbidden, match="no config blobs today"),
+    ):
+        client.push(tmp_path / "src", "acme/configless:v1")
+    assert ("PUT", "/v2/acme/configless/manifests/v1") not in transport.sent
+    manifest = httpx.head(f"{registry_server.url}/v2/acme/configless/manifests/v1")
+    assert manifest.status_code == 404
