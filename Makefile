@@ -13,7 +13,8 @@ TORCH_SPEC ?=
 PEFTREG_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 export PEFTREG_TEST_POSTGRES_URL
 PYTEST_ARGS ?=
-# The suite runs in two processes (pytest-xdist), a test file per process at a time.
+# The suite runs in two processes (pytest-xdist), a test file per process at a time,
+# handed out in collection order: the longest files first (tests/conftest.py).
 PYTEST_WORKERS ?= 2
 
 .PHONY: install lock test-latest test-tools llamacpp adapters-env serve test lint typecheck unit bench \
@@ -80,7 +81,7 @@ test-tools: llamacpp adapters-env
 
 ## Install the test dependencies, lint, type-check and run the whole suite.
 test: lint typecheck test-tools
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 ## 1 GiB push/pull (CLI and raw protocol) against cp + fsync, sha256sum, CNCF distribution
 ## (Debian docker-registry) by curl, and the S3 backend; BENCH_SIZE_MB sets the size.

@@ -13,10 +13,44 @@ from tests.fixtures.cli import CliEnv
 from tests.fixtures.server import RegistryProcess, start_registry
 
 ADMIN_TOKEN = "test-admin-token"
+ROOT = Path(__file__).resolve().parent.parent
+
+# The test files that take longest (about 8 s or more of one process, measured with
+# `--junitxml`), longest first. `make test` hands whole files to its two processes in
+# collection order (`--dist loadfile --no-loadscope-reorder`): these go first, so that
+# no long file starts last and runs alone while the other process idles.
+LONGEST_FIRST = (
+    "tests/packaging/test_install.py",
+    "tests/maintenance/test_gc_race.py",
+    "tests/browser/test_ui.py",
+    "tests/jobs/test_export.py",
+    "tests/storage/test_blobstore_conformance.py",
+    "tests/integration/test_oci_api.py",
+    "tests/integration/test_openapi_conformance.py",
+    "tests/adapterhub/test_adapterhub.py",
+    "tests/adapters/test_peft_type_table.py",
+    "tests/client/test_transfers.py",
+    "tests/maintenance/test_gc.py",
+    "tests/jobs/test_export_calibrated.py",
+    "tests/gguf/test_export_job.py",
+    "tests/integration/test_postgres_s3.py",
+    "tests/integration/test_serve_workers.py",
+    "tests/jobs/test_worker_crash.py",
+    "tests/integration/test_concurrent_pushes.py",
+    "tests/storage/test_s3_streaming.py",
+    "tests/db/test_migrations.py",
+    "tests/quantize/test_calibrated.py",
+)
 
 # Nothing is downloaded at test time: transformers and peft never ask a hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first (`LONGEST_FIRST`), the rest in collection order."""
+    rank = {path: place for place, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.relative_to(ROOT).as_posix(), len(rank)))
 
 
 @pytest.fixture

@@ -66,14 +66,17 @@ def role_environment(
     def install(extras: str) -> Path:
         if extras not in made:
             where = tmp_path_factory.mktemp(f"venv-{extras.replace('+', '-') or 'base'}")
-            venv.create(where, with_pip=True, symlinks=True)
+            # No pip of its own (ensurepip takes seconds): the running pip installs
+            # into it (`--python`), as the environment's own pip would.
+            venv.create(where, with_pip=False, symlinks=True)
             bin_dir = where / "bin"
             names, _, torch = extras.partition("+")
             targets = [f"peftreg[{names}] @ {wheel.as_uri()}" if names else str(wheel)]
             targets += ["torch"] if torch else []
             # No byte-compiling of every installed file (torch has thousands): imports
             # compile what they use.
-            pip = [str(bin_dir / "python"), "-m", "pip", "install", "--quiet", "--no-compile"]
+            pip = [sys.executable, "-m", "pip", "--python", str(bin_dir / "python")]
+            pip += ["install", "--quiet", "--no-compile"]
             installed = subprocess.run(
                 [*pip, "--disable-pip-version-check", "--constraint", str(constraints), *targets],
                 check=False,
