@@ -2,6 +2,9 @@
 # installed from requirements/lock.txt: exact versions with hashes, for Python 3.11
 # and the CPU build of torch. `make lock` refreshes the lock from pyproject.toml.
 #
+# Installs skip byte-compiling (`--no-compile`): compiling every file of torch and the
+# rest took most of an install's time, and imports compile, once, what they use.
+#
 # torch comes from the lock (CPU build). For another build, name it, e.g.
 # `make install TORCH_SPEC="torch==2.13.0+cu128"`: it replaces the locked torch.
 
@@ -22,7 +25,7 @@ PYTEST_WORKERS ?= 2
 
 $(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --require-hashes --no-deps --no-compile -r $(LOCK)
 	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet --no-deps "$(TORCH_SPEC)")
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
@@ -58,7 +61,7 @@ ADAPTERS_LOCK := requirements/adapters-lock.txt
 $(ADAPTERS_VENV)/.installed: $(ADAPTERS_LOCK)
 	rm -rf $(ADAPTERS_VENV)
 	$(PYTHON) -m venv $(ADAPTERS_VENV)
-	$(ADAPTERS_VENV)/bin/pip install --quiet --require-hashes --no-deps -r $(ADAPTERS_LOCK)
+	$(ADAPTERS_VENV)/bin/pip install --quiet --require-hashes --no-deps --no-compile -r $(ADAPTERS_LOCK)
 	$(ADAPTERS_VENV)/bin/pip check
 	touch $@
 
