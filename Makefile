@@ -3,7 +3,10 @@
 # and the CPU build of torch. `make lock` refreshes the lock from pyproject.toml.
 #
 # Installs skip byte-compiling (`--no-compile`): compiling every file of torch and the
-# rest took most of an install's time, and imports compile, once, what they use.
+# rest took most of an install's time. The suite's processes compile what they import,
+# once: `make test` lets Python write its bytecode caches even where the environment says
+# PYTHONDONTWRITEBYTECODE (without them, each of the suite's hundreds of processes
+# compiled every module it imported, torch's included, from source).
 #
 # torch comes from the lock (CPU build). For another build, name it, e.g.
 # `make install TORCH_SPEC="torch==2.13.0+cu128"`: it replaces the locked torch.
@@ -84,7 +87,7 @@ test-tools: llamacpp adapters-env
 
 ## Install the test dependencies, lint, type-check and run the whole suite.
 test: lint typecheck test-tools
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 ## 1 GiB push/pull (CLI and raw protocol) against cp + fsync, sha256sum, CNCF distribution
 ## (Debian docker-registry) by curl, and the S3 backend; BENCH_SIZE_MB sets the size.
