@@ -85,8 +85,11 @@ test-tools: llamacpp adapters-env
 			exit 1; fi; fi
 	npm ci --prefix tests/browser --no-audit --no-fund --silent
 
-## Install the test dependencies, lint, type-check and run the whole suite.
-test: lint typecheck test-tools
+## Install the test dependencies, lint, type-check and run the whole suite. The steps
+## before the suite run side by side (the installs wait on the network and the disk,
+## mypy on one core); each step's output is printed whole when it ends.
+test:
+	$(MAKE) --jobs=3 --output-sync=target lint typecheck test-tools
 	env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 ## 1 GiB push/pull (CLI and raw protocol) against cp + fsync, sha256sum, CNCF distribution
