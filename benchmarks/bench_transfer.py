@@ -28,8 +28,8 @@ measured in the same run:
   pushes (written to the blob's key, no copy; the digest is computed before,
   untimed, as oras has it);
 - 5 MB pushes (a file, a PEFT adapter) and pulls end to end through the CLI,
-  each the median of `BENCH_SMALL_RUNS` (9) runs; run `python -m compileall`
-  first where PYTHONDONTWRITEBYTECODE is set, as an installed package has it.
+  each the median of `BENCH_SMALL_RUNS` (9) runs (`make bench` byte-compiles
+  the environment and the sources first, as an installed package has them).
 
 A peer that is not installed (no `docker-registry`, no `weed` binary) is
 reported as skipped, not failed: the lead's machine has them.
